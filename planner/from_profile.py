@@ -1,0 +1,92 @@
+"""Alloc-L step 2: turn a sensitivity profile and a budget into a plan.
+
+Pure: reads the profile, solves the allocation with the DP, confirms it with
+the ILP, and builds the Plan. No torch, so ``allocplan solve`` runs anywhere.
+"""
+
+from __future__ import annotations
+
+from allocplan._version import __version__
+from allocplan.planner.budget import resolve_budget
+from allocplan.planner.plan import (
+    PLAN_KIND,
+    PLAN_SCHEMA_VERSION,
+    Budget,
+    LayerPlan,
+    Plan,
+    PlanProvenance,
+    SolverRecord,
+    TokenLevel,
+)
+from allocplan.planner.problem import AllocationProblem
+from allocplan.planner.profile_format import SensitivityProfile
+from allocplan.planner.solve import objectives_agree, solve_checked
+
+
+def solve_profile(
+    profile: SensitivityProfile,
+    *,
+    budget_ratio: float | None = None,
+    budget_activations: int | None = None,
+    k_base: int = 1,
+) -> Plan:
+    """The optimal per-layer allocation of ``profile`` under a budget, as a Plan.
+
+    Args:
+        profile: measured sensitivities S[l, k].
+        budget_ratio: fraction of the model's total original top-k, in (0, 1].
+        budget_activations: absolute total activations per token (instead of a ratio).
+        k_base: experts every token keeps under token-level allocation (recorded
+            in the plan; token-level allocation itself stays disabled in this version).
+
+    Raises:
+        AllocplanError: invalid or infeasible budget (the message names the smallest feasible one).
+        SolverDisagreement / RuntimeError: the ILP did not confirm the DP optimum.
+    """
+    k_min = profile.measurement.k_min
+    original = sum(layer.original_k for layer in profile.layers)
+    total = resolve_budget(
+        original,
+        k_min * len(profile.layers),
+        budget_ratio=budget_ratio,
+        budget_activations=budget_activations,
+    )
+    problem = AllocationProblem(
+        choices=tuple(tuple(layer.sensitivity) for layer in profile.layers),
+        costs=tuple(tuple(layer.sensitivity.values()) for layer in profile.layers),
+        budget=total,
+    )
+    checked = solve_checked(problem)
+    ks = checked.allocation.ks
+    return Plan(
+        schema_version=PLAN_SCHEMA_VERSION,
+        kind=PLAN_KIND,
+        model=profile.model,
+        budget=Budget(
+            ratio=budget_ratio,
+            total_activations=total,
+            original_activations=original,
+            planned_activations=sum(ks),
+        ),
+        layers=tuple(
+            LayerPlan(path=layer.path, index=layer.index, original_k=layer.original_k, planned_k=k)
+            for layer, k in zip(profile.layers, ks)
+        ),
+        token_level=TokenLevel(enabled=False, k_base=k_base),
+        solver=SolverRecord(
+            metric=profile.measurement.metric,
+            dp_objective=checked.dp_objective,
+            ilp_objective=checked.ilp_objective,
+            ilp_status=checked.ilp_status,
+            objectives_agree=objectives_agree(checked.dp_objective, checked.ilp_objective),
+        ),
+        provenance=PlanProvenance(
+            allocplan_version=__version__,
+            torch_version=profile.provenance.torch_version,
+            transformers_version=profile.provenance.transformers_version,
+            strategy=profile.measurement.strategy,
+            k_min=k_min,
+            profile_sha256=profile.content_hash(),
+            calibration=profile.measurement.calibration,
+        ),
+    )

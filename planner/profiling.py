@@ -1,0 +1,282 @@
+"""Alloc-L step 1: measure each MoE layer's sensitivity to a smaller top-k.
+
+For MoE layer l and every candidate k in [k_min, K_l] we run the calibration
+windows with layer l at top-k and record the mean next-token loss increase
+over the untouched model, S[l, k] = metric(l at k) - metric(all at K).
+Strategies fix what the other layers do meanwhile:
+
+* ``isolated``: every other layer keeps its original K (S[l, K_l] = 0 exactly).
+* ``paper``: layers before l keep K, layers after l drop to k_min, and layers are
+  profiled from the deepest to the shallowest, as described for Alloc-MoE (later
+  layers cannot compensate for the loss introduced at l).
+
+Prefix reuse: the hidden states entering decoder layer l do not depend on the k
+of layer l or of any later layer, and under both strategies every earlier layer
+runs at its original K. So each calibration batch runs the untouched model once,
+keeping every decoder layer's output, and each (l, k) then re-runs only layers
+>= l: the earlier decoder layers are temporarily replaced by modules that return
+the kept outputs. The model's own forward still builds masks, rotary embeddings,
+the final norm and head, so no family-specific forward code is copied here.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from allocplan._version import __version__
+from allocplan.errors import AllocplanError
+from allocplan.planner.profile_format import (
+    METRICS,
+    PROFILE_KIND,
+    PROFILE_SCHEMA_VERSION,
+    STRATEGIES,
+    LayerSensitivity,
+    Measurement,
+    ProfileProvenance,
+    SensitivityProfile,
+)
+from allocplan.planner.provenance import CalibrationRecord, package_version
+from allocplan.planner.records import sha256_file
+from allocplan.runtime.layers import MoELayer, find_moe_layers, model_family, model_identity
+
+logger = logging.getLogger("allocplan")
+
+# Sensitivities are stored to 9 significant digits: far below calibration noise,
+# and short, stable numbers keep profile and plan diffs readable.
+_SIGNIFICANT = 9
+
+
+def calibration_windows(
+    tokenizer: Any, path: str | Path, *, calib_tokens: int, seq_len: int
+) -> tuple[torch.Tensor, CalibrationRecord]:
+    """Tokenize a UTF-8 text file and pack it into full windows.
+
+    The whole file is tokenized once without special tokens; the first
+    ``calib_tokens`` tokens are cut into ``calib_tokens // seq_len`` windows of
+    ``seq_len`` tokens (a trailing partial window is dropped). Deterministic.
+
+    Returns:
+        ``windows`` [W, seq_len] int64 and the calibration record.
+
+    Raises:
+        AllocplanError: unreadable or non-UTF-8 file, bad sizes, or too little text for one window.
+    """
+    path = Path(path)
+    if seq_len < 2:
+        raise AllocplanError(f"--seq-len {seq_len} is too short; next-token loss needs at least 2 tokens")
+    if calib_tokens < seq_len:
+        raise AllocplanError(f"--calib-tokens {calib_tokens} is smaller than --seq-len {seq_len}; raise it")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise AllocplanError(f"calibration file {str(path)!r} does not exist") from None
+    except UnicodeDecodeError:
+        raise AllocplanError(f"calibration file {str(path)!r} is not UTF-8 text") from None
+    except OSError as exc:
+        raise AllocplanError(f"cannot read calibration file {str(path)!r}: {exc}") from None
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    windows = min(len(ids), calib_tokens) // seq_len
+    if windows == 0:
+        raise AllocplanError(
+            f"calibration file {str(path)!r} has {len(ids)} tokens, fewer than one --seq-len window of"
+            f" {seq_len}; give more text or a shorter --seq-len"
+        )
+    tensor = torch.tensor(ids[: windows * seq_len], dtype=torch.long).view(windows, seq_len)  # [W, S]
+    record = CalibrationRecord(
+        file=path.name, sha256=sha256_file(path), tokens=windows * seq_len, seq_len=seq_len, windows=windows
+    )
+    return tensor, record
+
+
+def layer_ks(strategy: str, originals: list[int], position: int, k: int, k_min: int) -> list[int]:
+    """Top-k of every MoE layer while the layer at ``position`` is measured at ``k``."""
+    if strategy == "isolated":
+        later = originals[position + 1 :]
+    else:  # paper
+        later = [k_min] * (len(originals) - position - 1)
+    return originals[:position] + [k] + later
+
+
+@contextmanager
+def _top_ks(layers: list[MoELayer], ks: list[int]) -> Iterator[None]:
+    saved = [layer.top_k for layer in layers]
+    try:
+        for layer, k in zip(layers, ks):
+            layer.set_top_k(k)
+        yield
+    finally:
+        for layer, k in zip(layers, saved):
+            layer.set_top_k(k)
+
+
+class _Replay(torch.nn.Module):
+    """Stands in for a decoder layer and returns that layer's recorded output."""
+
+    def __init__(self, output: Any) -> None:
+        super().__init__()
+        self.output = output
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.output
+
+
+@contextmanager
+def _replayed_prefix(decoder_layers: torch.nn.ModuleList, outputs: list[Any], stop: int) -> Iterator[None]:
+    """Replace decoder layers [0, stop) by replays of their recorded outputs."""
+    originals = [decoder_layers[j] for j in range(stop)]
+    try:
+        for j in range(stop):
+            decoder_layers[j] = _Replay(outputs[j])
+        yield
+    finally:
+        for j, module in enumerate(originals):
+            decoder_layers[j] = module
+
+
+def _token_losses(model: Any, batch: torch.Tensor) -> torch.Tensor:
+    """Next-token log-probabilities [B, S-1, V] in float32."""
+    logits = model(input_ids=batch, use_cache=False).logits  # [B, S, V]
+    return torch.log_softmax(logits[:, :-1].float(), dim=-1)
+
+
+def measure_sensitivity(
+    model: Any,
+    windows: torch.Tensor,
+    *,
+    strategy: str = "isolated",
+    metric: str = "nll",
+    k_min: int = 1,
+    batch_size: int = 8,
+    reuse_prefix: bool = True,
+) -> tuple[list[dict[int, float]], float]:
+    """S[l, k] for every MoE layer and candidate k, and the reference NLL.
+
+    Args:
+        model: a loaded causal LM of a registered family, unmodified.
+        windows: [W, S] calibration token ids.
+        strategy: ``isolated`` or ``paper`` (module docstring).
+        metric: ``nll`` or ``kl``.
+        k_min: smallest candidate k.
+        batch_size: windows per forward pass.
+        reuse_prefix: re-run only layers >= l per (l, k); False runs the whole model
+            each time (the naive reference, kept for tests and cost comparisons).
+
+    Returns:
+        One ``{k: S}`` row per MoE layer (layer order) and the untouched model's mean NLL.
+    """
+    if strategy not in STRATEGIES:
+        raise AllocplanError(f"strategy {strategy!r} is not one of {', '.join(STRATEGIES)}")
+    if metric not in METRICS:
+        raise AllocplanError(f"metric {metric!r} is not one of {', '.join(METRICS)}")
+    if batch_size < 1:
+        raise AllocplanError(f"batch size {batch_size} must be at least 1")
+    layers = find_moe_layers(model)
+    decoder_layers = model.get_submodule(model_family(model).layers_path)
+    originals = [layer.top_k for layer in layers]
+    if k_min < 1 or k_min > min(originals):
+        raise AllocplanError(f"k_min {k_min} must be between 1 and the smallest original top-k {min(originals)}")
+    device = next(model.parameters()).device
+
+    # float64 accumulators: sums over up to millions of token-level differences.
+    increase = [{k: 0.0 for k in range(k_min, original + 1)} for original in originals]
+    reference_sum, scored = 0.0, 0
+    with torch.inference_mode(), _top_ks(layers, originals):
+        for batch in windows.to(device).split(batch_size):
+            targets = batch[:, 1:].unsqueeze(-1)  # [B, S-1, 1]
+            outputs: list[Any] = [None] * len(decoder_layers)
+            hooks = []
+            if reuse_prefix:
+                for j, decoder_layer in enumerate(decoder_layers):
+                    hooks.append(
+                        decoder_layer.register_forward_hook(
+                            lambda _m, _a, out, j=j: outputs.__setitem__(j, out)
+                        )
+                    )
+            try:
+                reference = _token_losses(model, batch)  # [B, S-1, V]
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            reference_nll = -reference.gather(-1, targets).squeeze(-1)  # [B, S-1]
+            reference_sum += reference_nll.double().sum().item()
+            scored += reference_nll.numel()
+
+            for position in reversed(range(len(layers))):  # deepest first, as the paper profiles
+                for k in sorted(increase[position], reverse=True):
+                    if strategy == "isolated" and k == originals[position]:
+                        continue  # identical to the reference configuration: S = 0 exactly
+                    ks = layer_ks(strategy, originals, position, k, k_min)
+                    with _top_ks(layers, ks):
+                        if reuse_prefix:
+                            with _replayed_prefix(decoder_layers, outputs, layers[position].index):
+                                logp = _token_losses(model, batch)
+                        else:
+                            logp = _token_losses(model, batch)
+                    if metric == "nll":
+                        nll = -logp.gather(-1, targets).squeeze(-1)  # [B, S-1]
+                        delta = (nll.double() - reference_nll.double()).sum().item()
+                    else:  # KL(full || planned) per token, summed
+                        delta = (reference.exp() * (reference - logp)).sum(-1).double().sum().item()
+                    increase[position][k] += delta
+            logger.info("profiled batch of %d windows", batch.shape[0])
+
+    rows = [
+        {k: float(f"{total / scored:.{_SIGNIFICANT}g}") for k, total in sorted(row.items())}
+        for row in increase
+    ]
+    return rows, reference_sum / scored
+
+
+def profile_model(
+    model: Any,
+    tokenizer: Any,
+    *,
+    model_name: str,
+    calib: str | Path,
+    calib_tokens: int = 16384,
+    seq_len: int = 256,
+    strategy: str = "isolated",
+    metric: str = "nll",
+    k_min: int = 1,
+    batch_size: int = 8,
+) -> SensitivityProfile:
+    """Profile a loaded model on a calibration text file (see module docstring).
+
+    Returns:
+        The :class:`SensitivityProfile` artifact (save it with ``save_profile``).
+    """
+    identity = model_identity(model, model_name)
+    layers = find_moe_layers(model)
+    windows, record = calibration_windows(tokenizer, calib, calib_tokens=calib_tokens, seq_len=seq_len)
+    rows, reference_nll = measure_sensitivity(
+        model, windows, strategy=strategy, metric=metric, k_min=k_min, batch_size=batch_size
+    )
+    parameter = next(model.parameters())
+    return SensitivityProfile(
+        schema_version=PROFILE_SCHEMA_VERSION,
+        kind=PROFILE_KIND,
+        model=identity,
+        measurement=Measurement(
+            metric=metric,
+            strategy=strategy,
+            k_min=k_min,
+            reference_nll=float(f"{reference_nll:.{_SIGNIFICANT}g}"),
+            calibration=record,
+            device=parameter.device.type,
+            dtype=str(parameter.dtype).removeprefix("torch."),
+        ),
+        layers=tuple(
+            LayerSensitivity(path=layer.path, index=layer.index, original_k=layer.top_k, sensitivity=row)
+            for layer, row in zip(layers, rows)
+        ),
+        provenance=ProfileProvenance(
+            allocplan_version=__version__,
+            torch_version=package_version("torch"),
+            transformers_version=package_version("transformers"),
+        ),
+    )

@@ -1,0 +1,76 @@
+"""Integer linear programme for the same allocation, solved with OR-Tools (SCIP).
+
+Formulation. Binary x[l, k] = 1 iff layer l gets k experts:
+
+    minimise    sum_{l, k in C_l} S[l, k] * x[l, k]
+    subject to  sum_{k in C_l} x[l, k] = 1                 for every layer l
+                sum_{l, k in C_l} k * x[l, k] <= B
+                x[l, k] in {0, 1}
+
+It exists to cross-check the dynamic programme on every compile: an
+independent formulation and solver must reach the same optimum. A status other
+than OPTIMAL raises. The returned objective is recomputed from the chosen k
+with AllocationProblem.objective, so it is comparable float for float with
+the DP's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from allocplan.planner.problem import Allocation, AllocationProblem, allocation_for
+
+
+@dataclass(frozen=True)
+class IlpResult:
+    """The ILP's allocation and its termination status name."""
+
+    allocation: Allocation
+    status: str
+
+
+def solve_ilp(problem: AllocationProblem, *, time_limit_s: float = 60.0) -> IlpResult:
+    """Optimal allocation by mixed-integer programming.
+
+    Raises:
+        RuntimeError: the solver is unavailable or stops with a status other than OPTIMAL.
+    """
+    from ortools.linear_solver import pywraplp  # imported here: the DP path needs no OR-Tools
+
+    solver = pywraplp.Solver.CreateSolver("SCIP")
+    if solver is None:
+        raise RuntimeError("OR-Tools was built without SCIP; cannot cross-check the allocation")
+    solver.SetTimeLimit(int(time_limit_s * 1000))
+    # Tight tolerances: the cross-check compares objectives to 1e-9 relative, so the
+    # solver must not stop at its default 1e-4 relative gap.
+    solver.SetSolverSpecificParametersAsString("limits/gap = 0\nlimits/absgap = 0\n")
+    solver.SetNumThreads(1)
+
+    x: list[list[object]] = []
+    for layer, ks in enumerate(problem.choices):
+        row = [solver.BoolVar(f"x_{layer}_{k}") for k in ks]
+        solver.Add(sum(row) == 1)
+        x.append(row)
+    solver.Add(
+        sum(k * var for ks, row in zip(problem.choices, x) for k, var in zip(ks, row)) <= problem.budget
+    )
+    solver.Minimize(
+        sum(cost * var for cs, row in zip(problem.costs, x) for cost, var in zip(cs, row))
+    )
+    status = solver.Solve()
+    names = {
+        pywraplp.Solver.OPTIMAL: "OPTIMAL",
+        pywraplp.Solver.FEASIBLE: "FEASIBLE",
+        pywraplp.Solver.INFEASIBLE: "INFEASIBLE",
+        pywraplp.Solver.UNBOUNDED: "UNBOUNDED",
+        pywraplp.Solver.ABNORMAL: "ABNORMAL",
+        pywraplp.Solver.NOT_SOLVED: "NOT_SOLVED",
+    }
+    status_name = names.get(status, f"status {status}")
+    if status != pywraplp.Solver.OPTIMAL:
+        raise RuntimeError(f"ILP solver stopped with {status_name}, not OPTIMAL")
+    ks = tuple(
+        next(k for k, var in zip(choices, row) if var.solution_value() > 0.5)
+        for choices, row in zip(problem.choices, x)
+    )
+    return IlpResult(allocation=allocation_for(problem, ks), status=status_name)

@@ -1,0 +1,133 @@
+"""The family registry: how each MoE model family lays out its routing, as plain data.
+
+Keyed by ``config.model_type``. Adding a family whose layout matches an existing
+one is one entry here; no modelling code is copied. Pure: no torch, so the
+planner and ``allocplan validate`` can read it without loading a model.
+
+Verified against transformers 5.24: in every family below each MoE decoder
+layer holds ``<layers_path>.<i>.<block_attr>``, whose ``<router_attr>``
+instance owns ``top_k`` and reads it at every forward, and whose
+``<experts_attr>`` receives ``top_k_index`` of shape [T, top_k].
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from allocplan.errors import AllocplanError
+
+
+@dataclass(frozen=True)
+class MoEFamily:
+    """Where a family keeps its MoE pieces.
+
+    Attributes:
+        model_type: ``config.model_type``.
+        layers_path: dotted path from the top-level model to the decoder layer list.
+        block_attr: attribute of a decoder layer holding the MoE block (dense layers hold an MLP there).
+        router_attr: attribute of the MoE block holding the router.
+        top_k_attr: attribute of the router holding its per-forward top-k.
+        experts_attr: attribute of the MoE block holding the routed experts module.
+        num_experts_keys: config keys that may hold the routed expert count, first present wins.
+        top_k_keys: config keys that may hold the original top-k, first present wins.
+        has_shared_experts: the block also runs always-on shared experts (outside the budget).
+    """
+
+    model_type: str
+    num_experts_keys: tuple[str, ...]
+    layers_path: str = "model.layers"
+    block_attr: str = "mlp"
+    router_attr: str = "gate"
+    top_k_attr: str = "top_k"
+    experts_attr: str = "experts"
+    top_k_keys: tuple[str, ...] = ("num_experts_per_tok",)
+    has_shared_experts: bool = False
+
+
+FAMILIES: dict[str, MoEFamily] = {
+    family.model_type: family
+    for family in (
+        MoEFamily("mixtral", num_experts_keys=("num_local_experts",)),
+        MoEFamily("qwen2_moe", num_experts_keys=("num_experts",), has_shared_experts=True),
+        MoEFamily("qwen3_moe", num_experts_keys=("num_experts", "num_local_experts")),
+        MoEFamily("olmoe", num_experts_keys=("num_experts",)),
+        MoEFamily("deepseek_v2", num_experts_keys=("n_routed_experts", "num_experts"), has_shared_experts=True),
+        MoEFamily(
+            "deepseek_v3", num_experts_keys=("n_routed_experts", "num_local_experts"), has_shared_experts=True
+        ),
+    )
+}
+
+# Config fields that change which layers are MoE, how routing works, or the shapes of
+# the weights. Present keys enter the fingerprint; dtype, paths and generation
+# settings do not, so one plan serves every copy and precision of a model.
+FINGERPRINT_KEYS: tuple[str, ...] = (
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "intermediate_size",
+    "moe_intermediate_size",
+    "shared_expert_intermediate_size",
+    "num_experts",
+    "num_local_experts",
+    "n_routed_experts",
+    "n_shared_experts",
+    "num_experts_per_tok",
+    "first_k_dense_replace",
+    "moe_layer_freq",
+    "decoder_sparse_step",
+    "mlp_only_layers",
+    "norm_topk_prob",
+    "topk_method",
+    "n_group",
+    "topk_group",
+    "routed_scaling_factor",
+    "scoring_func",
+    "kv_lora_rank",
+    "q_lora_rank",
+    "qk_rope_head_dim",
+    "qk_nope_head_dim",
+    "v_head_dim",
+    "hidden_act",
+    "tie_word_embeddings",
+)
+
+
+def get_family(model_type: str) -> MoEFamily:
+    """The registry entry for ``model_type``.
+
+    Raises:
+        AllocplanError: unknown family, listing the supported ones.
+    """
+    try:
+        return FAMILIES[model_type]
+    except KeyError:
+        raise AllocplanError(
+            f"model_type {model_type!r} is not a supported MoE family; supported: {', '.join(sorted(FAMILIES))}"
+        ) from None
+
+
+def config_value(config: dict[str, Any], keys: tuple[str, ...], what: str) -> Any:
+    """First present value among alias ``keys`` of a config dict."""
+    for key in keys:
+        if config.get(key) is not None:
+            return config[key]
+    raise AllocplanError(f"config has none of {', '.join(keys)} ({what})")
+
+
+def model_fingerprint(config: dict[str, Any]) -> str:
+    """``sha256:<16 hex>`` over the architecture-relevant fields of a config dict.
+
+    Computed from ``config.to_dict()`` (or config.json) alone, so ``allocplan validate``
+    can check a plan against a model without loading its weights.
+    """
+    relevant = {key: config[key] for key in FINGERPRINT_KEYS if key in config}
+    canonical = json.dumps(relevant, sort_keys=True, separators=(",", ":"), default=str)
+    return "sha256:" + hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]

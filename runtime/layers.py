@@ -1,0 +1,99 @@
+"""Find a loaded model's MoE layers through the family registry, and set their top-k."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from allocplan.errors import AllocplanError
+from allocplan.planner.provenance import ModelIdentity
+from allocplan.runtime.families import MoEFamily, config_value, get_family, model_fingerprint
+
+
+@dataclass(frozen=True)
+class MoELayer:
+    """One MoE block of a loaded model.
+
+    Attributes:
+        path: exact module path of the block (``model.layers.3.mlp``).
+        index: decoder layer index.
+        block: the MoE block module.
+        router: the module whose ``top_k_attr`` sets the layer's k.
+        experts: the routed experts module (receives ``top_k_index`` [T, k]).
+        top_k_attr: name of the router attribute holding k.
+    """
+
+    path: str
+    index: int
+    block: Any
+    router: Any
+    experts: Any
+    top_k_attr: str
+
+    @property
+    def top_k(self) -> int:
+        return getattr(self.router, self.top_k_attr)
+
+    def set_top_k(self, k: int) -> None:
+        """Route each token of this layer to its top-k experts from the next forward on."""
+        setattr(self.router, self.top_k_attr, k)
+
+
+def model_family(model: Any) -> MoEFamily:
+    """Registry entry for a loaded model (error lists supported families)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type is None:
+        raise AllocplanError("the model has no config.model_type; pass a Hugging Face transformers model")
+    return get_family(model_type)
+
+
+def find_moe_layers(model: Any) -> list[MoELayer]:
+    """Every MoE block of ``model``, sorted by layer index.
+
+    A decoder layer is MoE when its block has the family's router with a top-k
+    attribute; dense layers (e.g. DeepSeek's first layers) are skipped.
+
+    Raises:
+        AllocplanError: unknown family, or a layout that does not match the registry.
+    """
+    family = model_family(model)
+    try:
+        decoder_layers = model.get_submodule(family.layers_path)
+    except AttributeError:
+        raise AllocplanError(
+            f"{family.model_type} model has no {family.layers_path!r}; is this a causal-LM checkpoint"
+            " of that family (AutoModelForCausalLM)?"
+        ) from None
+    found = []
+    for index, decoder_layer in enumerate(decoder_layers):
+        block = getattr(decoder_layer, family.block_attr, None)
+        router = getattr(block, family.router_attr, None)
+        experts = getattr(block, family.experts_attr, None)
+        if router is None or experts is None or not hasattr(router, family.top_k_attr):
+            continue
+        found.append(
+            MoELayer(
+                path=f"{family.layers_path}.{index}.{family.block_attr}",
+                index=index,
+                block=block,
+                router=router,
+                experts=experts,
+                top_k_attr=family.top_k_attr,
+            )
+        )
+    if not found:
+        raise AllocplanError(f"found no MoE layers in this {family.model_type} model")
+    return found
+
+
+def model_identity(model: Any, name: str) -> ModelIdentity:
+    """Identity record (name, family, fingerprint, sizes) of a loaded model."""
+    family = model_family(model)
+    config = model.config.to_dict()
+    return ModelIdentity(
+        name=name,
+        model_type=family.model_type,
+        fingerprint=model_fingerprint(config),
+        num_moe_layers=len(find_moe_layers(model)),
+        num_experts=int(config_value(config, family.num_experts_keys, "number of routed experts")),
+    )

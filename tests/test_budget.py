@@ -1,0 +1,40 @@
+"""Budget resolution: half-up rounding, ranges, infeasibility messages."""
+
+import pytest
+
+from allocplan.errors import AllocplanError
+from allocplan.planner.budget import resolve_budget, round_half_up
+
+
+def test_round_half_up():
+    assert [round_half_up(x) for x in (0.5, 1.5, 2.5, 6.5, 2.4999)] == [1, 2, 3, 7, 2]
+    assert round_half_up(0.1 * 15) == 2 and round_half_up(0.3 * 5) == 2
+
+
+@pytest.mark.parametrize(
+    "ratio, total", [(0.5, 78), (1 / 3, 52), (2 / 3, 104), (5 / 6, 130), (1.0, 156)]
+)
+def test_paper_budgets_for_deepseek_v2_lite(ratio, total):
+    # 26 MoE layers x top-6 = 156; the paper's budgets are 52, 78, 104, 130.
+    assert resolve_budget(156, 26, budget_ratio=ratio) == total
+
+
+def test_absolute_budget():
+    assert resolve_budget(156, 26, budget_activations=60) == 60
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(budget_ratio=0.1), "smallest feasible budget of 26"),
+        (dict(budget_activations=10), "use --budget-activations 26"),
+        (dict(budget_activations=157), "at most --budget-activations 156"),
+        (dict(budget_ratio=1.5), "outside (0, 1]"),
+        (dict(budget_ratio=0.0), "outside (0, 1]"),
+        (dict(), "exactly one"),
+        (dict(budget_ratio=0.5, budget_activations=3), "exactly one"),
+    ],
+)
+def test_budget_errors(kwargs, message):
+    with pytest.raises(AllocplanError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        resolve_budget(156, 26, **kwargs)

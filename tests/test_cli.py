@@ -1,0 +1,185 @@
+"""CLI end to end: CliRunner for each verb and each bad input, plus real subprocesses."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from allocplan.cli import cli
+from allocplan.planner.plan import load_plan
+
+SMALL = ["--calib-tokens", "512", "--seq-len", "64"]
+
+
+def run(*args: str):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def assert_user_error(result, *fragments: str) -> None:
+    """Exit 2, one line on stderr, naming the problem; no traceback."""
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("allocplan: error: ")
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert "Traceback" not in result.output
+
+
+@pytest.fixture(scope="module")
+def olmoe(checkpoints, calib_file, tmp_path_factory):
+    """A compiled olmoe plan and its profile."""
+    out = tmp_path_factory.mktemp("cli")
+    ckpt = checkpoints("olmoe")
+    result = run("compile", "--model", ckpt, "--budget", "0.5", "-o", out / "plan.yaml",
+                 "--profile-out", out / "profile.yaml", "--calib", calib_file, *SMALL)
+    assert result.exit_code == 0, result.output
+    assert "wrote" in result.output and "model.layers.0.mlp" in result.output
+    return ckpt, out / "plan.yaml", out / "profile.yaml"
+
+
+def test_solve_from_profile_reproduces_compile(olmoe, tmp_path):
+    _, plan, profile = olmoe
+    result = run("solve", profile, "--budget", "0.5", "-o", tmp_path / "solved.yaml")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "solved.yaml").read_bytes() == plan.read_bytes()
+
+
+def test_solve_budget_activations(olmoe, tmp_path):
+    _, _, profile = olmoe
+    result = run("solve", profile, "--budget-activations", "5", "-o", tmp_path / "p.yaml")
+    assert result.exit_code == 0, result.output
+    plan = load_plan(tmp_path / "p.yaml")
+    assert plan.budget.ratio is None and plan.budget.total_activations == 5
+    assert plan.budget.planned_activations <= 5
+
+
+def test_validate(olmoe, checkpoints):
+    ckpt, plan, _ = olmoe
+    result = run("validate", plan, "--model", ckpt)
+    assert result.exit_code == 0 and "matches" in result.output
+    assert_user_error(run("validate", plan, "--model", checkpoints("mixtral")), "fingerprint", "compile a plan")
+
+
+def test_apply_with_prompt(olmoe):
+    _, plan, _ = olmoe
+    result = run("apply", plan, "--prompt", "The if statement", "--max-new-tokens", "4")
+    assert result.exit_code == 0, result.output
+    assert "applied" in result.output and "generated: The if statement" in result.output
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["--budget", "1.5"], ["--budget", "0<x<=1"]),
+        (["--budget", "0"], ["--budget"]),
+        (["--budget-activations", "1"], ["smallest feasible budget of 4", "--budget-activations 4"]),
+        (["--budget-activations", "99"], ["exceeds", "at most --budget-activations 16"]),
+        (["--budget", "0.5", "--budget-activations", "8"], ["exactly one of"]),
+        ([], ["exactly one of"]),
+    ],
+)
+def test_bad_budgets(olmoe, tmp_path, args, fragments):
+    _, _, profile = olmoe
+    out = tmp_path / "plan.yaml"
+    assert_user_error(run("solve", profile, *args, "-o", out), *fragments)
+    assert not out.exists()
+
+
+def test_compile_bad_inputs(checkpoints, calib_file, tmp_path):
+    out = tmp_path / "plan.yaml"
+    ckpt = checkpoints("olmoe")
+    cases = [
+        (["--model", tmp_path / "nope", "--budget", "0.5"], ["does not exist"]),
+        (["--model", "bundled:nope", "--budget", "0.5"], ["no bundled model 'nope'"]),
+        (["--model", ckpt, "--budget", "0.5", "--calib", tmp_path / "missing.txt"], ["missing.txt"]),
+        (["--model", ckpt, "--budget", "0.2", "--k-min", "2", "--calib", calib_file], ["smallest feasible"]),
+        (["--model", ckpt, "--budget", "0.5", "--k-min", "5", "--calib", calib_file], ["k_min 5"]),
+        (["--model", ckpt, "--budget", "0.5", "--calib", calib_file, "--seq-len", "100000"],
+         ["smaller than --seq-len"]),
+        (["--model", ckpt, "--budget", "0.5", "--calib", calib_file, "--seq-len", "50000", "--calib-tokens", "99999"],
+         ["fewer than one --seq-len window"]),
+    ]
+    for args, fragments in cases:
+        assert_user_error(run("compile", *SMALL[:2], *args, "-o", out), *fragments)
+        assert not out.exists()
+
+
+def test_compile_unwritable_output_leaves_nothing(checkpoints, calib_file, tmp_path):
+    out = tmp_path / "no-such-dir" / "plan.yaml"
+    result = run("compile", "--model", checkpoints("olmoe"), "--budget", "0.5", "--calib", calib_file, *SMALL,
+                 "-o", out)
+    assert_user_error(result, "directory")
+    assert not out.parent.exists()
+
+
+def test_unknown_family(tmp_path, calib_file):
+    from tiny_models import tiny_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2)).save_pretrained(tmp_path / "llama")
+    tiny_tokenizer().save_pretrained(tmp_path / "llama")
+    result = run("compile", "--model", tmp_path / "llama", "--budget", "0.5", "--calib", calib_file, *SMALL,
+                 "-o", tmp_path / "plan.yaml")
+    assert_user_error(result, "'llama' is not a supported MoE family", "mixtral", "olmoe")
+
+
+def test_bad_plan_files(olmoe, tmp_path):
+    _, plan, _ = olmoe
+    text = plan.read_text()
+    cases = {
+        "version.yaml": (text.replace("schema_version: 1", "schema_version: 7"), "schema_version 7"),
+        "unknown.yaml": (text + "notes: hi\n", "unknown key(s) notes"),
+        "type.yaml": (text.replace("k_base: 1", "k_base: one"), "expected an integer"),
+        "yaml.yaml": ("layers: [\n", "not valid YAML"),
+        "profile.yaml": (text.replace("kind: allocplan-plan", "kind: allocplan-profile"), "is this an allocplan plan"),
+    }
+    for name, (content, fragment) in cases.items():
+        path = tmp_path / name
+        path.write_text(content)
+        assert_user_error(run("validate", path), fragment)
+        assert_user_error(run("apply", path), fragment)
+    assert_user_error(run("validate", tmp_path / "absent.yaml"), "does not exist")
+
+
+def test_help_and_version():
+    assert run("--help").exit_code == 0
+    result = run("--version")
+    assert result.exit_code == 0 and "allocplan" in result.output
+
+
+def _console_script() -> list[str]:
+    script = shutil.which("allocplan", path=str(Path(sys.executable).parent))
+    return [script] if script else [sys.executable, "-m", "allocplan.cli"]
+
+
+def test_subprocess_compile_is_byte_identical(checkpoints, calib_file, tmp_path):
+    ckpt = checkpoints("deepseek_v2")
+    outputs = []
+    for seed, name in (("1", "a.yaml"), ("2", "b.yaml")):
+        proc = subprocess.run(
+            [*_console_script(), "compile", "--model", str(ckpt), "--budget", "0.5", "--calib", str(calib_file),
+             *SMALL, "-o", str(tmp_path / name)],
+            capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": seed},
+        )
+        assert proc.returncode == 0, proc.stderr
+        outputs.append((tmp_path / name).read_bytes())
+    assert outputs[0] == outputs[1]
+
+
+def test_subprocess_user_error(tmp_path):
+    proc = subprocess.run(
+        [*_console_script(), "solve", str(tmp_path / "missing.yaml"), "--budget", "0.5", "-o",
+         str(tmp_path / "p.yaml")],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("allocplan: error: ")
+    assert "Traceback" not in proc.stderr and not (tmp_path / "p.yaml").exists()

@@ -1,0 +1,123 @@
+"""Every supported family: compile through the CLI, apply, count experts, restore exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import FAMILIES
+
+from allocplan.cli import cli
+from allocplan.errors import AllocplanError
+from allocplan.loading import load_model
+from allocplan.planner.plan import Budget, LayerPlan, load_plan
+from allocplan.runtime.apply import apply_plan
+from allocplan.runtime.families import FAMILIES as REGISTRY
+from allocplan.runtime.layers import find_moe_layers
+
+INPUT_IDS = torch.tensor([[5, 17, 42, 8, 99, 3, 64, 23, 11, 70, 2, 45]])
+
+
+def logits(model) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(input_ids=INPUT_IDS).logits
+
+
+def experts_per_token(model) -> dict[str, set[int]]:
+    """Run one forward and record how many experts each token got in every MoE layer."""
+    seen: dict[str, set[int]] = {}
+    hooks = []
+    for layer in find_moe_layers(model):
+        def record(_module, args, path=layer.path, num_experts=layer.experts.num_experts):
+            top_k_index = args[1]  # [T, k]
+            real = (top_k_index < num_experts).sum(-1)  # sentinel slots (== E) are not experts
+            seen[path] = set(real.tolist())
+        hooks.append(layer.experts.register_forward_pre_hook(record))
+    try:
+        logits(model)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
+def test_registry_covers_required_families():
+    assert set(FAMILIES) <= set(REGISTRY)
+
+
+@pytest.fixture(scope="module")
+def compiled(checkpoints, calib_file, tmp_path_factory):
+    """family -> (checkpoint dir, plan path) compiled at budget 0.5 through the CLI."""
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            ckpt = checkpoints(family)
+            out = tmp_path_factory.mktemp(f"plan-{family}") / "plan.yaml"
+            result = CliRunner().invoke(
+                cli,
+                ["compile", "--model", str(ckpt), "--budget", "0.5", "-o", str(out), "--calib", str(calib_file),
+                 "--calib-tokens", "512", "--seq-len", "64"],
+            )
+            assert result.exit_code == 0, result.output
+            cache[family] = (ckpt, out)
+        return cache[family]
+
+    return get
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_compile_apply_counts_and_restores(family, compiled):
+    ckpt, plan_path = compiled(family)
+    plan = load_plan(plan_path)
+    assert plan.model.model_type == family
+    assert plan.budget.total_activations == round(0.5 * plan.budget.original_activations)
+    assert plan.budget.planned_activations <= plan.budget.total_activations
+
+    model, _ = load_model(str(ckpt))
+    before = logits(model)
+    assert all(counts == {4} for counts in experts_per_token(model).values())
+
+    handle = apply_plan(model, plan_path)
+    seen = experts_per_token(model)
+    assert seen == {entry.path: {int(entry.planned_k)} for entry in plan.layers}
+    with pytest.raises(AllocplanError, match="already applied"):
+        apply_plan(model, plan)
+
+    handle.remove()
+    assert torch.equal(logits(model), before)
+    assert all(counts == {4} for counts in experts_per_token(model).values())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_full_budget_plan_is_bit_identical(family, compiled):
+    ckpt, plan_path = compiled(family)
+    plan = load_plan(plan_path)
+    full = plan.__class__(
+        **{
+            **{f: getattr(plan, f) for f in plan.__dataclass_fields__},
+            "layers": tuple(LayerPlan(e.path, e.index, e.original_k, e.original_k) for e in plan.layers),
+            "budget": Budget(1.0, plan.budget.original_activations, plan.budget.original_activations,
+                             plan.budget.original_activations),
+        }
+    )
+    model, _ = load_model(str(ckpt))
+    before = logits(model)
+    with apply_plan(model, full):
+        assert torch.equal(logits(model), before)
+
+
+def test_fingerprint_mismatch_names_both(compiled, checkpoints):
+    _, plan_path = compiled("olmoe")
+    other, _ = load_model(str(checkpoints("mixtral")))
+    with pytest.raises(AllocplanError, match=r"compiled for .*olmoe.* but the model is mixtral"):
+        apply_plan(other, plan_path)
+
+
+def test_unknown_family_lists_supported():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2))
+    with pytest.raises(AllocplanError, match="'llama' is not a supported MoE family; supported: deepseek_v2"):
+        find_moe_layers(model)

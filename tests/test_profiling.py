@@ -1,0 +1,73 @@
+"""Profiling: prefix reuse equals the naive per-(layer, k) forward; calibration packing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import build_tiny_model, tiny_tokenizer
+
+from allocplan.errors import AllocplanError
+from allocplan.planner.profiling import calibration_windows, layer_ks, measure_sensitivity
+
+
+@pytest.fixture(scope="module")
+def windows(calib_file):
+    tensor, record = calibration_windows(tiny_tokenizer(), calib_file, calib_tokens=384, seq_len=48)
+    assert tensor.shape == (8, 48) and record.tokens == 384 and record.windows == 8
+    return tensor
+
+
+@pytest.mark.parametrize("family", ["olmoe", "deepseek_v3", "qwen2_moe"])
+@pytest.mark.parametrize("strategy", ["isolated", "paper"])
+@pytest.mark.parametrize("metric", ["nll", "kl"])
+def test_prefix_reuse_matches_naive(family, strategy, metric, windows):
+    model = build_tiny_model(family)
+    fast, ref_fast = measure_sensitivity(model, windows, strategy=strategy, metric=metric, batch_size=3)
+    naive, ref_naive = measure_sensitivity(
+        model, windows, strategy=strategy, metric=metric, batch_size=3, reuse_prefix=False
+    )
+    assert ref_fast == pytest.approx(ref_naive, abs=1e-6)
+    for row_fast, row_naive in zip(fast, naive):
+        assert row_fast.keys() == row_naive.keys()
+        for k in row_fast:
+            assert row_fast[k] == pytest.approx(row_naive[k], abs=1e-5)
+    # The profile is not trivially zero: cutting k changes the loss somewhere.
+    assert any(abs(v) > 1e-6 for row in fast for v in row.values())
+    # The model is left as it was.
+    assert [layer.mlp.gate.top_k for layer in model.model.layers if hasattr(layer.mlp, "gate")] == [4] * len(fast)
+
+
+def test_isolated_full_k_is_exactly_zero(windows):
+    rows, _ = measure_sensitivity(build_tiny_model("mixtral"), windows, strategy="isolated")
+    assert all(row[4] == 0.0 for row in rows)
+
+
+def test_kl_is_nonnegative(windows):
+    rows, _ = measure_sensitivity(build_tiny_model("olmoe"), windows, metric="kl")
+    assert all(v >= -1e-7 for row in rows for v in row.values())
+
+
+def test_layer_ks_strategies():
+    assert layer_ks("isolated", [4, 4, 4, 4], 1, 2, 1) == [4, 2, 4, 4]
+    assert layer_ks("paper", [4, 4, 4, 4], 1, 2, 1) == [4, 2, 1, 1]
+    assert layer_ks("paper", [6, 6, 6], 2, 3, 2) == [6, 6, 3]
+
+
+def test_calibration_is_deterministic_and_checked(calib_file, tmp_path):
+    tok = tiny_tokenizer()
+    a, rec_a = calibration_windows(tok, calib_file, calib_tokens=1000, seq_len=100)
+    b, rec_b = calibration_windows(tok, calib_file, calib_tokens=1000, seq_len=100)
+    assert torch.equal(a, b) and rec_a == rec_b and rec_a.sha256.startswith("sha256:")
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    with pytest.raises(AllocplanError, match="fewer than one --seq-len window"):
+        calibration_windows(tok, short, calib_tokens=1000, seq_len=100)
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(AllocplanError, match="not UTF-8"):
+        calibration_windows(tok, binary, calib_tokens=1000, seq_len=100)
+
+
+def test_k_min_bounds(windows):
+    with pytest.raises(AllocplanError, match="k_min 5"):
+        measure_sensitivity(build_tiny_model("olmoe"), windows, k_min=5)

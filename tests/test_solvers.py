@@ -1,0 +1,96 @@
+"""Solvers: DP against the ILP on random instances, a hand instance, infeasible budgets."""
+
+import itertools
+import random
+import sys
+
+import pytest
+
+from allocplan.errors import AllocplanError
+from allocplan.planner.problem import AllocationProblem, allocation_for
+from allocplan.planner.solve import objectives_agree, solve_checked
+from allocplan.planner.solve_dp import solve_dp
+from allocplan.planner.solve_ilp import solve_ilp
+
+
+def random_problem(rng: random.Random) -> AllocationProblem:
+    num_layers = rng.randint(1, 12)
+    choices, costs = [], []
+    for _ in range(num_layers):
+        k_max = rng.randint(1, 8)
+        k_min = rng.randint(1, k_max)
+        ks = tuple(range(k_min, k_max + 1))
+        # Sensitivities fall with k like real ones, plus noise that breaks monotonicity sometimes.
+        scale = rng.uniform(0.01, 3.0)
+        row = tuple(scale * (k_max - k) / k_max + rng.uniform(-0.05, 0.05) for k in ks)
+        choices.append(ks)
+        costs.append(row)
+    lo = sum(min(ks) for ks in choices)
+    hi = sum(max(ks) for ks in choices)
+    return AllocationProblem(tuple(choices), tuple(costs), rng.randint(lo, hi))
+
+
+def test_dp_matches_ilp_on_random_instances():
+    rng = random.Random(20260408)
+    for _ in range(250):
+        problem = random_problem(rng)
+        dp = solve_dp(problem)
+        ilp = solve_ilp(problem)
+        assert ilp.status == "OPTIMAL"
+        assert dp.activations <= problem.budget and ilp.allocation.activations <= problem.budget
+        assert objectives_agree(dp.objective, ilp.allocation.objective), (problem, dp, ilp)
+
+
+def test_dp_matches_brute_force_on_small_instances():
+    rng = random.Random(7)
+    for _ in range(150):
+        problem = random_problem(rng)
+        if problem.num_layers > 5:
+            continue
+        best = min(
+            (problem.objective(ks) for ks in itertools.product(*problem.choices) if sum(ks) <= problem.budget),
+        )
+        assert solve_dp(problem).objective == pytest.approx(best, rel=1e-12, abs=1e-12)
+
+
+def test_hand_instance_known_optimum():
+    # Three layers, k in 1..3, budget 6. Layer 0 is very sensitive, layer 2 barely.
+    # Optimum by hand: layer 0 keeps 3 (cost 0), layer 1 gets 2 (0.3), layer 2 gets 1 (0.1)
+    # = 0.4; every other total-6 split costs more (e.g. 3/1/2 = 0.9 + 0.05 = 0.95).
+    problem = AllocationProblem(
+        choices=((1, 2, 3), (1, 2, 3), (1, 2, 3)),
+        costs=((5.0, 1.0, 0.0), (0.9, 0.3, 0.0), (0.1, 0.05, 0.0)),
+        budget=6,
+    )
+    checked = solve_checked(problem)
+    assert checked.allocation.ks == (3, 2, 1)
+    assert checked.dp_objective == pytest.approx(0.4)
+    assert checked.ilp_objective == pytest.approx(0.4)
+
+
+def test_dp_prefers_fewer_activations_on_ties():
+    problem = AllocationProblem(choices=((1, 2), (1, 2)), costs=((0.0, 0.0), (0.0, 0.0)), budget=4)
+    assert solve_dp(problem).ks == (1, 1)
+
+
+def test_infeasible_budget_states_smallest_feasible():
+    with pytest.raises(AllocplanError, match="smallest feasible budget is 6"):
+        AllocationProblem(choices=((2, 3), (2, 3), (2, 3)), costs=((1, 0), (1, 0), (1, 0)), budget=5)
+
+
+def test_allocation_for_rejects_over_budget():
+    problem = AllocationProblem(choices=((1, 2),), costs=((1.0, 0.0),), budget=1)
+    with pytest.raises(ValueError, match="above the budget"):
+        allocation_for(problem, (2,))
+
+
+def test_solver_modules_do_not_import_torch():
+    # The solvers and formats are pure; importing them must not pull torch in.
+    code = (
+        "import sys; import allocplan.planner.solve, allocplan.planner.plan, "
+        "allocplan.planner.profile_format, allocplan.planner.from_profile; "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    import subprocess
+
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,95 @@
+"""Tiny random MoE models of every supported family, built in-process from config classes.
+
+Shapes: 4 decoder layers, 8 routed experts, top-4, hidden 32, vocab 128. DeepSeek
+families keep their first layer dense (first_k_dense_replace=1) like the real ones.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    DeepseekV2Config,
+    DeepseekV3Config,
+    MixtralConfig,
+    OlmoeConfig,
+    Qwen2MoeConfig,
+    Qwen3MoeConfig,
+)
+
+COMMON = dict(
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    num_experts_per_tok=4,
+    max_position_embeddings=128,
+    tie_word_embeddings=False,
+)
+
+_MLA = dict(kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, head_dim=8)
+
+FAMILY_CONFIGS = {
+    "mixtral": lambda: MixtralConfig(**COMMON, num_local_experts=8),
+    "qwen2_moe": lambda: Qwen2MoeConfig(
+        **COMMON, num_experts=8, moe_intermediate_size=32, shared_expert_intermediate_size=32
+    ),
+    "qwen3_moe": lambda: Qwen3MoeConfig(**COMMON, num_experts=8, moe_intermediate_size=32, head_dim=8),
+    "olmoe": lambda: OlmoeConfig(**COMMON, num_experts=8),
+    "deepseek_v2": lambda: DeepseekV2Config(
+        **COMMON, **_MLA, n_routed_experts=8, n_shared_experts=1, moe_intermediate_size=32,
+        first_k_dense_replace=1, n_group=1, topk_group=1, topk_method="greedy",
+    ),
+    "deepseek_v3": lambda: DeepseekV3Config(
+        **COMMON, **_MLA, n_routed_experts=8, n_shared_experts=1, moe_intermediate_size=32,
+        first_k_dense_replace=1, n_group=2, topk_group=2,
+    ),
+}
+
+
+def build_tiny_model(family: str, seed: int = 0):
+    """A random-init tiny causal LM of ``family`` in eval mode."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(FAMILY_CONFIGS[family]())
+    # Random init leaves DeepSeek-V3's correction bias at zero and some routers near-uniform;
+    # spread router weights so that routing differs clearly between tokens.
+    # Experts get weights large enough that dropping one visibly changes the logits.
+    for name, param in model.named_parameters():
+        if name.endswith("gate.weight") and param.dim() == 2:
+            torch.nn.init.normal_(param, std=0.5)
+        elif ".experts." in name and param.dim() == 3:
+            torch.nn.init.normal_(param, std=0.2)
+    model.eval()
+    return model
+
+
+def tiny_tokenizer():
+    """Character-level tokenizer over printable ASCII (101 ids, fits vocab 128)."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0}
+    for char in string.printable:
+        vocab.setdefault(char, len(vocab))
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()  # characters join back without spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", pad_token="<unk>", eos_token="<unk>")
+
+
+def save_tiny_checkpoint(family: str, directory, seed: int = 0):
+    """Save a tiny model of ``family`` and its tokenizer with save_pretrained; returns the path."""
+    model = build_tiny_model(family, seed)
+    model.config.eos_token_id = 0
+    model.config.pad_token_id = 0
+    model.config.bos_token_id = None
+    model.generation_config.eos_token_id = 0
+    model.generation_config.pad_token_id = 0
+    model.generation_config.bos_token_id = None
+    model.save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+    return directory
