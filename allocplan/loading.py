@@ -7,7 +7,6 @@ unless the caller asks for it.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +43,7 @@ def resolve_model_source(name: str) -> str:
         if not (path / "config.json").is_file():
             raise AllocplanError(f"model directory {name!r} has no config.json; point --model at a saved checkpoint")
         return str(path)
-    if path.exists() or name.startswith((".", "/", "~")) or os.sep + os.sep in name:
+    if path.exists() or name.startswith((".", "/", "~")):
         raise AllocplanError(f"model directory {name!r} does not exist; pass a checkpoint directory or a hub id")
     return name  # a hub id
 

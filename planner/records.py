@@ -128,13 +128,15 @@ def _convert_number(value: Any, where: str, *, allow_float: bool) -> int | float
     return value
 
 
+class _NoAliasDumper(yaml.SafeDumper):
+    """Safe dumper that never writes &anchors (equal sub-records would otherwise share one)."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
 def dump_yaml(data: Any) -> str:
     """Canonical YAML text: field order kept, block style, no aliases."""
-
-    class _NoAliasDumper(yaml.SafeDumper):
-        def ignore_aliases(self, data: Any) -> bool:  # identical tuples must not become &anchors
-            return True
-
     return yaml.dump(
         data,
         Dumper=_NoAliasDumper,

@@ -167,7 +167,7 @@ def test_subprocess_compile_is_byte_identical(checkpoints, calib_file, tmp_path)
         proc = subprocess.run(
             [*_console_script(), "compile", "--model", str(ckpt), "--budget", "0.5", "--calib", str(calib_file),
              *SMALL, "-o", str(tmp_path / name)],
-            capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": seed},
+            capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": seed}, cwd=tmp_path,
         )
         assert proc.returncode == 0, proc.stderr
         outputs.append((tmp_path / name).read_bytes())
@@ -178,8 +178,22 @@ def test_subprocess_user_error(tmp_path):
     proc = subprocess.run(
         [*_console_script(), "solve", str(tmp_path / "missing.yaml"), "--budget", "0.5", "-o",
          str(tmp_path / "p.yaml")],
-        capture_output=True, text=True,
+        capture_output=True, text=True, cwd=tmp_path,
     )
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("allocplan: error: ")
     assert "Traceback" not in proc.stderr and not (tmp_path / "p.yaml").exists()
+
+
+def test_solve_never_imports_torch(olmoe, tmp_path):
+    # sys.modules["torch"] = None makes any torch import fail: solve and validate must not need it.
+    _, _, profile = olmoe
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.argv = sys.argv[1:];"
+        "from allocplan.cli import main; main()"
+    )
+    for args in (["solve", str(profile), "--budget", "0.5", "-o", str(tmp_path / "p.yaml")],
+                 ["validate", str(tmp_path / "p.yaml")]):
+        proc = subprocess.run([sys.executable, "-c", code, "allocplan", *args], capture_output=True, text=True,
+                              cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr

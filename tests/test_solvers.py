@@ -84,7 +84,7 @@ def test_allocation_for_rejects_over_budget():
         allocation_for(problem, (2,))
 
 
-def test_solver_modules_do_not_import_torch():
+def test_solver_modules_do_not_import_torch(tmp_path):
     # The solvers and formats are pure; importing them must not pull torch in.
     code = (
         "import sys; import allocplan.planner.solve, allocplan.planner.plan, "
@@ -93,4 +93,7 @@ def test_solver_modules_do_not_import_torch():
     )
     import subprocess
 
-    subprocess.run([sys.executable, "-c", code], check=True)
+    # cwd outside the checkout: `python -c` puts the cwd first on sys.path, which would
+    # import the source tree instead of the installed package.
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
