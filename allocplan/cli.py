@@ -102,8 +102,16 @@ def _budget_options(func: Any) -> Any:
                          help="Fraction of the model's activations per token to keep, e.g. 0.5."),
             click.option("--budget-activations", type=click.IntRange(min=1), default=None,
                          help="Absolute routed activations per token over all MoE layers."),
+            click.option("--token-level/--no-token-level", default=True, show_default=True,
+                         help="Alloc-T: redistribute each layer's activations between the tokens of a forward pass."),
             click.option("--k-base", type=click.IntRange(min=0), default=1, show_default=True,
-                         help="Experts every token keeps under token-level allocation (recorded in the plan)."),
+                         help="Experts every token keeps under token-level allocation."),
+            click.option("--k-max", type=click.IntRange(min=1), default=None,
+                         help="Most experts one token can get [default: the layer's original top-k]."),
+            click.option("--renormalize", type=click.Choice(["model", "none", "renorm", "decoupled"]),
+                         default="model", show_default=True, help="How the kept experts' weights are normalised."),
+            click.option("--reference-k", type=click.IntRange(min=1), default=None,
+                         help="k' of --renormalize decoupled [default: the layer's original top-k]."),
         ]
     ):
         func = option(func)
@@ -203,8 +211,8 @@ def profile_command(model_name: str, output: Path, device: str, dtype: str, trus
 @click.argument("profile_path", type=_existing_file, metavar="PROFILE")
 @_budget_options
 @click.option("-o", "--output", type=_output_file, required=True, help="Plan file to write.")
-def solve_command(profile_path: Path, budget_ratio: float | None, budget_activations: int | None, k_base: int,
-                  output: Path) -> None:
+def solve_command(profile_path: Path, budget_ratio: float | None, budget_activations: int | None, output: Path,
+                  **routing: Any) -> None:
     """Solve a stored profile at a budget (no model is loaded)."""
     from allocplan.planner.from_profile import solve_profile
     from allocplan.planner.plan import save_plan
@@ -212,7 +220,7 @@ def solve_command(profile_path: Path, budget_ratio: float | None, budget_activat
 
     _check_budget(budget_ratio, budget_activations)
     plan = solve_profile(load_profile(profile_path), budget_ratio=budget_ratio,
-                         budget_activations=budget_activations, k_base=k_base)
+                         budget_activations=budget_activations, **routing)
     save_plan(plan, output)
     _print_plan(plan)
     click.echo(f"wrote {output}")

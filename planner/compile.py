@@ -27,7 +27,11 @@ def compile_plan(
     strategy: str = "isolated",
     metric: str = "nll",
     k_min: int = 1,
+    token_level: bool = True,
     k_base: int = 1,
+    k_max: int | None = None,
+    renormalize: str = "model",
+    reference_k: int | None = None,
     batch_size: int = 8,
     device: str = "cpu",
     dtype: str = "float32",
@@ -45,7 +49,8 @@ def compile_plan(
         calib: UTF-8 calibration text; defaults to the text bundled with allocplan.
         calib_tokens / seq_len: tokens scored and window length.
         strategy / metric / k_min: see :mod:`allocplan.planner.profiling`.
-        k_base: recorded in the plan's ``token_level`` section.
+        token_level / k_base / k_max / renormalize / reference_k: runtime routing settings
+            recorded in the plan (see :func:`allocplan.solve_profile`).
         batch_size: calibration windows per forward pass.
         device / dtype / trust_remote_code: used when ``model`` is a name.
         profile_out: also write the sensitivity profile here.
@@ -82,7 +87,16 @@ def compile_plan(
         k_min=k_min,
         batch_size=batch_size,
     )
-    plan = solve_profile(profile, budget_ratio=budget, budget_activations=budget_activations, k_base=k_base)
+    plan = solve_profile(
+        profile,
+        budget_ratio=budget,
+        budget_activations=budget_activations,
+        token_level=token_level,
+        k_base=k_base,
+        k_max=k_max,
+        renormalize=renormalize,
+        reference_k=reference_k,
+    )
     if profile_out is not None:
         save_profile(profile, profile_out)
     return plan

@@ -17,6 +17,7 @@ from allocplan.planner.plan import (
     PlanProvenance,
     SolverRecord,
     TokenLevel,
+    Weights,
 )
 from allocplan.planner.problem import AllocationProblem
 from allocplan.planner.profile_format import SensitivityProfile
@@ -28,7 +29,11 @@ def solve_profile(
     *,
     budget_ratio: float | None = None,
     budget_activations: int | None = None,
+    token_level: bool = True,
     k_base: int = 1,
+    k_max: int | None = None,
+    renormalize: str = "model",
+    reference_k: int | None = None,
 ) -> Plan:
     """The optimal per-layer allocation of ``profile`` under a budget, as a Plan.
 
@@ -36,11 +41,13 @@ def solve_profile(
         profile: measured sensitivities S[l, k].
         budget_ratio: fraction of the model's total original top-k, in (0, 1].
         budget_activations: absolute total activations per token (instead of a ratio).
-        k_base: experts every token keeps under token-level allocation (recorded
-            in the plan; token-level allocation itself stays disabled in this version).
+        token_level: enable Alloc-T at runtime (see :class:`allocplan.planner.plan.TokenLevel`).
+        k_base / k_max: Alloc-T's per-token floor and candidate width (None: original k).
+        renormalize / reference_k: weight mode (see :class:`allocplan.planner.plan.Weights`).
 
     Raises:
-        AllocplanError: invalid or infeasible budget (the message names the smallest feasible one).
+        AllocplanError: invalid or infeasible budget (the message names the smallest feasible
+            one), or routing settings that do not fit the model.
         SolverDisagreement / RuntimeError: the ILP did not confirm the DP optimum.
     """
     k_min = profile.measurement.k_min
@@ -72,7 +79,8 @@ def solve_profile(
             LayerPlan(path=layer.path, index=layer.index, original_k=layer.original_k, planned_k=k)
             for layer, k in zip(profile.layers, ks)
         ),
-        token_level=TokenLevel(enabled=False, k_base=k_base),
+        token_level=TokenLevel(enabled=token_level, k_base=k_base, k_max=k_max),
+        weights=Weights(renormalize=renormalize, reference_k=reference_k),
         solver=SolverRecord(
             metric=profile.measurement.metric,
             dp_objective=checked.dp_objective,

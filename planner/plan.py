@@ -19,6 +19,8 @@ from allocplan.planner.provenance import CalibrationRecord, ModelIdentity
 from allocplan.planner.records import atomic_write_text, dump_yaml, from_data, load_yaml_file, to_data
 
 PLAN_KIND = "allocplan-plan"
+# Weight normalisation modes the runtime implements (see allocplan.runtime.routing.reweight).
+RENORMALIZE_MODES = ("model", "none", "renorm", "decoupled")
 PLAN_SCHEMA_VERSION = 1
 
 
@@ -63,11 +65,31 @@ class TokenLevel:
 
     Attributes:
         enabled: whether the runtime redistributes (otherwise plain top-k_l per token).
-        k_base: experts every token keeps before the redistribution.
+        k_base: experts every real token keeps before the redistribution (capped at
+            floor(planned_k) in a layer).
+        k_max: most experts one token can get; candidates are each token's top-k_max.
+            None means each layer's original_k.
     """
 
     enabled: bool
     k_base: int
+    k_max: int | None
+
+
+@dataclass(frozen=True)
+class Weights:
+    """How the combine weights of the experts that still run are normalised.
+
+    Attributes:
+        renormalize: ``model`` (as the family does when it routes to the kept set
+            natively), ``none`` (the router's weights at its original k), ``renorm``
+            (kept weights sum to the family's scaling factor) or ``decoupled``
+            (divided by the mass of the token's top-``reference_k`` candidates).
+        reference_k: k' for ``decoupled``; None means each layer's original_k.
+    """
+
+    renormalize: str
+    reference_k: int | None
 
 
 @dataclass(frozen=True)
@@ -126,8 +148,14 @@ class Plan:
     budget: Budget
     layers: tuple[LayerPlan, ...]
     token_level: TokenLevel
+    weights: Weights
     solver: SolverRecord
     provenance: PlanProvenance
+
+    @property
+    def uses_routing_hooks(self) -> bool:
+        """True when the runtime must rewrite routing (Alloc-T or a non-native weight mode)."""
+        return self.token_level.enabled or self.weights.renormalize != "model"
 
     def __post_init__(self) -> None:
         validate_plan(self)
@@ -178,8 +206,26 @@ def validate_plan(plan: Plan, where: str = "plan") -> None:
             _fail(f"{at}.planned_k", f"{layer.planned_k} is outside [k_min={k_min}, original_k={layer.original_k}]")
         if not plan.token_level.enabled and not float(layer.planned_k).is_integer():
             _fail(f"{at}.planned_k", f"{layer.planned_k} is fractional, which needs token_level.enabled: true")
-    if not (0 <= plan.token_level.k_base <= min(layer.original_k for layer in plan.layers)):
-        _fail(f"{where}.token_level.k_base", f"{plan.token_level.k_base} must be between 0 and the smallest original_k")
+    smallest_k = min(layer.original_k for layer in plan.layers)
+    token_level = plan.token_level
+    if not (0 <= token_level.k_base <= smallest_k):
+        _fail(f"{where}.token_level.k_base", f"{token_level.k_base} must be between 0 and the smallest original_k {smallest_k}")
+    if token_level.k_max is not None:
+        if not (1 <= token_level.k_max <= smallest_k):
+            _fail(f"{where}.token_level.k_max", f"{token_level.k_max} must be between 1 and the smallest original_k {smallest_k}")
+        if token_level.k_max < token_level.k_base:
+            _fail(f"{where}.token_level.k_max", f"{token_level.k_max} is below k_base {token_level.k_base}")
+        for i, layer in enumerate(plan.layers):
+            if layer.planned_k > token_level.k_max:
+                _fail(f"{where}.layers[{i}].planned_k", f"{layer.planned_k} exceeds token_level.k_max {token_level.k_max}")
+    weights = plan.weights
+    if weights.renormalize not in RENORMALIZE_MODES:
+        _fail(f"{where}.weights.renormalize", f"{weights.renormalize!r} is not one of {', '.join(RENORMALIZE_MODES)}")
+    if weights.reference_k is not None:
+        if weights.renormalize != "decoupled":
+            _fail(f"{where}.weights.reference_k", "is only used with renormalize: decoupled; set it to null")
+        if not (1 <= weights.reference_k <= smallest_k):
+            _fail(f"{where}.weights.reference_k", f"{weights.reference_k} must be between 1 and the smallest original_k {smallest_k}")
 
     budget = plan.budget
     original = sum(layer.original_k for layer in plan.layers)

@@ -1,8 +1,20 @@
 """``apply_plan``: put a compiled plan on a loaded model, reversibly.
 
-Every edit is an instance-level attribute set (the router's ``top_k``), recorded
-so that ``handle.remove()`` puts back the exact previous values; no
-transformers class or function is patched.
+Two paths, both instance-level (no transformers class or function is patched):
+
+* **Native top-k** (token-level allocation off, ``renormalize: model``): each MoE
+  router's ``top_k`` is set to the planned k; the family's own code does the rest,
+  exactly as if the model had been configured with that k.
+* **Rewritten routing** (Alloc-T, or another weight mode): each router runs at
+  its candidate width k_max and a forward hook on the router instance chooses
+  which (token, candidate) pairs run (:mod:`allocplan.runtime.routing`), marking
+  the others with the ``num_experts`` sentinel. The model switches to the
+  ``allocplan_ragged`` experts implementation, which never computes a sentinel
+  slot. A forward pre-hook on the model records the attention mask so that
+  padding tokens get no experts and are not counted in T.
+
+Every change is recorded so that ``handle.remove()`` puts back the exact
+previous state (router ``top_k``, hooks, experts implementation).
 """
 
 from __future__ import annotations
@@ -11,12 +23,97 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from allocplan.errors import AllocplanError
-from allocplan.planner.plan import Plan, load_plan
-from allocplan.runtime.families import model_fingerprint
+from allocplan.planner.plan import LayerPlan, Plan, load_plan
+from allocplan.runtime import routing
+from allocplan.runtime.families import MoEFamily, model_fingerprint
 from allocplan.runtime.layers import MoELayer, find_moe_layers, model_family
+from allocplan.runtime.scores import SELECTION_SCORES
 
 _HANDLE_ATTR = "_allocplan_handle"
+
+
+@dataclass
+class _ForwardContext:
+    """Which flattened token positions of the current forward pass are real (not padding)."""
+
+    real: torch.Tensor | None = None  # [B * S] bool, or None when every token is real
+
+
+@dataclass
+class LayerCounter:
+    """(token, expert) pairs and real tokens routed by one layer since the last reset."""
+
+    pairs: int = 0
+    tokens: int = 0
+
+    @property
+    def activations_per_token(self) -> float:
+        return self.pairs / self.tokens if self.tokens else 0.0
+
+
+class _LayerRouting:
+    """The router forward hook of one MoE layer under rewritten routing."""
+
+    def __init__(self, layer: MoELayer, entry: LayerPlan, plan: Plan, family: MoEFamily,
+                 context: _ForwardContext) -> None:
+        self.layer = layer
+        self.k = float(entry.planned_k)
+        self.k_max = plan.token_level.k_max or entry.original_k
+        self.token_level = plan.token_level.enabled
+        # A token cannot be promised more experts than the layer's average allows.
+        self.k_base = min(plan.token_level.k_base, int(self.k))
+        self.mode = plan.weights.renormalize
+        self.reference_k = min(plan.weights.reference_k or entry.original_k, self.k_max)
+        renormalizes = family.renormalizes
+        self.renormalizes = bool(getattr(layer.router, renormalizes) if isinstance(renormalizes, str) else renormalizes)
+        self.scale = float(getattr(layer.router, family.scaling_attr)) if family.scaling_attr else 1.0
+        self.selection = SELECTION_SCORES[family.selection]
+        self.num_experts = layer.experts.num_experts
+        self.context = context
+        self.ledger = routing.DecodeLedger()
+        self.counter = LayerCounter()
+
+    def __call__(self, router: Any, args: Any, output: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        logits, weights, indices = output  # [T, E], [T, k_max], [T, k_max]
+        num_tokens = indices.shape[0]
+        real = self.context.real
+        if real is None or real.numel() != num_tokens:
+            real = torch.ones(num_tokens, dtype=torch.bool, device=indices.device)  # [T]
+        scores = self.selection(router, logits).gather(-1, indices)  # [T, k_max]
+        scores, weights, indices = routing.sort_candidates(scores, weights, indices)
+        real_tokens = int(real.sum())
+        if self.token_level:
+            pairs = routing.pairs_for(self.k, real_tokens, self.ledger)
+            pairs = max(self.k_base * real_tokens, min(pairs, self.k_max * real_tokens))
+            keep = routing.alloc_t_keep(scores, real, pairs, self.k_base)  # [T, k_max]
+        else:
+            keep = routing.uniform_keep(real, indices.shape[1], int(self.k))  # [T, k_max]
+        new_weights = routing.reweight(
+            weights, keep, mode=self.mode, renormalizes=self.renormalizes, scale=self.scale,
+            reference_k=self.reference_k,
+        )
+        new_indices = torch.where(keep, indices, self.num_experts)  # sentinel for dropped slots
+        self.counter.pairs += int(keep.sum())
+        self.counter.tokens += real_tokens
+        return (logits, new_weights, new_indices, *output[3:])
+
+
+def _record_padding(context: _ForwardContext):
+    def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        mask = kwargs.get("attention_mask")
+        tokens = kwargs.get("input_ids")
+        if tokens is None and args:
+            tokens = args[0]
+        if tokens is None:
+            tokens = kwargs.get("inputs_embeds")
+        context.real = None
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and tokens is not None:
+            seq_len = tokens.shape[1]
+            context.real = mask[:, -seq_len:].reshape(-1).bool()  # [B * S]; decode keeps the last columns
+    return hook
 
 
 @dataclass
@@ -32,18 +129,35 @@ class PlanHandle:
     layers: list[MoELayer]
     _model: Any = field(repr=False)
     _saved_k: list[int] = field(repr=False)
+    _hooks: list[Any] = field(default_factory=list, repr=False)
+    _routings: list[_LayerRouting] = field(default_factory=list, repr=False)
+    _saved_experts_implementation: str | None = field(default=None, repr=False)
     _active: bool = True
 
     @property
     def active(self) -> bool:
         return self._active
 
+    def counters(self) -> dict[str, LayerCounter]:
+        """Pairs and tokens routed per layer path since the last reset (rewritten routing only)."""
+        return {r.layer.path: r.counter for r in self._routings}
+
+    def reset(self) -> None:
+        """Zero the counters and the batch-1 decode ledgers (e.g. between generations)."""
+        for r in self._routings:
+            r.counter = LayerCounter()
+            r.ledger.reset()
+
     def remove(self) -> None:
         """Restore the model exactly as it was before ``apply_plan`` (idempotent)."""
         if not self._active:
             return
+        for hook in self._hooks:
+            hook.remove()
         for layer, k in zip(self.layers, self._saved_k):
             layer.set_top_k(k)
+        if self._saved_experts_implementation is not None:
+            self._model.set_experts_implementation(self._saved_experts_implementation)
         if getattr(self._model, _HANDLE_ATTR, None) is self:
             delattr(self._model, _HANDLE_ATTR)
         self._active = False
@@ -88,26 +202,35 @@ def check_plan_matches(plan: Plan, model: Any) -> list[MoELayer]:
 def apply_plan(model: Any, plan: Plan | str | os.PathLike[str]) -> PlanHandle:
     """Apply ``plan`` (a Plan or a path to a plan file) to a loaded model.
 
-    Sets each MoE layer's router top-k to the planned k. The model is edited in
-    place; keep the returned handle and call ``handle.remove()`` to restore it.
+    The model is edited in place (see the module docstring for what changes);
+    keep the returned handle and call ``handle.remove()`` to restore it, or use
+    it as a context manager.
 
     Raises:
-        AllocplanError: the plan is invalid, belongs to another model, needs a
-            runtime feature this version lacks, or a plan is already applied.
+        AllocplanError: the plan is invalid, belongs to another model, or a plan is
+            already applied.
     """
     if not isinstance(plan, Plan):
         plan = load_plan(plan)
     if getattr(model, _HANDLE_ATTR, None) is not None:
         raise AllocplanError("a plan is already applied to this model; call handle.remove() first")
-    if plan.token_level.enabled:
-        raise AllocplanError(
-            "this plan enables token-level allocation (Alloc-T), which this allocplan version cannot run"
-            " yet; recompile without --token-level"
-        )
     layers = check_plan_matches(plan, model)
-    saved = [layer.top_k for layer in layers]
-    handle = PlanHandle(plan=plan, layers=layers, _model=model, _saved_k=saved)
-    for layer, entry in zip(layers, plan.layers):
-        layer.set_top_k(int(entry.planned_k))
+    handle = PlanHandle(plan=plan, layers=layers, _model=model, _saved_k=[layer.top_k for layer in layers])
+    if plan.uses_routing_hooks:
+        from allocplan.runtime.experts import register
+
+        family = model_family(model)
+        context = _ForwardContext()
+        handle._saved_experts_implementation = model.config._experts_implementation
+        model.set_experts_implementation(register())
+        handle._hooks.append(model.register_forward_pre_hook(_record_padding(context), with_kwargs=True))
+        for layer, entry in zip(layers, plan.layers):
+            layer_routing = _LayerRouting(layer, entry, plan, family, context)
+            layer.set_top_k(layer_routing.k_max)
+            handle._routings.append(layer_routing)
+            handle._hooks.append(layer.router.register_forward_hook(layer_routing))
+    else:
+        for layer, entry in zip(layers, plan.layers):
+            layer.set_top_k(int(entry.planned_k))
     setattr(model, _HANDLE_ATTR, handle)
     return handle

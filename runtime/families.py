@@ -34,6 +34,12 @@ class MoEFamily:
         num_experts_keys: config keys that may hold the routed expert count, first present wins.
         top_k_keys: config keys that may hold the original top-k, first present wins.
         has_shared_experts: the block also runs always-on shared experts (outside the budget).
+        selection: how the router ranks experts, as a name in
+            ``allocplan.runtime.scores.SELECTION_SCORES``: ``softmax`` (probabilities),
+            ``sigmoid_bias`` (sigmoid plus ``e_score_correction_bias``, DeepSeek-V3 style).
+        renormalizes: whether the family rescales the chosen weights to sum to one
+            (times its scaling factor): a constant, or the name of a router attribute.
+        scaling_attr: router attribute with the routed scaling factor, if any.
     """
 
     model_type: str
@@ -45,18 +51,33 @@ class MoEFamily:
     experts_attr: str = "experts"
     top_k_keys: tuple[str, ...] = ("num_experts_per_tok",)
     has_shared_experts: bool = False
+    selection: str = "softmax"
+    renormalizes: bool | str = False
+    scaling_attr: str | None = None
 
 
 FAMILIES: dict[str, MoEFamily] = {
     family.model_type: family
     for family in (
-        MoEFamily("mixtral", num_experts_keys=("num_local_experts",)),
-        MoEFamily("qwen2_moe", num_experts_keys=("num_experts",), has_shared_experts=True),
-        MoEFamily("qwen3_moe", num_experts_keys=("num_experts", "num_local_experts")),
-        MoEFamily("olmoe", num_experts_keys=("num_experts",)),
-        MoEFamily("deepseek_v2", num_experts_keys=("n_routed_experts", "num_experts"), has_shared_experts=True),
+        MoEFamily("mixtral", num_experts_keys=("num_local_experts",), renormalizes=True),
         MoEFamily(
-            "deepseek_v3", num_experts_keys=("n_routed_experts", "num_local_experts"), has_shared_experts=True
+            "qwen2_moe", num_experts_keys=("num_experts",), has_shared_experts=True, renormalizes="norm_topk_prob"
+        ),
+        MoEFamily("qwen3_moe", num_experts_keys=("num_experts", "num_local_experts"), renormalizes="norm_topk_prob"),
+        MoEFamily("olmoe", num_experts_keys=("num_experts",), renormalizes="norm_topk_prob"),
+        MoEFamily(
+            "deepseek_v2",
+            num_experts_keys=("n_routed_experts", "num_experts"),
+            has_shared_experts=True,
+            scaling_attr="routed_scaling_factor",
+        ),
+        MoEFamily(
+            "deepseek_v3",
+            num_experts_keys=("n_routed_experts", "num_local_experts"),
+            has_shared_experts=True,
+            selection="sigmoid_bias",
+            renormalizes="norm_topk_prob",
+            scaling_attr="routed_scaling_factor",
         ),
     )
 }

@@ -47,7 +47,7 @@ def test_registry_covers_required_families():
 
 @pytest.fixture(scope="module")
 def compiled(checkpoints, calib_file, tmp_path_factory):
-    """family -> (checkpoint dir, plan path) compiled at budget 0.5 through the CLI."""
+    """family -> (checkpoint dir, plan path) compiled at budget 0.5 through the CLI (plain top-k)."""
     cache = {}
 
     def get(family):
@@ -57,7 +57,7 @@ def compiled(checkpoints, calib_file, tmp_path_factory):
             result = CliRunner().invoke(
                 cli,
                 ["compile", "--model", str(ckpt), "--budget", "0.5", "-o", str(out), "--calib", str(calib_file),
-                 "--calib-tokens", "512", "--seq-len", "64"],
+                 "--calib-tokens", "512", "--seq-len", "64", "--no-token-level"],
             )
             assert result.exit_code == 0, result.output
             cache[family] = (ckpt, out)

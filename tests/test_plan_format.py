@@ -70,6 +70,13 @@ def test_plan_is_deterministic(plan):
     assert solve_profile(make_profile(), budget_ratio=0.5).to_yaml() == plan.to_yaml()
 
 
+def test_fractional_k_allowed_with_token_level(plan):
+    data = to_data(plan)
+    data["layers"][0]["planned_k"] = 1.5
+    data["budget"]["planned_activations"] = plan.budget.planned_activations - 0.5
+    assert plan_from_data(data).layers[0].planned_k == 1.5
+
+
 def test_plan_content(plan):
     assert plan.budget.total_activations == 6  # round(0.5 * 12)
     assert plan.budget.planned_activations == sum(l.planned_k for l in plan.layers) <= 6
@@ -112,7 +119,13 @@ def mutated(plan: Plan, edit) -> dict:
         (lambda d: d["budget"].update(ratio=float("nan")), "finite"),
         (lambda d: d["layers"].reverse(), "sorted by increasing index"),
         (lambda d: d["layers"][0].update(planned_k=5), "outside"),
-        (lambda d: d["layers"][0].update(planned_k=1.5), "fractional"),
+        (lambda d: (d["layers"][0].update(planned_k=1.5), d["token_level"].update(enabled=False)), "fractional"),
+        (lambda d: d["weights"].update(renormalize="softmax"), "is not one of model, none, renorm, decoupled"),
+        (lambda d: d["weights"].update(reference_k=2), "only used with renormalize: decoupled"),
+        (lambda d: d["weights"].update(renormalize="decoupled", reference_k=9), "between 1 and the smallest"),
+        (lambda d: d["token_level"].update(k_max=1, k_base=2), "below k_base"),
+        (lambda d: d["token_level"].update(k_max=2), "exceeds token_level.k_max"),
+        (lambda d: d["token_level"].update(k_base=7), "smallest original_k"),
         (lambda d: d["budget"].update(total_activations=7), "rounds to 6"),
         (lambda d: d["budget"].update(planned_activations=99), "planned_k sum"),
         (lambda d: d["solver"].update(objectives_agree=False), "ILP cross-check"),

@@ -1,0 +1,141 @@
+"""Token-level routing (Alloc-T) and weight renormalisation, as plain tensor functions.
+
+A layer's router runs at its candidate width k_max and returns, per token, k_max
+candidate experts. allocplan then decides which (token, candidate) pairs run:
+
+* uniform: every real token keeps its first k candidates (the family's own top-k).
+* Alloc-T: every real token keeps its first k_base candidates; the remaining
+  ``total_pairs - k_base * T`` pairs go to the highest-scoring candidates of
+  rank k_base+1 .. k_max across all T real tokens of the forward pass, so the
+  layer runs exactly ``total_pairs`` pairs and a hard token (flat scores) gets
+  more experts than a confident one.
+
+Candidates are ranked by the family's selection score (e.g. DeepSeek-V3's
+bias-corrected sigmoid), not by position: some routers return them unsorted.
+Dropped slots get the index ``num_experts`` (the "no expert" sentinel that the
+experts implementations skip) and weight 0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from allocplan.planner.plan import RENORMALIZE_MODES  # noqa: F401  (one list, owned by the format)
+
+
+def sort_candidates(
+    scores: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Order each token's candidates by decreasing selection score.
+
+    Args:
+        scores: [T, K] selection scores of the candidates.
+        weights: [T, K] the router's combine weights for them.
+        indices: [T, K] expert ids.
+    """
+    order = torch.argsort(scores, dim=-1, descending=True, stable=True)  # [T, K]
+    return scores.gather(-1, order), weights.gather(-1, order), indices.gather(-1, order)
+
+
+def uniform_keep(real: torch.Tensor, num_candidates: int, k: int) -> torch.Tensor:
+    """[T, K] mask keeping the first k candidates of every real token."""
+    keep = torch.zeros(real.shape[0], num_candidates, dtype=torch.bool, device=real.device)  # [T, K]
+    keep[:, :k] = real[:, None]
+    return keep
+
+
+def alloc_t_keep(scores: torch.Tensor, real: torch.Tensor, total_pairs: int, k_base: int) -> torch.Tensor:
+    """[T, K] mask of the pairs Alloc-T runs (scores sorted per token, descending).
+
+    Every real token keeps its first ``k_base`` candidates; the rest of
+    ``total_pairs`` are the highest-scoring remaining candidates of real tokens.
+    Padding tokens (``real`` False) get nothing. ``total_pairs`` must lie in
+    [k_base * T_real, K * T_real].
+    """
+    num_tokens, num_candidates = scores.shape
+    keep = uniform_keep(real, num_candidates, k_base)  # [T, K]
+    extra = total_pairs - k_base * int(real.sum())
+    if extra > 0:
+        pool = scores[:, k_base:].float().masked_fill(~real[:, None], -math.inf)  # [T, K - k_base]
+        chosen = torch.topk(pool.reshape(-1), extra, sorted=False).indices  # [extra]
+        rest = torch.zeros(pool.numel(), dtype=torch.bool, device=scores.device)
+        rest[chosen] = True
+        keep[:, k_base:] = rest.view(num_tokens, num_candidates - k_base)
+    return keep
+
+
+def reweight(
+    weights: torch.Tensor,
+    keep: torch.Tensor,
+    *,
+    mode: str,
+    renormalizes: bool,
+    scale: float,
+    reference_k: int,
+) -> torch.Tensor:
+    """Combine weights of the kept pairs; dropped pairs get 0.
+
+    ``weights`` [T, K] are the router's own weights at k_max, sorted like ``keep``.
+    They are p_j * c_t for the family's probabilities p and a per-token constant
+    c_t (the scaling factor, and 1 / mass of the top-k_max when the family
+    renormalises), so each mode only needs ratios of them:
+
+    * ``model``: what the family does when it natively routes to the kept set: a
+      renormalising family rescales the kept weights to the mass of all k_max
+      (= renormalise over the kept set), others keep them unchanged.
+    * ``none``: keep the router's weights at k_max unchanged.
+    * ``renorm``: kept weights sum to the family's scaling factor (1 for most).
+    * ``decoupled``: divide by the mass of the token's top-``reference_k``
+      candidates, times the scaling factor (arXiv 2609.04575): a token that
+      loses experts does not get its remaining weights inflated.
+    """
+    w = weights.float()  # [T, K]
+    kept_mass = torch.where(keep, w, 0.0).sum(-1, keepdim=True).clamp_min(1e-30)  # [T, 1]
+    if mode == "none" or (mode == "model" and not renormalizes):
+        out = w
+    elif mode == "model":
+        out = w * (w.sum(-1, keepdim=True) / kept_mass)
+    elif mode == "renorm":
+        out = w / kept_mass * scale
+    elif mode == "decoupled":
+        reference = w[:, :reference_k].sum(-1, keepdim=True).clamp_min(1e-30)  # [T, 1]
+        out = w / reference * scale
+    else:
+        raise ValueError(f"unknown renormalisation mode {mode!r}")
+    return torch.where(keep, out, 0.0).to(weights.dtype)
+
+
+class DecodeLedger:
+    """Per-layer running count for single-token forwards (batch-1 decode).
+
+    One token cannot run a fractional number of experts, so the n-th
+    single-token forward runs ``round_half_up(n * k) - (pairs run so far)``:
+    k = 2.5 gives 3, 2, 3, 2, ... and the long-run average is exactly k.
+    """
+
+    def __init__(self) -> None:
+        self.forwards = 0
+        self.pairs = 0
+
+    def next_pairs(self, k: float) -> int:
+        self.forwards += 1
+        target = int(math.floor(self.forwards * k + 0.5 + 1e-9))
+        pairs = target - self.pairs
+        self.pairs = target
+        return pairs
+
+    def reset(self) -> None:
+        self.forwards = 0
+        self.pairs = 0
+
+
+def pairs_for(k: float, real_tokens: int, ledger: DecodeLedger | None = None) -> int:
+    """Pairs a layer with average budget k runs for ``real_tokens`` tokens.
+
+    round_half_up(k * T) for T > 1 (prefill, batched decode); the ledger's count for T = 1.
+    """
+    if real_tokens == 1 and ledger is not None:
+        return ledger.next_pairs(k)
+    return int(math.floor(k * real_tokens + 0.5 + 1e-9))
