@@ -30,7 +30,7 @@ from allocplan.planner.plan import LayerPlan, Plan, load_plan
 from allocplan.runtime import routing
 from allocplan.runtime.families import MoEFamily, model_fingerprint
 from allocplan.runtime.layers import MoELayer, find_moe_layers, model_family
-from allocplan.runtime.scores import SELECTION_SCORES
+from allocplan.runtime.scores import RENORMALIZATION, SELECTION_SCORES
 
 _HANDLE_ATTR = "_allocplan_handle"
 
@@ -67,8 +67,7 @@ class _LayerRouting:
         self.k_base = min(plan.token_level.k_base, int(self.k))
         self.mode = plan.weights.renormalize
         self.reference_k = min(plan.weights.reference_k or entry.original_k, self.k_max)
-        renormalizes = family.renormalizes
-        self.renormalizes = bool(getattr(layer.router, renormalizes) if isinstance(renormalizes, str) else renormalizes)
+        self.renormalizes = RENORMALIZATION[family.renormalizes](layer.router)
         self.scale = float(getattr(layer.router, family.scaling_attr)) if family.scaling_attr else 1.0
         self.selection = SELECTION_SCORES[family.selection]
         self.num_experts = layer.experts.num_experts

@@ -34,12 +34,12 @@ class MoEFamily:
         num_experts_keys: config keys that may hold the routed expert count, first present wins.
         top_k_keys: config keys that may hold the original top-k, first present wins.
         has_shared_experts: the block also runs always-on shared experts (outside the budget).
-        selection: how the router ranks experts, as a name in
-            ``allocplan.runtime.scores.SELECTION_SCORES``: ``softmax`` (probabilities),
-            ``sigmoid_bias`` (sigmoid plus ``e_score_correction_bias``, DeepSeek-V3 style).
-        renormalizes: whether the family rescales the chosen weights to sum to one
-            (times its scaling factor): a constant, or the name of a router attribute.
+        selection: how the router ranks experts: a name in
+            ``allocplan.runtime.scores.SELECTION_SCORES``.
+        renormalizes: whether the family rescales the chosen weights to sum to one (times
+            its scaling factor): a name in ``allocplan.runtime.scores.RENORMALIZATION``.
         scaling_attr: router attribute with the routed scaling factor, if any.
+        notes: what to know about the family (shown in docs/families.md).
     """
 
     model_type: str
@@ -52,32 +52,77 @@ class MoEFamily:
     top_k_keys: tuple[str, ...] = ("num_experts_per_tok",)
     has_shared_experts: bool = False
     selection: str = "softmax"
-    renormalizes: bool | str = False
+    renormalizes: str = "never"
     scaling_attr: str | None = None
+    notes: str = ""
 
+
+_SIGMOID_GROUPED = dict(
+    selection="sigmoid_bias",
+    renormalizes="norm_topk_prob",
+    scaling_attr="routed_scaling_factor",
+    has_shared_experts=True,
+)
 
 FAMILIES: dict[str, MoEFamily] = {
     family.model_type: family
     for family in (
-        MoEFamily("mixtral", num_experts_keys=("num_local_experts",), renormalizes=True),
+        MoEFamily("mixtral", num_experts_keys=("num_local_experts",), renormalizes="always"),
+        MoEFamily("minimax", num_experts_keys=("num_local_experts",), renormalizes="always"),
         MoEFamily(
             "qwen2_moe", num_experts_keys=("num_experts",), has_shared_experts=True, renormalizes="norm_topk_prob"
         ),
         MoEFamily("qwen3_moe", num_experts_keys=("num_experts", "num_local_experts"), renormalizes="norm_topk_prob"),
+        MoEFamily(
+            "qwen3_next", num_experts_keys=("num_experts",), has_shared_experts=True, renormalizes="norm_topk_prob"
+        ),
+        MoEFamily("qwen3_5_moe_text", num_experts_keys=("num_experts",), has_shared_experts=True, renormalizes="always"),
         MoEFamily("olmoe", num_experts_keys=("num_experts",), renormalizes="norm_topk_prob"),
+        MoEFamily("flex_olmo", num_experts_keys=("num_experts",), renormalizes="norm_topk_prob"),
         MoEFamily(
             "deepseek_v2",
             num_experts_keys=("n_routed_experts", "num_experts"),
             has_shared_experts=True,
             scaling_attr="routed_scaling_factor",
         ),
+        MoEFamily("deepseek_v3", num_experts_keys=("n_routed_experts", "num_local_experts"), **_SIGMOID_GROUPED),
+        MoEFamily("glm4_moe", num_experts_keys=("n_routed_experts",), **_SIGMOID_GROUPED),
+        MoEFamily("dots1", num_experts_keys=("n_routed_experts",), **_SIGMOID_GROUPED),
         MoEFamily(
-            "deepseek_v3",
-            num_experts_keys=("n_routed_experts", "num_local_experts"),
+            "ernie4_5_moe",
+            num_experts_keys=("moe_num_experts", "num_experts"),
+            top_k_keys=("moe_k", "num_experts_per_tok"),
+            selection="ernie",
+            renormalizes="always",
+        ),
+        MoEFamily(
+            "hunyuan_v1_moe",
+            num_experts_keys=("num_experts",),
+            top_k_keys=("moe_topk", "num_experts_per_tok"),
             has_shared_experts=True,
-            selection="sigmoid_bias",
-            renormalizes="norm_topk_prob",
-            scaling_attr="routed_scaling_factor",
+            renormalizes="always",
+            notes="per-layer moe_topk lists are read from each router's own top_k",
+        ),
+        MoEFamily("jamba", num_experts_keys=("num_experts",), block_attr="feed_forward", router_attr="router"),
+        MoEFamily(
+            "granitemoe", num_experts_keys=("num_local_experts",), block_attr="block_sparse_moe",
+            router_attr="router", renormalizes="always",
+        ),
+        MoEFamily(
+            "granitemoeshared", num_experts_keys=("num_local_experts",), block_attr="block_sparse_moe",
+            router_attr="router", renormalizes="always", has_shared_experts=True,
+        ),
+        MoEFamily(
+            "granitemoehybrid", num_experts_keys=("num_local_experts",), block_attr="block_sparse_moe",
+            router_attr="router", renormalizes="always", has_shared_experts=True,
+        ),
+        MoEFamily(
+            "gpt_oss", num_experts_keys=("num_local_experts",), router_attr="router", renormalizes="always",
+            notes="transformers' eager experts loop has no sentinel slot; allocplan's experts implementation does",
+        ),
+        MoEFamily(
+            "cohere2_moe", num_experts_keys=("num_local_experts", "num_experts"), selection="cohere2",
+            renormalizes="cohere2",
         ),
     )
 }
@@ -118,6 +163,16 @@ FINGERPRINT_KEYS: tuple[str, ...] = (
     "v_head_dim",
     "hidden_act",
     "tie_word_embeddings",
+    "moe_num_experts",
+    "moe_k",
+    "moe_topk",
+    "moe_num_shared_experts",
+    "num_shared_expert",
+    "expert_layer_period",
+    "expert_layer_offset",
+    "layer_types",
+    "shared_intermediate_size",
+    "expert_selection_fn",
 )
 
 

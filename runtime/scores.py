@@ -1,9 +1,14 @@
-"""Selection scores: how each family's router ranks experts, recomputed from its logits.
+"""Router rules: how each family ranks experts and whether it renormalises their weights.
 
 Alloc-T compares candidates across tokens, so it needs the score the family
 selects by, not the combine weight (DeepSeek-V3 selects by sigmoid + correction
-bias but weights by the unbiased sigmoid). Each function maps
-``(router module, router_logits [T, E])`` to scores [T, E].
+bias but weights by the unbiased sigmoid). The registry names a rule of each
+kind; each is recomputed from the router instance and its ``router_logits``.
+
+Routers that select by top-k on raw logits (granite, gpt-oss, cohere2) rank the
+same way within a token as their softmax; across tokens raw logits are not
+comparable (softmax is shift-invariant), so Alloc-T compares their full-softmax
+probabilities.
 """
 
 from __future__ import annotations
@@ -21,7 +26,28 @@ def _sigmoid_bias(router: Any, logits: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(logits.float()) + router.e_score_correction_bias.float()  # [T, E]
 
 
+def _ernie(router: Any, logits: torch.Tensor) -> torch.Tensor:
+    # Ernie 4.5 selects by probabilities plus its learned moe_statics bias.
+    return router.moe_statics(torch.softmax(logits.float(), dim=-1)).reshape(logits.shape)  # [T, E]
+
+
+def _cohere2(router: Any, logits: torch.Tensor) -> torch.Tensor:
+    if router.expert_selection_fn == "sigmoid":
+        return torch.sigmoid(logits.float())  # [T, E]
+    return torch.softmax(logits.float(), dim=-1)  # [T, E]
+
+
 SELECTION_SCORES: dict[str, Callable[[Any, torch.Tensor], torch.Tensor]] = {
     "softmax": _softmax,
     "sigmoid_bias": _sigmoid_bias,
+    "ernie": _ernie,
+    "cohere2": _cohere2,
+}
+
+RENORMALIZATION: dict[str, Callable[[Any], bool]] = {
+    "always": lambda router: True,
+    "never": lambda router: False,
+    "norm_topk_prob": lambda router: bool(router.norm_topk_prob),
+    # cohere2: softmax over the chosen logits always sums to one; sigmoid only with norm_topk_prob.
+    "cohere2": lambda router: router.expert_selection_fn == "softmax" or bool(router.norm_topk_prob),
 }

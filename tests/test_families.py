@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -71,12 +73,13 @@ def test_compile_apply_counts_and_restores(family, compiled):
     ckpt, plan_path = compiled(family)
     plan = load_plan(plan_path)
     assert plan.model.model_type == family
-    assert plan.budget.total_activations == round(0.5 * plan.budget.original_activations)
+    assert plan.budget.total_activations == math.floor(0.5 * plan.budget.original_activations + 0.5)
     assert plan.budget.planned_activations <= plan.budget.total_activations
 
     model, _ = load_model(str(ckpt))
     before = logits(model)
-    assert all(counts == {4} for counts in experts_per_token(model).values())
+    originals = {layer.path: {layer.top_k} for layer in find_moe_layers(model)}
+    assert experts_per_token(model) == originals
 
     handle = apply_plan(model, plan_path)
     seen = experts_per_token(model)
@@ -86,7 +89,7 @@ def test_compile_apply_counts_and_restores(family, compiled):
 
     handle.remove()
     assert torch.equal(logits(model), before)
-    assert all(counts == {4} for counts in experts_per_token(model).values())
+    assert experts_per_token(model) == originals
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -119,5 +122,5 @@ def test_unknown_family_lists_supported():
 
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
                                          num_hidden_layers=1, num_attention_heads=2))
-    with pytest.raises(AllocplanError, match="'llama' is not a supported MoE family; supported: deepseek_v2"):
+    with pytest.raises(AllocplanError, match="'llama' is not a supported MoE family; supported: .*deepseek_v2"):
         find_moe_layers(model)

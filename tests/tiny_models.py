@@ -1,21 +1,14 @@
 """Tiny random MoE models of every supported family, built in-process from config classes.
 
-Shapes: 4 decoder layers, 8 routed experts, top-4, hidden 32, vocab 128. DeepSeek
+Shapes: 4 decoder layers, 8 routed experts, top-4, hidden 32, vocab 128. DeepSeek-style
 families keep their first layer dense (first_k_dense_replace=1) like the real ones.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    DeepseekV2Config,
-    DeepseekV3Config,
-    MixtralConfig,
-    OlmoeConfig,
-    Qwen2MoeConfig,
-    Qwen3MoeConfig,
-)
+from transformers import AutoModelForCausalLM
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 COMMON = dict(
     vocab_size=128,
@@ -31,22 +24,54 @@ COMMON = dict(
 
 _MLA = dict(kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, head_dim=8)
 
-FAMILY_CONFIGS = {
-    "mixtral": lambda: MixtralConfig(**COMMON, num_local_experts=8),
-    "qwen2_moe": lambda: Qwen2MoeConfig(
-        **COMMON, num_experts=8, moe_intermediate_size=32, shared_expert_intermediate_size=32
-    ),
-    "qwen3_moe": lambda: Qwen3MoeConfig(**COMMON, num_experts=8, moe_intermediate_size=32, head_dim=8),
-    "olmoe": lambda: OlmoeConfig(**COMMON, num_experts=8),
-    "deepseek_v2": lambda: DeepseekV2Config(
-        **COMMON, **_MLA, n_routed_experts=8, n_shared_experts=1, moe_intermediate_size=32,
-        first_k_dense_replace=1, n_group=1, topk_group=1, topk_method="greedy",
-    ),
-    "deepseek_v3": lambda: DeepseekV3Config(
-        **COMMON, **_MLA, n_routed_experts=8, n_shared_experts=1, moe_intermediate_size=32,
-        first_k_dense_replace=1, n_group=2, topk_group=2,
-    ),
+_LINEAR_ATTENTION = dict(
+    layer_types=["linear_attention", "full_attention"] * 2, linear_num_value_heads=4, linear_num_key_heads=2,
+    linear_key_head_dim=8, linear_value_head_dim=8, head_dim=8,
+)
+_QWEN_SHARED = dict(num_experts=8, moe_intermediate_size=32, shared_expert_intermediate_size=32)
+_GROUPED = dict(n_routed_experts=8, n_shared_experts=1, moe_intermediate_size=32, first_k_dense_replace=1,
+                n_group=2, topk_group=2)
+
+# model_type -> config overrides on top of COMMON. Hybrid models keep at least one attention layer.
+FAMILY_OVERRIDES = {
+    "mixtral": dict(num_local_experts=8),
+    "minimax": dict(num_local_experts=8, head_dim=8, layer_types=["linear_attention", "full_attention"] * 2),
+    "qwen2_moe": _QWEN_SHARED,
+    "qwen3_moe": dict(num_experts=8, moe_intermediate_size=32, head_dim=8),
+    "qwen3_next": {**_QWEN_SHARED, **_LINEAR_ATTENTION},
+    "qwen3_5_moe_text": {**_QWEN_SHARED, **_LINEAR_ATTENTION},
+    "olmoe": dict(num_experts=8),
+    "flex_olmo": dict(num_experts=8, pad_token_id=0),
+    "deepseek_v2": dict(**_MLA, n_routed_experts=8, n_shared_experts=1, moe_intermediate_size=32,
+                        first_k_dense_replace=1, n_group=1, topk_group=1, topk_method="greedy"),
+    "deepseek_v3": dict(**_MLA, **_GROUPED),
+    "glm4_moe": dict(head_dim=8, **_GROUPED),
+    "dots1": dict(head_dim=8, **_GROUPED),
+    "ernie4_5_moe": dict(moe_num_experts=8, moe_intermediate_size=32, moe_k=4, moe_layer_start_index=1,
+                         moe_num_shared_experts=1),
+    # A per-layer top-k list, which hunyuan supports natively (num_experts_per_tok would override it).
+    "hunyuan_v1_moe": dict(num_experts=8, moe_topk=[4, 3, 4, 2], head_dim=8, moe_intermediate_size=32,
+                           num_experts_per_tok=None),
+    "jamba": dict(num_experts=8, expert_layer_period=2, expert_layer_offset=1, attn_layer_period=2,
+                  attn_layer_offset=1, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=8,
+                  use_mamba_kernels=False),
+    "granitemoe": dict(num_local_experts=8),
+    "granitemoeshared": dict(num_local_experts=8, shared_intermediate_size=32),
+    "granitemoehybrid": dict(num_local_experts=8, shared_intermediate_size=32,
+                             layer_types=["mamba", "attention", "mamba", "attention"], mamba_n_heads=4,
+                             mamba_d_head=16, mamba_d_state=8, mamba_n_groups=1, mamba_expand=2),
+    "gpt_oss": dict(num_local_experts=8, head_dim=8, layer_types=["sliding_attention", "full_attention"] * 2,
+                    sliding_window=16),
+    "cohere2_moe": dict(num_local_experts=8, head_dim=8),
 }
+
+
+def _config(model_type: str):
+    overrides = {**COMMON, **FAMILY_OVERRIDES[model_type]}
+    return CONFIG_MAPPING[model_type](**{k: v for k, v in overrides.items() if v is not None})
+
+
+FAMILY_CONFIGS = {model_type: (lambda model_type=model_type: _config(model_type)) for model_type in FAMILY_OVERRIDES}
 
 
 def build_tiny_model(family: str, seed: int = 0):
