@@ -273,7 +273,8 @@ def validate_command(plan_path: Path, model_name: str | None, trust_remote_code:
         from allocplan.loading import load_config
         from allocplan.runtime.families import get_family, model_fingerprint
 
-        config = load_config(model_name, trust_remote_code=trust_remote_code)
+        # A multimodal checkpoint loads as its text model under AutoModelForCausalLM.
+        config = load_config(model_name, trust_remote_code=trust_remote_code).get_text_config()
         get_family(config.model_type)
         fingerprint = model_fingerprint(config.to_dict())
         if fingerprint != plan.model.fingerprint:
@@ -283,6 +284,19 @@ def validate_command(plan_path: Path, model_name: str | None, trust_remote_code:
             )
         message += f"; matches {model_name}"
     click.echo(message)
+
+
+@cli.command("families")
+@click.option("--markdown", is_flag=True, help="Print docs/families.md (supported and unsupported families).")
+def families_command(markdown: bool) -> None:
+    """List the supported model families (config.model_type)."""
+    from allocplan.runtime.families import FAMILIES, families_markdown
+
+    if markdown:
+        click.echo(families_markdown(), nl=False)
+    else:
+        for name in sorted(FAMILIES):
+            click.echo(name)
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ previous state (router ``top_k``, hooks, experts implementation).
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -214,11 +215,18 @@ def apply_plan(model: Any, plan: Plan | str | os.PathLike[str]) -> PlanHandle:
     if getattr(model, _HANDLE_ATTR, None) is not None:
         raise AllocplanError("a plan is already applied to this model; call handle.remove() first")
     layers = check_plan_matches(plan, model)
+    family = model_family(model)
+    if plan.uses_routing_hooks and family.rewrite_unsupported:
+        raise AllocplanError(
+            f"{family.model_type} cannot run token-level allocation or renormalize: {plan.weights.renormalize}"
+            f" ({family.rewrite_unsupported}); compile with --no-token-level --renormalize model"
+        )
+    if family.warning:
+        warnings.warn(f"allocplan: {family.warning}", stacklevel=2)
     handle = PlanHandle(plan=plan, layers=layers, _model=model, _saved_k=[layer.top_k for layer in layers])
     if plan.uses_routing_hooks:
         from allocplan.runtime.experts import register
 
-        family = model_family(model)
         context = _ForwardContext()
         handle._saved_experts_implementation = model.config._experts_implementation
         model.set_experts_implementation(register())

@@ -40,6 +40,9 @@ class MoEFamily:
             its scaling factor): a name in ``allocplan.runtime.scores.RENORMALIZATION``.
         scaling_attr: router attribute with the routed scaling factor, if any.
         notes: what to know about the family (shown in docs/families.md).
+        rewrite_unsupported: why Alloc-T and non-native weight modes cannot run on this
+            family (None when they can); plain per-layer top-k still applies.
+        warning: emitted by ``apply_plan`` (e.g. when a smaller k saves no compute).
     """
 
     model_type: str
@@ -55,6 +58,8 @@ class MoEFamily:
     renormalizes: str = "never"
     scaling_attr: str | None = None
     notes: str = ""
+    rewrite_unsupported: str | None = None
+    warning: str | None = None
 
 
 _SIGMOID_GROUPED = dict(
@@ -92,6 +97,7 @@ FAMILIES: dict[str, MoEFamily] = {
             "ernie4_5_moe",
             num_experts_keys=("moe_num_experts", "num_experts"),
             top_k_keys=("moe_k", "num_experts_per_tok"),
+            has_shared_experts=True,
             selection="ernie",
             renormalizes="always",
         ),
@@ -124,7 +130,33 @@ FAMILIES: dict[str, MoEFamily] = {
             "cohere2_moe", num_experts_keys=("num_local_experts", "num_experts"), selection="cohere2",
             renormalizes="cohere2",
         ),
+        MoEFamily(
+            "llama4_text",
+            num_experts_keys=("num_local_experts",),
+            block_attr="feed_forward",
+            router_attr="router",
+            has_shared_experts=True,
+            rewrite_unsupported="its router returns dense [T, E] scores that scale every expert's input,"
+            " with no per-slot expert index to mark as dropped",
+            warning="llama4 runs every expert on every token (dense bmm): a smaller top-k changes the routing"
+            " but saves no compute",
+            notes="per-layer top-k only; no speed-up, see the warning",
+        ),
     )
+}
+
+# Families transformers ships whose routing allocplan cannot (yet) change, with the reason.
+UNSUPPORTED: dict[str, str] = {
+    "phimoe": "its sparsemixer router hard-codes top-2 and ignores top_k, so k cannot be reduced",
+    "dbrx": "not yet supported: top-k lives on the MoE block and its experts loop has no 'no expert' slot",
+    "jetmoe": "not yet supported: attention experts (MoA) share the routing code and the experts are split by size",
+    "gemma4": "not yet supported: the router reads top-k from a config shared by every layer and scales"
+    " weights per expert",
+    "gemma4_text": "not yet supported: the router reads top-k from a config shared by every layer and scales"
+    " weights per expert",
+    "deepseek_v4": "not yet supported: hash-routed layers take experts from a fixed token table",
+    "switch_transformers": "encoder-decoder with top-1 capacity routing; allocplan plans decoder-only LMs",
+    "nllb_moe": "encoder-decoder with top-2 capacity routing; allocplan plans decoder-only LMs",
 }
 
 # Config fields that change which layers are MoE, how routing works, or the shapes of
@@ -182,12 +214,12 @@ def get_family(model_type: str) -> MoEFamily:
     Raises:
         AllocplanError: unknown family, listing the supported ones.
     """
-    try:
+    if model_type in FAMILIES:
         return FAMILIES[model_type]
-    except KeyError:
-        raise AllocplanError(
-            f"model_type {model_type!r} is not a supported MoE family; supported: {', '.join(sorted(FAMILIES))}"
-        ) from None
+    supported = ", ".join(sorted(FAMILIES))
+    if model_type in UNSUPPORTED:
+        raise AllocplanError(f"model_type {model_type!r} cannot be planned: {UNSUPPORTED[model_type]}; supported: {supported}")
+    raise AllocplanError(f"model_type {model_type!r} is not a supported MoE family; supported: {supported}")
 
 
 def config_value(config: dict[str, Any], keys: tuple[str, ...], what: str) -> Any:
@@ -207,3 +239,41 @@ def model_fingerprint(config: dict[str, Any]) -> str:
     relevant = {key: config[key] for key in FINGERPRINT_KEYS if key in config}
     canonical = json.dumps(relevant, sort_keys=True, separators=(",", ":"), default=str)
     return "sha256:" + hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+
+
+def families_markdown() -> str:
+    """docs/families.md, generated from this registry (``allocplan families --markdown``)."""
+    lines = [
+        "# Model families",
+        "",
+        "Generated from `allocplan/runtime/families.py` by `allocplan families --markdown > docs/families.md`;",
+        "a test checks that this file matches the registry.",
+        "",
+        "## Supported",
+        "",
+        "| model_type | MoE block | router | selection score | renormalises | Alloc-T and weight modes | notes |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name in sorted(FAMILIES):
+        f = FAMILIES[name]
+        rewrite = "yes" if f.rewrite_unsupported is None else f"no: {f.rewrite_unsupported}"
+        notes = "; ".join(n for n in (f.notes, "shared experts outside the budget" if f.has_shared_experts else "") if n)
+        lines.append(
+            f"| `{name}` | `{f.layers_path}.<i>.{f.block_attr}` | `.{f.router_attr}.{f.top_k_attr}` | {f.selection}"
+            f" | {f.renormalizes} | {rewrite} | {notes} |"
+        )
+    lines += [
+        "",
+        "Selection scores: `softmax` = router probabilities; `sigmoid_bias` = sigmoid plus",
+        "`e_score_correction_bias` (DeepSeek-V3 style, group limits respected because candidates",
+        "are the router's own top-k); `ernie` = probabilities plus `moe_statics`; `cohere2` = softmax",
+        "or sigmoid as the router's `expert_selection_fn` says. Routers that pick top-k on raw",
+        "logits rank candidates across tokens by their full-softmax probability.",
+        "",
+        "## Not supported",
+        "",
+        "| model_type | reason |",
+        "| --- | --- |",
+    ]
+    lines += [f"| `{name}` | {reason} |" for name, reason in sorted(UNSUPPORTED.items())]
+    return "\n".join(lines) + "\n"

@@ -124,3 +124,12 @@ def test_unknown_family_lists_supported():
                                          num_hidden_layers=1, num_attention_heads=2))
     with pytest.raises(AllocplanError, match="'llama' is not a supported MoE family; supported: .*deepseek_v2"):
         find_moe_layers(model)
+
+
+def test_families_doc_matches_registry():
+    from pathlib import Path
+
+    from allocplan.runtime.families import families_markdown
+
+    doc = Path(__file__).resolve().parent.parent / "docs" / "families.md"
+    assert doc.read_text(encoding="utf-8") == families_markdown(), "regenerate: allocplan families --markdown"

@@ -63,7 +63,11 @@ FAMILY_OVERRIDES = {
     "gpt_oss": dict(num_local_experts=8, head_dim=8, layer_types=["sliding_attention", "full_attention"] * 2,
                     sliding_window=16),
     "cohere2_moe": dict(num_local_experts=8, head_dim=8),
+    "llama4_text": dict(num_local_experts=8, head_dim=8, intermediate_size=32, intermediate_size_mlp=64,
+                        moe_layers=[1, 3], no_rope_layers=[1, 1, 1, 1]),
 }
+# Families whose experts run densely from [T, E] scores instead of (index, weight) slots.
+DENSE_FAMILIES = {"llama4_text"}
 
 
 def _config(model_type: str):

@@ -1,0 +1,57 @@
+"""llama4: per-layer top-k changes routing (with a warning that it saves nothing); Alloc-T is refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import build_tiny_model, plan_for
+
+from allocplan.errors import AllocplanError
+from allocplan.runtime.apply import apply_plan
+from allocplan.runtime.layers import find_moe_layers
+
+IDS = torch.randint(1, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+
+
+def routed_per_token(model):
+    """Experts with a non-zero score per token, per MoE layer (llama4's router returns dense scores)."""
+    seen = {}
+    hooks = [
+        layer.router.register_forward_hook(
+            lambda _m, _a, out, path=layer.path: seen.__setitem__(path, set((out[0] > 0).sum(-1).tolist()))
+        )
+        for layer in find_moe_layers(model)
+    ]
+    with torch.inference_mode():
+        logits = model(input_ids=IDS).logits
+    for hook in hooks:
+        hook.remove()
+    return seen, logits
+
+
+def test_llama4_per_layer_k_with_warning():
+    model = build_tiny_model("llama4_text")
+    before_counts, before = routed_per_token(model)
+    assert set(map(frozenset, before_counts.values())) == {frozenset({4})}
+    with pytest.warns(UserWarning, match="saves no compute"):
+        handle = apply_plan(model, plan_for(model, [2, 1]))
+    counts, _ = routed_per_token(model)
+    assert list(counts.values()) == [{2}, {1}]
+    handle.remove()
+    after_counts, after = routed_per_token(model)
+    assert after_counts == before_counts and torch.equal(after, before)
+
+
+def test_llama4_refuses_token_level():
+    model = build_tiny_model("llama4_text")
+    with pytest.raises(AllocplanError, match="cannot run token-level allocation.*dense"):
+        apply_plan(model, plan_for(model, 2, token_level=True))
+    assert not hasattr(model, "_allocplan_handle")
+
+
+@pytest.mark.parametrize("model_type, reason", [("phimoe", "hard-codes top-2"), ("dbrx", "not yet supported")])
+def test_unsupported_families_give_the_reason(model_type, reason):
+    from allocplan.runtime.families import get_family
+
+    with pytest.raises(AllocplanError, match=f"cannot be planned: .*{reason}.*; supported: "):
+        get_family(model_type)
