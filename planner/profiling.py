@@ -104,14 +104,14 @@ def layer_ks(strategy: str, originals: list[int], position: int, k: int, k_min: 
 
 @contextmanager
 def _top_ks(layers: list[MoELayer], ks: list[int]) -> Iterator[None]:
-    saved = [layer.top_k for layer in layers]
+    saved = [layer.snapshot() for layer in layers]
     try:
         for layer, k in zip(layers, ks):
             layer.set_top_k(k)
         yield
     finally:
-        for layer, k in zip(layers, saved):
-            layer.set_top_k(k)
+        for layer, state in zip(layers, saved):
+            layer.restore(state)
 
 
 class _Replay(torch.nn.Module):

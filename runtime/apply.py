@@ -70,6 +70,7 @@ class _LayerRouting:
         self.reference_k = min(plan.weights.reference_k or entry.original_k, self.k_max)
         self.renormalizes = RENORMALIZATION[family.renormalizes](layer.router)
         self.scale = float(getattr(layer.router, family.scaling_attr)) if family.scaling_attr else 1.0
+        self.expert_scale_attr = family.expert_scale_attr
         self.selection = SELECTION_SCORES[family.selection]
         self.num_experts = layer.experts.num_experts
         self.context = context
@@ -84,6 +85,11 @@ class _LayerRouting:
             real = torch.ones(num_tokens, dtype=torch.bool, device=indices.device)  # [T]
         scores = self.selection(router, logits).gather(-1, indices)  # [T, k_max]
         scores, weights, indices = routing.sort_candidates(scores, weights, indices)
+        expert_scale = None
+        if self.expert_scale_attr:
+            # Per-expert multipliers are applied after normalisation: undo them, reweight, redo.
+            expert_scale = getattr(router, self.expert_scale_attr)[indices].float()  # [T, k_max]
+            weights = weights.float() / torch.where(expert_scale == 0, 1.0, expert_scale)
         real_tokens = int(real.sum())
         if self.token_level:
             pairs = routing.pairs_for(self.k, real_tokens, self.ledger)
@@ -95,6 +101,8 @@ class _LayerRouting:
             weights, keep, mode=self.mode, renormalizes=self.renormalizes, scale=self.scale,
             reference_k=self.reference_k,
         )
+        if expert_scale is not None:
+            new_weights = (new_weights.float() * expert_scale).to(output[1].dtype)
         new_indices = torch.where(keep, indices, self.num_experts)  # sentinel for dropped slots
         self.counter.pairs += int(keep.sum())
         self.counter.tokens += real_tokens
@@ -128,7 +136,7 @@ class PlanHandle:
     plan: Plan
     layers: list[MoELayer]
     _model: Any = field(repr=False)
-    _saved_k: list[int] = field(repr=False)
+    _saved: list[Any] = field(repr=False)
     _hooks: list[Any] = field(default_factory=list, repr=False)
     _routings: list[_LayerRouting] = field(default_factory=list, repr=False)
     _saved_experts_implementation: str | None = field(default=None, repr=False)
@@ -154,8 +162,8 @@ class PlanHandle:
             return
         for hook in self._hooks:
             hook.remove()
-        for layer, k in zip(self.layers, self._saved_k):
-            layer.set_top_k(k)
+        for layer, state in zip(self.layers, self._saved):
+            layer.restore(state)
         if self._saved_experts_implementation is not None:
             self._model.set_experts_implementation(self._saved_experts_implementation)
         if getattr(self._model, _HANDLE_ATTR, None) is self:
@@ -223,7 +231,7 @@ def apply_plan(model: Any, plan: Plan | str | os.PathLike[str]) -> PlanHandle:
         )
     if family.warning:
         warnings.warn(f"allocplan: {family.warning}", stacklevel=2)
-    handle = PlanHandle(plan=plan, layers=layers, _model=model, _saved_k=[layer.top_k for layer in layers])
+    handle = PlanHandle(plan=plan, layers=layers, _model=model, _saved=[layer.snapshot() for layer in layers])
     if plan.uses_routing_hooks:
         from allocplan.runtime.experts import register
 

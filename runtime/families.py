@@ -27,9 +27,12 @@ class MoEFamily:
     Attributes:
         model_type: ``config.model_type``.
         layers_path: dotted path from the top-level model to the decoder layer list.
-        block_attr: attribute of a decoder layer holding the MoE block (dense layers hold an MLP there).
+        block_attr: attribute of a decoder layer holding the MoE block (dense layers hold an MLP
+            there); empty when the router and experts sit on the decoder layer itself.
         router_attr: attribute of the MoE block holding the router.
-        top_k_attr: attribute of the router holding its per-forward top-k.
+        top_k_attr: attribute holding the per-forward top-k.
+        top_k_on: where ``top_k_attr`` lives: ``router`` (most families), ``block`` (the MoE
+            block), or ``router_config`` (a config object every layer's router shares).
         experts_attr: attribute of the MoE block holding the routed experts module.
         num_experts_keys: config keys that may hold the routed expert count, first present wins.
         top_k_keys: config keys that may hold the original top-k, first present wins.
@@ -39,6 +42,8 @@ class MoEFamily:
         renormalizes: whether the family rescales the chosen weights to sum to one (times
             its scaling factor): a name in ``allocplan.runtime.scores.RENORMALIZATION``.
         scaling_attr: router attribute with the routed scaling factor, if any.
+        expert_scale_attr: router parameter [E] that multiplies each chosen expert's weight
+            after normalisation (gemma4), if any.
         notes: what to know about the family (shown in docs/families.md).
         rewrite_unsupported: why Alloc-T and non-native weight modes cannot run on this
             family (None when they can); plain per-layer top-k still applies.
@@ -51,12 +56,14 @@ class MoEFamily:
     block_attr: str = "mlp"
     router_attr: str = "gate"
     top_k_attr: str = "top_k"
+    top_k_on: str = "router"
     experts_attr: str = "experts"
     top_k_keys: tuple[str, ...] = ("num_experts_per_tok",)
     has_shared_experts: bool = False
     selection: str = "softmax"
     renormalizes: str = "never"
     scaling_attr: str | None = None
+    expert_scale_attr: str | None = None
     notes: str = ""
     rewrite_unsupported: str | None = None
     warning: str | None = None
@@ -131,6 +138,19 @@ FAMILIES: dict[str, MoEFamily] = {
             renormalizes="cohere2",
         ),
         MoEFamily(
+            "gemma4_text",
+            num_experts_keys=("num_experts",),
+            top_k_keys=("top_k_experts",),
+            block_attr="",
+            router_attr="router",
+            top_k_attr="top_k_experts",
+            top_k_on="router_config",
+            selection="probs",
+            renormalizes="always",
+            expert_scale_attr="per_expert_scale",
+            notes="MoE beside a dense MLP on the decoder layer; each router gets its own config copy",
+        ),
+        MoEFamily(
             "llama4_text",
             num_experts_keys=("num_local_experts",),
             block_attr="feed_forward",
@@ -150,10 +170,7 @@ UNSUPPORTED: dict[str, str] = {
     "phimoe": "its sparsemixer router hard-codes top-2 and ignores top_k, so k cannot be reduced",
     "dbrx": "not yet supported: top-k lives on the MoE block and its experts loop has no 'no expert' slot",
     "jetmoe": "not yet supported: attention experts (MoA) share the routing code and the experts are split by size",
-    "gemma4": "not yet supported: the router reads top-k from a config shared by every layer and scales"
-    " weights per expert",
-    "gemma4_text": "not yet supported: the router reads top-k from a config shared by every layer and scales"
-    " weights per expert",
+    "gemma4": "load the text model (Gemma4ForCausalLM, model_type gemma4_text); the multimodal wrapper is not planned",
     "deepseek_v4": "not yet supported: hash-routed layers take experts from a fixed token table",
     "switch_transformers": "encoder-decoder with top-1 capacity routing; allocplan plans decoder-only LMs",
     "nllb_moe": "encoder-decoder with top-2 capacity routing; allocplan plans decoder-only LMs",
@@ -205,6 +222,8 @@ FINGERPRINT_KEYS: tuple[str, ...] = (
     "layer_types",
     "shared_intermediate_size",
     "expert_selection_fn",
+    "top_k_experts",
+    "enable_moe_block",
 )
 
 
@@ -251,15 +270,17 @@ def families_markdown() -> str:
         "",
         "## Supported",
         "",
-        "| model_type | MoE block | router | selection score | renormalises | Alloc-T and weight modes | notes |",
+        "| model_type | MoE block | top-k lives at | selection score | renormalises | Alloc-T and weight modes | notes |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name in sorted(FAMILIES):
         f = FAMILIES[name]
         rewrite = "yes" if f.rewrite_unsupported is None else f"no: {f.rewrite_unsupported}"
         notes = "; ".join(n for n in (f.notes, "shared experts outside the budget" if f.has_shared_experts else "") if n)
+        block = f"{f.layers_path}.<i>" + (f".{f.block_attr}" if f.block_attr else "")
+        owner = {"router": f".{f.router_attr}", "block": "", "router_config": f".{f.router_attr}.config"}[f.top_k_on]
         lines.append(
-            f"| `{name}` | `{f.layers_path}.<i>.{f.block_attr}` | `.{f.router_attr}.{f.top_k_attr}` | {f.selection}"
+            f"| `{name}` | `{block}` | `{owner}.{f.top_k_attr}` | {f.selection}"
             f" | {f.renormalizes} | {rewrite} | {notes} |"
         )
     lines += [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,9 +19,10 @@ class MoELayer:
         path: exact module path of the block (``model.layers.3.mlp``).
         index: decoder layer index.
         block: the MoE block module.
-        router: the module whose ``top_k_attr`` sets the layer's k.
+        router: the router module.
         experts: the routed experts module (receives ``top_k_index`` [T, k]).
-        top_k_attr: name of the router attribute holding k.
+        top_k_attr: name of the attribute holding k.
+        top_k_on: where that attribute lives: ``router``, ``block`` or ``router_config``.
     """
 
     path: str
@@ -29,14 +31,35 @@ class MoELayer:
     router: Any
     experts: Any
     top_k_attr: str
+    top_k_on: str = "router"
+
+    def _owner(self) -> Any:
+        if self.top_k_on == "block":
+            return self.block
+        if self.top_k_on == "router_config":
+            return self.router.config
+        return self.router
 
     @property
     def top_k(self) -> int:
-        return getattr(self.router, self.top_k_attr)
+        return getattr(self._owner(), self.top_k_attr)
 
     def set_top_k(self, k: int) -> None:
         """Route each token of this layer to its top-k experts from the next forward on."""
-        setattr(self.router, self.top_k_attr, k)
+        if self.top_k_on == "router_config":
+            # Every layer's router reads one shared model config: give this router its own copy.
+            self.router.config = copy.copy(self.router.config)
+        setattr(self._owner(), self.top_k_attr, k)
+
+    def snapshot(self) -> Any:
+        """State that ``restore`` puts back exactly (the config object itself where k lives there)."""
+        return self.router.config if self.top_k_on == "router_config" else self.top_k
+
+    def restore(self, snapshot: Any) -> None:
+        if self.top_k_on == "router_config":
+            self.router.config = snapshot
+        else:
+            setattr(self._owner(), self.top_k_attr, snapshot)
 
 
 def model_family(model: Any) -> MoEFamily:
@@ -66,21 +89,23 @@ def find_moe_layers(model: Any) -> list[MoELayer]:
         ) from None
     found = []
     for index, decoder_layer in enumerate(decoder_layers):
-        block = getattr(decoder_layer, family.block_attr, None)
+        block = getattr(decoder_layer, family.block_attr, None) if family.block_attr else decoder_layer
         router = getattr(block, family.router_attr, None)
         experts = getattr(block, family.experts_attr, None)
-        if router is None or experts is None or not hasattr(router, family.top_k_attr):
-            continue
-        found.append(
-            MoELayer(
-                path=f"{family.layers_path}.{index}.{family.block_attr}",
-                index=index,
-                block=block,
-                router=router,
-                experts=experts,
-                top_k_attr=family.top_k_attr,
-            )
+        if router is None or experts is None:
+            continue  # a dense layer
+        layer = MoELayer(
+            path=f"{family.layers_path}.{index}" + (f".{family.block_attr}" if family.block_attr else ""),
+            index=index,
+            block=block,
+            router=router,
+            experts=experts,
+            top_k_attr=family.top_k_attr,
+            top_k_on=family.top_k_on,
         )
+        if getattr(layer._owner(), family.top_k_attr, None) is None:
+            continue
+        found.append(layer)
     if not found:
         raise AllocplanError(f"found no MoE layers in this {family.model_type} model")
     return found

@@ -37,8 +37,14 @@ def _cohere2(router: Any, logits: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits.float(), dim=-1)  # [T, E]
 
 
+def _probs(router: Any, probabilities: torch.Tensor) -> torch.Tensor:
+    # gemma4's router returns its softmax probabilities in place of logits.
+    return probabilities.float()  # [T, E]
+
+
 SELECTION_SCORES: dict[str, Callable[[Any, torch.Tensor], torch.Tensor]] = {
     "softmax": _softmax,
+    "probs": _probs,
     "sigmoid_bias": _sigmoid_bias,
     "ernie": _ernie,
     "cohere2": _cohere2,

@@ -162,7 +162,7 @@ def test_reweight_modes_by_hand():
 
 
 @pytest.mark.parametrize("mode", ["model", "none", "renorm", "decoupled"])
-@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "qwen2_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "qwen2_moe", "gemma4_text"])
 def test_reweight_modes_in_a_layer(family, mode):
     """Uniform k=2: the experts get the family's candidate weights rescaled as the mode says."""
     model = build_tiny_model(family)
@@ -179,16 +179,21 @@ def test_reweight_modes_in_a_layer(family, mode):
     scores = SELECTION_SCORES[spec.selection](raw["router"], logits).gather(-1, indices)
     order = scores.argsort(-1, descending=True)
     w = weights.gather(-1, order).double()  # [T, 4], family weights sorted by selection score
+    expert_scale = torch.ones_like(w)
+    if family == "gemma4_text":  # per-expert multipliers come after normalisation: compare without them
+        expert_scale = raw["router"].per_expert_scale[indices.gather(-1, order)].double()
+        w = w / expert_scale
     kept = w[:, :2]
     scale = float(getattr(raw["router"], "routed_scaling_factor", 1.0))
-    # Mixtral always renormalises; the others follow their router's norm_topk_prob.
-    renormalizes = family == "mixtral" or bool(getattr(raw["router"], "norm_topk_prob", False))
+    # Mixtral and gemma4 always renormalise; the others follow their router's norm_topk_prob.
+    renormalizes = family in ("mixtral", "gemma4_text") or bool(getattr(raw["router"], "norm_topk_prob", False))
     expected = {
         "none": kept,
         "model": kept * w.sum(-1, keepdim=True) / kept.sum(-1, keepdim=True) if renormalizes else kept,
         "renorm": kept / kept.sum(-1, keepdim=True) * scale,
         "decoupled": kept / w[:, :3].sum(-1, keepdim=True) * scale,
     }[mode]
+    expected = expected * expert_scale[:, :2]
     got_w = got["weight"].double()
     assert torch.equal(got["index"][:, 2:], torch.full_like(got["index"][:, 2:], layer.experts.num_experts))
     torch.testing.assert_close(got_w[:, :2], expected, rtol=1e-5, atol=1e-6)

@@ -63,6 +63,8 @@ FAMILY_OVERRIDES = {
     "gpt_oss": dict(num_local_experts=8, head_dim=8, layer_types=["sliding_attention", "full_attention"] * 2,
                     sliding_window=16),
     "cohere2_moe": dict(num_local_experts=8, head_dim=8),
+    "gemma4_text": dict(head_dim=8, enable_moe_block=True, num_experts=8, top_k_experts=4, moe_intermediate_size=32,
+                        num_experts_per_tok=None),
     "llama4_text": dict(num_local_experts=8, head_dim=8, intermediate_size=32, intermediate_size_mlp=64,
                         moe_layers=[1, 3], no_rope_layers=[1, 1, 1, 1]),
 }
@@ -90,6 +92,8 @@ def build_tiny_model(family: str, seed: int = 0):
             torch.nn.init.normal_(param, std=0.5)
         elif ".experts." in name and param.dim() == 3:
             torch.nn.init.normal_(param, std=0.2)
+        elif name.endswith("per_expert_scale"):  # gemma4: make the per-expert multipliers matter
+            torch.nn.init.uniform_(param, 0.5, 1.5)
     model.eval()
     return model
 
