@@ -68,7 +68,7 @@ class _LayerRouting:
         self.k_base = min(plan.token_level.k_base, int(self.k))
         self.mode = plan.weights.renormalize
         self.reference_k = min(plan.weights.reference_k or entry.original_k, self.k_max)
-        self.renormalizes = RENORMALIZATION[family.renormalizes](layer.router)
+        self.norm_order = RENORMALIZATION[family.renormalizes](layer.router, layer.block)
         self.scale = float(getattr(layer.router, family.scaling_attr)) if family.scaling_attr else 1.0
         self.expert_scale_attr = family.expert_scale_attr
         self.selection = SELECTION_SCORES[family.selection]
@@ -77,8 +77,26 @@ class _LayerRouting:
         self.ledger = routing.DecodeLedger()
         self.counter = LayerCounter()
 
-    def __call__(self, router: Any, args: Any, output: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        logits, weights, indices = output  # [T, E], [T, k_max], [T, k_max]
+    def router_hook(self, router: Any, args: Any, output: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """Forward hook on a router returning (logits, weights [T, k_max], indices [T, k_max])."""
+        logits, weights, indices = output[:3]
+        new_weights, new_indices = self.rewrite(router, logits, weights, indices)
+        return (logits, new_weights, new_indices, *output[3:])
+
+    def keep_logits(self, router: Any, args: Any, output: torch.Tensor) -> None:
+        """Forward hook on a router that returns only logits (routing happens in the block)."""
+        self.logits = output
+
+    def experts_pre_hook(self, experts: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        """Forward pre-hook on experts called as (hidden_states, top_k_index, top_k_weights)."""
+        hidden_states, indices, weights = args[:3]
+        new_weights, new_indices = self.rewrite(self.layer.router, self.logits, weights, indices)
+        return (hidden_states, new_indices, new_weights, *args[3:])
+
+    def rewrite(self, router: Any, logits: torch.Tensor, weights: torch.Tensor,
+                indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """New (weights, indices) [T, k_max]: dropped slots get the sentinel and weight 0."""
+        output_dtype = weights.dtype
         num_tokens = indices.shape[0]
         real = self.context.real
         if real is None or real.numel() != num_tokens:
@@ -98,15 +116,15 @@ class _LayerRouting:
         else:
             keep = routing.uniform_keep(real, indices.shape[1], int(self.k))  # [T, k_max]
         new_weights = routing.reweight(
-            weights, keep, mode=self.mode, renormalizes=self.renormalizes, scale=self.scale,
+            weights, keep, mode=self.mode, norm_order=self.norm_order, scale=self.scale,
             reference_k=self.reference_k,
         )
         if expert_scale is not None:
-            new_weights = (new_weights.float() * expert_scale).to(output[1].dtype)
+            new_weights = new_weights.float() * expert_scale
         new_indices = torch.where(keep, indices, self.num_experts)  # sentinel for dropped slots
         self.counter.pairs += int(keep.sum())
         self.counter.tokens += real_tokens
-        return (logits, new_weights, new_indices, *output[3:])
+        return new_weights.to(output_dtype), new_indices
 
 
 def _record_padding(context: _ForwardContext):
@@ -140,6 +158,7 @@ class PlanHandle:
     _hooks: list[Any] = field(default_factory=list, repr=False)
     _routings: list[_LayerRouting] = field(default_factory=list, repr=False)
     _saved_experts_implementation: str | None = field(default=None, repr=False)
+    _swapped: list[tuple[Any, str, Any]] = field(default_factory=list, repr=False)
     _active: bool = True
 
     @property
@@ -162,6 +181,8 @@ class PlanHandle:
             return
         for hook in self._hooks:
             hook.remove()
+        for parent, name, module in self._swapped:
+            setattr(parent, name, module)
         for layer, state in zip(self.layers, self._saved):
             layer.restore(state)
         if self._saved_experts_implementation is not None:
@@ -233,17 +254,27 @@ def apply_plan(model: Any, plan: Plan | str | os.PathLike[str]) -> PlanHandle:
         warnings.warn(f"allocplan: {family.warning}", stacklevel=2)
     handle = PlanHandle(plan=plan, layers=layers, _model=model, _saved=[layer.snapshot() for layer in layers])
     if plan.uses_routing_hooks:
-        from allocplan.runtime.experts import register
+        from allocplan.runtime.experts import EXPERTS_SWAPS, register
 
         context = _ForwardContext()
-        handle._saved_experts_implementation = model.config._experts_implementation
-        model.set_experts_implementation(register())
+        if family.experts_swap is None:
+            handle._saved_experts_implementation = model.config._experts_implementation
+            model.set_experts_implementation(register())
         handle._hooks.append(model.register_forward_pre_hook(_record_padding(context), with_kwargs=True))
         for layer, entry in zip(layers, plan.layers):
             layer_routing = _LayerRouting(layer, entry, plan, family, context)
             layer.set_top_k(layer_routing.k_max)
             handle._routings.append(layer_routing)
-            handle._hooks.append(layer.router.register_forward_hook(layer_routing))
+            experts = layer.experts
+            if family.experts_swap is not None:
+                experts = EXPERTS_SWAPS[family.experts_swap](layer.experts)
+                handle._swapped.append((layer.block, family.experts_attr, layer.experts))
+                setattr(layer.block, family.experts_attr, experts)
+            if family.routing_in_block:
+                handle._hooks.append(layer.router.register_forward_hook(layer_routing.keep_logits))
+                handle._hooks.append(experts.register_forward_pre_hook(layer_routing.experts_pre_hook))
+            else:
+                handle._hooks.append(layer.router.register_forward_hook(layer_routing.router_hook))
     else:
         for layer, entry in zip(layers, plan.layers):
             layer.set_top_k(int(entry.planned_k))

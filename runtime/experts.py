@@ -13,6 +13,8 @@ Registered under the name ``allocplan_ragged``; ``apply_plan`` selects it with
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from transformers.integrations.moe import ExpertsInterface
 
@@ -31,6 +33,46 @@ def grouped_matmul(rows: torch.Tensor, weight: torch.Tensor, offsets: torch.Tens
     return torch.nn.functional.grouped_mm(rows.to(w.dtype), w, offs=offsets)  # [P, out]
 
 
+@dataclass(frozen=True)
+class ActivePairs:
+    """The (token, expert) pairs that run, grouped by expert.
+
+    Attributes:
+        tokens: [P] token of each pair.
+        weights: [P] its combine weight.
+        expert_ids: [P] its expert, non-decreasing.
+        offsets: [E] int32 cumulative pair counts per expert (grouped_mm's ``offs``).
+    """
+
+    tokens: torch.Tensor
+    weights: torch.Tensor
+    expert_ids: torch.Tensor
+    offsets: torch.Tensor
+
+
+def active_pairs(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int) -> ActivePairs:
+    """Drop sentinel slots (index >= num_experts) and group the rest by expert."""
+    num_slots = top_k_index.shape[1]
+    flat_index = top_k_index.reshape(-1)  # [T*K]
+    active = (flat_index < num_experts).nonzero().squeeze(-1)  # [P] slots that run
+    expert_ids, order = torch.sort(flat_index[active], stable=True)  # [P]
+    slots = active[order]  # [P]
+    counts = torch.bincount(expert_ids, minlength=num_experts)  # [E]
+    return ActivePairs(
+        tokens=slots // num_slots,
+        weights=top_k_weights.reshape(-1)[slots],
+        expert_ids=expert_ids,
+        offsets=torch.cumsum(counts, 0, dtype=torch.int32),
+    )
+
+
+def combine(out: torch.Tensor, pairs: ActivePairs, num_tokens: int) -> torch.Tensor:
+    """Sum each pair's weighted output into its token: [P, H] -> [T, H]."""
+    out = out * pairs.weights[:, None].to(out.dtype)  # [P, H]
+    result = torch.zeros(num_tokens, out.shape[-1], dtype=out.dtype, device=out.device)  # [T, H]
+    return result.index_add_(0, pairs.tokens, out)
+
+
 def ragged_experts_forward(
     self: torch.nn.Module,
     hidden_states: torch.Tensor,
@@ -38,36 +80,57 @@ def ragged_experts_forward(
     top_k_weights: torch.Tensor,
 ) -> torch.Tensor:
     """Experts forward over only the non-sentinel pairs (same result as ``eager``)."""
-    num_tokens, num_slots = top_k_index.shape
-    flat_index = top_k_index.reshape(-1)  # [T*K]
-    active = (flat_index < self.num_experts).nonzero().squeeze(-1)  # [P] slot ids that run
-    expert_ids, order = torch.sort(flat_index[active], stable=True)  # [P] grouped by expert
-    slots = active[order]  # [P]
-    tokens = slots // num_slots  # [P]
-    weights = top_k_weights.reshape(-1)[slots]  # [P]
-    counts = torch.bincount(expert_ids, minlength=self.num_experts)  # [E]
-    offsets = torch.cumsum(counts, 0, dtype=torch.int32)  # [E]
-
-    rows = hidden_states[tokens]  # [P, H]
+    pairs = active_pairs(top_k_index, top_k_weights, self.num_experts)
+    rows = hidden_states[pairs.tokens]  # [P, H]
     if self.has_gate:
-        up = grouped_matmul(rows, self.gate_up_proj, offsets, self.is_transposed)  # [P, 2I]
+        up = grouped_matmul(rows, self.gate_up_proj, pairs.offsets, self.is_transposed)  # [P, 2I]
         if self.has_bias:
-            up = up + self.gate_up_proj_bias[expert_ids]
+            up = up + self.gate_up_proj_bias[pairs.expert_ids]
         inner = self._apply_gate(up)  # [P, I]
     else:
-        up = grouped_matmul(rows, self.up_proj, offsets, self.is_transposed)  # [P, I]
+        up = grouped_matmul(rows, self.up_proj, pairs.offsets, self.is_transposed)  # [P, I]
         if self.has_bias:
-            up = up + self.up_proj_bias[expert_ids]
+            up = up + self.up_proj_bias[pairs.expert_ids]
         inner = self.act_fn(up)
-    out = grouped_matmul(inner, self.down_proj, offsets, self.is_transposed)  # [P, H]
+    out = grouped_matmul(inner, self.down_proj, pairs.offsets, self.is_transposed)  # [P, H]
     if self.has_bias:
-        out = out + self.down_proj_bias[expert_ids]
+        out = out + self.down_proj_bias[pairs.expert_ids]
     if self.has_post_expert_norm:
         out = self.post_expert_norm(out)
-    out = out * weights[:, None].to(out.dtype)  # [P, H]
-    result = torch.zeros(num_tokens, out.shape[-1], dtype=out.dtype, device=out.device)  # [T, H]
-    result.index_add_(0, tokens, out)
-    return result.to(hidden_states.dtype)
+    return combine(out, pairs, hidden_states.shape[0]).to(hidden_states.dtype)
+
+
+class RaggedDbrxExperts(torch.nn.Module):
+    """Stand-in for a ``DbrxExperts`` module that skips sentinel slots.
+
+    DBRX's experts are not pluggable and its loop cannot skip the "no expert"
+    index, so ``apply_plan`` swaps this module in (and back on remove). It holds
+    the original ``mlp`` submodule under the same name, so parameter names and
+    values are unchanged; w1, v1 and w2 are viewed as [E, F, H].
+    """
+
+    def __init__(self, original: torch.nn.Module) -> None:
+        super().__init__()
+        self.mlp = original.mlp
+        self.hidden_size = original.hidden_size
+        self.ffn_hidden_size = original.ffn_hidden_size
+        self.num_experts = original.num_experts
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        shape = hidden_states.shape
+        flat = hidden_states.reshape(-1, self.hidden_size)  # [T, H]
+        pairs = active_pairs(top_k_index, top_k_weights, self.num_experts)
+        split = (self.num_experts, self.ffn_hidden_size, self.hidden_size)
+        rows = flat[pairs.tokens]  # [P, H]
+        gate = grouped_matmul(rows, self.mlp.w1.view(split), pairs.offsets, False)  # [P, F]
+        up = grouped_matmul(rows, self.mlp.v1.view(split), pairs.offsets, False)  # [P, F]
+        inner = self.mlp.activation_fn(gate) * up  # [P, F]
+        out = grouped_matmul(inner, self.mlp.w2.view(split), pairs.offsets, True)  # [P, H]
+        return combine(out, pairs, flat.shape[0]).to(hidden_states.dtype).view(shape)
+
+
+# Experts modules that are not pluggable through ExpertsInterface: family name -> stand-in class.
+EXPERTS_SWAPS: dict[str, type[torch.nn.Module]] = {"dbrx": RaggedDbrxExperts}
 
 
 def register() -> str:

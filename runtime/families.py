@@ -42,6 +42,10 @@ class MoEFamily:
         renormalizes: whether the family rescales the chosen weights to sum to one (times
             its scaling factor): a name in ``allocplan.runtime.scores.RENORMALIZATION``.
         scaling_attr: router attribute with the routed scaling factor, if any.
+        routing_in_block: the router returns only logits and the block picks the top-k (dbrx);
+            allocplan then rewrites the experts' inputs instead of the router's output.
+        experts_swap: name in ``allocplan.runtime.experts.EXPERTS_SWAPS`` of a stand-in for an
+            experts module that cannot skip the "no expert" slot (swapped in and back).
         expert_scale_attr: router parameter [E] that multiplies each chosen expert's weight
             after normalisation (gemma4), if any.
         notes: what to know about the family (shown in docs/families.md).
@@ -64,6 +68,8 @@ class MoEFamily:
     renormalizes: str = "never"
     scaling_attr: str | None = None
     expert_scale_attr: str | None = None
+    routing_in_block: bool = False
+    experts_swap: str | None = None
     notes: str = ""
     rewrite_unsupported: str | None = None
     warning: str | None = None
@@ -138,6 +144,20 @@ FAMILIES: dict[str, MoEFamily] = {
             renormalizes="cohere2",
         ),
         MoEFamily(
+            "dbrx",
+            num_experts_keys=("ffn_config.moe_num_experts",),
+            top_k_keys=("ffn_config.moe_top_k",),
+            layers_path="transformer.blocks",
+            block_attr="ffn",
+            router_attr="router",
+            top_k_on="block",
+            renormalizes="dbrx",
+            routing_in_block=True,
+            experts_swap="dbrx",
+            notes="top-k on the block; under rewritten routing its experts module is swapped for one that"
+            " skips dropped slots",
+        ),
+        MoEFamily(
             "gemma4_text",
             num_experts_keys=("num_experts",),
             top_k_keys=("top_k_experts",),
@@ -168,7 +188,6 @@ FAMILIES: dict[str, MoEFamily] = {
 # Families transformers ships whose routing allocplan cannot (yet) change, with the reason.
 UNSUPPORTED: dict[str, str] = {
     "phimoe": "its sparsemixer router hard-codes top-2 and ignores top_k, so k cannot be reduced",
-    "dbrx": "not yet supported: top-k lives on the MoE block and its experts loop has no 'no expert' slot",
     "jetmoe": "not yet supported: attention experts (MoA) share the routing code and the experts are split by size",
     "gemma4": "load the text model (Gemma4ForCausalLM, model_type gemma4_text); the multimodal wrapper is not planned",
     "deepseek_v4": "not yet supported: hash-routed layers take experts from a fixed token table",
@@ -224,6 +243,11 @@ FINGERPRINT_KEYS: tuple[str, ...] = (
     "expert_selection_fn",
     "top_k_experts",
     "enable_moe_block",
+    "d_model",
+    "n_layers",
+    "n_heads",
+    "ffn_config",
+    "attn_config",
 )
 
 
@@ -244,8 +268,11 @@ def get_family(model_type: str) -> MoEFamily:
 def config_value(config: dict[str, Any], keys: tuple[str, ...], what: str) -> Any:
     """First present value among alias ``keys`` of a config dict."""
     for key in keys:
-        if config.get(key) is not None:
-            return config[key]
+        value: Any = config
+        for part in key.split("."):  # nested sub-configs, e.g. dbrx's ffn_config.moe_num_experts
+            value = value.get(part) if isinstance(value, dict) else None
+        if value is not None:
+            return value
     raise AllocplanError(f"config has none of {', '.join(keys)} ({what})")
 
 

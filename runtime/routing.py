@@ -71,7 +71,7 @@ def reweight(
     keep: torch.Tensor,
     *,
     mode: str,
-    renormalizes: bool,
+    norm_order: float | None,
     scale: float,
     reference_k: int,
 ) -> torch.Tensor:
@@ -79,12 +79,12 @@ def reweight(
 
     ``weights`` [T, K] are the router's own weights at k_max, sorted like ``keep``.
     They are p_j * c_t for the family's probabilities p and a per-token constant
-    c_t (the scaling factor, and 1 / mass of the top-k_max when the family
-    renormalises), so each mode only needs ratios of them:
+    c_t (the scaling factor, divided by a norm of the top-k_max when the family
+    normalises), so each mode only needs ratios of them:
 
     * ``model``: what the family does when it natively routes to the kept set: a
-      renormalising family rescales the kept weights to the mass of all k_max
-      (= renormalise over the kept set), others keep them unchanged.
+      family that normalises with a p-norm (``norm_order``, 1 = sum) rescales the
+      kept weights to the norm all k_max had; others keep them unchanged.
     * ``none``: keep the router's weights at k_max unchanged.
     * ``renorm``: kept weights sum to the family's scaling factor (1 for most).
     * ``decoupled``: divide by the mass of the token's top-``reference_k``
@@ -92,13 +92,15 @@ def reweight(
       loses experts does not get its remaining weights inflated.
     """
     w = weights.float()  # [T, K]
-    kept_mass = torch.where(keep, w, 0.0).sum(-1, keepdim=True).clamp_min(1e-30)  # [T, 1]
-    if mode == "none" or (mode == "model" and not renormalizes):
+    kept = torch.where(keep, w, 0.0)  # [T, K]
+    if mode == "none" or (mode == "model" and norm_order is None):
         out = w
     elif mode == "model":
-        out = w * (w.sum(-1, keepdim=True) / kept_mass)
+        full_norm = torch.linalg.vector_norm(w, ord=norm_order, dim=-1, keepdim=True)  # [T, 1]
+        kept_norm = torch.linalg.vector_norm(kept, ord=norm_order, dim=-1, keepdim=True).clamp_min(1e-30)
+        out = w * (full_norm / kept_norm)
     elif mode == "renorm":
-        out = w / kept_mass * scale
+        out = w / kept.sum(-1, keepdim=True).clamp_min(1e-30) * scale
     elif mode == "decoupled":
         reference = w[:, :reference_k].sum(-1, keepdim=True).clamp_min(1e-30)  # [T, 1]
         out = w / reference * scale

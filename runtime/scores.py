@@ -50,10 +50,15 @@ SELECTION_SCORES: dict[str, Callable[[Any, torch.Tensor], torch.Tensor]] = {
     "cohere2": _cohere2,
 }
 
-RENORMALIZATION: dict[str, Callable[[Any], bool]] = {
-    "always": lambda router: True,
-    "never": lambda router: False,
-    "norm_topk_prob": lambda router: bool(router.norm_topk_prob),
+# The p-norm a family normalises its chosen weights with (1.0 = they sum to one), or None.
+RENORMALIZATION: dict[str, Callable[[Any, Any], float | None]] = {
+    "always": lambda router, block: 1.0,
+    "never": lambda router, block: None,
+    "norm_topk_prob": lambda router, block: 1.0 if router.norm_topk_prob else None,
     # cohere2: softmax over the chosen logits always sums to one; sigmoid only with norm_topk_prob.
-    "cohere2": lambda router: router.expert_selection_fn == "softmax" or bool(router.norm_topk_prob),
+    "cohere2": lambda router, block: (
+        1.0 if router.expert_selection_fn == "softmax" or router.norm_topk_prob else None
+    ),
+    # dbrx: an optional p-norm, configured on the MoE block.
+    "dbrx": lambda router, block: block.moe_normalize_expert_weights,
 }

@@ -49,13 +49,15 @@ def forward(model, input_ids=BATCH, attention_mask=None):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_full_budget_with_alloc_t_keeps_routing(family):
     model = build_tiny_model(family)
-    recorder = Recorder(model)
+    native_recorder = Recorder(model)
     before = forward(model)
-    native = [index.sort(-1).values for index in (recorder.seen[l.path][0] for l in recorder.layers)]
-    with apply_plan(model, plan_for(model, [l.top_k for l in recorder.layers], token_level=True)):
+    native_recorder.remove()
+    native = [native_recorder.seen[l.path][0].sort(-1).values for l in native_recorder.layers]
+    with apply_plan(model, plan_for(model, [l.top_k for l in native_recorder.layers], token_level=True)):
+        recorder = Recorder(model)  # after apply: dbrx's experts module is swapped
         after = forward(model)
-    planned = [recorder.seen[l.path][1].sort(-1).values for l in recorder.layers]
-    recorder.remove()
+        recorder.remove()
+    planned = [recorder.seen[l.path][0].sort(-1).values for l in recorder.layers]
     for a, b in zip(native, planned):
         assert torch.equal(a, b)
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
@@ -66,9 +68,9 @@ def test_full_budget_with_alloc_t_keeps_routing(family):
 @pytest.mark.parametrize("k", [1.5, 2, 2.5])
 def test_alloc_t_runs_exact_pair_counts(family, k):
     model = build_tiny_model(family)
-    recorder = Recorder(model)
-    ks = [min(k, layer.top_k) for layer in recorder.layers]  # hunyuan has a layer with top-2
+    ks = [min(k, layer.top_k) for layer in find_moe_layers(model)]  # hunyuan has a layer with top-2
     with apply_plan(model, plan_for(model, ks, token_level=True, k_base=1)) as handle:
+        recorder = Recorder(model)
         forward(model, attention_mask=PADDED_MASK)
         real_tokens = int(PADDED_MASK.sum())
         real = PADDED_MASK.reshape(-1).bool()
@@ -94,15 +96,19 @@ def test_alloc_t_picks_top_scoring_pairs(family):
     layers = find_moe_layers(model)
     ks = [min(2.5, layer.top_k) for layer in layers]
     spec = get_family(model.config.model_type)
+    def keep_raw(router, _args, out, path):
+        if spec.routing_in_block:  # dbrx: the router gives logits, the block takes the softmax top-k
+            out = (out, None, torch.topk(torch.softmax(out.float(), -1), router_k[path], dim=-1).indices)
+        raw[path] = (router, *[t.clone() if t is not None else None for t in out[:3]])
+
+    router_k = {layer.path: layer.top_k for layer in layers}
     capture = [
-        layer.router.register_forward_hook(
-            lambda router, _a, out, path=layer.path: raw.__setitem__(path, (router, *[t.clone() for t in out]))
-        )
+        layer.router.register_forward_hook(lambda router, a, out, path=layer.path: keep_raw(router, a, out, path))
         for layer in layers
     ]
-    recorder = Recorder(model)
     ids = BATCH[:1, :7]  # T = 7: small enough to enumerate
     with apply_plan(model, plan_for(model, ks, token_level=True, k_base=k_base)):
+        recorder = Recorder(model)
         forward(model, ids)
     for hook in capture:
         hook.remove()
@@ -135,13 +141,14 @@ def test_matmul_rows_equal_active_pairs(family, monkeypatch):
         return original(x, weight, offsets, transposed)
 
     monkeypatch.setattr(experts_module, "grouped_matmul", counting)
-    recorder = Recorder(model)
     with apply_plan(model, plan_for(model, 1.5, token_level=True)):
+        recorder = Recorder(model)
         forward(model, attention_mask=PADDED_MASK)
     recorder.remove()
     active = [int((recorder.seen[l.path][-1] < l.experts.num_experts).sum()) for l in recorder.layers]
-    # Two grouped matmuls per layer (up/gate, down), each over exactly the active pairs.
-    assert rows == [n for n in active for _ in range(2)]
+    # Two grouped matmuls per layer (gate_up, down; dbrx: gate, up, down), each over exactly the active pairs.
+    per_layer = 3 if family == "dbrx" else 2
+    assert rows == [n for n in active for _ in range(per_layer)]
     assert sum(active) < sum(l.top_k for l in recorder.layers) * int(PADDED_MASK.sum())
 
 
@@ -150,14 +157,18 @@ def test_reweight_modes_by_hand():
     p = torch.tensor([[0.4, 0.3, 0.2, 0.1]])
     keep = torch.tensor([[True, True, False, False]])
     common = dict(scale=1.0, reference_k=4)
-    assert torch.allclose(reweight(p, keep, mode="none", renormalizes=True, **common), torch.tensor([[0.4, 0.3, 0, 0]]))
-    assert torch.allclose(reweight(p, keep, mode="model", renormalizes=False, **common), torch.tensor([[0.4, 0.3, 0, 0]]))
+    assert torch.allclose(reweight(p, keep, mode="none", norm_order=1.0, **common), torch.tensor([[0.4, 0.3, 0, 0]]))
+    assert torch.allclose(reweight(p, keep, mode="model", norm_order=None, **common), torch.tensor([[0.4, 0.3, 0, 0]]))
     # A renormalising family routed natively to the kept pair: 0.4/0.7, 0.3/0.7 (times the k_max mass, 1 here).
-    assert torch.allclose(reweight(p, keep, mode="model", renormalizes=True, **common),
+    assert torch.allclose(reweight(p, keep, mode="model", norm_order=1.0, **common),
                           torch.tensor([[0.4 / 0.7, 0.3 / 0.7, 0, 0]]))
-    assert torch.allclose(reweight(p * 2.5, keep, mode="renorm", renormalizes=False, scale=2.5, reference_k=4),
+    # dbrx-style L2 normalisation: kept weights keep the L2 norm all four had.
+    l2 = p / p.norm()
+    assert torch.allclose(reweight(l2, keep, mode="model", norm_order=2.0, **common),
+                          torch.tensor([[0.4, 0.3, 0, 0]]) / 0.5)
+    assert torch.allclose(reweight(p * 2.5, keep, mode="renorm", norm_order=None, scale=2.5, reference_k=4),
                           torch.tensor([[2.5 * 0.4 / 0.7, 2.5 * 0.3 / 0.7, 0, 0]]))
-    assert torch.allclose(reweight(p, keep, mode="decoupled", renormalizes=False, scale=1.0, reference_k=3),
+    assert torch.allclose(reweight(p, keep, mode="decoupled", norm_order=None, scale=1.0, reference_k=3),
                           torch.tensor([[0.4 / 0.9, 0.3 / 0.9, 0, 0]]))
 
 

@@ -73,11 +73,19 @@ DENSE_FAMILIES = {"llama4_text"}
 
 
 def _config(model_type: str):
+    if model_type == "dbrx":  # its own parameter names; default rope_theta and clip_qkv are unusable
+        return CONFIG_MAPPING["dbrx"](
+            vocab_size=128, d_model=32, n_layers=4, n_heads=4, max_seq_len=128, tie_word_embeddings=False,
+            attn_config=dict(kv_n_heads=4, rope_theta=10000.0, clip_qkv=8.0),
+            ffn_config=dict(ffn_hidden_size=32, moe_num_experts=8, moe_top_k=4, moe_normalize_expert_weights=1.0),
+        )
     overrides = {**COMMON, **FAMILY_OVERRIDES[model_type]}
     return CONFIG_MAPPING[model_type](**{k: v for k, v in overrides.items() if v is not None})
 
 
-FAMILY_CONFIGS = {model_type: (lambda model_type=model_type: _config(model_type)) for model_type in FAMILY_OVERRIDES}
+FAMILY_CONFIGS = {
+    model_type: (lambda model_type=model_type: _config(model_type)) for model_type in [*FAMILY_OVERRIDES, "dbrx"]
+}
 
 
 def build_tiny_model(family: str, seed: int = 0):
@@ -90,7 +98,7 @@ def build_tiny_model(family: str, seed: int = 0):
     for name, param in model.named_parameters():
         if name.endswith("gate.weight") and param.dim() == 2:
             torch.nn.init.normal_(param, std=0.5)
-        elif ".experts." in name and param.dim() == 3:
+        elif ".experts." in name and (param.dim() == 3 or ".experts.mlp." in name):  # dbrx stores them flat
             torch.nn.init.normal_(param, std=0.2)
         elif name.endswith("per_expert_scale"):  # gemma4: make the per-expert multipliers matter
             torch.nn.init.uniform_(param, 0.5, 1.5)
