@@ -31,6 +31,7 @@ from allocplan.planner.plan import LayerPlan, Plan, load_plan
 from allocplan.runtime import routing
 from allocplan.runtime.families import MoEFamily, model_fingerprint
 from allocplan.runtime.layers import MoELayer, find_moe_layers, model_family
+from allocplan.runtime.router_formats import ROUTER_FORMATS
 from allocplan.runtime.scores import RENORMALIZATION, SELECTION_SCORES
 
 _HANDLE_ATTR = "_allocplan_handle"
@@ -73,15 +74,16 @@ class _LayerRouting:
         self.expert_scale_attr = family.expert_scale_attr
         self.selection = SELECTION_SCORES[family.selection]
         self.num_experts = layer.experts.num_experts
+        self.to_candidates, self.from_candidates = ROUTER_FORMATS[family.router_format]
         self.context = context
         self.ledger = routing.DecodeLedger()
         self.counter = LayerCounter()
 
-    def router_hook(self, router: Any, args: Any, output: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        """Forward hook on a router returning (logits, weights [T, k_max], indices [T, k_max])."""
-        logits, weights, indices = output[:3]
+    def router_hook(self, router: Any, args: Any, output: tuple[Any, ...]) -> tuple[Any, ...]:
+        """Forward hook on a router: its output at k_max in, the rewritten routing out."""
+        logits, weights, indices = self.to_candidates(router, output)  # [T, E], [T, k_max], [T, k_max]
         new_weights, new_indices = self.rewrite(router, logits, weights, indices)
-        return (logits, new_weights, new_indices, *output[3:])
+        return self.from_candidates(router, output, new_weights, new_indices)
 
     def keep_logits(self, router: Any, args: Any, output: torch.Tensor) -> None:
         """Forward hook on a router that returns only logits (routing happens in the block)."""

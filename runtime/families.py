@@ -42,6 +42,8 @@ class MoEFamily:
         renormalizes: whether the family rescales the chosen weights to sum to one (times
             its scaling factor): a name in ``allocplan.runtime.scores.RENORMALIZATION``.
         scaling_attr: router attribute with the routed scaling factor, if any.
+        router_format: layout of the router's output, a name in
+            ``allocplan.runtime.router_formats.ROUTER_FORMATS`` (``topk`` for most).
         routing_in_block: the router returns only logits and the block picks the top-k (dbrx);
             allocplan then rewrites the experts' inputs instead of the router's output.
         experts_swap: name in ``allocplan.runtime.experts.EXPERTS_SWAPS`` of a stand-in for an
@@ -68,6 +70,7 @@ class MoEFamily:
     renormalizes: str = "never"
     scaling_attr: str | None = None
     expert_scale_attr: str | None = None
+    router_format: str = "topk"
     routing_in_block: bool = False
     experts_swap: str | None = None
     notes: str = ""
@@ -158,6 +161,15 @@ FAMILIES: dict[str, MoEFamily] = {
             " skips dropped slots",
         ),
         MoEFamily(
+            "jetmoe",
+            num_experts_keys=("num_local_experts",),
+            router_attr="router",
+            experts_attr="input_linear",
+            renormalizes="always",
+            router_format="jetmoe",
+            notes="plans the MLP experts; the attention experts (MoA) keep their own routing",
+        ),
+        MoEFamily(
             "gemma4_text",
             num_experts_keys=("num_experts",),
             top_k_keys=("top_k_experts",),
@@ -188,7 +200,6 @@ FAMILIES: dict[str, MoEFamily] = {
 # Families transformers ships whose routing allocplan cannot (yet) change, with the reason.
 UNSUPPORTED: dict[str, str] = {
     "phimoe": "its sparsemixer router hard-codes top-2 and ignores top_k, so k cannot be reduced",
-    "jetmoe": "not yet supported: attention experts (MoA) share the routing code and the experts are split by size",
     "gemma4": "load the text model (Gemma4ForCausalLM, model_type gemma4_text); the multimodal wrapper is not planned",
     "deepseek_v4": "not yet supported: hash-routed layers take experts from a fixed token table",
     "switch_transformers": "encoder-decoder with top-1 capacity routing; allocplan plans decoder-only LMs",
@@ -248,6 +259,7 @@ FINGERPRINT_KEYS: tuple[str, ...] = (
     "n_heads",
     "ffn_config",
     "attn_config",
+    "kv_channels",
 )
 
 

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from conftest import FAMILIES
+from tiny_models import PairRecorder as Recorder
 from tiny_models import build_tiny_model, plan_for
 
 import allocplan.runtime.experts as experts_module
@@ -21,24 +22,6 @@ BATCH = torch.randint(1, 128, (3, 11))  # [B, S]
 PADDED_MASK = torch.ones(3, 11, dtype=torch.long)
 PADDED_MASK[1, :4] = 0  # left padding, as generate uses
 PADDED_MASK[2, :7] = 0
-
-
-class Recorder:
-    """Pre-hooks on every experts module: the (token, expert) pairs that reach it, per forward."""
-
-    def __init__(self, model):
-        self.layers = find_moe_layers(model)
-        self.seen: dict[str, list[torch.Tensor]] = {layer.path: [] for layer in self.layers}
-        self.hooks = [
-            layer.experts.register_forward_pre_hook(
-                lambda _m, args, path=layer.path: self.seen[path].append(args[1].clone())
-            )
-            for layer in self.layers
-        ]
-
-    def remove(self):
-        for hook in self.hooks:
-            hook.remove()
 
 
 def forward(model, input_ids=BATCH, attention_mask=None):
@@ -99,6 +82,8 @@ def test_alloc_t_picks_top_scoring_pairs(family):
     def keep_raw(router, _args, out, path):
         if spec.routing_in_block:  # dbrx: the router gives logits, the block takes the softmax top-k
             out = (out, None, torch.topk(torch.softmax(out.float(), -1), router_k[path], dim=-1).indices)
+        elif family == "jetmoe":  # sparse grouping: its candidates are the top-k of its logits
+            out = (out[4], None, out[4].topk(router_k[path], dim=1).indices)
         raw[path] = (router, *[t.clone() if t is not None else None for t in out[:3]])
 
     router_k = {layer.path: layer.top_k for layer in layers}
@@ -143,6 +128,10 @@ def test_matmul_rows_equal_active_pairs(family, monkeypatch):
     monkeypatch.setattr(experts_module, "grouped_matmul", counting)
     with apply_plan(model, plan_for(model, 1.5, token_level=True)):
         recorder = Recorder(model)
+        if family == "jetmoe":  # its own experts split rows by expert: count the rows they receive
+            for layer in recorder.layers:
+                for linear in (layer.block.input_linear, layer.block.output_linear):
+                    recorder.hooks.append(linear.register_forward_pre_hook(lambda _m, args: rows.append(args[0].shape[0])))
         forward(model, attention_mask=PADDED_MASK)
     recorder.remove()
     active = [int((recorder.seen[l.path][-1] < l.experts.num_experts).sum()) for l in recorder.layers]

@@ -49,7 +49,7 @@ def test_llama4_refuses_token_level():
     assert not hasattr(model, "_allocplan_handle")
 
 
-@pytest.mark.parametrize("model_type, reason", [("phimoe", "hard-codes top-2"), ("jetmoe", "not yet supported")])
+@pytest.mark.parametrize("model_type, reason", [("phimoe", "hard-codes top-2"), ("deepseek_v4", "hash-routed"), ("nllb_moe", "encoder-decoder")])
 def test_unsupported_families_give_the_reason(model_type, reason):
     from allocplan.runtime.families import get_family
 

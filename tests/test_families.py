@@ -8,6 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import FAMILIES
+from tiny_models import PairRecorder
 
 from allocplan.cli import cli
 from allocplan.errors import AllocplanError
@@ -27,20 +28,16 @@ def logits(model) -> torch.Tensor:
 
 def experts_per_token(model) -> dict[str, set[int]]:
     """Run one forward and record how many experts each token got in every MoE layer."""
-    seen: dict[str, set[int]] = {}
-    hooks = []
-    for layer in find_moe_layers(model):
-        def record(_module, args, path=layer.path, num_experts=layer.experts.num_experts):
-            top_k_index = args[1]  # [T, k]
-            real = (top_k_index < num_experts).sum(-1)  # sentinel slots (== E) are not experts
-            seen[path] = set(real.tolist())
-        hooks.append(layer.experts.register_forward_pre_hook(record))
+    recorder = PairRecorder(model)
     try:
         logits(model)
     finally:
-        for hook in hooks:
-            hook.remove()
-    return seen
+        recorder.remove()
+    # Sentinel slots (== num_experts) are not experts.
+    return {
+        layer.path: set((recorder.seen[layer.path][-1] < layer.experts.num_experts).sum(-1).tolist())
+        for layer in recorder.layers
+    }
 
 
 def test_registry_covers_required_families():

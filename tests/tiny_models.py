@@ -65,6 +65,7 @@ FAMILY_OVERRIDES = {
     "cohere2_moe": dict(num_local_experts=8, head_dim=8),
     "gemma4_text": dict(head_dim=8, enable_moe_block=True, num_experts=8, top_k_experts=4, moe_intermediate_size=32,
                         num_experts_per_tok=None),
+    "jetmoe": dict(num_local_experts=8, kv_channels=8, num_key_value_heads=2),
     "llama4_text": dict(num_local_experts=8, head_dim=8, intermediate_size=32, intermediate_size_mlp=64,
                         moe_layers=[1, 3], no_rope_layers=[1, 1, 1, 1]),
 }
@@ -163,3 +164,41 @@ def plan_for(model, ks, *, token_level=False, k_base=1, k_max=None, renormalize=
         provenance=PlanProvenance("test", "test", "test", "isolated", 1, "sha256:test",
                                   CalibrationRecord("none", "sha256:none", 0, 0, 0)),
     )
+
+
+class PairRecorder:
+    """Records, per MoE layer and forward, the [T, K] expert index that reaches the experts.
+
+    Slots that do not run hold ``num_experts``. Most families pass ``top_k_index`` to their
+    experts module; JetMoE passes a sparse grouping from its router, rebuilt here into [T, K].
+    Create it after ``apply_plan`` to see the planned routing (dbrx swaps its experts module).
+    """
+
+    def __init__(self, model):
+        from allocplan.runtime.layers import find_moe_layers
+
+        self.layers = find_moe_layers(model)
+        self.seen = {layer.path: [] for layer in self.layers}
+        self.hooks = []
+        for layer in self.layers:
+            if model.config.model_type == "jetmoe":
+                hook = layer.router.register_forward_hook(
+                    lambda router, _a, out, path=layer.path: self.seen[path].append(self._jetmoe_index(router, out))
+                )
+            else:
+                hook = layer.experts.register_forward_pre_hook(
+                    lambda _m, args, path=layer.path: self.seen[path].append(args[1].clone())
+                )
+            self.hooks.append(hook)
+
+    @staticmethod
+    def _jetmoe_index(router, out):
+        index_sorted, _, _, expert_size, logits = out
+        index = torch.full((logits.shape[0] * router.top_k,), router.num_experts, dtype=torch.long)
+        experts = torch.repeat_interleave(torch.arange(router.num_experts), torch.tensor(expert_size))
+        index[index_sorted] = experts
+        return index.view(logits.shape[0], router.top_k)
+
+    def remove(self):
+        for hook in self.hooks:
+            hook.remove()
