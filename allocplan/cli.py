@@ -286,6 +286,78 @@ def validate_command(plan_path: Path, model_name: str | None, trust_remote_code:
     click.echo(message)
 
 
+@cli.command("eval")
+@click.option("--model", "model_name", required=True, help="Local checkpoint directory, bundled:<name>, or hub id.")
+@click.option("--plan", "plan_path", type=_existing_file, default=None, help="Evaluate with this plan applied.")
+@click.option("--method", type=click.Choice(["full", "uniform", "random", "lexi", "naee", "top-p", "alloc-t",
+                                              "alloc-l", "alloc-lt"]), default=None,
+              help="Evaluate a routing policy at --budget instead of a plan (see docs/results.md).")
+@click.option("--budget", "budget_ratio", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Budget ratio for --method.")
+@click.option("--data", type=_existing_file, required=True, help="UTF-8 text for NLL (never calibrate on it).")
+@click.option("--arith", type=_existing_file, default=None, help="Arithmetic problems, one 'a+b=c' per line.")
+@click.option("--calib", type=_existing_file, default=None,
+              help="Calibration text for methods that need it [default: the bundled calibration text].")
+@click.option("--profile", "profile_path", type=_existing_file, default=None,
+              help="Sensitivity profile for alloc-l / alloc-lt [default: profile --calib now].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --method random.")
+@click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True)
+@click.option("--max-tokens", type=click.IntRange(min=2), default=16384, show_default=True,
+              help="Tokens of --data to score.")
+@_model_options
+def eval_command(model_name: str, plan_path: Path | None, method: str | None, budget_ratio: float | None,
+                 data: Path, arith: Path | None, calib: Path | None, profile_path: Path | None, seed: int,
+                 seq_len: int, max_tokens: int, device: str, dtype: str, trust_remote_code: bool) -> None:
+    """Measure NLL, arithmetic accuracy and activations under a plan or a method (JSON on stdout)."""
+    _quiet_transformers()
+    import json
+
+    from allocplan.baselines import PROFILE_METHODS, build_policy
+    from allocplan.evaluation import evaluate
+    from allocplan.loading import DEFAULT_CALIBRATION, load_model
+    from allocplan.planner.plan import load_plan
+    from allocplan.planner.profile_format import load_profile
+    from allocplan.planner.profiling import calibration_windows, profile_model
+    from allocplan.runtime.apply import apply_plan
+
+    if (plan_path is None) == (method is None):
+        raise AllocplanError("give exactly one of --plan PLAN or --method NAME")
+    if method not in (None, "full") and budget_ratio is None:
+        raise AllocplanError(f"--method {method} needs --budget RATIO")
+    model, tokenizer = load_model(model_name, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    calib = calib or DEFAULT_CALIBRATION
+    parameter = None
+    if plan_path is not None:
+        handle = apply_plan(model, load_plan(plan_path))
+        label, budget_total = f"plan {plan_path}", handle.plan.budget.total_activations
+    else:
+        profile = None
+        if method in PROFILE_METHODS:
+            profile = load_profile(profile_path) if profile_path else profile_model(
+                model, tokenizer, model_name=model_name, calib=calib)
+        windows, _ = calibration_windows(tokenizer, calib, calib_tokens=4096, seq_len=seq_len)
+        policy = build_policy(model, method, budget_ratio or 1.0, profile=profile, calib_windows=windows, seed=seed)
+        handle, parameter = policy.apply(model), policy.parameter
+        label = method
+        budget_total = policy.plan.budget.total_activations if policy.plan is not None else None
+        if method in ("naee", "top-p"):
+            budget_total = None  # its plan is the full model; the target is the budget below
+    try:
+        result = evaluate(model, tokenizer, data=data, arith=arith, handle=handle, seq_len=seq_len,
+                          max_tokens=max_tokens)
+    finally:
+        if handle is not None:
+            handle.remove()
+    result = {"model": model_name, "policy": label, "budget_ratio": budget_ratio, "parameter": parameter,
+              "target_activations_per_token": budget_total, **result}
+    click.echo(json.dumps(result, indent=2, sort_keys=True))
+    arith_text = f", arithmetic {result['arith_accuracy']:.3f}" if "arith_accuracy" in result else ""
+    click.echo(f"{label}: NLL {result['nll']:.4f} (ppl {result['perplexity']:.2f}){arith_text},"
+               f" {result['activations_per_token']:.3f} activations per token", err=True)
+    for path, value in result["activations_per_layer"].items():
+        click.echo(f"  {path}: {value:.3f}", err=True)
+
+
 @cli.command("families")
 @click.option("--markdown", is_flag=True, help="Print docs/families.md (supported and unsupported families).")
 def families_command(markdown: bool) -> None:

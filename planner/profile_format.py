@@ -18,8 +18,8 @@ from allocplan.planner.records import atomic_write_text, dump_yaml, from_data, l
 
 PROFILE_KIND = "allocplan-profile"
 PROFILE_SCHEMA_VERSION = 1
-METRICS = ("nll", "kl")
-STRATEGIES = ("isolated", "paper")
+METRICS = ("nll", "kl", "output-change")
+STRATEGIES = ("isolated", "paper", "data-free")
 
 
 @dataclass(frozen=True)
@@ -45,10 +45,12 @@ class Measurement:
     """How S was measured.
 
     Attributes:
-        metric: ``nll`` (mean next-token NLL increase) or ``kl`` (mean KL divergence
-            of next-token distributions from the full model's).
-        strategy: ``isolated`` (other layers at K) or ``paper`` (earlier layers at K,
-            later layers at k_min, profiled deepest first).
+        metric: ``nll`` (mean next-token NLL increase), ``kl`` (mean KL divergence of
+            next-token distributions from the full model's) or ``output-change`` (relative
+            squared Frobenius change of the MoE block's output, data-free profiles only).
+        strategy: ``isolated`` (other layers at K), ``paper`` (earlier layers at K,
+            later layers at k_min, profiled deepest first) or ``data-free`` (each block
+            alone on Gaussian inputs, as LExI does; calibration holds the input size).
         k_min: smallest candidate k per layer.
         reference_nll: mean NLL of the untouched model on the calibration tokens.
         calibration: the text it was measured on.

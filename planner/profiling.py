@@ -280,3 +280,57 @@ def profile_model(
             transformers_version=package_version("transformers"),
         ),
     )
+
+
+def profile_data_free(model: Any, *, tokens: int = 512, seed: int = 0, k_min: int = 1) -> SensitivityProfile:
+    """LExI-style data-free sensitivities: no calibration text.
+
+    Each MoE block alone gets the same ``tokens`` Gaussian input vectors; S[l, k]
+    is the relative squared Frobenius change of its output at top-k versus its
+    original K, ||y_k - y_K||^2 / ||y_K||^2.
+    """
+    layers = find_moe_layers(model)
+    parameter = next(model.parameters())
+    hidden_size = model.get_input_embeddings().embedding_dim
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(1, tokens, hidden_size, generator=generator).to(parameter)  # [1, N, H]
+
+    def block_output(layer: MoELayer) -> torch.Tensor:
+        out = layer.block(inputs)
+        return (out[0] if isinstance(out, tuple) else out).float()  # [1, N, H]
+
+    rows = []
+    with torch.inference_mode():
+        for layer in layers:
+            reference = block_output(layer)
+            row = {}
+            for k in range(k_min, layer.top_k + 1):
+                with _top_ks([layer], [k]):
+                    change = (block_output(layer) - reference).pow(2).sum() / reference.pow(2).sum()
+                row[k] = float(f"{change.item():.{_SIGNIFICANT}g}")
+            rows.append(row)
+    return SensitivityProfile(
+        schema_version=PROFILE_SCHEMA_VERSION,
+        kind=PROFILE_KIND,
+        model=model_identity(model, getattr(model, "name_or_path", "") or "in-process"),
+        measurement=Measurement(
+            metric="output-change",
+            strategy="data-free",
+            k_min=k_min,
+            reference_nll=0.0,
+            calibration=CalibrationRecord(
+                file="gaussian", sha256=f"seed:{seed}", tokens=tokens, seq_len=tokens, windows=1
+            ),
+            device=parameter.device.type,
+            dtype=str(parameter.dtype).removeprefix("torch."),
+        ),
+        layers=tuple(
+            LayerSensitivity(path=layer.path, index=layer.index, original_k=layer.top_k, sensitivity=row)
+            for layer, row in zip(layers, rows)
+        ),
+        provenance=ProfileProvenance(
+            allocplan_version=__version__,
+            torch_version=package_version("torch"),
+            transformers_version=package_version("transformers"),
+        ),
+    )

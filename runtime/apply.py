@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -35,6 +35,9 @@ from allocplan.runtime.router_formats import ROUTER_FORMATS
 from allocplan.runtime.scores import RENORMALIZATION, SELECTION_SCORES
 
 _HANDLE_ATTR = "_allocplan_handle"
+
+# (scores [T, K], weights [T, K], real [T]) -> keep [T, K]; candidates sorted by score per token.
+TokenSelector = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -60,8 +63,9 @@ class _LayerRouting:
     """The router forward hook of one MoE layer under rewritten routing."""
 
     def __init__(self, layer: MoELayer, entry: LayerPlan, plan: Plan, family: MoEFamily,
-                 context: _ForwardContext) -> None:
+                 context: _ForwardContext, token_selector: TokenSelector | None = None) -> None:
         self.layer = layer
+        self.token_selector = token_selector
         self.k = float(entry.planned_k)
         self.k_max = plan.token_level.k_max or entry.original_k
         self.token_level = plan.token_level.enabled
@@ -111,7 +115,9 @@ class _LayerRouting:
             expert_scale = getattr(router, self.expert_scale_attr)[indices].float()  # [T, k_max]
             weights = weights.float() / torch.where(expert_scale == 0, 1.0, expert_scale)
         real_tokens = int(real.sum())
-        if self.token_level:
+        if self.token_selector is not None:
+            keep = self.token_selector(scores, weights.float(), real) & real[:, None]  # [T, k_max]
+        elif self.token_level:
             pairs = routing.pairs_for(self.k, real_tokens, self.ledger)
             pairs = max(self.k_base * real_tokens, min(pairs, self.k_max * real_tokens))
             keep = routing.alloc_t_keep(scores, real, pairs, self.k_base)  # [T, k_max]
@@ -230,12 +236,18 @@ def check_plan_matches(plan: Plan, model: Any) -> list[MoELayer]:
     return layers
 
 
-def apply_plan(model: Any, plan: Plan | str | os.PathLike[str]) -> PlanHandle:
+def apply_plan(
+    model: Any, plan: Plan | str | os.PathLike[str], *, token_selector: TokenSelector | None = None
+) -> PlanHandle:
     """Apply ``plan`` (a Plan or a path to a plan file) to a loaded model.
 
     The model is edited in place (see the module docstring for what changes);
     keep the returned handle and call ``handle.remove()`` to restore it, or use
     it as a context manager.
+
+    ``token_selector`` replaces the plan's per-token choice in every layer (rewritten
+    routing is then used whatever the plan says); allocplan's baselines use it for
+    threshold rules such as top-p or NAEE-style skipping.
 
     Raises:
         AllocplanError: the plan is invalid, belongs to another model, or a plan is
@@ -247,7 +259,8 @@ def apply_plan(model: Any, plan: Plan | str | os.PathLike[str]) -> PlanHandle:
         raise AllocplanError("a plan is already applied to this model; call handle.remove() first")
     layers = check_plan_matches(plan, model)
     family = model_family(model)
-    if plan.uses_routing_hooks and family.rewrite_unsupported:
+    rewrite = plan.uses_routing_hooks or token_selector is not None
+    if rewrite and family.rewrite_unsupported:
         raise AllocplanError(
             f"{family.model_type} cannot run token-level allocation or renormalize: {plan.weights.renormalize}"
             f" ({family.rewrite_unsupported}); compile with --no-token-level --renormalize model"
@@ -255,7 +268,7 @@ def apply_plan(model: Any, plan: Plan | str | os.PathLike[str]) -> PlanHandle:
     if family.warning:
         warnings.warn(f"allocplan: {family.warning}", stacklevel=2)
     handle = PlanHandle(plan=plan, layers=layers, _model=model, _saved=[layer.snapshot() for layer in layers])
-    if plan.uses_routing_hooks:
+    if rewrite:
         from allocplan.runtime.experts import EXPERTS_SWAPS, register
 
         context = _ForwardContext()
@@ -264,7 +277,7 @@ def apply_plan(model: Any, plan: Plan | str | os.PathLike[str]) -> PlanHandle:
             model.set_experts_implementation(register())
         handle._hooks.append(model.register_forward_pre_hook(_record_padding(context), with_kwargs=True))
         for layer, entry in zip(layers, plan.layers):
-            layer_routing = _LayerRouting(layer, entry, plan, family, context)
+            layer_routing = _LayerRouting(layer, entry, plan, family, context, token_selector)
             layer.set_top_k(layer_routing.k_max)
             handle._routings.append(layer_routing)
             experts = layer.experts

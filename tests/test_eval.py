@@ -1,0 +1,109 @@
+"""allocplan eval and the baselines: JSON, measured activations, calibration to the budget."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+from tiny_models import build_tiny_model, tiny_tokenizer
+
+from allocplan.baselines import build_policy, measured_total, random_plan, uniform_plan
+from allocplan.cli import cli
+from allocplan.errors import AllocplanError
+from allocplan.evaluation import read_arithmetic
+from allocplan.planner.profiling import calibration_windows
+
+
+@pytest.fixture(scope="module")
+def arith_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("arith") / "arith.txt"
+    path.write_text("1+2=3\n10-4=6\n7+7=14\n")
+    return path
+
+
+def run_eval(*args):
+    result = CliRunner().invoke(cli, ["eval", *map(str, args)])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_eval_json_and_plan_activations(checkpoints, calib_file, arith_file, tmp_path):
+    ckpt = checkpoints("olmoe")
+    plan = tmp_path / "plan.yaml"
+    compiled = CliRunner().invoke(cli, ["compile", "--model", str(ckpt), "--budget", "0.5", "-o", str(plan),
+                                        "--calib", str(calib_file), "--calib-tokens", "512", "--seq-len", "64",
+                                        "--no-token-level"])
+    assert compiled.exit_code == 0, compiled.output
+    out = run_eval("--model", ckpt, "--plan", plan, "--data", calib_file, "--arith", arith_file,
+                   "--max-tokens", "512", "--seq-len", "64")
+    assert {"nll", "perplexity", "arith_accuracy", "arith_problems", "activations_per_layer",
+            "activations_per_token", "tokens", "data"} <= out.keys()
+    assert out["arith_problems"] == 3 and 0.0 <= out["arith_accuracy"] <= 1.0
+    assert out["perplexity"] == pytest.approx(math.exp(out["nll"]))
+    from allocplan.planner.plan import load_plan
+
+    planned = {e.path: float(e.planned_k) for e in load_plan(plan).layers}
+    assert out["activations_per_layer"] == planned  # counted at the experts, equal to the plan
+
+
+def test_eval_alloc_t_activations_match_budget(checkpoints, calib_file):
+    out = run_eval("--model", checkpoints("qwen3_moe"), "--method", "alloc-t", "--budget", "0.375",
+                   "--data", calib_file, "--max-tokens", "512", "--seq-len", "64")
+    # 16 original activations * 0.375 = 6 over 4 layers: 1.5 per layer, realised per forward exactly.
+    assert out["activations_per_token"] == pytest.approx(6.0, abs=1e-9)
+    assert all(v == pytest.approx(1.5) for v in out["activations_per_layer"].values())
+
+
+def test_eval_user_errors(checkpoints, calib_file):
+    result = CliRunner().invoke(cli, ["eval", "--model", str(checkpoints("olmoe")), "--data", str(calib_file)])
+    assert result.exit_code == 2 and "exactly one of --plan" in result.stderr
+    result = CliRunner().invoke(cli, ["eval", "--model", str(checkpoints("olmoe")), "--data", str(calib_file),
+                                      "--method", "uniform"])
+    assert result.exit_code == 2 and "needs --budget" in result.stderr
+
+
+@pytest.mark.parametrize("method", ["naee", "top-p"])
+@pytest.mark.parametrize("family", ["olmoe", "deepseek_v3"])
+def test_threshold_baselines_calibrate_to_budget(method, family, calib_file):
+    model = build_tiny_model(family)
+    windows, _ = calibration_windows(tiny_tokenizer(), calib_file, calib_tokens=2048, seq_len=64)
+    policy = build_policy(model, method, 0.5, calib_windows=windows)
+    target = 0.5 * sum(layer.mlp.gate.top_k for layer in model.model.layers if hasattr(layer.mlp, "gate"))
+    assert measured_total(model, policy, windows) == pytest.approx(target, rel=0.01)
+    assert 0.0 < policy.parameter < 1.0
+
+
+@pytest.mark.parametrize("method", ["uniform", "random", "alloc-t", "lexi"])
+def test_plan_baselines_match_budget(method, calib_file):
+    model = build_tiny_model("mixtral")
+    windows, _ = calibration_windows(tiny_tokenizer(), calib_file, calib_tokens=1024, seq_len=64)
+    for ratio in (0.33, 0.5, 0.8):
+        policy = build_policy(model, method, ratio)
+        total = math.floor(ratio * 16 + 0.5)
+        assert policy.plan.budget.planned_activations == pytest.approx(total)
+        assert measured_total(model, policy, windows) == pytest.approx(total, rel=0.01)
+
+
+def test_random_and_uniform_plans():
+    model = build_tiny_model("olmoe")
+    ks = [e.planned_k for e in random_plan(model, 9, seed=3).layers]
+    assert sum(ks) == 9 and all(1 <= k <= 4 for k in ks)
+    assert [e.planned_k for e in random_plan(model, 9, seed=3).layers] == ks  # seeded
+    fractional = uniform_plan(model, 6)
+    assert fractional.token_level.enabled and fractional.token_level.k_base == 1
+    assert all(e.planned_k == 1.5 for e in fractional.layers)
+
+
+def test_read_arithmetic_rejects_bad_lines(tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_text("1+2=3\nnonsense\n")
+    with pytest.raises(AllocplanError, match="bad.txt:2"):
+        read_arithmetic(bad)
+
+
+def test_unknown_method():
+    with pytest.raises(AllocplanError, match="is not one of"):
+        build_policy(build_tiny_model("olmoe"), "magic", 0.5)
