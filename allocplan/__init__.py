@@ -2,7 +2,7 @@
 
 Two verbs, like ``quantize_(model, config)``::
 
-    plan = allocplan.compile_plan("bundled:tiny-olmoe", 0.5)   # profile + solve (Alloc-L)
+    plan = allocplan.compile_plan("bundled:ref-olmoe", 0.5)   # profile + solve (Alloc-L)
     allocplan.save_plan(plan, "plan.yaml")
     handle = allocplan.apply_plan(model, "plan.yaml")          # per-layer top-k, reversible
     handle.remove()                                            # bit-identical original

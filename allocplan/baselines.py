@@ -34,61 +34,15 @@ import torch
 from allocplan.errors import AllocplanError
 from allocplan.planner.budget import resolve_budget
 from allocplan.planner.from_profile import solve_profile
-from allocplan.planner.plan import (
-    Budget,
-    LayerPlan,
-    Plan,
-    PlanProvenance,
-    SolverRecord,
-    TokenLevel,
-    Weights,
-)
+from allocplan.planner.plan import Plan
 from allocplan.planner.profile_format import SensitivityProfile
-from allocplan.planner.provenance import CalibrationRecord, package_version
 from allocplan.runtime.apply import PlanHandle, TokenSelector, apply_plan
-from allocplan.runtime.layers import find_moe_layers, model_identity
+from allocplan.runtime.layers import find_moe_layers
+from allocplan.runtime.plans import manual_plan
 from allocplan.runtime.measure import count_activations
 
 METHODS = ("full", "uniform", "random", "lexi", "naee", "top-p", "alloc-t", "alloc-l", "alloc-lt")
 PROFILE_METHODS = {"alloc-l", "alloc-lt"}
-
-
-def manual_plan(
-    model: Any,
-    ks: list[float],
-    *,
-    token_level: bool = False,
-    k_base: int = 1,
-    k_max: int | None = None,
-    renormalize: str = "model",
-    reference_k: int | None = None,
-    budget_ratio: float | None = None,
-) -> Plan:
-    """A Plan with the given per-layer k, for policies that are not solved from a profile."""
-    layers = find_moe_layers(model)
-    entries = tuple(LayerPlan(layer.path, layer.index, layer.top_k, k) for layer, k in zip(layers, ks))
-    original = sum(e.original_k for e in entries)
-    planned = sum(ks)
-    total = math.ceil(planned - 1e-9)
-    return Plan(
-        schema_version=1,
-        kind="allocplan-plan",
-        model=model_identity(model, getattr(model, "name_or_path", "") or "in-process"),
-        budget=Budget(budget_ratio if budget_ratio is not None and _rounds_to(budget_ratio, original, total) else None,
-                      total, original, planned),
-        layers=entries,
-        token_level=TokenLevel(token_level, k_base, k_max),
-        weights=Weights(renormalize, reference_k),
-        solver=SolverRecord("none", 0.0, 0.0, "OPTIMAL", True),
-        provenance=PlanProvenance(
-            package_version("allocplan"), package_version("torch"), package_version("transformers"),
-            "manual", 1, "sha256:none", CalibrationRecord("none", "sha256:none", 0, 0, 0),
-        ),
-    )
-
-
-def _rounds_to(ratio: float, original: int, total: int) -> bool:
-    return math.floor(ratio * original + 0.5 + 1e-9) == total
 
 
 def uniform_plan(model: Any, total: int, budget_ratio: float | None = None) -> Plan:

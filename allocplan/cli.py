@@ -87,6 +87,9 @@ def _profiling_options(func: Any) -> Any:
                          help="Sensitivity metric: NLL increase or KL divergence from the full model."),
             click.option("--k-min", type=click.IntRange(min=1), default=1, show_default=True,
                          help="Smallest top-k a layer may be given."),
+            click.option("--k-step", type=click.Choice(["1", "0.5"]), default="1", show_default=True,
+                         callback=lambda _ctx, _param, value: float(value),
+                         help="Candidate grid: whole experts, or halves realised by token-level allocation."),
             click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
                          help="Calibration windows per forward pass."),
         ]
@@ -149,8 +152,8 @@ def cli(verbose: bool) -> None:
 
     \b
     Typical use:
-      allocplan compile --model bundled:tiny-olmoe --budget 0.5 -o plan.yaml
-      allocplan validate plan.yaml --model bundled:tiny-olmoe
+      allocplan compile --model bundled:ref-olmoe --budget 0.5 -o plan.yaml
+      allocplan validate plan.yaml --model bundled:ref-olmoe
       allocplan apply plan.yaml --prompt "The if statement"
     """
     # transformers' progress bars and advisory warnings would break the one-line error
@@ -356,6 +359,70 @@ def eval_command(model_name: str, plan_path: Path | None, method: str | None, bu
                f" {result['activations_per_token']:.3f} activations per token", err=True)
     for path, value in result["activations_per_layer"].items():
         click.echo(f"  {path}: {value:.3f}", err=True)
+
+
+@cli.command("bench")
+@click.option("--model", "model_name", default=None, help="Trained model to time (with --plan).")
+@click.option("--plan", "plan_path", type=_existing_file, default=None, help="Plan to time against the untouched model.")
+@click.option("--config", "preset", type=click.Choice(["dsv2-lite-small", "mixtral-small"]), default=None,
+              help="Time a randomly initialised model of this shape, planned uniformly at --budget.")
+@click.option("--budget", "budget_ratio", type=click.FloatRange(0, 1, min_open=True), default=0.5, show_default=True,
+              help="Budget of the uniform plan for --config.")
+@click.option("--token-level/--no-token-level", default=False, show_default=True,
+              help="Alloc-T for the --config plan (fractional budgets always use it).")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Prefill batch size.")
+@click.option("--prompt-len", type=click.IntRange(min=2), default=256, show_default=True)
+@click.option("--new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--repeat", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--profile-cost", is_flag=True, help="Also time profiling with and without prefix reuse.")
+@click.option("--solver-cost", is_flag=True, help="Also time the DP and the ILP on a 60-layer, k<=16 instance.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads [default: torch's].")
+def bench_command(model_name: str | None, plan_path: Path | None, preset: str | None, budget_ratio: float,
+                  token_level: bool, batch: int, prompt_len: int, new_tokens: int, repeat: int,
+                  profile_cost: bool, solver_cost: bool, threads: int | None) -> None:
+    """Time prefill and decode without and with a plan, side by side (JSON on stdout)."""
+    _quiet_transformers()
+    import json
+
+    import torch
+
+    from allocplan import benchmark
+    from allocplan.loading import DEFAULT_CALIBRATION, load_model
+    from allocplan.planner.plan import load_plan
+    from allocplan.planner.profiling import calibration_windows
+
+    if threads:
+        torch.set_num_threads(threads)
+    if (preset is None) == (plan_path is None):
+        raise AllocplanError("give --plan PLAN (with --model or the plan's model) or --config PRESET")
+    tokenizer = None
+    if preset is not None:
+        model = benchmark.build_preset(preset)
+        plan = benchmark.uniform_budget_plan(model, budget_ratio, token_level)
+        label = f"{preset} (random init), uniform budget {budget_ratio:g}"
+    else:
+        plan = load_plan(plan_path)
+        model, tokenizer = load_model(model_name or plan.model.name)
+        label = f"{model_name or plan.model.name} with {plan_path}"
+    result = {"label": label, **benchmark.bench(model, plan, batch=batch, prompt_len=prompt_len,
+                                                new_tokens=new_tokens, repeat=repeat)}
+    if profile_cost:
+        if tokenizer is None:
+            generator = torch.Generator().manual_seed(0)
+            windows = torch.randint(0, model.get_input_embeddings().num_embeddings, (4, 256), generator=generator)
+        else:
+            windows, _ = calibration_windows(tokenizer, DEFAULT_CALIBRATION, calib_tokens=2048, seq_len=256)
+        result["profile_cost"] = benchmark.profile_cost(model, windows)
+    if solver_cost:
+        result["solver_cost"] = benchmark.solver_cost()
+    click.echo(json.dumps(result, indent=2, sort_keys=True))
+    click.echo(f"{label}: budget {result['budget']:.3f}, f_moe {result['f_moe_time']:.2f} (time),"
+               f" ideal speed-up {result['ideal_speedup']:.2f}x", err=True)
+    for name in ("prefill_s", "decode_b1_s_per_token", "decode_b8_s_per_step"):
+        r = result[name]
+        click.echo(f"  {name}: {r['untouched']['median'] * 1e3:.1f} ms -> {r['planned']['median'] * 1e3:.1f} ms,"
+                   f" speed-up {r['speedup']['median']:.2f}x [{r['speedup']['min']:.2f}, {r['speedup']['max']:.2f}],"
+                   f" {result['achieved_fraction'][name]:.0%} of the bound", err=True)
 
 
 @cli.command("families")

@@ -27,6 +27,7 @@ def compile_plan(
     strategy: str = "isolated",
     metric: str = "nll",
     k_min: int = 1,
+    k_step: float = 1.0,
     token_level: bool = True,
     k_base: int = 1,
     k_max: int | None = None,
@@ -48,7 +49,8 @@ def compile_plan(
         budget_activations: absolute activations per token instead of ``budget``.
         calib: UTF-8 calibration text; defaults to the text bundled with allocplan.
         calib_tokens / seq_len: tokens scored and window length.
-        strategy / metric / k_min: see :mod:`allocplan.planner.profiling`.
+        strategy / metric / k_min / k_step: see :mod:`allocplan.planner.profiling`
+            (``k_step=0.5``: a half-expert grid, needs ``token_level``).
         token_level / k_base / k_max / renormalize / reference_k: runtime routing settings
             recorded in the plan (see :func:`allocplan.solve_profile`).
         batch_size: calibration windows per forward pass.
@@ -85,6 +87,7 @@ def compile_plan(
         strategy=strategy,
         metric=metric,
         k_min=k_min,
+        k_step=k_step,
         batch_size=batch_size,
     )
     plan = solve_profile(

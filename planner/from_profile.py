@@ -7,6 +7,7 @@ the ILP, and builds the Plan. No torch, so ``allocplan solve`` runs anywhere.
 from __future__ import annotations
 
 from allocplan._version import __version__
+from allocplan.errors import AllocplanError
 from allocplan.planner.budget import resolve_budget
 from allocplan.planner.plan import (
     PLAN_KIND,
@@ -58,13 +59,20 @@ def solve_profile(
         budget_ratio=budget_ratio,
         budget_activations=budget_activations,
     )
+    # The solvers work in whole units: a half-expert grid is solved in half-experts.
+    units = int(round(1 / profile.measurement.k_step))
+    if units != 1 and not token_level:
+        raise AllocplanError(
+            "this profile has a half-expert grid, whose fractional k only token-level allocation can run;"
+            " solve with --token-level"
+        )
     problem = AllocationProblem(
-        choices=tuple(tuple(layer.sensitivity) for layer in profile.layers),
+        choices=tuple(tuple(int(round(k * units)) for k in layer.sensitivity) for layer in profile.layers),
         costs=tuple(tuple(layer.sensitivity.values()) for layer in profile.layers),
-        budget=total,
+        budget=total * units,
     )
     checked = solve_checked(problem)
-    ks = checked.allocation.ks
+    ks = [k // units if k % units == 0 else k / units for k in checked.allocation.ks]
     return Plan(
         schema_version=PLAN_SCHEMA_VERSION,
         kind=PLAN_KIND,

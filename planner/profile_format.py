@@ -30,14 +30,14 @@ class LayerSensitivity:
         path: module path of the MoE block, e.g. ``model.layers.3.mlp``.
         index: decoder layer index.
         original_k: the layer's original top-k K_l.
-        sensitivity: k -> S[l, k] for every k in [k_min, K_l], in the profile's metric
-            (nats per token). S[l, K_l] is 0 under the isolated strategy.
+        sensitivity: k -> S[l, k] for every k in the grid k_min, k_min + k_step, ..., K_l, in
+            the profile's metric (nats per token). S[l, K_l] is 0 under the isolated strategy.
     """
 
     path: str
     index: int
     original_k: int
-    sensitivity: dict[int, float]
+    sensitivity: dict[int | float, float]
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,10 @@ class Measurement:
             later layers at k_min, profiled deepest first) or ``data-free`` (each block
             alone on Gaussian inputs, as LExI does; calibration holds the input size).
         k_min: smallest candidate k per layer.
+        k_step: spacing of the candidate grid: 1 (whole experts) or 0.5 (a half-expert grid,
+            whose fractional k are realised by token-level allocation).
+        token_level: whether the measured layer ran with Alloc-T routing (required by a
+            half-expert grid) rather than plain top-k.
         reference_nll: mean NLL of the untouched model on the calibration tokens.
         calibration: the text it was measured on.
         device: torch device used.
@@ -61,6 +65,8 @@ class Measurement:
     metric: str
     strategy: str
     k_min: int
+    k_step: float
+    token_level: bool
     reference_nll: float
     calibration: CalibrationRecord
     device: str
@@ -108,6 +114,13 @@ class SensitivityProfile:
         return "sha256:" + hashlib.sha256(self.to_yaml().encode("utf-8")).hexdigest()
 
 
+def k_grid(k_min: int, k_max: int, k_step: float) -> list[int | float]:
+    """Candidate k values k_min, k_min + k_step, ..., k_max (whole values as ints)."""
+    steps = int(round((k_max - k_min) / k_step))
+    values = [k_min + i * k_step for i in range(steps + 1)]
+    return [int(v) if float(v).is_integer() else v for v in values]
+
+
 def _validate_profile(profile: SensitivityProfile) -> None:
     where = "profile"
     if profile.measurement.metric not in METRICS:
@@ -122,6 +135,11 @@ def _validate_profile(profile: SensitivityProfile) -> None:
     k_min = profile.measurement.k_min
     if k_min < 1:
         raise AllocplanError(f"{where}.measurement.k_min: must be at least 1, got {k_min}")
+    k_step = profile.measurement.k_step
+    if k_step not in (1.0, 0.5):
+        raise AllocplanError(f"{where}.measurement.k_step: must be 1.0 or 0.5, got {k_step}")
+    if k_step != 1.0 and not profile.measurement.token_level:
+        raise AllocplanError(f"{where}.measurement.k_step: a half-expert grid needs token_level: true")
     if not profile.layers:
         raise AllocplanError(f"{where}.layers: is empty; a profile needs one row per MoE layer")
     if len(profile.layers) != profile.model.num_moe_layers:
@@ -137,10 +155,10 @@ def _validate_profile(profile: SensitivityProfile) -> None:
         previous = layer.index
         if layer.original_k < k_min:
             raise AllocplanError(f"{at}.original_k: {layer.original_k} is below k_min {k_min}")
-        expected = list(range(k_min, layer.original_k + 1))
+        expected = k_grid(k_min, layer.original_k, k_step)
         if sorted(layer.sensitivity) != expected:
             raise AllocplanError(
-                f"{at}.sensitivity: keys must be exactly k = {k_min}..{layer.original_k},"
+                f"{at}.sensitivity: keys must be exactly k = {k_min}..{layer.original_k} in steps of {k_step:g},"
                 f" got {sorted(layer.sensitivity)}"
             )
 

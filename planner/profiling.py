@@ -39,10 +39,13 @@ from allocplan.planner.profile_format import (
     Measurement,
     ProfileProvenance,
     SensitivityProfile,
+    k_grid,
 )
 from allocplan.planner.provenance import CalibrationRecord, package_version
 from allocplan.planner.records import sha256_file
+from allocplan.runtime.apply import apply_plan
 from allocplan.runtime.layers import MoELayer, find_moe_layers, model_family, model_identity
+from allocplan.runtime.plans import manual_plan
 
 logger = logging.getLogger("allocplan")
 
@@ -93,7 +96,7 @@ def calibration_windows(
     return tensor, record
 
 
-def layer_ks(strategy: str, originals: list[int], position: int, k: int, k_min: int) -> list[int]:
+def layer_ks(strategy: str, originals: list[int], position: int, k: float, k_min: int) -> list[float]:
     """Top-k of every MoE layer while the layer at ``position`` is measured at ``k``."""
     if strategy == "isolated":
         later = originals[position + 1 :]
@@ -144,6 +147,18 @@ def _token_losses(model: Any, batch: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits[:, :-1].float(), dim=-1)
 
 
+@contextmanager
+def _probe(model: Any, layers: list[MoELayer], ks: list[float], token_level: bool) -> Iterator[None]:
+    """Route with per-layer ks: plain top-k, or Alloc-T through the runtime (fractional k)."""
+    if not token_level:
+        with _top_ks(layers, [int(k) for k in ks]):
+            yield
+        return
+    # At k = K Alloc-T keeps every candidate, so layers left at their original k are unchanged.
+    with apply_plan(model, manual_plan(model, ks, token_level=True, k_base=1)):
+        yield
+
+
 def measure_sensitivity(
     model: Any,
     windows: torch.Tensor,
@@ -151,9 +166,10 @@ def measure_sensitivity(
     strategy: str = "isolated",
     metric: str = "nll",
     k_min: int = 1,
+    k_step: float = 1.0,
     batch_size: int = 8,
     reuse_prefix: bool = True,
-) -> tuple[list[dict[int, float]], float]:
+) -> tuple[list[dict[int | float, float]], float]:
     """S[l, k] for every MoE layer and candidate k, and the reference NLL.
 
     Args:
@@ -162,6 +178,8 @@ def measure_sensitivity(
         strategy: ``isolated`` or ``paper`` (module docstring).
         metric: ``nll`` or ``kl``.
         k_min: smallest candidate k.
+        k_step: 1 for whole experts, 0.5 for a half-expert grid; a fractional grid is
+            measured with Alloc-T routing in the profiled layer (as the plan will run).
         batch_size: windows per forward pass.
         reuse_prefix: re-run only layers >= l per (l, k); False runs the whole model
             each time (the naive reference, kept for tests and cost comparisons).
@@ -180,10 +198,13 @@ def measure_sensitivity(
     originals = [layer.top_k for layer in layers]
     if k_min < 1 or k_min > min(originals):
         raise AllocplanError(f"k_min {k_min} must be between 1 and the smallest original top-k {min(originals)}")
+    if k_step not in (1.0, 0.5):
+        raise AllocplanError(f"k step {k_step} is not 1 or 0.5")
+    token_level = k_step != 1.0
     device = next(model.parameters()).device
 
     # float64 accumulators: sums over up to millions of token-level differences.
-    increase = [{k: 0.0 for k in range(k_min, original + 1)} for original in originals]
+    increase = [{k: 0.0 for k in k_grid(k_min, original, k_step)} for original in originals]
     reference_sum, scored = 0.0, 0
     with torch.inference_mode(), _top_ks(layers, originals):
         for batch in windows.to(device).split(batch_size):
@@ -211,7 +232,7 @@ def measure_sensitivity(
                     if strategy == "isolated" and k == originals[position]:
                         continue  # identical to the reference configuration: S = 0 exactly
                     ks = layer_ks(strategy, originals, position, k, k_min)
-                    with _top_ks(layers, ks):
+                    with _probe(model, layers, ks, token_level):
                         if reuse_prefix:
                             with _replayed_prefix(decoder_layers, outputs, layers[position].index):
                                 logp = _token_losses(model, batch)
@@ -243,6 +264,7 @@ def profile_model(
     strategy: str = "isolated",
     metric: str = "nll",
     k_min: int = 1,
+    k_step: float = 1.0,
     batch_size: int = 8,
 ) -> SensitivityProfile:
     """Profile a loaded model on a calibration text file (see module docstring).
@@ -254,7 +276,7 @@ def profile_model(
     layers = find_moe_layers(model)
     windows, record = calibration_windows(tokenizer, calib, calib_tokens=calib_tokens, seq_len=seq_len)
     rows, reference_nll = measure_sensitivity(
-        model, windows, strategy=strategy, metric=metric, k_min=k_min, batch_size=batch_size
+        model, windows, strategy=strategy, metric=metric, k_min=k_min, k_step=k_step, batch_size=batch_size
     )
     parameter = next(model.parameters())
     return SensitivityProfile(
@@ -265,6 +287,8 @@ def profile_model(
             metric=metric,
             strategy=strategy,
             k_min=k_min,
+            k_step=k_step,
+            token_level=k_step != 1.0,
             reference_nll=float(f"{reference_nll:.{_SIGNIFICANT}g}"),
             calibration=record,
             device=parameter.device.type,
@@ -317,6 +341,8 @@ def profile_data_free(model: Any, *, tokens: int = 512, seed: int = 0, k_min: in
             metric="output-change",
             strategy="data-free",
             k_min=k_min,
+            k_step=1.0,
+            token_level=False,
             reference_nll=0.0,
             calibration=CalibrationRecord(
                 file="gaussian", sha256=f"seed:{seed}", tokens=tokens, seq_len=tokens, windows=1

@@ -10,11 +10,16 @@ Two paths, both instance-level (no transformers class or function is patched):
   which (token, candidate) pairs run (:mod:`allocplan.runtime.routing`), marking
   the others with the ``num_experts`` sentinel. The model switches to the
   ``allocplan_ragged`` experts implementation, which never computes a sentinel
-  slot. A forward pre-hook on the model records the attention mask so that
-  padding tokens get no experts and are not counted in T.
+  slot (families whose experts are not pluggable get a stand-in experts module
+  swapped in through the parent's attribute, see ``MoEFamily.experts_swap``;
+  block-side routers are rewritten at the experts' input, JetMoE's sparse layout
+  through :mod:`allocplan.runtime.router_formats`). A forward pre-hook on the
+  model records the attention mask so that padding tokens get no experts and are
+  not counted in T.
 
 Every change is recorded so that ``handle.remove()`` puts back the exact
-previous state (router ``top_k``, hooks, experts implementation).
+previous state (router ``top_k`` or config, hooks, experts implementation,
+swapped modules).
 """
 
 from __future__ import annotations

@@ -248,3 +248,34 @@ def test_generate_with_plans(family):
             generated = model.generate(ids, **kwargs)
         handle.reset()
         assert torch.equal(generated, greedy_cached(model, ids, 6))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("drop", [0.0, 0.4])
+def test_fast_experts_path_equals_eager(family, drop):
+    """allocplan's experts execution gives transformers' eager result, with and without dropped slots."""
+    if family == "jetmoe":
+        pytest.skip("jetmoe's own experts run the kept pairs; allocplan does not replace them")
+    model = build_tiny_model(family)
+    layer = find_moe_layers(model)[0]
+    generator = torch.Generator().manual_seed(5)
+    num_experts, tokens, k = layer.experts.num_experts, 9, layer.top_k
+    hidden = torch.randn(tokens, model.get_input_embeddings().embedding_dim, generator=generator)
+    index = torch.stack([torch.randperm(num_experts, generator=generator)[:k] for _ in range(tokens)])
+    weights = torch.rand(tokens, k, generator=generator)
+    dropped = torch.rand(tokens, k, generator=generator) < drop
+    index, weights = index.masked_fill(dropped, num_experts), weights.masked_fill(dropped, 0.0)
+    # Loops without a sentinel slot (dbrx, gpt-oss eager) get weight-0 real experts instead: same sum.
+    real_index = index.clamp(max=num_experts - 1)
+    if family == "dbrx":
+        from allocplan.runtime.experts import RaggedDbrxExperts
+
+        reference = layer.experts(hidden[None], real_index, weights)[0]
+        fast = RaggedDbrxExperts(layer.experts)(hidden[None], index, weights)[0]
+    else:
+        from allocplan.runtime.experts import ragged_experts_forward
+
+        model.set_experts_implementation("eager")
+        reference = layer.experts(hidden, real_index if family == "gpt_oss" else index, weights)
+        fast = ragged_experts_forward(layer.experts, hidden, index, weights)
+    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)

@@ -15,12 +15,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_bundled_model_is_packaged():
-    assert "tiny-olmoe" in bundled_model_names()
+    assert "ref-olmoe" in bundled_model_names()
 
 
 def test_compiling_bundled_model_reproduces_golden_files(tmp_path):
-    golden_profile = load_profile(ROOT / "profiles" / "tiny-olmoe.yaml")
-    plan = allocplan.compile_plan("bundled:tiny-olmoe", 0.5, profile_out=tmp_path / "profile.yaml")
+    golden_profile = load_profile(ROOT / "profiles" / "ref-olmoe.yaml")
+    plan = allocplan.compile_plan("bundled:ref-olmoe", 0.5, profile_out=tmp_path / "profile.yaml")
     profile = load_profile(tmp_path / "profile.yaml")
     assert profile.model == golden_profile.model
     assert profile.measurement == golden_profile.measurement or (
@@ -28,16 +28,16 @@ def test_compiling_bundled_model_reproduces_golden_files(tmp_path):
     )
     for row, golden in zip(profile.layers, golden_profile.layers):
         assert row.sensitivity == pytest.approx(golden.sensitivity, abs=1e-6)
-    golden_plan = allocplan.load_plan(ROOT / "plans" / "tiny-olmoe-budget-0.5.yaml")
+    golden_plan = allocplan.load_plan(ROOT / "plans" / "ref-olmoe-budget-0.5.yaml")
     assert [l.planned_k for l in plan.layers] == [l.planned_k for l in golden_plan.layers]
 
 
 def test_bundled_plan_changes_routing_and_keeps_text_readable():
-    model, tokenizer = load_model("bundled:tiny-olmoe")
+    model, tokenizer = load_model("bundled:ref-olmoe")
     ids = tokenizer("The if statement is used for conditional execution", return_tensors="pt").input_ids
     with torch.inference_mode():
         full = model(input_ids=ids, labels=ids).loss
-        with allocplan.apply_plan(model, ROOT / "plans" / "tiny-olmoe-budget-0.5.yaml"):
+        with allocplan.apply_plan(model, ROOT / "plans" / "ref-olmoe-budget-0.5.yaml"):
             half = model(input_ids=ids, labels=ids).loss
         restored = model(input_ids=ids, labels=ids).loss
     assert torch.equal(full, restored)

@@ -60,6 +60,17 @@ def test_solve_budget_activations(olmoe, tmp_path):
     assert plan.budget.planned_activations <= 5
 
 
+def test_compile_half_expert_grid(checkpoints, calib_file, tmp_path):
+    result = run("compile", "--model", checkpoints("qwen3_moe"), "--budget", "0.45", "--k-step", "0.5",
+                 "--calib", calib_file, *SMALL, "-o", tmp_path / "plan.yaml", "--profile-out", tmp_path / "p.yaml")
+    assert result.exit_code == 0, result.output
+    plan = load_plan(tmp_path / "plan.yaml")
+    assert plan.token_level.enabled and plan.budget.planned_activations <= 7
+    assert all(float(e.planned_k * 2).is_integer() for e in plan.layers)
+    assert_user_error(run("solve", tmp_path / "p.yaml", "--budget", "0.5", "--no-token-level", "-o",
+                          tmp_path / "x.yaml"), "half-expert grid")
+
+
 def test_validate(olmoe, checkpoints):
     ckpt, plan, _ = olmoe
     result = run("validate", plan, "--model", ckpt)

@@ -42,7 +42,7 @@ def make_profile(rows=((0.9, 0.4, 0.1, 0.0), (0.05, 0.02, 0.01, 0.0), (2.0, 0.7,
         kind="allocplan-profile",
         model=ModelIdentity("test/model", "olmoe", "sha256:0123456789abcdef", len(rows), 8),
         measurement=Measurement(
-            metric="nll", strategy="isolated", k_min=1, reference_nll=3.25,
+            metric="nll", strategy="isolated", k_min=1, k_step=1.0, token_level=False, reference_nll=3.25,
             calibration=CalibrationRecord("calib.txt", "sha256:" + "0" * 64, 1024, 64, 16),
             device="cpu", dtype="float32",
         ),
@@ -154,6 +154,30 @@ def test_load_errors_are_one_line(tmp_path):
         with pytest.raises(AllocplanError, match=message) as info:
             load_plan(path)
         assert "\n" not in str(info.value)
+
+
+def test_half_expert_grid_solves_to_fractional_plan():
+    rows = ((0.9, 0.6, 0.4, 0.2, 0.1, 0.05, 0.0), (0.3, 0.04, 0.02, 0.015, 0.01, 0.005, 0.0))
+    layers = tuple(
+        LayerSensitivity(f"model.layers.{i}.mlp", i, 4, {k: v for k, v in zip([1, 1.5, 2, 2.5, 3, 3.5, 4], row)})
+        for i, row in enumerate(rows)
+    )
+    base = make_profile()
+    profile = dataclasses.replace(
+        base,
+        model=dataclasses.replace(base.model, num_moe_layers=2),
+        measurement=dataclasses.replace(base.measurement, k_step=0.5, token_level=True),
+        layers=layers,
+    )
+    plan = solve_profile(profile, budget_ratio=0.5)  # B = 4 over two layers of top-4
+    assert [l.planned_k for l in plan.layers] == [2.5, 1.5]  # 0.2 + 0.04 beats 3 + 1 (0.1 + 0.3)
+    assert plan.budget.planned_activations == 4 and plan.token_level.enabled
+    with pytest.raises(AllocplanError, match="half-expert grid"):
+        solve_profile(profile, budget_ratio=0.5, token_level=False)
+    bad = to_data(profile)
+    bad["measurement"]["token_level"] = False
+    with pytest.raises(AllocplanError, match="needs token_level: true"):
+        profile_from_data(bad)
 
 
 def test_profile_strict_rejection():

@@ -37,6 +37,17 @@ def test_prefix_reuse_matches_naive(family, strategy, metric, windows):
     assert [layer.mlp.gate.top_k for layer in model.model.layers if hasattr(layer.mlp, "gate")] == [4] * len(fast)
 
 
+@pytest.mark.parametrize("family", ["olmoe", "deepseek_v3"])
+def test_half_expert_grid_reuse_matches_naive(family, windows):
+    model = build_tiny_model(family)
+    fast, _ = measure_sensitivity(model, windows, k_step=0.5, batch_size=4)
+    naive, _ = measure_sensitivity(model, windows, k_step=0.5, batch_size=4, reuse_prefix=False)
+    assert list(fast[0]) == [1, 1.5, 2, 2.5, 3, 3.5, 4]
+    for row_fast, row_naive in zip(fast, naive):
+        assert row_fast == pytest.approx(row_naive, abs=1e-5)
+    assert not hasattr(model, "_allocplan_handle")  # every probe plan was removed
+
+
 def test_isolated_full_k_is_exactly_zero(windows):
     rows, _ = measure_sensitivity(build_tiny_model("mixtral"), windows, strategy="isolated")
     assert all(row[4] == 0.0 for row in rows)

@@ -137,33 +137,14 @@ def save_tiny_checkpoint(family: str, directory, seed: int = 0):
     return directory
 
 
-def plan_for(model, ks, *, token_level=False, k_base=1, k_max=None, renormalize="model", reference_k=None):
-    """A valid Plan for ``model`` with the given per-layer k (for runtime tests)."""
-    import math
+def plan_for(model, ks, **routing):
+    """A valid Plan for ``model`` with the given per-layer k (one number: every layer)."""
+    from allocplan.runtime.layers import find_moe_layers
+    from allocplan.runtime.plans import manual_plan
 
-    from allocplan.planner.plan import (
-        Budget, LayerPlan, Plan, PlanProvenance, SolverRecord, TokenLevel, Weights,
-    )
-    from allocplan.planner.provenance import CalibrationRecord
-    from allocplan.runtime.layers import find_moe_layers, model_identity
-
-    layers = find_moe_layers(model)
     if isinstance(ks, (int, float)):
-        ks = [ks] * len(layers)
-    entries = tuple(LayerPlan(layer.path, layer.index, layer.top_k, k) for layer, k in zip(layers, ks))
-    original = sum(e.original_k for e in entries)
-    return Plan(
-        schema_version=1,
-        kind="allocplan-plan",
-        model=model_identity(model, "in-process"),
-        budget=Budget(None, math.ceil(sum(ks)), original, sum(ks)),
-        layers=entries,
-        token_level=TokenLevel(token_level, k_base, k_max),
-        weights=Weights(renormalize, reference_k),
-        solver=SolverRecord("nll", 0.0, 0.0, "OPTIMAL", True),
-        provenance=PlanProvenance("test", "test", "test", "isolated", 1, "sha256:test",
-                                  CalibrationRecord("none", "sha256:none", 0, 0, 0)),
-    )
+        ks = [ks] * len(find_moe_layers(model))
+    return manual_plan(model, list(ks), **routing)
 
 
 class PairRecorder:

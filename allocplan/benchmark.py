@@ -1,0 +1,238 @@
+"""``allocplan bench``: time the untouched and the planned model side by side, in one process.
+
+Timings alternate between the two models (untouched, planned, untouched, ...)
+after a warm-up, so slow drift of the machine hits both; each figure is the
+median of ``repeat`` runs with its min-max spread. Reported:
+
+* prefill: one forward over batch x prompt_len tokens, no cache;
+* decode: tokens per second over ``new_tokens`` greedy cached steps at batch 1
+  and at batch 8 (after a short prefill);
+* f_moe: the share of a full-k prefill spent inside the routed experts (timed
+  with hooks around the experts modules), and the ideal speed-up bound
+  1 / (1 - f_moe * (1 - b)) for the plan's budget b, with the fraction achieved.
+
+``--config PRESET`` builds a randomly initialised model of a named shape (no
+trained weights needed) and plans it uniformly at ``--budget``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+
+from allocplan.errors import AllocplanError
+from allocplan.runtime.apply import apply_plan
+from allocplan.runtime.layers import find_moe_layers
+from allocplan.runtime.plans import manual_plan
+
+
+def _preset_dsv2_lite_small() -> Any:
+    from transformers import DeepseekV2Config
+
+    # DeepSeek-V2-Lite's proportions at 1/4 width and half depth: hidden 2048 -> 512, routed
+    # expert width 1408 -> 352 (64 experts, top-6, 2 shared), MLA with 16 heads so attention
+    # keeps its ~1/16 share, 13 MoE layers after one dense layer, and a 12800 vocabulary so the
+    # head keeps its share. Routed experts are then ~0.55 of the weights a token uses (V2-Lite:
+    # ~0.55 by the same count).
+    return DeepseekV2Config(
+        vocab_size=12800, hidden_size=512, intermediate_size=1368, moe_intermediate_size=352,
+        num_hidden_layers=14, num_attention_heads=16, num_key_value_heads=16, n_routed_experts=64,
+        num_experts_per_tok=6, n_shared_experts=2, first_k_dense_replace=1, kv_lora_rank=128, q_lora_rank=None,
+        qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32, head_dim=16, topk_method="greedy",
+        n_group=1, topk_group=1, routed_scaling_factor=1.0, max_position_embeddings=2048,
+    )
+
+
+def _preset_mixtral_small() -> Any:
+    from transformers import MixtralConfig
+
+    # Mixtral-8x7B's shape (8 experts, top-2, expert width 3.5x hidden, GQA 4:1) at hidden 512;
+    # a 2048 vocabulary keeps the head's share as small as Mixtral's, so routed experts hold
+    # about 0.87 of the weights a token uses (Mixtral-8x7B: about 0.88).
+    return MixtralConfig(
+        vocab_size=2048, hidden_size=512, intermediate_size=1792, num_hidden_layers=6, num_attention_heads=8,
+        num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=2048,
+    )
+
+
+PRESETS: dict[str, Callable[[], Any]] = {
+    "dsv2-lite-small": _preset_dsv2_lite_small,
+    "mixtral-small": _preset_mixtral_small,
+}
+
+
+def build_preset(name: str, seed: int = 0) -> Any:
+    """A randomly initialised model of preset ``name`` in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    if name not in PRESETS:
+        raise AllocplanError(f"no preset {name!r}; presets: {', '.join(PRESETS)}")
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(PRESETS[name]()).eval()
+
+
+def routed_weight_share(model: Any) -> float:
+    """f: routed experts' share of the weights one token uses at full k (decode's cost model).
+
+    Counts every parameter a token touches once: embeddings are a lookup (not counted),
+    the LM head is; a routed expert counts k / E of its layer's experts.
+    """
+    layers = find_moe_layers(model)
+    routed = sum(
+        sum(p.numel() for p in layer.experts.parameters()) * layer.top_k / layer.experts.num_experts
+        for layer in layers
+    )
+    expert_params = sum(p.numel() for layer in layers for p in layer.experts.parameters())
+    embedding = model.get_input_embeddings().weight.numel()
+    total = sum(p.numel() for p in model.parameters()) - expert_params - embedding + routed
+    return routed / total
+
+
+def _median_spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def _time_prefill(model: Any, ids: torch.Tensor) -> float:
+    start = time.perf_counter()
+    with torch.inference_mode():
+        model(input_ids=ids, use_cache=False)
+    return time.perf_counter() - start
+
+
+def _time_decode(model: Any, ids: torch.Tensor, new_tokens: int) -> float:
+    """Seconds per generated token over ``new_tokens`` cached greedy steps (prefill excluded)."""
+    with torch.inference_mode():
+        out = model(input_ids=ids, use_cache=True)
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            out = model(input_ids=token, cache=cache, use_cache=True)
+            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    return (time.perf_counter() - start) / new_tokens
+
+
+def expert_time_share(model: Any, ids: torch.Tensor, repeat: int = 3) -> float:
+    """Measured share of a prefill's time spent inside the routed experts modules."""
+    spent = [0.0]
+    starts: dict[int, float] = {}
+    hooks = []
+    for layer in find_moe_layers(model):
+        hooks.append(layer.experts.register_forward_pre_hook(
+            lambda m, _a: starts.__setitem__(id(m), time.perf_counter())))
+        hooks.append(layer.experts.register_forward_hook(
+            lambda m, _a, _o: spent.__setitem__(0, spent[0] + time.perf_counter() - starts[id(m)])))
+    try:
+        shares = []
+        for _ in range(repeat):
+            spent[0] = 0.0
+            total = _time_prefill(model, ids)
+            shares.append(spent[0] / total)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return statistics.median(shares)
+
+
+def bench(
+    model: Any,
+    plan: Any,
+    *,
+    batch: int = 1,
+    prompt_len: int = 256,
+    new_tokens: int = 32,
+    repeat: int = 5,
+    seed: int = 0,
+) -> dict:
+    """Side-by-side timings of ``model`` without and with ``plan`` (see module docstring)."""
+    generator = torch.Generator().manual_seed(seed)
+    vocab = model.get_input_embeddings().num_embeddings
+    prefill_ids = torch.randint(0, vocab, (batch, prompt_len), generator=generator)
+    decode_prompt = torch.randint(0, vocab, (1, 16), generator=generator)
+    decode_batch = torch.randint(0, vocab, (8, 16), generator=generator)
+    budget = plan.budget.planned_activations / plan.budget.original_activations
+    f_moe = expert_time_share(model, prefill_ids)
+
+    def planned(fn: Callable[[], float]) -> float:
+        with apply_plan(model, plan):
+            return fn()
+
+    measures = {
+        "prefill_s": lambda: _time_prefill(model, prefill_ids),
+        "decode_b1_s_per_token": lambda: _time_decode(model, decode_prompt, new_tokens),
+        "decode_b8_s_per_step": lambda: _time_decode(model, decode_batch, new_tokens),
+    }
+    results: dict[str, Any] = {}
+    for name, measure in measures.items():
+        measure(), planned(measure)  # warm-up both paths
+        base, fast = [], []
+        for _ in range(repeat):
+            base.append(measure())
+            fast.append(planned(measure))
+        speedups = [b / f for b, f in zip(base, fast)]
+        results[name] = {"untouched": _median_spread(base), "planned": _median_spread(fast),
+                         "speedup": _median_spread(speedups)}
+    bound = 1 / (1 - f_moe * (1 - budget))
+    return {
+        "budget": budget,
+        "f_moe_time": f_moe,
+        "f_routed_weights": routed_weight_share(model),
+        "ideal_speedup": bound,
+        "achieved_fraction": {name: r["speedup"]["median"] / bound for name, r in results.items()},
+        "token_level": plan.token_level.enabled,
+        "batch": batch,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "repeat": repeat,
+        "threads": torch.get_num_threads(),
+        **results,
+    }
+
+
+def uniform_budget_plan(model: Any, budget: float, token_level: bool) -> Any:
+    """The plan ``--config`` runs: the same share of every layer's k."""
+    layers = find_moe_layers(model)
+    ks = [layer.top_k * budget for layer in layers]
+    whole = all(float(k).is_integer() for k in ks)
+    return manual_plan(model, [int(k) if whole else k for k in ks], token_level=token_level or not whole)
+
+
+def profile_cost(model: Any, windows: torch.Tensor) -> dict:
+    """Seconds to profile every (layer, k) with prefix reuse and with a full forward each."""
+    from allocplan.planner.profiling import measure_sensitivity
+
+    timings = {}
+    for label, reuse in (("reuse", True), ("naive", False)):
+        start = time.perf_counter()
+        measure_sensitivity(model, windows, reuse_prefix=reuse)
+        timings[f"{label}_s"] = time.perf_counter() - start
+    timings["ratio"] = timings["reuse_s"] / timings["naive_s"]
+    return timings
+
+
+def solver_cost(num_layers: int = 60, k_max: int = 16, repeat: int = 3, seed: int = 0) -> dict:
+    """DP and ILP time on a DeepSeek-V3-sized instance (60 layers, k in 1..16, budget half)."""
+    import random
+
+    from allocplan.planner.problem import AllocationProblem
+    from allocplan.planner.solve_dp import solve_dp
+    from allocplan.planner.solve_ilp import solve_ilp
+
+    rng = random.Random(seed)
+    choices = tuple(tuple(range(1, k_max + 1)) for _ in range(num_layers))
+    costs = tuple(
+        tuple(scale * (k_max - k) / k_max + rng.uniform(0, 0.01) for k in range(1, k_max + 1))
+        for scale in (rng.uniform(0.01, 2.0) for _ in range(num_layers))
+    )
+    problem = AllocationProblem(choices, costs, num_layers * k_max // 2)
+    result = {}
+    for name, solve in (("dp_s", solve_dp), ("ilp_s", solve_ilp)):
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            solve(problem)
+            times.append(time.perf_counter() - start)
+        result[name] = statistics.median(times)
+    return {"layers": num_layers, "k_max": k_max, **result}
