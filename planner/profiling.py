@@ -278,21 +278,22 @@ def profile_model(
     rows, reference_nll = measure_sensitivity(
         model, windows, strategy=strategy, metric=metric, k_min=k_min, k_step=k_step, batch_size=batch_size
     )
+    return _profile(
+        model, identity, layers, rows,
+        metric=metric, strategy=strategy, k_min=k_min, k_step=k_step, token_level=k_step != 1.0,
+        reference_nll=float(f"{reference_nll:.{_SIGNIFICANT}g}"), calibration=record,
+    )
+
+
+def _profile(model: Any, identity: Any, layers: list[MoELayer], rows: list[dict], **measurement: Any) -> SensitivityProfile:
+    """Wrap measured rows into the profile artifact (device, dtype and versions filled in)."""
     parameter = next(model.parameters())
     return SensitivityProfile(
         schema_version=PROFILE_SCHEMA_VERSION,
         kind=PROFILE_KIND,
         model=identity,
         measurement=Measurement(
-            metric=metric,
-            strategy=strategy,
-            k_min=k_min,
-            k_step=k_step,
-            token_level=k_step != 1.0,
-            reference_nll=float(f"{reference_nll:.{_SIGNIFICANT}g}"),
-            calibration=record,
-            device=parameter.device.type,
-            dtype=str(parameter.dtype).removeprefix("torch."),
+            device=parameter.device.type, dtype=str(parameter.dtype).removeprefix("torch."), **measurement
         ),
         layers=tuple(
             LayerSensitivity(path=layer.path, index=layer.index, original_k=layer.top_k, sensitivity=row)
@@ -333,30 +334,9 @@ def profile_data_free(model: Any, *, tokens: int = 512, seed: int = 0, k_min: in
                     change = (block_output(layer) - reference).pow(2).sum() / reference.pow(2).sum()
                 row[k] = float(f"{change.item():.{_SIGNIFICANT}g}")
             rows.append(row)
-    return SensitivityProfile(
-        schema_version=PROFILE_SCHEMA_VERSION,
-        kind=PROFILE_KIND,
-        model=model_identity(model, getattr(model, "name_or_path", "") or "in-process"),
-        measurement=Measurement(
-            metric="output-change",
-            strategy="data-free",
-            k_min=k_min,
-            k_step=1.0,
-            token_level=False,
-            reference_nll=0.0,
-            calibration=CalibrationRecord(
-                file="gaussian", sha256=f"seed:{seed}", tokens=tokens, seq_len=tokens, windows=1
-            ),
-            device=parameter.device.type,
-            dtype=str(parameter.dtype).removeprefix("torch."),
-        ),
-        layers=tuple(
-            LayerSensitivity(path=layer.path, index=layer.index, original_k=layer.top_k, sensitivity=row)
-            for layer, row in zip(layers, rows)
-        ),
-        provenance=ProfileProvenance(
-            allocplan_version=__version__,
-            torch_version=package_version("torch"),
-            transformers_version=package_version("transformers"),
-        ),
+    return _profile(
+        model, model_identity(model, getattr(model, "name_or_path", "") or "in-process"), layers, rows,
+        metric="output-change", strategy="data-free", k_min=k_min, k_step=1.0, token_level=False,
+        reference_nll=0.0,
+        calibration=CalibrationRecord(file="gaussian", sha256=f"seed:{seed}", tokens=tokens, seq_len=tokens, windows=1),
     )
