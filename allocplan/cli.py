@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from allocplan.errors import AllocplanError
+from allocplan.planner.plan import RENORMALIZE_MODES
 from allocplan.planner.solve import SolverDisagreement
 
 EXIT_USER_ERROR = 2
@@ -111,7 +112,7 @@ def _budget_options(func: Any) -> Any:
                          help="Experts every token keeps under token-level allocation."),
             click.option("--k-max", type=click.IntRange(min=1), default=None,
                          help="Most experts one token can get [default: the layer's original top-k]."),
-            click.option("--renormalize", type=click.Choice(["model", "none", "renorm", "decoupled"]),
+            click.option("--renormalize", type=click.Choice(list(RENORMALIZE_MODES)),
                          default="model", show_default=True, help="How the kept experts' weights are normalised."),
             click.option("--reference-k", type=click.IntRange(min=1), default=None,
                          help="k' of --renormalize decoupled [default: the layer's original top-k]."),

@@ -22,7 +22,6 @@ import math
 
 import torch
 
-from allocplan.planner.plan import RENORMALIZE_MODES  # noqa: F401  (one list, owned by the format)
 
 
 def sort_candidates(
