@@ -43,6 +43,7 @@ from allocplan.runtime.measure import count_activations
 
 METHODS = ("full", "uniform", "random", "lexi", "naee", "top-p", "alloc-t", "alloc-l", "alloc-lt")
 PROFILE_METHODS = {"alloc-l", "alloc-lt"}
+THRESHOLD_METHODS = {"naee", "top-p"}
 
 
 def uniform_plan(model: Any, total: int, budget_ratio: float | None = None) -> Plan:
@@ -93,10 +94,15 @@ def top_p_selector(p: float) -> TokenSelector:
 
 @dataclass(frozen=True)
 class Policy:
-    """A method ready to apply: a plan, an optional selector, and its calibrated parameter."""
+    """A method ready to apply: a plan, an optional selector, and its calibrated parameter.
+
+    ``target`` is the budget B in activations per token it is held to (None: the full model).
+    Threshold methods carry the full model's plan; their selector meets the target.
+    """
 
     method: str
     plan: Plan | None
+    target: int | None = None
     selector: TokenSelector | None = None
     parameter: float | None = None
 
@@ -138,7 +144,7 @@ def calibrate_threshold(
     best = (0.5, math.inf)
     for _ in range(steps):
         mid = (lo + hi) / 2
-        measured = measured_total(model, Policy("calibration", full, make_selector(mid)), windows)
+        measured = measured_total(model, Policy("calibration", full, selector=make_selector(mid)), windows)
         if abs(measured - target) < abs(best[1] - target):
             best = (mid, measured)
         if (measured < target) == increasing:
@@ -170,20 +176,20 @@ def build_policy(
     originals = [layer.top_k for layer in find_moe_layers(model)]
     total = resolve_budget(sum(originals), len(originals), budget_ratio=budget_ratio)
     if method == "uniform":
-        return Policy(method, uniform_plan(model, total, budget_ratio))
+        return Policy(method, uniform_plan(model, total, budget_ratio), total)
     if method == "alloc-t":
         ks = [total * k / sum(originals) for k in originals]
         return Policy(method, manual_plan(model, ks, token_level=True, k_base=1, renormalize=renormalize,
-                                          budget_ratio=budget_ratio))
+                                          budget_ratio=budget_ratio), total)
     if method == "random":
-        return Policy(method, random_plan(model, total, seed), parameter=float(seed))
-    if method in ("naee", "top-p"):
+        return Policy(method, random_plan(model, total, seed), total, parameter=float(seed))
+    if method in THRESHOLD_METHODS:
         if calib_windows is None:
             raise AllocplanError(f"method {method} needs calibration text to set its threshold")
         make = naee_selector if method == "naee" else top_p_selector
         parameter, _ = calibrate_threshold(model, make, total, calib_windows, increasing=method == "top-p")
         full = manual_plan(model, originals)
-        return Policy(method, full, make(parameter), parameter)
+        return Policy(method, full, total, make(parameter), parameter)
     if method == "lexi":
         from allocplan.planner.profiling import profile_data_free
 
@@ -192,4 +198,4 @@ def build_policy(
         raise AllocplanError(f"method {method} needs a sensitivity profile")
     plan = solve_profile(profile, budget_ratio=budget_ratio, token_level=method == "alloc-lt",
                          renormalize=renormalize)
-    return Policy(method, plan)
+    return Policy(method, plan, total)

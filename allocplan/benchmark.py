@@ -26,7 +26,6 @@ import torch
 from allocplan.errors import AllocplanError
 from allocplan.runtime.apply import apply_plan
 from allocplan.runtime.layers import find_moe_layers
-from allocplan.runtime.plans import manual_plan
 
 
 def _preset_dsv2_lite_small() -> Any:
@@ -192,11 +191,10 @@ def bench(
 
 
 def uniform_budget_plan(model: Any, budget: float, token_level: bool) -> Any:
-    """The plan ``--config`` runs: the same share of every layer's k."""
-    layers = find_moe_layers(model)
-    ks = [layer.top_k * budget for layer in layers]
-    whole = all(float(k).is_integer() for k in ks)
-    return manual_plan(model, [int(k) if whole else k for k in ks], token_level=token_level or not whole)
+    """The plan ``--config`` runs: the baselines' ``uniform`` policy, or ``alloc-t`` (same k, Alloc-T on)."""
+    from allocplan.baselines import build_policy
+
+    return build_policy(model, "alloc-t" if token_level else "uniform", budget).plan
 
 
 def profile_cost(model: Any, windows: torch.Tensor) -> dict:

@@ -316,7 +316,7 @@ def eval_command(model_name: str, plan_path: Path | None, method: str | None, bu
     _quiet_transformers()
     import json
 
-    from allocplan.baselines import PROFILE_METHODS, build_policy
+    from allocplan.baselines import PROFILE_METHODS, THRESHOLD_METHODS, build_policy
     from allocplan.evaluation import evaluate
     from allocplan.loading import DEFAULT_CALIBRATION, load_model
     from allocplan.planner.plan import load_plan
@@ -339,13 +339,12 @@ def eval_command(model_name: str, plan_path: Path | None, method: str | None, bu
         if method in PROFILE_METHODS:
             profile = load_profile(profile_path) if profile_path else profile_model(
                 model, tokenizer, model_name=model_name, calib=calib)
-        windows, _ = calibration_windows(tokenizer, calib, calib_tokens=4096, seq_len=seq_len)
+        windows = None
+        if method in THRESHOLD_METHODS:  # only threshold rules are calibrated on text
+            windows, _ = calibration_windows(tokenizer, calib, calib_tokens=4096, seq_len=seq_len)
         policy = build_policy(model, method, budget_ratio or 1.0, profile=profile, calib_windows=windows, seed=seed)
         handle, parameter = policy.apply(model), policy.parameter
-        label = method
-        budget_total = policy.plan.budget.total_activations if policy.plan is not None else None
-        if method in ("naee", "top-p"):
-            budget_total = None  # its plan is the full model; the target is the budget below
+        label, budget_total = method, policy.target
     try:
         result = evaluate(model, tokenizer, data=data, arith=arith, handle=handle, seq_len=seq_len,
                           max_tokens=max_tokens)

@@ -8,7 +8,7 @@ from typing import Any, Iterator
 
 import torch
 
-from allocplan.runtime.layers import find_moe_layers
+from allocplan.runtime.layers import find_moe_layers, model_family
 
 
 @dataclass
@@ -37,10 +37,11 @@ def count_activations(model: Any) -> Iterator[ActivationCounts]:
     """
     counts = ActivationCounts()
     hooks = []
+    sparse_router = model_family(model).router_format == "jetmoe"
     for layer in find_moe_layers(model):
         counts.pairs[layer.path] = 0
         counts.tokens[layer.path] = 0
-        if model.config.model_type == "jetmoe":
+        if sparse_router:
             def jetmoe_hook(_module: Any, _args: Any, out: Any, path: str = layer.path) -> None:
                 counts.pairs[path] += int(sum(out[3]))
                 counts.tokens[path] += int(out[4].shape[0])

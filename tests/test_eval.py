@@ -54,6 +54,7 @@ def test_eval_alloc_t_activations_match_budget(checkpoints, calib_file):
                    "--data", calib_file, "--max-tokens", "512", "--seq-len", "64")
     # 16 original activations * 0.375 = 6 over 4 layers: 1.5 per layer, realised per forward exactly.
     assert out["activations_per_token"] == pytest.approx(6.0, abs=1e-9)
+    assert out["target_activations_per_token"] == 6
     assert all(v == pytest.approx(1.5) for v in out["activations_per_layer"].values())
 
 
