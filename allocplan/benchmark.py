@@ -7,9 +7,20 @@ median of ``repeat`` runs with its min-max spread. Reported:
 * prefill: one forward over batch x prompt_len tokens, no cache;
 * decode: tokens per second over ``new_tokens`` greedy cached steps at batch 1
   and at batch 8 (after a short prefill);
-* f_moe: the share of a full-k prefill spent inside the routed experts (timed
-  with hooks around the experts modules), and the ideal speed-up bound
-  1 / (1 - f_moe * (1 - b)) for the plan's budget b, with the fraction achieved.
+* three models alternate: ``untouched`` (the model as loaded, transformers'
+  stock experts path, full k), ``full_lean`` (full k through allocplan's
+  experts path, where the family's experts are pluggable) and ``planned``.
+  ``speedup`` is untouched / planned (what a user gets); ``speedup_same_path``
+  is full_lean / planned (what the smaller activation count alone buys, with
+  the experts implementation held fixed);
+* the ideal speed-up bound 1 / (1 - f * (1 - b)) for the plan's budget b, with
+  f the routed experts' share of the work at full k: of the weights a token
+  reads for decode (``f_routed_weights``), of a prefill's FLOPs (counted with
+  torch's FlopCounterMode, ``f_routed_flops``) for prefill; and the measured
+  share of a full-k prefill's time inside the experts modules (``f_moe_time``)
+  with its bound, for reference. ``achieved_fraction`` divides the smaller of
+  the two speed-ups by the bound, so neither a faster experts implementation
+  nor a slow baseline can inflate it.
 
 ``--config PRESET`` builds a randomly initialised model of a named shape (no
 trained weights needed) and plans it uniformly at ``--budget``.
@@ -90,6 +101,39 @@ def routed_weight_share(model: Any) -> float:
     return routed / total
 
 
+def routed_flop_share(model: Any, ids: torch.Tensor) -> float:
+    """f for prefill: routed experts' share of a full-k forward's FLOPs over ``ids``.
+
+    Counted with ``torch.utils.flop_counter.FlopCounterMode`` while the model runs
+    transformers' eager experts and attention (the fused paths are invisible to the
+    counter); both implementations are put back afterwards.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = model.config
+    saved_experts, saved_attention = config._experts_implementation, config._attn_implementation
+    counter = FlopCounterMode(display=False)
+    try:
+        model.set_experts_implementation("eager")
+        model.set_attn_implementation("eager")
+        with torch.inference_mode(), counter:
+            model(input_ids=ids, use_cache=False)
+    finally:
+        model.set_experts_implementation(saved_experts)
+        model.set_attn_implementation(saved_attention)
+    counts = counter.get_flop_counts()
+    experts_paths = {layer.path + "." + _experts_name(model) for layer in find_moe_layers(model)}
+    # Keys are "<model class>.<module path>".
+    routed = sum(sum(ops.values()) for name, ops in counts.items() if name.split(".", 1)[-1] in experts_paths)
+    return routed / sum(counts["Global"].values())
+
+
+def _experts_name(model: Any) -> str:
+    from allocplan.runtime.layers import model_family
+
+    return model_family(model).experts_attr
+
+
 def _median_spread(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
@@ -153,10 +197,14 @@ def bench(
     decode_batch = torch.randint(0, vocab, (8, 16), generator=generator)
     budget = plan.budget.planned_activations / plan.budget.original_activations
     f_moe = expert_time_share(model, prefill_ids)
+    f_flops = routed_flop_share(model, prefill_ids)
+    f_weights = routed_weight_share(model)
 
     def planned(fn: Callable[[], float]) -> float:
         with apply_plan(model, plan):
             return fn()
+
+    lean = _lean_full_k(model)
 
     measures = {
         "prefill_s": lambda: _time_prefill(model, prefill_ids),
@@ -165,21 +213,40 @@ def bench(
     }
     results: dict[str, Any] = {}
     for name, measure in measures.items():
-        measure(), planned(measure)  # warm-up both paths
-        base, fast = [], []
+        measure(), planned(measure)  # warm-up every path
+        if lean is not None:
+            lean(measure)
+        base, fast, full_lean = [], [], []
         for _ in range(repeat):
             base.append(measure())
+            if lean is not None:
+                full_lean.append(lean(measure))
             fast.append(planned(measure))
-        speedups = [b / f for b, f in zip(base, fast)]
         results[name] = {"untouched": _median_spread(base), "planned": _median_spread(fast),
-                         "speedup": _median_spread(speedups)}
-    bound = 1 / (1 - f_moe * (1 - budget))
+                         "speedup": _median_spread([b / f for b, f in zip(base, fast)])}
+        if lean is not None:
+            results[name]["full_lean"] = _median_spread(full_lean)
+            results[name]["speedup_same_path"] = _median_spread([b / f for b, f in zip(full_lean, fast)])
+
+    def bound(f: float) -> float:
+        return 1 / (1 - f * (1 - budget))
+
+    bounds = {"prefill_s": bound(f_flops), "decode_b1_s_per_token": bound(f_weights),
+              "decode_b8_s_per_step": bound(f_weights)}
+
+    def achieved(name: str) -> float:
+        r = results[name]
+        speedups = [r["speedup"]["median"]] + ([r["speedup_same_path"]["median"]] if "speedup_same_path" in r else [])
+        return min(speedups) / bounds[name]
+
     return {
         "budget": budget,
         "f_moe_time": f_moe,
-        "f_routed_weights": routed_weight_share(model),
-        "ideal_speedup": bound,
-        "achieved_fraction": {name: r["speedup"]["median"] / bound for name, r in results.items()},
+        "f_routed_weights": f_weights,
+        "f_routed_flops": f_flops,
+        "ideal_speedup_time": bound(f_moe),
+        "ideal_speedup": bounds,
+        "achieved_fraction": {name: achieved(name) for name in results},
         "token_level": plan.token_level.enabled,
         "batch": batch,
         "prompt_len": prompt_len,
@@ -190,6 +257,25 @@ def bench(
     }
 
 
+def _lean_full_k(model: Any) -> Callable[[Callable[[], float]], float] | None:
+    """Runs a measure at full k through allocplan's experts path, or None where it does not apply."""
+    from allocplan.runtime.experts import register
+    from allocplan.runtime.layers import model_family
+
+    if model_family(model).experts_swap is not None:
+        return None
+
+    def run(fn: Callable[[], float]) -> float:
+        saved = model.config._experts_implementation
+        model.set_experts_implementation(register())
+        try:
+            return fn()
+        finally:
+            model.set_experts_implementation(saved)
+
+    return run
+
+
 def uniform_budget_plan(model: Any, budget: float, token_level: bool) -> Any:
     """The plan ``--config`` runs: the baselines' ``uniform`` policy, or ``alloc-t`` (same k, Alloc-T on)."""
     from allocplan.baselines import build_policy
@@ -198,7 +284,7 @@ def uniform_budget_plan(model: Any, budget: float, token_level: bool) -> Any:
 
 
 def profile_cost(model: Any, windows: torch.Tensor) -> dict:
-    """Seconds to profile every (layer, k) with prefix reuse and with a full forward each."""
+    """Seconds to profile every (layer, k) with allocplan's reuse and naively (one full forward each)."""
     from allocplan.planner.profiling import measure_sensitivity
 
     timings = {}

@@ -374,7 +374,7 @@ def eval_command(model_name: str, plan_path: Path | None, method: str | None, bu
 @click.option("--prompt-len", type=click.IntRange(min=2), default=256, show_default=True)
 @click.option("--new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--repeat", type=click.IntRange(min=1), default=5, show_default=True)
-@click.option("--profile-cost", is_flag=True, help="Also time profiling with and without prefix reuse.")
+@click.option("--profile-cost", is_flag=True, help="Also time profiling with allocplan's reuse and naively (a full forward per (layer, k)).")
 @click.option("--solver-cost", is_flag=True, help="Also time the DP and the ILP on a 60-layer, k<=16 instance.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads [default: torch's].")
 def bench_command(model_name: str | None, plan_path: Path | None, preset: str | None, budget_ratio: float,
@@ -416,13 +416,16 @@ def bench_command(model_name: str | None, plan_path: Path | None, preset: str | 
     if solver_cost:
         result["solver_cost"] = benchmark.solver_cost()
     click.echo(json.dumps(result, indent=2, sort_keys=True))
-    click.echo(f"{label}: budget {result['budget']:.3f}, f_moe {result['f_moe_time']:.2f} (time),"
-               f" ideal speed-up {result['ideal_speedup']:.2f}x", err=True)
+    click.echo(f"{label}: budget {result['budget']:.3f}, f_routed_weights {result['f_routed_weights']:.2f},"
+               f" f_routed_flops {result['f_routed_flops']:.2f}, f_moe_time {result['f_moe_time']:.2f}", err=True)
     for name in ("prefill_s", "decode_b1_s_per_token", "decode_b8_s_per_step"):
         r = result[name]
+        same = r.get("speedup_same_path")
         click.echo(f"  {name}: {r['untouched']['median'] * 1e3:.1f} ms -> {r['planned']['median'] * 1e3:.1f} ms,"
-                   f" speed-up {r['speedup']['median']:.2f}x [{r['speedup']['min']:.2f}, {r['speedup']['max']:.2f}],"
-                   f" {result['achieved_fraction'][name]:.0%} of the bound", err=True)
+                   f" speed-up {r['speedup']['median']:.2f}x [{r['speedup']['min']:.2f}, {r['speedup']['max']:.2f}]"
+                   + (f", {same['median']:.2f}x against full k on the same experts path" if same else "")
+                   + f"; bound {result['ideal_speedup'][name]:.2f}x, {result['achieved_fraction'][name]:.0%} of it",
+                   err=True)
 
 
 @cli.command("families")

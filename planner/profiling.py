@@ -10,13 +10,29 @@ Strategies fix what the other layers do meanwhile:
   profiled from the deepest to the shallowest, as described for Alloc-MoE (later
   layers cannot compensate for the loss introduced at l).
 
-Prefix reuse: the hidden states entering decoder layer l do not depend on the k
-of layer l or of any later layer, and under both strategies every earlier layer
-runs at its original K. So each calibration batch runs the untouched model once,
-keeping every decoder layer's output, and each (l, k) then re-runs only layers
->= l: the earlier decoder layers are temporarily replaced by modules that return
-the kept outputs. The model's own forward still builds masks, rotary embeddings,
-the final norm and head, so no family-specific forward code is copied here.
+Work reused, per calibration batch (``reuse_prefix``):
+
+* across layers: the hidden states entering decoder layer l do not depend on the
+  k of layer l or of any later layer, and under both strategies every earlier
+  layer runs at its original K. So each batch runs the untouched model once,
+  keeping every decoder layer's output, and each (l, k) re-runs only layers
+  after l: earlier decoder layers are temporarily replaced by modules that
+  return the kept outputs. The model's own forward still builds masks, rotary
+  embeddings, the final norm and head, so no family-specific forward code is
+  copied here.
+* across k within layer l: attention and everything else before the MoE block
+  do not depend on k. The reference pass keeps the block's input and output;
+  for each k only the block runs (on the kept input), and layer l's output is
+  its kept output plus (block output at k - block output at K). That holds
+  where the decoder layer adds the block's output to its residual stream
+  unchanged; it is checked once per layer against a real re-run of the layer,
+  and a layer that fails the check (e.g. a norm after the block) is re-run
+  whole for every k.
+* k = K_l under ``isolated`` is the reference configuration itself: S = 0
+  without a forward.
+
+``reuse_prefix=False`` is the naive reference the issue defines: one full
+forward over the calibration batch for every (layer, k), k = K_l included.
 """
 
 from __future__ import annotations
@@ -128,23 +144,51 @@ class _Replay(torch.nn.Module):
         return self.output
 
 
+def _hidden(output: Any) -> torch.Tensor:
+    """The hidden states of a decoder layer's or block's output (a tensor or a tuple led by one)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _with_hidden(output: Any, hidden: torch.Tensor) -> Any:
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
+class _ReplayLayerAtK(torch.nn.Module):
+    """Stands in for decoder layer l at a new k: its kept output plus the block's change.
+
+    ``forward`` returns kept_output + (block(kept_block_input) - kept_block_output),
+    with the block running at whatever k the probe has set.
+    """
+
+    def __init__(self, layer_output: Any, block: Any, block_input: Any, block_output: torch.Tensor) -> None:
+        super().__init__()
+        self.layer_output, self.block = layer_output, block
+        self.block_input, self.block_output = block_input, block_output
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        args_in, kwargs_in = self.block_input
+        change = _hidden(self.block(*args_in, **kwargs_in)) - self.block_output
+        return _with_hidden(self.layer_output, _hidden(self.layer_output) + change)
+
+
 @contextmanager
-def _replayed_prefix(decoder_layers: torch.nn.ModuleList, outputs: list[Any], stop: int) -> Iterator[None]:
-    """Replace decoder layers [0, stop) by replays of their recorded outputs."""
-    originals = [decoder_layers[j] for j in range(stop)]
+def _replayed(decoder_layers: torch.nn.ModuleList, replacements: dict[int, torch.nn.Module]) -> Iterator[None]:
+    """Replace decoder layers by index for the duration of the block."""
+    originals = {j: decoder_layers[j] for j in replacements}
     try:
-        for j in range(stop):
-            decoder_layers[j] = _Replay(outputs[j])
+        for j, module in replacements.items():
+            decoder_layers[j] = module
         yield
     finally:
-        for j, module in enumerate(originals):
+        for j, module in originals.items():
             decoder_layers[j] = module
 
 
 def _token_losses(model: Any, batch: torch.Tensor) -> torch.Tensor:
     """Next-token log-probabilities [B, S-1, V] in float32."""
     logits = model(input_ids=batch, use_cache=False).logits  # [B, S, V]
-    return torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    # log_softmax over the contiguous logits, then drop the last position (no copy of a strided slice).
+    return torch.log_softmax(logits.float(), dim=-1)[:, :-1]
 
 
 @contextmanager
@@ -157,6 +201,40 @@ def _probe(model: Any, layers: list[MoELayer], ks: list[float], token_level: boo
     # At k = K Alloc-T keeps every candidate, so layers left at their original k are unchanged.
     with apply_plan(model, manual_plan(model, ks, token_level=True, k_base=1)):
         yield
+
+
+class _StopForward(Exception):
+    """Raised from a forward hook to end a forward pass once the layer of interest has run."""
+
+
+def _block_change_is_additive(
+    model: Any, batch: torch.Tensor, decoder_layers: torch.nn.ModuleList, outputs: list[Any],
+    index: int, shortcut: "_ReplayLayerAtK",
+) -> bool:
+    """Whether decoder layer ``index`` at the probe's k equals the shortcut's output.
+
+    Runs the real layer once on the kept outputs of the layers before it (the
+    forward stops right after it) and compares; called inside the probe, so both
+    run at the k being measured. Float rounding differs between the two sums, so
+    the comparison allows 1e-4 of the output's scale.
+    """
+    captured: list[torch.Tensor] = []
+
+    def grab(_module: Any, _args: Any, out: Any) -> None:
+        captured.append(_hidden(out))
+        raise _StopForward
+
+    hook = decoder_layers[index].register_forward_hook(grab)
+    try:
+        with _replayed(decoder_layers, {j: _Replay(outputs[j]) for j in range(index)}):
+            model(input_ids=batch, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        hook.remove()
+    expected = captured[0].float()
+    scale = expected.abs().max().item()
+    return torch.allclose(_hidden(shortcut()).float(), expected, rtol=1e-4, atol=1e-4 * scale)
 
 
 def measure_sensitivity(
@@ -181,8 +259,9 @@ def measure_sensitivity(
         k_step: 1 for whole experts, 0.5 for a half-expert grid; a fractional grid is
             measured with Alloc-T routing in the profiled layer (as the plan will run).
         batch_size: windows per forward pass.
-        reuse_prefix: re-run only layers >= l per (l, k); False runs the whole model
-            each time (the naive reference, kept for tests and cost comparisons).
+        reuse_prefix: reuse work across layers and across k (module docstring); False
+            runs one full forward per (l, k), k = K_l included (the naive reference,
+            kept for tests and cost comparisons).
 
     Returns:
         One ``{k: S}`` row per MoE layer (layer order) and the untouched model's mean NLL.
@@ -206,18 +285,23 @@ def measure_sensitivity(
     # float64 accumulators: sums over up to millions of token-level differences.
     increase = [{k: 0.0 for k in k_grid(k_min, original, k_step)} for original in originals]
     reference_sum, scored = 0.0, 0
+    # Per MoE layer position: None until checked, then whether layer output = kept + block change.
+    additive: list[bool | None] = [None] * len(layers)
     with torch.inference_mode(), _top_ks(layers, originals):
         for batch in windows.to(device).split(batch_size):
             targets = batch[:, 1:].unsqueeze(-1)  # [B, S-1, 1]
             outputs: list[Any] = [None] * len(decoder_layers)
+            block_io: list[Any] = [None] * len(layers)
             hooks = []
             if reuse_prefix:
                 for j, decoder_layer in enumerate(decoder_layers):
-                    hooks.append(
-                        decoder_layer.register_forward_hook(
-                            lambda _m, _a, out, j=j: outputs.__setitem__(j, out)
-                        )
-                    )
+                    hooks.append(decoder_layer.register_forward_hook(
+                        lambda _m, _a, out, j=j: outputs.__setitem__(j, out)))
+                for position, layer in enumerate(layers):
+                    hooks.append(layer.block.register_forward_hook(
+                        lambda _m, args, kwargs, out, p=position: block_io.__setitem__(
+                            p, ((args, kwargs), _hidden(out))),
+                        with_kwargs=True))
             try:
                 reference = _token_losses(model, batch)  # [B, S-1, V]
             finally:
@@ -228,13 +312,24 @@ def measure_sensitivity(
             scored += reference_nll.numel()
 
             for position in reversed(range(len(layers))):  # deepest first, as the paper profiles
+                index = layers[position].index
                 for k in sorted(increase[position], reverse=True):
-                    if strategy == "isolated" and k == originals[position]:
+                    if reuse_prefix and strategy == "isolated" and k == originals[position]:
                         continue  # identical to the reference configuration: S = 0 exactly
                     ks = layer_ks(strategy, originals, position, k, k_min)
                     with _probe(model, layers, ks, token_level):
                         if reuse_prefix:
-                            with _replayed_prefix(decoder_layers, outputs, layers[position].index):
+                            replacements: dict[int, torch.nn.Module] = {j: _Replay(outputs[j]) for j in range(index)}
+                            args_kwargs, block_output = block_io[position]
+                            shortcut = _ReplayLayerAtK(outputs[index], layers[position].block, args_kwargs, block_output)
+                            if additive[position] is None:
+                                additive[position] = _block_change_is_additive(
+                                    model, batch, decoder_layers, outputs, index, shortcut)
+                                if not additive[position]:
+                                    logger.info("layer %d: output is not additive in its block; re-running it", index)
+                            if additive[position]:
+                                replacements[index] = shortcut
+                            with _replayed(decoder_layers, replacements):
                                 logp = _token_losses(model, batch)
                         else:
                             logp = _token_losses(model, batch)

@@ -3,8 +3,10 @@
 Two paths, both instance-level (no transformers class or function is patched):
 
 * **Native top-k** (token-level allocation off, ``renormalize: model``): each MoE
-  router's ``top_k`` is set to the planned k; the family's own code does the rest,
-  exactly as if the model had been configured with that k.
+  router's ``top_k`` is set to the planned k; the family's own routing does the
+  rest, exactly as if the model had been configured with that k, and the experts
+  run through ``allocplan_ragged`` (:mod:`allocplan.runtime.experts`), whose cost
+  follows the pairs that run (a plan that keeps every k leaves the model as is).
 * **Rewritten routing** (Alloc-T, or another weight mode): each router runs at
   its candidate width k_max and a forward hook on the router instance chooses
   which (token, candidate) pairs run (:mod:`allocplan.runtime.routing`), marking
@@ -16,6 +18,12 @@ Two paths, both instance-level (no transformers class or function is patched):
   through :mod:`allocplan.runtime.router_formats`). A forward pre-hook on the
   model records the attention mask so that padding tokens get no experts and are
   not counted in T.
+
+  Batch-1 decode (one real token per forward) takes a shortcut: Alloc-T then
+  keeps that token's best n candidates (n from the decode ledger), which is
+  exactly the family's native top-n, so a forward pre-hook sets the router's
+  k to n and the rewrite is skipped (``renormalize: model`` only; the other
+  weight modes always rewrite).
 
 Every change is recorded so that ``handle.remove()`` puts back the exact
 previous state (router ``top_k`` or config, hooks, experts implementation,
@@ -65,7 +73,11 @@ class LayerCounter:
 
 
 class _LayerRouting:
-    """The router forward hook of one MoE layer under rewritten routing."""
+    """The router forward hooks of one MoE layer under rewritten routing."""
+
+    # Batch-1 decode through the family's native top-n (module docstring); tests switch it off
+    # to compare with the general rewrite.
+    single_token_native = True
 
     def __init__(self, layer: MoELayer, entry: LayerPlan, plan: Plan, family: MoEFamily,
                  context: _ForwardContext, token_selector: TokenSelector | None = None) -> None:
@@ -87,19 +99,50 @@ class _LayerRouting:
         self.context = context
         self.ledger = routing.DecodeLedger()
         self.counter = LayerCounter()
+        # The k the router is set to for the current forward: k_max, or n on the batch-1 shortcut.
+        self.router_k = self.k_max
+        self.native = False
+
+    def router_pre_hook(self, router: Any, args: tuple[Any, ...]) -> None:
+        """Forward pre-hook on the router: choose the batch-1 shortcut or the general rewrite."""
+        self.native = self.single_token_forward(args)
+        if self.native:
+            pairs = min(max(self.ledger.next_pairs(self.k), self.k_base), self.k_max)
+            self.counter.pairs += pairs
+            self.counter.tokens += 1
+        else:
+            pairs = self.k_max
+        if pairs != self.router_k:
+            # set_top_k already gave this layer its own holder of k (a config copy where needed).
+            setattr(self.layer._owner(), self.layer.top_k_attr, pairs)
+            self.router_k = pairs
+
+    def single_token_forward(self, args: tuple[Any, ...]) -> bool:
+        if not (self.single_token_native and self.token_level and self.token_selector is None
+                and self.mode == "model" and args and isinstance(args[0], torch.Tensor)):
+            return False
+        hidden = args[0]
+        if hidden.numel() != hidden.shape[-1]:
+            return False  # more than one token
+        real = self.context.real
+        return real is None or real.numel() != 1 or bool(real[0])
 
     def router_hook(self, router: Any, args: Any, output: tuple[Any, ...]) -> tuple[Any, ...]:
         """Forward hook on a router: its output at k_max in, the rewritten routing out."""
+        if self.native:
+            return output
         logits, weights, indices = self.to_candidates(router, output)  # [T, E], [T, k_max], [T, k_max]
         new_weights, new_indices = self.rewrite(router, logits, weights, indices)
         return self.from_candidates(router, output, new_weights, new_indices)
 
     def keep_logits(self, router: Any, args: Any, output: torch.Tensor) -> None:
         """Forward hook on a router that returns only logits (routing happens in the block)."""
-        self.logits = output
+        self.logits = None if self.native else output
 
     def experts_pre_hook(self, experts: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
         """Forward pre-hook on experts called as (hidden_states, top_k_index, top_k_weights)."""
+        if self.native:
+            return args
         hidden_states, indices, weights = args[:3]
         new_weights, new_indices = self.rewrite(self.layer.router, self.logits, weights, indices)
         return (hidden_states, new_indices, new_weights, *args[3:])
@@ -295,7 +338,14 @@ def apply_plan(
                 handle._hooks.append(experts.register_forward_pre_hook(layer_routing.experts_pre_hook))
             else:
                 handle._hooks.append(layer.router.register_forward_hook(layer_routing.router_hook))
+            handle._hooks.append(layer.router.register_forward_pre_hook(layer_routing.router_pre_hook))
     else:
+        # A plan that keeps every layer's k changes nothing, not even the float rounding.
+        if family.experts_swap is None and any(e.planned_k < e.original_k for e in plan.layers):
+            from allocplan.runtime.experts import register
+
+            handle._saved_experts_implementation = model.config._experts_implementation
+            model.set_experts_implementation(register())
         for layer, entry in zip(layers, plan.layers):
             layer.set_top_k(int(entry.planned_k))
     setattr(model, _HANDLE_ATTR, handle)

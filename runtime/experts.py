@@ -7,6 +7,14 @@ expert". The stock ``grouped_mm`` path still gathers, activates, weights and
 scatters all T*K rows; this one drops the sentinel slots first, groups the
 surviving pairs by expert and multiplies only those rows.
 
+Two ways to multiply the grouped rows, chosen per call:
+
+* every expert has rows (prefill): one ``grouped_mm`` per projection;
+* some experts have none (decode, small batches): a loop over only the experts
+  that have rows. On CPU, ``grouped_mm`` visits every expert, and an empty
+  group still costs a matmul call: with 64 experts and 3 active ones that fixed
+  cost is about as large as the useful work, and it does not shrink with k.
+
 Registered under the name ``allocplan_ragged``; ``apply_plan`` selects it with
 ``model.set_experts_implementation`` and restores the previous choice on remove.
 """
@@ -42,12 +50,27 @@ class ActivePairs:
         weights: [P] its combine weight.
         expert_ids: [P] its expert, non-decreasing.
         offsets: [E] int32 cumulative pair counts per expert (grouped_mm's ``offs``).
+        counts: [E] pairs per expert.
     """
 
     tokens: torch.Tensor
     weights: torch.Tensor
     expert_ids: torch.Tensor
     offsets: torch.Tensor
+    counts: torch.Tensor
+
+    def groups(self) -> list[tuple[int, int, int]]:
+        """(expert, first row, end row) of every expert that has rows, in row order."""
+        groups, start = [], 0
+        for expert, count in enumerate(self.counts.tolist()):
+            if count:
+                groups.append((expert, start, start + count))
+                start += count
+        return groups
+
+    def use_loop(self) -> bool:
+        """Loop over the active experts when some have no rows (on CPU; one grouped call elsewhere)."""
+        return self.tokens.device.type == "cpu" and bool((self.counts == 0).any())
 
 
 def active_pairs(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int) -> ActivePairs:
@@ -63,6 +86,7 @@ def active_pairs(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_exp
         weights=top_k_weights.reshape(-1)[slots],
         expert_ids=expert_ids,
         offsets=torch.cumsum(counts, 0, dtype=torch.int32),
+        counts=counts,
     )
 
 
@@ -82,6 +106,46 @@ def ragged_experts_forward(
     """Experts forward over only the non-sentinel pairs (same result as ``eager``)."""
     pairs = active_pairs(top_k_index, top_k_weights, self.num_experts)
     rows = hidden_states[pairs.tokens]  # [P, H]
+    if pairs.use_loop():
+        out = _looped_experts(self, rows, pairs)  # [P, H]
+    else:
+        out = _grouped_experts(self, rows, pairs)  # [P, H]
+    if self.has_post_expert_norm:
+        out = self.post_expert_norm(out)
+    return combine(out, pairs, hidden_states.shape[0]).to(hidden_states.dtype)
+
+
+def _project(rows: torch.Tensor, weight: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """rows [n, in] times one expert's weight ([out, in], or [in, out] when ``transposed``)."""
+    return rows.to(weight.dtype) @ (weight if transposed else weight.t())  # [n, out]
+
+
+def _looped_experts(self: torch.nn.Module, rows: torch.Tensor, pairs: ActivePairs) -> torch.Tensor:
+    """[P, H] outputs, one small MLP per expert that has rows."""
+    down = self.down_proj  # [E, H, I], or [E, I, H] when transposed
+    out_dim = down.shape[-1] if self.is_transposed else down.shape[-2]
+    out = rows.new_empty(rows.shape[0], out_dim, dtype=down.dtype)  # [P, H]
+    for expert, start, end in pairs.groups():
+        x = rows[start:end]  # [n, H]
+        if self.has_gate:
+            up = _project(x, self.gate_up_proj[expert], self.is_transposed)  # [n, 2I]
+            if self.has_bias:
+                up = up + self.gate_up_proj_bias[expert]
+            inner = self._apply_gate(up)  # [n, I]
+        else:
+            up = _project(x, self.up_proj[expert], self.is_transposed)  # [n, I]
+            if self.has_bias:
+                up = up + self.up_proj_bias[expert]
+            inner = self.act_fn(up)
+        y = _project(inner, self.down_proj[expert], self.is_transposed)  # [n, H]
+        if self.has_bias:
+            y = y + self.down_proj_bias[expert]
+        out[start:end] = y
+    return out
+
+
+def _grouped_experts(self: torch.nn.Module, rows: torch.Tensor, pairs: ActivePairs) -> torch.Tensor:
+    """[P, H] outputs, one grouped matmul per projection over all experts."""
     if self.has_gate:
         up = grouped_matmul(rows, self.gate_up_proj, pairs.offsets, self.is_transposed)  # [P, 2I]
         if self.has_bias:
@@ -95,9 +159,7 @@ def ragged_experts_forward(
     out = grouped_matmul(inner, self.down_proj, pairs.offsets, self.is_transposed)  # [P, H]
     if self.has_bias:
         out = out + self.down_proj_bias[pairs.expert_ids]
-    if self.has_post_expert_norm:
-        out = self.post_expert_norm(out)
-    return combine(out, pairs, hidden_states.shape[0]).to(hidden_states.dtype)
+    return out
 
 
 class RaggedDbrxExperts(torch.nn.Module):
@@ -122,10 +184,18 @@ class RaggedDbrxExperts(torch.nn.Module):
         pairs = active_pairs(top_k_index, top_k_weights, self.num_experts)
         split = (self.num_experts, self.ffn_hidden_size, self.hidden_size)
         rows = flat[pairs.tokens]  # [P, H]
-        gate = grouped_matmul(rows, self.mlp.w1.view(split), pairs.offsets, False)  # [P, F]
-        up = grouped_matmul(rows, self.mlp.v1.view(split), pairs.offsets, False)  # [P, F]
-        inner = self.mlp.activation_fn(gate) * up  # [P, F]
-        out = grouped_matmul(inner, self.mlp.w2.view(split), pairs.offsets, True)  # [P, H]
+        w1, v1, w2 = self.mlp.w1.view(split), self.mlp.v1.view(split), self.mlp.w2.view(split)
+        if pairs.use_loop():
+            out = rows.new_empty(rows.shape, dtype=w2.dtype)  # [P, H]
+            for expert, start, end in pairs.groups():
+                x = rows[start:end]  # [n, H]
+                inner = self.mlp.activation_fn(_project(x, w1[expert], False)) * _project(x, v1[expert], False)
+                out[start:end] = _project(inner, w2[expert], True)
+        else:
+            gate = grouped_matmul(rows, w1, pairs.offsets, False)  # [P, F]
+            up = grouped_matmul(rows, v1, pairs.offsets, False)  # [P, F]
+            inner = self.mlp.activation_fn(gate) * up  # [P, F]
+            out = grouped_matmul(inner, w2, pairs.offsets, True)  # [P, H]
         return combine(out, pairs, flat.shape[0]).to(hidden_states.dtype).view(shape)
 
 

@@ -116,16 +116,24 @@ def test_alloc_t_picks_top_scoring_pairs(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_matmul_rows_equal_active_pairs(family, monkeypatch):
+@pytest.mark.parametrize("looped", [False, True], ids=["grouped", "looped"])
+def test_matmul_rows_equal_active_pairs(family, looped, monkeypatch):
     model = build_tiny_model(family)
     rows: list[int] = []
-    original = experts_module.grouped_matmul
+    grouped, single = experts_module.grouped_matmul, experts_module._project
 
-    def counting(x, weight, offsets, transposed):
+    def counting_grouped(x, weight, offsets, transposed):
         rows.append(x.shape[0])
-        return original(x, weight, offsets, transposed)
+        return grouped(x, weight, offsets, transposed)
 
-    monkeypatch.setattr(experts_module, "grouped_matmul", counting)
+    def counting_single(x, weight, transposed):
+        rows.append(x.shape[0])
+        return single(x, weight, transposed)
+
+    monkeypatch.setattr(experts_module, "grouped_matmul", counting_grouped)
+    monkeypatch.setattr(experts_module, "_project", counting_single)
+    # Both ways of multiplying the grouped rows must run exactly the active pairs.
+    monkeypatch.setattr(experts_module.ActivePairs, "use_loop", lambda self: looped)
     with apply_plan(model, plan_for(model, 1.5, token_level=True)):
         recorder = Recorder(model)
         if family == "jetmoe":  # its own experts split rows by expert: count the rows they receive
@@ -135,9 +143,14 @@ def test_matmul_rows_equal_active_pairs(family, monkeypatch):
         forward(model, attention_mask=PADDED_MASK)
     recorder.remove()
     active = [int((recorder.seen[l.path][-1] < l.experts.num_experts).sum()) for l in recorder.layers]
-    # Two grouped matmuls per layer (gate_up, down; dbrx: gate, up, down), each over exactly the active pairs.
+    # Per layer, every projection (gate_up, down; dbrx: gate, up, down) multiplies exactly the active pairs,
+    # in one grouped call or split over the experts that have rows.
     per_layer = 3 if family == "dbrx" else 2
-    assert rows == [n for n in active for _ in range(per_layer)]
+    assert sum(rows) == per_layer * sum(active)
+    if not looped or family == "jetmoe":
+        assert rows == [n for n in active for _ in range(per_layer)]
+    else:
+        assert len(rows) > per_layer * len(active)  # split by expert
     assert sum(active) < sum(l.top_k for l in recorder.layers) * int(PADDED_MASK.sum())
 
 
@@ -252,10 +265,12 @@ def test_generate_with_plans(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("drop", [0.0, 0.4])
-def test_fast_experts_path_equals_eager(family, drop):
+@pytest.mark.parametrize("looped", [False, True], ids=["grouped", "looped"])
+def test_fast_experts_path_equals_eager(family, drop, looped, monkeypatch):
     """allocplan's experts execution gives transformers' eager result, with and without dropped slots."""
     if family == "jetmoe":
         pytest.skip("jetmoe's own experts run the kept pairs; allocplan does not replace them")
+    monkeypatch.setattr(experts_module.ActivePairs, "use_loop", lambda self: looped)
     model = build_tiny_model(family)
     layer = find_moe_layers(model)[0]
     generator = torch.Generator().manual_seed(5)
@@ -279,3 +294,30 @@ def test_fast_experts_path_equals_eager(family, drop):
         reference = layer.experts(hidden, real_index if family == "gpt_oss" else index, weights)
         fast = ragged_experts_forward(layer.experts, hidden, index, weights)
     torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batch1_decode_shortcut_equals_rewrite(family, monkeypatch):
+    """Single-token forwards through the family's native top-n route like the general Alloc-T rewrite."""
+    from allocplan.runtime.apply import _LayerRouting
+
+    model = build_tiny_model(family)
+    plan = plan_for(model, [min(2.5, l.top_k) for l in find_moe_layers(model)], token_level=True)
+    ids = BATCH[:1, :6]
+    runs = {}
+    for native in (True, False):
+        monkeypatch.setattr(_LayerRouting, "single_token_native", native)
+        with apply_plan(model, plan) as handle, torch.inference_mode():
+            out = model(input_ids=ids, use_cache=True)
+            cache, step_logits = out.past_key_values, [out.logits]
+            for _ in range(5):
+                out = model(input_ids=out.logits[:, -1:].argmax(-1), cache=cache, use_cache=True)
+                cache = out.past_key_values
+                step_logits.append(out.logits)
+            counts = {path: (c.pairs, c.tokens) for path, c in handle.counters().items()}
+            taken = [r.native for r in handle._routings]
+        runs[native] = (torch.cat(step_logits, dim=1), counts)
+        # The shortcut ran on the last (single-token) forward exactly when it was enabled.
+        assert all(flag == native for flag in taken)
+    torch.testing.assert_close(runs[True][0], runs[False][0], rtol=1e-5, atol=1e-5)
+    assert runs[True][1] == runs[False][1]

@@ -16,15 +16,44 @@ def test_bench_reports_both_models_and_the_bound():
     plan = benchmark.uniform_budget_plan(model, 0.5, token_level=True)
     result = benchmark.bench(model, plan, prompt_len=16, new_tokens=2, repeat=1)
     assert result["budget"] == 0.5 and 0.0 < result["f_moe_time"] < 1.0
-    assert result["ideal_speedup"] == 1 / (1 - result["f_moe_time"] * 0.5)
+    assert result["ideal_speedup_time"] == 1 / (1 - result["f_moe_time"] * 0.5)
+    assert result["ideal_speedup"]["prefill_s"] == 1 / (1 - result["f_routed_flops"] * 0.5)
+    assert result["ideal_speedup"]["decode_b1_s_per_token"] == 1 / (1 - result["f_routed_weights"] * 0.5)
     for name in ("prefill_s", "decode_b1_s_per_token", "decode_b8_s_per_step"):
-        assert result[name]["untouched"]["median"] > 0 and result[name]["planned"]["median"] > 0
+        r = result[name]
+        assert r["untouched"]["median"] > 0 and r["planned"]["median"] > 0 and r["full_lean"]["median"] > 0
+        # The fraction achieved uses the smaller of the two speed-ups.
+        smaller = min(r["speedup"]["median"], r["speedup_same_path"]["median"])
+        assert result["achieved_fraction"][name] == smaller / result["ideal_speedup"][name]
     assert not hasattr(model, "_allocplan_handle")  # the plan is removed after timing
 
 
 def test_routed_weight_share_of_presets():
     # The presets keep the proportions they claim (computed from their configs, no timing).
     assert 0.85 <= benchmark.routed_weight_share(benchmark.build_preset("mixtral-small")) <= 0.9
+
+
+def test_routed_flop_share_counts_the_experts():
+    import torch
+
+    model = build_tiny_model("mixtral")
+    config = model.config
+    before = (config._experts_implementation, config._attn_implementation)
+    ids = torch.randint(0, 128, (1, 8))
+    share = benchmark.routed_flop_share(model, ids)
+    assert (config._experts_implementation, config._attn_implementation) == before  # put back
+    # By hand: per token and layer, the routed experts do k * 3 * H * I multiply-adds.
+    layers = len(model.model.layers)
+    routed = 2 * 8 * layers * config.num_experts_per_tok * 3 * config.hidden_size * config.intermediate_size
+    assert 0.0 < share < 1.0
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model.set_experts_implementation("eager")
+    model.set_attn_implementation("eager")
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        model(input_ids=ids, use_cache=False)
+    assert abs(share - routed / counter.get_total_flops()) < 1e-9
 
 
 def test_profile_and_solver_cost_structure():

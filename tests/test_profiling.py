@@ -82,3 +82,28 @@ def test_calibration_is_deterministic_and_checked(calib_file, tmp_path):
 def test_k_min_bounds(windows):
     with pytest.raises(AllocplanError, match="k_min 5"):
         measure_sensitivity(build_tiny_model("olmoe"), windows, k_min=5)
+
+
+@pytest.mark.parametrize("family, additive", [("olmoe", True), ("qwen2_moe", True), ("flex_olmo", False)])
+def test_within_layer_reuse_checks_the_residual_form(family, additive, windows, monkeypatch):
+    """Layer l at k is taken as kept output + block change only where that equals a real re-run.
+
+    FlexOlmo normalises the block's output before adding it to the residual, so the
+    shortcut does not hold there and every k re-runs the whole layer.
+    """
+    import allocplan.planner.profiling as profiling
+
+    checks: list[bool] = []
+    original = profiling._block_change_is_additive
+
+    def spy(*args, **kwargs):
+        checks.append(original(*args, **kwargs))
+        return checks[-1]
+
+    monkeypatch.setattr(profiling, "_block_change_is_additive", spy)
+    model = build_tiny_model(family)
+    fast, _ = measure_sensitivity(model, windows, batch_size=4)
+    naive, _ = measure_sensitivity(model, windows, batch_size=4, reuse_prefix=False)
+    assert checks == [additive] * len(fast)  # checked once per layer, on the first batch
+    for row_fast, row_naive in zip(fast, naive):
+        assert row_fast == pytest.approx(row_naive, abs=1e-5)
