@@ -101,8 +101,8 @@ def routed_weight_share(model: Any) -> float:
     return routed / total
 
 
-def routed_flop_share(model: Any, ids: torch.Tensor) -> float:
-    """f for prefill: routed experts' share of a full-k forward's FLOPs over ``ids``.
+def module_flops(model: Any, ids: torch.Tensor) -> dict[str, int]:
+    """FLOPs of one full-k forward over ``ids`` per module path ("" is the whole model).
 
     Counted with ``torch.utils.flop_counter.FlopCounterMode`` while the model runs
     transformers' eager experts and attention (the fused paths are invisible to the
@@ -121,11 +121,43 @@ def routed_flop_share(model: Any, ids: torch.Tensor) -> float:
     finally:
         model.set_experts_implementation(saved_experts)
         model.set_attn_implementation(saved_attention)
-    counts = counter.get_flop_counts()
+    # Keys are "<model class>.<module path>", and "Global" for everything.
+    return {("" if name == "Global" else name.split(".", 1)[-1] if "." in name else ""): sum(ops.values())
+            for name, ops in counter.get_flop_counts().items()}
+
+
+def routed_flop_share(model: Any, ids: torch.Tensor) -> float:
+    """f for prefill: routed experts' share of a full-k forward's FLOPs over ``ids``."""
+    flops = module_flops(model, ids)
     experts_paths = {layer.path + "." + _experts_name(model) for layer in find_moe_layers(model)}
-    # Keys are "<model class>.<module path>".
-    routed = sum(sum(ops.values()) for name, ops in counts.items() if name.split(".", 1)[-1] in experts_paths)
-    return routed / sum(counts["Global"].values())
+    return sum(flops.get(path, 0) for path in experts_paths) / flops[""]
+
+
+def profiling_flop_floor(model: Any, ids: torch.Tensor) -> dict:
+    """What allocplan's profiling reuse can save, counted in FLOPs (isolated strategy, k = 1..K).
+
+    Naive: one full forward per (layer, k), k = K included. Reuse: per (layer l, k < K),
+    layer l's MoE block, every decoder layer after l, and what follows the decoder
+    layers (final norm, LM head); plus one reference forward per batch. The ratio is
+    the floor the measured time ratio can reach when FLOPs set the time.
+    """
+    from allocplan.runtime.layers import model_family
+
+    flops = module_flops(model, ids)
+    total = flops[""]
+    layers_path = model_family(model).layers_path
+    decoder = model.get_submodule(layers_path)
+    per_layer = [flops.get(f"{layers_path}.{j}", 0) for j in range(len(decoder))]
+    outside_layers = total - sum(per_layer)  # embeddings, final norm, LM head
+    head = next(name for name, module in model.named_modules() if module is model.get_output_embeddings())
+    reuse = naive = total  # the reference forward
+    for layer in find_moe_layers(model):
+        later = sum(per_layer[layer.index + 1 :])
+        block = flops.get(layer.path, 0)
+        reuse += (layer.top_k - 1) * (block + later + outside_layers)
+        naive += layer.top_k * total
+    return {"ratio": reuse / naive, "lm_head_share": flops.get(head, 0) / total,
+            "layer_share": statistics.mean(per_layer) / total}
 
 
 def _experts_name(model: Any) -> str:
@@ -293,6 +325,7 @@ def profile_cost(model: Any, windows: torch.Tensor) -> dict:
         measure_sensitivity(model, windows, reuse_prefix=reuse)
         timings[f"{label}_s"] = time.perf_counter() - start
     timings["ratio"] = timings["reuse_s"] / timings["naive_s"]
+    timings["flop_floor"] = profiling_flop_floor(model, windows[:1])
     return timings
 
 

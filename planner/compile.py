@@ -25,7 +25,7 @@ def compile_plan(
     calib_tokens: int = 16384,
     seq_len: int = 256,
     strategy: str = "isolated",
-    metric: str = "nll",
+    metric: str = "kl",
     k_min: int = 1,
     k_step: float = 1.0,
     token_level: bool = True,

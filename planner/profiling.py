@@ -242,7 +242,7 @@ def measure_sensitivity(
     windows: torch.Tensor,
     *,
     strategy: str = "isolated",
-    metric: str = "nll",
+    metric: str = "kl",
     k_min: int = 1,
     k_step: float = 1.0,
     batch_size: int = 8,
@@ -308,6 +308,7 @@ def measure_sensitivity(
                 for hook in hooks:
                     hook.remove()
             reference_nll = -reference.gather(-1, targets).squeeze(-1)  # [B, S-1]
+            reference_probs = reference.exp() if metric == "kl" else None  # [B, S-1, V], once per batch
             reference_sum += reference_nll.double().sum().item()
             scored += reference_nll.numel()
 
@@ -337,7 +338,7 @@ def measure_sensitivity(
                         nll = -logp.gather(-1, targets).squeeze(-1)  # [B, S-1]
                         delta = (nll.double() - reference_nll.double()).sum().item()
                     else:  # KL(full || planned) per token, summed
-                        delta = (reference.exp() * (reference - logp)).sum(-1).double().sum().item()
+                        delta = (reference_probs * (reference - logp)).sum(-1).double().sum().item()
                     increase[position][k] += delta
             logger.info("profiled batch of %d windows", batch.shape[0])
 
@@ -357,7 +358,7 @@ def profile_model(
     calib_tokens: int = 16384,
     seq_len: int = 256,
     strategy: str = "isolated",
-    metric: str = "nll",
+    metric: str = "kl",
     k_min: int = 1,
     k_step: float = 1.0,
     batch_size: int = 8,

@@ -63,6 +63,9 @@ def test_profile_and_solver_cost_structure():
     windows = torch.randint(0, 128, (2, 32))
     cost = benchmark.profile_cost(model, windows)
     assert cost["reuse_s"] > 0 and cost["naive_s"] > 0 and cost["ratio"] == cost["reuse_s"] / cost["naive_s"]
+    floor = cost["flop_floor"]
+    # Reuse skips work, so its FLOP count lies strictly between none and the naive count.
+    assert 0.0 < floor["ratio"] < 1.0 and 0.0 < floor["lm_head_share"] < 1.0
     solver = benchmark.solver_cost(num_layers=8, k_max=4, repeat=1)
     assert solver["layers"] == 8 and solver["dp_s"] > 0 and solver["ilp_s"] > 0
 
