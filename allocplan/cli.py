@@ -376,10 +376,12 @@ def eval_command(model_name: str, plan_path: Path | None, method: str | None, bu
 @click.option("--repeat", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--profile-cost", is_flag=True, help="Also time profiling with allocplan's reuse and naively (a full forward per (layer, k)).")
 @click.option("--solver-cost", is_flag=True, help="Also time the DP and the ILP on a 60-layer, k<=16 instance.")
+@click.option("--breakdown", is_flag=True,
+              help="Also split prefill and decode time into router, expert matmuls, other expert work and the rest.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads [default: torch's].")
 def bench_command(model_name: str | None, plan_path: Path | None, preset: str | None, budget_ratio: float,
                   token_level: bool, batch: int, prompt_len: int, new_tokens: int, repeat: int,
-                  profile_cost: bool, solver_cost: bool, threads: int | None) -> None:
+                  profile_cost: bool, solver_cost: bool, breakdown: bool, threads: int | None) -> None:
     """Time prefill and decode without and with a plan, side by side (JSON on stdout)."""
     _quiet_transformers()
     import json
@@ -415,6 +417,8 @@ def bench_command(model_name: str | None, plan_path: Path | None, preset: str | 
         result["profile_cost"] = benchmark.profile_cost(model, windows)
     if solver_cost:
         result["solver_cost"] = benchmark.solver_cost()
+    if breakdown:
+        result["breakdown"] = benchmark.time_breakdown(model, plan, prompt_len=prompt_len, new_tokens=new_tokens)
     click.echo(json.dumps(result, indent=2, sort_keys=True))
     click.echo(f"{label}: budget {result['budget']:.3f}, f_routed_weights {result['f_routed_weights']:.2f},"
                f" f_routed_flops {result['f_routed_flops']:.2f}, f_moe_time {result['f_moe_time']:.2f}", err=True)

@@ -5,6 +5,7 @@ Every figure is produced by allocplan.benchmark in this run (JSON beside the pag
 Run:  python scripts/make_benchmarks.py        (about 12 minutes on 2 CPU cores; run it on an idle machine)
       python scripts/make_benchmarks.py --render-only   (rewrite the page from the last run's JSON)
       python scripts/make_benchmarks.py --profile-cost-only   (re-measure only the profiling cost)
+      python scripts/make_benchmarks.py --breakdown-only      (re-measure only the time breakdowns)
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 from allocplan import benchmark  # noqa: E402
 from allocplan.loading import DEFAULT_CALIBRATION, load_model  # noqa: E402
@@ -27,6 +27,23 @@ from allocplan.planner.profiling import calibration_windows  # noqa: E402
 
 # Enough rounds that the medians move by less than the targets' margins between runs on 2 cores.
 REPEAT, NEW_TOKENS = 5, 32
+
+
+def breakdown_lines(breakdown: dict) -> list[str]:
+    """Where the time goes, untouched vs planned (ms, measured under torch's profiler)."""
+    parts = (("router (with allocplan's routing hooks)", "router"), ("expert matmuls", "experts_matmul"),
+             ("other expert work (grouping, gathers, activation, combine)", "experts_other"),
+             ("rest of the model (attention, shared experts, norms, head)", "rest_of_model"), ("total", "total"))
+    lines = ["", "Where the time goes (ms, under torch's profiler; prefill per forward, decode b1 per token):", "",
+             "| part | prefill untouched | prefill planned | ratio | decode b1 untouched | decode b1 planned | ratio |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for label, key in parts:
+        cells = []
+        for measure in ("prefill", "decode_b1"):
+            before, after = breakdown[measure]["untouched"][key], breakdown[measure]["planned"][key]
+            cells += [f"{before:.2f}", f"{after:.2f}", f"{after / before:.2f}" if before > 0 else "—"]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def row(name: str, r: dict, bound: float, fraction: float) -> str:
@@ -46,6 +63,7 @@ def run_all() -> dict:
         for token_level in (False, True):
             plan = benchmark.uniform_budget_plan(model, 0.5, token_level)
             result = benchmark.bench(model, plan, batch=1, prompt_len=256, new_tokens=NEW_TOKENS, repeat=REPEAT)
+            result["breakdown"] = benchmark.time_breakdown(model, plan)
             runs.append({"label": f"{preset}, uniform 0.5, Alloc-T {'on' if token_level else 'off'}", **result})
         del model
     default = ROOT / "plans" / "ref-olmoe-budget-0.5.yaml"
@@ -102,7 +120,7 @@ EXPLANATION = """
 Where a target is missed, the gap is what the planned path still pays per layer whatever k is:
 the router, the top-k, grouping the active pairs by expert and combining their outputs, plus the
 untouched parts of the model (attention, shared experts, norms, head) whose time does not scale
-with the budget. The bound counts only weights (decode) or FLOPs (prefill); on CPU at batch 1 a
+with the budget; the "where the time goes" tables above show, per part, how much of it shrank. The bound counts only weights (decode) or FLOPs (prefill); on CPU at batch 1 a
 layer's fixed per-call costs are a visible share of a millisecond-scale step. Speed-ups within
 their [min, max] spread of a target are not distinguishable from it on this machine.
 """ 
@@ -113,6 +131,16 @@ def main() -> None:
     out = ROOT / "docs" / "benchmarks.json"
     if "--render-only" in sys.argv:
         data = json.loads(out.read_text())
+    elif "--breakdown-only" in sys.argv:
+        # Re-measure only the time breakdowns of the preset runs (about two minutes).
+        data = json.loads(out.read_text())
+        for preset in benchmark.PRESETS:
+            model = benchmark.build_preset(preset)
+            for run in data["runs"]:
+                if run["label"].startswith(preset):
+                    plan = benchmark.uniform_budget_plan(model, 0.5, run["token_level"])
+                    run["breakdown"] = benchmark.time_breakdown(model, plan)
+        out.write_text(json.dumps(data, indent=2) + "\n")
     elif "--profile-cost-only" in sys.argv:
         # Re-measure only the profiling cost (about a minute) and keep the last run's timings.
         data = json.loads(out.read_text())
@@ -163,6 +191,8 @@ def main() -> None:
         for name, label in (("prefill_s", "prefill"), ("decode_b1_s_per_token", "decode b1"),
                             ("decode_b8_s_per_step", "decode b8")):
             lines.append(row(label, run[name], run["ideal_speedup"][name], run["achieved_fraction"][name]))
+        if "breakdown" in run:
+            lines += breakdown_lines(run["breakdown"])
         if "profile_cost" in run:
             cost = run["profile_cost"]
             lines += ["", f"Profiling every (layer, k) on 4096 calibration tokens: {cost['reuse_s']:.1f} s with"

@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 from allocplan.baselines import build_policy  # noqa: E402
 from allocplan.evaluation import evaluate  # noqa: E402

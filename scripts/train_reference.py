@@ -43,7 +43,6 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, DeepseekV2Config, OlmoeConfig, PreTrainedTokenizerFast
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 VOCAB_SIZE = 4096
 ARITH_EVAL = ROOT / "data" / "arith_eval.txt"
 ARITH_EVAL_PROBLEMS = 400

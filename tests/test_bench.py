@@ -28,6 +28,18 @@ def test_bench_reports_both_models_and_the_bound():
     assert not hasattr(model, "_allocplan_handle")  # the plan is removed after timing
 
 
+def test_time_breakdown_structure():
+    model = build_tiny_model("deepseek_v2")
+    plan = benchmark.uniform_budget_plan(model, 0.5, token_level=True)
+    breakdown = benchmark.time_breakdown(model, plan, prompt_len=16, new_tokens=2)
+    for measure in ("prefill", "decode_b1"):
+        for side in ("untouched", "planned"):
+            part = breakdown[measure][side]
+            assert part["router"] > 0 and part["experts_matmul"] > 0 and part["experts_other"] > 0
+            assert part["total"] >= part["router"] + part["experts_matmul"] + part["experts_other"]
+    assert not hasattr(model, "_allocplan_handle")
+
+
 def test_routed_weight_share_of_presets():
     # The presets keep the proportions they claim (computed from their configs, no timing).
     assert 0.85 <= benchmark.routed_weight_share(benchmark.build_preset("mixtral-small")) <= 0.9
