@@ -99,6 +99,10 @@ class _LayerRouting:
         self.context = context
         self.ledger = routing.DecodeLedger()
         self.counter = LayerCounter()
+        # Batch-1 decode can take the native top-n only where the rewrite would equal it.
+        self.single_token_shortcut = (
+            self.single_token_native and self.token_level and token_selector is None and self.mode == "model"
+        )
         # The k the router is set to for the current forward: k_max, or n on the batch-1 shortcut.
         self.router_k = self.k_max
         self.native = False
@@ -113,17 +117,13 @@ class _LayerRouting:
         else:
             pairs = self.k_max
         if pairs != self.router_k:
-            # set_top_k already gave this layer its own holder of k (a config copy where needed).
-            setattr(self.layer._owner(), self.layer.top_k_attr, pairs)
+            # apply_plan's set_top_k already gave this layer its own holder of k.
+            self.layer.set_top_k(pairs, own_holder=True)
             self.router_k = pairs
 
     def single_token_forward(self, args: tuple[Any, ...]) -> bool:
-        if not (self.single_token_native and self.token_level and self.token_selector is None
-                and self.mode == "model" and args and isinstance(args[0], torch.Tensor)):
-            return False
-        hidden = args[0]
-        if hidden.numel() != hidden.shape[-1]:
-            return False  # more than one token
+        if not (args and isinstance(args[0], torch.Tensor)) or args[0].numel() != args[0].shape[-1]:
+            return False  # no hidden states, or more than one token
         real = self.context.real
         return real is None or real.numel() != 1 or bool(real[0])
 
@@ -316,13 +316,17 @@ def apply_plan(
     if family.warning:
         warnings.warn(f"allocplan: {family.warning}", stacklevel=2)
     handle = PlanHandle(plan=plan, layers=layers, _model=model, _saved=[layer.snapshot() for layer in layers])
+    # Pluggable experts run through allocplan_ragged whenever routing changes; a plan that keeps
+    # every layer's k on the native path changes nothing, not even the float rounding.
+    if family.experts_swap is None and (rewrite or any(e.planned_k < e.original_k for e in plan.layers)):
+        from allocplan.runtime.experts import register
+
+        handle._saved_experts_implementation = model.config._experts_implementation
+        model.set_experts_implementation(register())
     if rewrite:
-        from allocplan.runtime.experts import EXPERTS_SWAPS, register
+        from allocplan.runtime.experts import EXPERTS_SWAPS
 
         context = _ForwardContext()
-        if family.experts_swap is None:
-            handle._saved_experts_implementation = model.config._experts_implementation
-            model.set_experts_implementation(register())
         handle._hooks.append(model.register_forward_pre_hook(_record_padding(context), with_kwargs=True))
         for layer, entry in zip(layers, plan.layers):
             layer_routing = _LayerRouting(layer, entry, plan, family, context, token_selector)
@@ -338,14 +342,9 @@ def apply_plan(
                 handle._hooks.append(experts.register_forward_pre_hook(layer_routing.experts_pre_hook))
             else:
                 handle._hooks.append(layer.router.register_forward_hook(layer_routing.router_hook))
-            handle._hooks.append(layer.router.register_forward_pre_hook(layer_routing.router_pre_hook))
+            if layer_routing.single_token_shortcut:
+                handle._hooks.append(layer.router.register_forward_pre_hook(layer_routing.router_pre_hook))
     else:
-        # A plan that keeps every layer's k changes nothing, not even the float rounding.
-        if family.experts_swap is None and any(e.planned_k < e.original_k for e in plan.layers):
-            from allocplan.runtime.experts import register
-
-            handle._saved_experts_implementation = model.config._experts_implementation
-            model.set_experts_implementation(register())
         for layer, entry in zip(layers, plan.layers):
             layer.set_top_k(int(entry.planned_k))
     setattr(model, _HANDLE_ATTR, handle)

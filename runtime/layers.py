@@ -44,9 +44,13 @@ class MoELayer:
     def top_k(self) -> int:
         return getattr(self._owner(), self.top_k_attr)
 
-    def set_top_k(self, k: int) -> None:
-        """Route each token of this layer to its top-k experts from the next forward on."""
-        if self.top_k_on == "router_config":
+    def set_top_k(self, k: int, *, own_holder: bool = False) -> None:
+        """Route each token of this layer to its top-k experts from the next forward on.
+
+        ``own_holder``: an earlier call already gave this router its own config copy
+        (per-forward changes under a plan skip the copy).
+        """
+        if self.top_k_on == "router_config" and not own_holder:
             # Every layer's router reads one shared model config: give this router its own copy.
             self.router.config = copy.copy(self.router.config)
         setattr(self._owner(), self.top_k_attr, k)

@@ -23,7 +23,6 @@ import math
 import torch
 
 
-
 def sort_candidates(
     scores: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
