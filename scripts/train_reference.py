@@ -16,10 +16,11 @@ with the ``tokenizers`` library. A switch-style load-balancing loss keeps expert
 use. Fixed seeds and a schedule that depends on the step count only (never on the
 clock), so the same command, torch build and thread count give the same weights.
 
-ref-dsv2 uses DeepSeek-V2's routed scaling factor (4.0; DeepSeek-V2 itself uses 16 for
+ref-dsv2 uses DeepSeek-V2's routed scaling factor (8.0 here; DeepSeek-V2 itself uses 16 for
 160 experts): without top-k renormalisation each of 32 experts gets about 1/32 of the
-softmax mass, and at scale 1.0 a model this small learns to lean on its shared experts,
-leaving the routed ones, and therefore k, nearly irrelevant.
+softmax mass, and at small scales a model this small learns to lean on its shared
+experts, leaving the routed ones, and therefore k, nearly irrelevant. With the same
+1700 steps, uniform half k cost 0.046 nats/token of eval NLL at 4.0 and 0.067 at 8.0.
 
 Run (the committed checkpoints; one thread each, about 1.3 s per ref-dsv2 step on an
 idle core; training.json records the wall-clock time of the committed run):
@@ -129,7 +130,7 @@ def make_config(name: str, tokenizer: PreTrainedTokenizerFast):
             num_attention_heads=4, num_key_value_heads=4, n_routed_experts=32, num_experts_per_tok=6,
             n_shared_experts=2, first_k_dense_replace=1, kv_lora_rank=64, q_lora_rank=None,
             qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32, head_dim=16, topk_method="greedy",
-            n_group=1, topk_group=1, routed_scaling_factor=4.0, **common,
+            n_group=1, topk_group=1, routed_scaling_factor=8.0, **common,
         )
     if name == "ref-olmoe":
         return OlmoeConfig(
