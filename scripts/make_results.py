@@ -30,7 +30,12 @@ from allocplan.baselines import build_policy  # noqa: E402
 from allocplan.evaluation import evaluate  # noqa: E402
 from allocplan.loading import DEFAULT_CALIBRATION, load_model  # noqa: E402
 from allocplan.planner.from_profile import solve_profile  # noqa: E402
-from allocplan.planner.profiling import calibration_windows, profile_data_free, profile_model  # noqa: E402
+from allocplan.planner.profiling import (  # noqa: E402
+    _token_losses,
+    calibration_windows,
+    profile_data_free,
+    profile_model,
+)
 from allocplan.runtime.apply import apply_plan  # noqa: E402
 from allocplan.runtime.plans import manual_plan  # noqa: E402
 
@@ -150,12 +155,15 @@ def evaluate_model(name: str, budgets: list[float], quick: bool) -> dict:
 
 
 def calibration_kl(model, windows, reference, plan) -> float:
-    """Mean KL(full || plan) per token on calibration windows (the default profile's metric)."""
+    """Mean KL(full || plan) per token on calibration windows (the default profile's metric).
+
+    ``reference``: per batch of 8 windows, the full model's (log-probabilities, probabilities).
+    """
     total, count = 0.0, 0
     with apply_plan(model, plan), torch.inference_mode():
-        for batch, ref in zip(windows.split(8), reference):
-            logp = torch.log_softmax(model(input_ids=batch, use_cache=False).logits.float(), dim=-1)[:, :-1]
-            total += (ref.exp() * (ref - logp)).sum(-1).double().sum().item()
+        for batch, (ref_logp, ref_probs) in zip(windows.split(8), reference):
+            logp = _token_losses(model, batch)  # [B, S-1, V]
+            total += (ref_probs * (ref_logp - logp)).sum(-1).double().sum().item()
             count += logp.shape[0] * logp.shape[1]
     return total / count
 
@@ -170,8 +178,8 @@ def exchange_check(model, tokenizer, plan, calib_tokens: int, max_tokens: int) -
     """
     windows, _ = calibration_windows(tokenizer, DEFAULT_CALIBRATION, calib_tokens=calib_tokens, seq_len=256)
     with torch.inference_mode():
-        reference = [torch.log_softmax(model(input_ids=b, use_cache=False).logits.float(), dim=-1)[:, :-1]
-                     for b in windows.split(8)]
+        # Once per batch, not per candidate plan (as the profiler caches them).
+        reference = [(logp, logp.exp()) for logp in (_token_losses(model, b) for b in windows.split(8))]
     ks = [e.planned_k for e in plan.layers]
     originals = [e.original_k for e in plan.layers]
     options = {"token_level": True, "k_base": plan.token_level.k_base}
@@ -291,7 +299,7 @@ def target_lines(all_results: list[dict]) -> list[str]:
             continue
         rows = data["rows"]
         default = rows["alloc-lt"]
-        others = {m: r for m, r in rows.items() if not m.startswith("alloc-lt")}
+        others = {m: rows[m] for m in COMPARED if m in rows}
         best = min(others, key=lambda m: others[m]["nll"])
         met = default["gap_closed"] is not None and default["gap_closed"] >= 0.70
         lines.append(
