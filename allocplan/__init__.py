@@ -7,41 +7,62 @@ Two verbs, like ``quantize_(model, config)``::
     handle = allocplan.apply_plan(model, "plan.yaml")          # per-layer top-k, reversible
     handle.remove()                                            # bit-identical original
 
-Torch-bound names are imported lazily, so ``import allocplan`` and the pure
-planner (plans, profiles, solvers) stay light.
+Settings are frozen configs (``ProfileConfig``, ``RoutingConfig``, ``LoadConfig``;
+a ``Recipe`` bundles them as YAML); an ``Allocation`` built in code with
+``allocation_for`` applies like a plan. Everything a user calls is importable from
+here; torch-bound names are imported lazily, so ``import allocplan`` and the pure
+parts (plans, profiles, configs, solvers) stay light.
+
+Package layout: ``allocplan.formats`` (pure data), ``allocplan.runtime`` (the
+shim; from ``runtime/`` in a checkout), ``allocplan.planner`` (profiling and
+solvers; from ``planner/``), ``allocplan.evaluation`` and ``allocplan.bench``.
 """
 
+from pathlib import Path as _Path
 from typing import Any
 
-from allocplan._version import __version__
-from allocplan.errors import AllocplanError
-from allocplan.planner.from_profile import solve_profile
-from allocplan.planner.plan import Plan, load_plan, save_plan
-from allocplan.planner.profile_format import SensitivityProfile, load_profile, save_profile
+# In a source checkout the design card's planner/ and runtime/ sit beside this folder;
+# installed, setuptools puts them inside it. Either way they import as allocplan.planner
+# and allocplan.runtime.
+_CHECKOUT = _Path(__file__).resolve().parent.parent
+if not (_Path(__file__).resolve().parent / "planner").is_dir() and (_CHECKOUT / "planner" / "__init__.py").is_file():
+    __path__.append(str(_CHECKOUT))  # noqa: F821 (the package's own __path__)
 
+from ._version import __version__  # noqa: E402
+from .errors import AllocplanError, SolverDisagreement  # noqa: E402
+from .formats.allocation import Allocation  # noqa: E402
+from .formats.budget import BudgetRequest  # noqa: E402
+from .formats.config import LoadConfig, ProfileConfig, Recipe, RoutingConfig, load_recipe, save_recipe  # noqa: E402
+from .formats.plan import Plan, load_plan, save_plan  # noqa: E402
+from .formats.profile import SensitivityProfile, load_profile, save_profile  # noqa: E402
+
+# Public name -> module that defines it (imported on first use).
 _LAZY = {
-    "compile_plan": "allocplan.planner.compile",
+    "compile_plan": "allocplan.api",
+    "check_plan_for_model": "allocplan.api",
+    "generate": "allocplan.api",
+    "load_model": "allocplan.loading",
+    "load_config": "allocplan.loading",
+    "solve_profile": "allocplan.planner.solve",
     "profile_model": "allocplan.planner.profiling",
     "apply_plan": "allocplan.runtime.apply",
     "PlanHandle": "allocplan.runtime.apply",
-    "load_model": "allocplan.loading",
+    "allocation_for": "allocplan.runtime.allocations",
+    "FAMILIES": "allocplan.runtime.families",
+    "families_markdown": "allocplan.runtime.families",
+    "METHODS": "allocplan.evaluation.methods",
+    "build_policy": "allocplan.evaluation.methods",
+    "evaluate": "allocplan.evaluation.metrics",
+    "run_eval": "allocplan.evaluation.run",
+    "run_bench": "allocplan.bench.run",
+    "BENCH_PRESETS": "allocplan.bench.presets",
 }
+_RENAMED = {"BENCH_PRESETS": "PRESETS"}
 
 __all__ = [
-    "AllocplanError",
-    "Plan",
-    "PlanHandle",
-    "SensitivityProfile",
-    "__version__",
-    "apply_plan",
-    "compile_plan",
-    "load_model",
-    "load_plan",
-    "load_profile",
-    "profile_model",
-    "save_plan",
-    "save_profile",
-    "solve_profile",
+    "Allocation", "AllocplanError", "BudgetRequest", "LoadConfig", "Plan", "ProfileConfig", "Recipe",
+    "RoutingConfig", "SensitivityProfile", "SolverDisagreement", "__version__", "load_plan", "load_profile",
+    "load_recipe", "save_plan", "save_profile", "save_recipe", *_LAZY,
 ]
 
 
@@ -49,5 +70,5 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        return getattr(importlib.import_module(_LAZY[name]), _RENAMED.get(name, name))
     raise AttributeError(f"module 'allocplan' has no attribute {name!r}")

@@ -1,7 +1,9 @@
-"""The ``allocplan`` command line: a thin click layer over the public verbs.
+"""The ``allocplan`` command line: a thin click layer over the public verbs of :mod:`allocplan`.
 
-Every user error ends in one line on stderr and exit status 2; outputs are
-written atomically, so a failed command leaves no partial file.
+Options come from the config dataclasses (:mod:`allocplan.cli_options`), the work
+from the public verbs, and the printed text from :mod:`allocplan.display`. Every
+user error ends in one line on stderr and exit status 2; outputs are written
+atomically, so a failed command leaves no partial file.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ from typing import Any
 
 import click
 
-from allocplan.errors import AllocplanError
-from allocplan.planner.plan import RENORMALIZE_MODES
-from allocplan.planner.solve import SolverDisagreement
+import allocplan
+from allocplan import display
+from allocplan.cli_options import build_config, config_options
+from allocplan import LoadConfig, ProfileConfig, RoutingConfig
 
 EXIT_USER_ERROR = 2
 
@@ -33,9 +36,9 @@ class _OneLineErrors(click.Group):
             sys.exit(1)
         except click.ClickException as exc:
             _fail(exc.format_message())
-        except AllocplanError as exc:
+        except allocplan.AllocplanError as exc:
             _fail(str(exc))
-        except SolverDisagreement as exc:
+        except allocplan.SolverDisagreement as exc:
             click.echo(f"allocplan: internal error: solver cross-check failed: {exc}", err=True)
             sys.exit(1)
         sys.exit(code if isinstance(code, int) else 0)
@@ -46,103 +49,33 @@ def _fail(message: str) -> None:
     sys.exit(EXIT_USER_ERROR)
 
 
+def _echo(lines: list[str], err: bool = False) -> None:
+    for line in lines:
+        click.echo(line, err=err)
+
+
 _existing_file = click.Path(exists=True, dir_okay=False, path_type=Path)
 _output_file = click.Path(dir_okay=False, writable=False, path_type=Path)
-
-
-def _model_options(func: Any) -> Any:
-    for option in reversed(
-        [
-            click.option("--device", default="cpu", show_default=True, help="torch device to run the model on."),
-            click.option(
-                "--dtype",
-                type=click.Choice(["float32", "bfloat16", "float16"]),
-                default="float32",
-                show_default=True,
-                help="dtype to load the weights in.",
-            ),
-            click.option(
-                "--trust-remote-code", is_flag=True, help="Allow a checkpoint's own Python code (off by default)."
-            ),
-        ]
-    ):
-        func = option(func)
-    return func
-
-
-def _profiling_options(func: Any) -> Any:
-    func = _model_options(func)
-    for option in reversed(
-        [
-            click.option("--model", "model_name", required=True,
-                         help="Local checkpoint directory, bundled:<name>, or hub id."),
-            click.option("--calib", type=_existing_file, default=None,
-                         help="UTF-8 calibration text [default: the text bundled with allocplan]."),
-            click.option("--calib-tokens", type=click.IntRange(min=2), default=16384, show_default=True,
-                         help="Tokens of calibration text to score."),
-            click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True,
-                         help="Tokens per packed calibration window."),
-            click.option("--strategy", type=click.Choice(["isolated", "paper"]), default="isolated",
-                         show_default=True, help="What the other layers do while one layer is profiled."),
-            click.option("--metric", type=click.Choice(["nll", "kl"]), default="kl", show_default=True,
-                         help="Sensitivity metric: KL divergence from the full model, or NLL increase."),
-            click.option("--k-min", type=click.IntRange(min=1), default=1, show_default=True,
-                         help="Smallest top-k a layer may be given."),
-            click.option("--k-step", type=click.Choice(["1", "0.5"]), default="1", show_default=True,
-                         callback=lambda _ctx, _param, value: float(value),
-                         help="Candidate grid: whole experts, or halves realised by token-level allocation."),
-            click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
-                         help="Calibration windows per forward pass."),
-        ]
-    ):
-        func = option(func)
-    return func
+_model_option = click.option("--model", "model_name", required=True,
+                             help="Local checkpoint directory, bundled:<name>, or hub id.")
 
 
 def _budget_options(func: Any) -> Any:
-    for option in reversed(
-        [
-            click.option("--budget", "budget_ratio", type=click.FloatRange(0, 1, min_open=True), default=None,
-                         help="Fraction of the model's activations per token to keep, e.g. 0.5."),
-            click.option("--budget-activations", type=click.IntRange(min=1), default=None,
-                         help="Absolute routed activations per token over all MoE layers."),
-            click.option("--token-level/--no-token-level", default=True, show_default=True,
-                         help="Alloc-T: redistribute each layer's activations between the tokens of a forward pass."),
-            click.option("--k-base", type=click.IntRange(min=0), default=1, show_default=True,
-                         help="Experts every token keeps under token-level allocation."),
-            click.option("--k-max", type=click.IntRange(min=1), default=None,
-                         help="Most experts one token can get [default: the layer's original top-k]."),
-            click.option("--renormalize", type=click.Choice(list(RENORMALIZE_MODES)),
-                         default="model", show_default=True, help="How the kept experts' weights are normalised."),
-            click.option("--reference-k", type=click.IntRange(min=1), default=None,
-                         help="k' of --renormalize decoupled [default: the layer's original top-k]."),
-        ]
-    ):
-        func = option(func)
-    return func
+    func = click.option("--budget-activations", type=click.IntRange(min=1), default=None,
+                        help="Absolute routed activations per token over all MoE layers.")(func)
+    return click.option("--budget", "budget_ratio", type=click.FloatRange(0, 1, min_open=True), default=None,
+                        help="Fraction of the model's activations per token to keep, e.g. 0.5.")(func)
 
 
-def _check_budget(budget_ratio: float | None, budget_activations: int | None) -> None:
-    if (budget_ratio is None) == (budget_activations is None):
-        raise AllocplanError("give exactly one of --budget RATIO or --budget-activations N")
+_recipe_option = click.option("--recipe", "recipe_path", type=_existing_file, default=None,
+                              help="Take the budget and settings from this recipe (allocplan recipe);"
+                                   " options given here override it.")
 
 
-def _print_plan(plan: Any, file: Any = None) -> None:
-    rows = [("layer", "module", "original_k", "planned_k")]
-    rows += [(str(e.index), e.path, str(e.original_k), f"{e.planned_k:g}") for e in plan.layers]
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    for row in rows:
-        click.echo("  ".join(cell.rjust(w) if i != 1 else cell.ljust(w) for i, (cell, w) in
-                             enumerate(zip(row, widths))), file=file)
-    budget = plan.budget
-    ratio = f"ratio {budget.ratio:g}, " if budget.ratio is not None else ""
-    click.echo(
-        f"activations per token: {budget.planned_activations:g} of {budget.original_activations}"
-        f" ({ratio}budget {budget.total_activations});"
-        f" objective {plan.solver.dp_objective:.6g} {plan.solver.metric} (DP) ="
-        f" {plan.solver.ilp_objective:.6g} (ILP, {plan.solver.ilp_status})",
-        file=file,
-    )
+def _budget(ratio: float | None, activations: int | None, recipe: Any) -> Any:
+    if ratio is None and activations is None and recipe is not None and recipe.budget is not None:
+        return recipe.budget
+    return allocplan.BudgetRequest(ratio=ratio, activations=activations)
 
 
 @click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
@@ -174,60 +107,82 @@ def _quiet_transformers() -> None:
 
 
 @cli.command("compile")
-@_profiling_options
+@_model_option
+@config_options(ProfileConfig)
 @_budget_options
+@config_options(RoutingConfig)
+@config_options(LoadConfig)
+@_recipe_option
 @click.option("-o", "--output", type=_output_file, required=True, help="Plan file to write.")
 @click.option("--profile-out", type=_output_file, default=None, help="Also write the sensitivity profile here.")
-def compile_command(model_name: str, output: Path, profile_out: Path | None, budget_ratio: float | None,
-                    budget_activations: int | None, **options: Any) -> None:
+def compile_command(model_name: str, output: Path, profile_out: Path | None, recipe_path: Path | None,
+                    budget_ratio: float | None, budget_activations: int | None, **options: Any) -> None:
     """Profile a model on calibration text and solve its per-layer top-k (Alloc-L)."""
     _quiet_transformers()
-    from allocplan.planner.compile import compile_plan
-    from allocplan.planner.plan import save_plan
-
-    _check_budget(budget_ratio, budget_activations)
-    plan = compile_plan(model_name, budget_ratio, budget_activations=budget_activations,
-                        profile_out=profile_out, **options)
-    save_plan(plan, output)
-    _print_plan(plan)
+    recipe = allocplan.load_recipe(recipe_path) if recipe_path else None
+    profile = build_config(ProfileConfig, options, recipe.profile if recipe else None)
+    routing = build_config(RoutingConfig, options, recipe.routing if recipe else None)
+    plan = allocplan.compile_plan(model_name, _budget(budget_ratio, budget_activations, recipe), profile=profile,
+                                  routing=routing, load=build_config(LoadConfig, options), profile_out=profile_out)
+    allocplan.save_plan(plan, output)
+    _echo(display.plan_lines(plan))
     click.echo(f"wrote {output}")
 
 
 @cli.command("profile")
-@_profiling_options
+@_model_option
+@config_options(ProfileConfig)
+@config_options(LoadConfig)
+@_recipe_option
 @click.option("-o", "--output", type=_output_file, required=True, help="Profile file to write.")
-def profile_command(model_name: str, output: Path, device: str, dtype: str, trust_remote_code: bool,
-                    calib: Path | None, **options: Any) -> None:
+def profile_command(model_name: str, output: Path, recipe_path: Path | None, **options: Any) -> None:
     """Measure per-layer sensitivities S[l, k] and write them as a profile."""
     _quiet_transformers()
-    from allocplan.loading import DEFAULT_CALIBRATION, load_model
-    from allocplan.planner.profile_format import save_profile
-    from allocplan.planner.profiling import profile_model
-
-    model, tokenizer = load_model(model_name, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-    profile = profile_model(model, tokenizer, model_name=model_name, calib=calib or DEFAULT_CALIBRATION, **options)
-    save_profile(profile, output)
-    click.echo(f"wrote {output}: {len(profile.layers)} MoE layers, reference NLL "
-               f"{profile.measurement.reference_nll:.4f} on {profile.measurement.calibration.tokens} tokens")
+    recipe = allocplan.load_recipe(recipe_path) if recipe_path else None
+    profile = build_config(ProfileConfig, options, recipe.profile if recipe else None)
+    model, tokenizer = allocplan.load_model(model_name, build_config(LoadConfig, options))
+    measured = allocplan.profile_model(model, tokenizer, profile, model_name=model_name)
+    allocplan.save_profile(measured, output)
+    click.echo(f"wrote {output}: {len(measured.layers)} MoE layers, reference NLL "
+               f"{measured.measurement.reference_nll:.4f} on {measured.measurement.calibration.tokens} tokens")
 
 
 @cli.command("solve")
 @click.argument("profile_path", type=_existing_file, metavar="PROFILE")
 @_budget_options
+@config_options(RoutingConfig)
+@_recipe_option
 @click.option("-o", "--output", type=_output_file, required=True, help="Plan file to write.")
 def solve_command(profile_path: Path, budget_ratio: float | None, budget_activations: int | None, output: Path,
-                  **routing: Any) -> None:
+                  recipe_path: Path | None, **options: Any) -> None:
     """Solve a stored profile at a budget (no model is loaded)."""
-    from allocplan.planner.from_profile import solve_profile
-    from allocplan.planner.plan import save_plan
-    from allocplan.planner.profile_format import load_profile
-
-    _check_budget(budget_ratio, budget_activations)
-    plan = solve_profile(load_profile(profile_path), budget_ratio=budget_ratio,
-                         budget_activations=budget_activations, **routing)
-    save_plan(plan, output)
-    _print_plan(plan)
+    recipe = allocplan.load_recipe(recipe_path) if recipe_path else None
+    routing = build_config(RoutingConfig, options, recipe.routing if recipe else None)
+    plan = allocplan.solve_profile(allocplan.load_profile(profile_path),
+                                   _budget(budget_ratio, budget_activations, recipe), routing)
+    allocplan.save_plan(plan, output)
+    _echo(display.plan_lines(plan))
     click.echo(f"wrote {output}")
+
+
+@cli.command("recipe")
+@config_options(ProfileConfig)
+@_budget_options
+@config_options(RoutingConfig)
+@click.option("-o", "--output", type=_output_file, default=None, help="Write the recipe here [default: stdout].")
+def recipe_command(budget_ratio: float | None, budget_activations: int | None, output: Path | None,
+                   **options: Any) -> None:
+    """Write the compile settings given here (defaults for the rest) as a YAML recipe."""
+    budget = None
+    if budget_ratio is not None or budget_activations is not None:
+        budget = allocplan.BudgetRequest(ratio=budget_ratio, activations=budget_activations)
+    recipe = allocplan.Recipe(budget=budget, profile=build_config(ProfileConfig, options),
+                              routing=build_config(RoutingConfig, options))
+    if output is None:
+        click.echo(recipe.to_yaml(), nl=False)
+    else:
+        allocplan.save_recipe(recipe, output)
+        click.echo(f"wrote {output}")
 
 
 @cli.command("apply")
@@ -235,67 +190,43 @@ def solve_command(profile_path: Path, budget_ratio: float | None, budget_activat
 @click.option("--model", "model_name", default=None, help="Model to load [default: the one named in the plan].")
 @click.option("--prompt", default=None, help="Generate from this prompt with the plan applied.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
-@_model_options
-def apply_command(plan_path: Path, model_name: str | None, prompt: str | None, max_new_tokens: int, device: str,
-                  dtype: str, trust_remote_code: bool) -> None:
+@config_options(LoadConfig)
+def apply_command(plan_path: Path, model_name: str | None, prompt: str | None, max_new_tokens: int,
+                  **options: Any) -> None:
     """Load a model, apply a plan and show it (optionally generate from a prompt)."""
     _quiet_transformers()
-    from allocplan.loading import load_model
-    from allocplan.planner.plan import load_plan
-    from allocplan.runtime.apply import apply_plan
-
-    plan = load_plan(plan_path)
+    plan = allocplan.load_plan(plan_path)
     name = model_name or plan.model.name
-    model, tokenizer = load_model(name, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-    handle = apply_plan(model, plan)
-    click.echo(f"applied {plan_path} to {name}")
-    _print_plan(plan)
-    if prompt is not None:
-        import torch
-
-        inputs = tokenizer(prompt, return_tensors="pt").to(device)
-        with torch.inference_mode():
-            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-        click.echo("generated: " + tokenizer.decode(out[0], skip_special_tokens=True))
-    handle.remove()
+    model, tokenizer = allocplan.load_model(name, build_config(LoadConfig, options))
+    with allocplan.apply_plan(model, plan):
+        click.echo(f"applied {plan_path} to {name}")
+        _echo(display.plan_lines(plan))
+        if prompt is not None:
+            click.echo("generated: " + allocplan.generate(model, tokenizer, prompt, max_new_tokens=max_new_tokens))
 
 
 @cli.command("validate")
 @click.argument("plan_path", type=_existing_file, metavar="PLAN")
 @click.option("--model", "model_name", default=None,
               help="Also check the plan's fingerprint against this model's config (no weights loaded).")
-@click.option("--trust-remote-code", is_flag=True, help="Allow a checkpoint's own Python code (off by default).")
-def validate_command(plan_path: Path, model_name: str | None, trust_remote_code: bool) -> None:
+@config_options(LoadConfig, exclude=("device", "dtype"))
+def validate_command(plan_path: Path, model_name: str | None, **options: Any) -> None:
     """Check a plan's schema and budget arithmetic, and optionally its model fingerprint."""
-    from allocplan.planner.plan import load_plan
-
-    plan = load_plan(plan_path)
+    plan = allocplan.load_plan(plan_path)
     message = f"{plan_path}: valid plan for {plan.model.name} ({plan.model.model_type}, {plan.model.fingerprint})"
     if model_name is not None:
         _quiet_transformers()
-        from allocplan.loading import load_config
-        from allocplan.runtime.families import get_family, model_fingerprint
-
-        # A multimodal checkpoint loads as its text model under AutoModelForCausalLM.
-        config = load_config(model_name, trust_remote_code=trust_remote_code).get_text_config()
-        get_family(config.model_type)
-        fingerprint = model_fingerprint(config.to_dict())
-        if fingerprint != plan.model.fingerprint:
-            raise AllocplanError(
-                f"{plan_path} was compiled for fingerprint {plan.model.fingerprint} ({plan.model.name})"
-                f" but {model_name} has {fingerprint}; compile a plan for this model"
-            )
+        allocplan.check_plan_for_model(plan, model_name, build_config(LoadConfig, options))
         message += f"; matches {model_name}"
     click.echo(message)
 
 
 @cli.command("eval")
-@click.option("--model", "model_name", required=True, help="Local checkpoint directory, bundled:<name>, or hub id.")
+@_model_option
 @click.option("--plan", "plan_path", type=_existing_file, default=None, help="Evaluate with this plan applied.")
-@click.option("--method", type=click.Choice(["full", "uniform", "random", "lexi", "naee", "top-p", "alloc-t",
-                                              "alloc-l", "alloc-lt"]), default=None,
-              help="Evaluate a routing policy at --budget instead of a plan (see docs/results.md).")
+@click.option("--method", default=None,
+              help=f"Evaluate a registered routing method at --budget instead of a plan: {', '.join(allocplan.METHODS)}"
+                   " (docs/results.md).")
 @click.option("--budget", "budget_ratio", type=click.FloatRange(0, 1, min_open=True), default=None,
               help="Budget ratio for --method.")
 @click.option("--data", type=_existing_file, required=True, help="UTF-8 text for NLL (never calibrate on it).")
@@ -308,63 +239,23 @@ def validate_command(plan_path: Path, model_name: str | None, trust_remote_code:
 @click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True)
 @click.option("--max-tokens", type=click.IntRange(min=2), default=16384, show_default=True,
               help="Tokens of --data to score.")
-@_model_options
+@config_options(LoadConfig)
 def eval_command(model_name: str, plan_path: Path | None, method: str | None, budget_ratio: float | None,
                  data: Path, arith: Path | None, calib: Path | None, profile_path: Path | None, seed: int,
-                 seq_len: int, max_tokens: int, device: str, dtype: str, trust_remote_code: bool) -> None:
+                 seq_len: int, max_tokens: int, **options: Any) -> None:
     """Measure NLL, arithmetic accuracy and activations under a plan or a method (JSON on stdout)."""
     _quiet_transformers()
-    import json
-
-    from allocplan.baselines import PROFILE_METHODS, THRESHOLD_METHODS, build_policy
-    from allocplan.evaluation import evaluate
-    from allocplan.loading import DEFAULT_CALIBRATION, load_model
-    from allocplan.planner.plan import load_plan
-    from allocplan.planner.profile_format import load_profile
-    from allocplan.planner.profiling import calibration_windows, profile_model
-    from allocplan.runtime.apply import apply_plan
-
-    if (plan_path is None) == (method is None):
-        raise AllocplanError("give exactly one of --plan PLAN or --method NAME")
-    if method not in (None, "full") and budget_ratio is None:
-        raise AllocplanError(f"--method {method} needs --budget RATIO")
-    model, tokenizer = load_model(model_name, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-    calib = calib or DEFAULT_CALIBRATION
-    parameter = None
-    if plan_path is not None:
-        handle = apply_plan(model, load_plan(plan_path))
-        label, budget_total = f"plan {plan_path}", handle.plan.budget.total_activations
-    else:
-        profile = None
-        if method in PROFILE_METHODS:
-            profile = load_profile(profile_path) if profile_path else profile_model(
-                model, tokenizer, model_name=model_name, calib=calib)
-        windows = None
-        if method in THRESHOLD_METHODS:  # only threshold rules are calibrated on text
-            windows, _ = calibration_windows(tokenizer, calib, calib_tokens=4096, seq_len=seq_len)
-        policy = build_policy(model, method, budget_ratio or 1.0, profile=profile, calib_windows=windows, seed=seed)
-        handle, parameter = policy.apply(model), policy.parameter
-        label, budget_total = method, policy.target
-    try:
-        result = evaluate(model, tokenizer, data=data, arith=arith, handle=handle, seq_len=seq_len,
-                          max_tokens=max_tokens)
-    finally:
-        if handle is not None:
-            handle.remove()
-    result = {"model": model_name, "policy": label, "budget_ratio": budget_ratio, "parameter": parameter,
-              "target_activations_per_token": budget_total, **result}
-    click.echo(json.dumps(result, indent=2, sort_keys=True))
-    arith_text = f", arithmetic {result['arith_accuracy']:.3f}" if "arith_accuracy" in result else ""
-    click.echo(f"{label}: NLL {result['nll']:.4f} (ppl {result['perplexity']:.2f}){arith_text},"
-               f" {result['activations_per_token']:.3f} activations per token", err=True)
-    for path, value in result["activations_per_layer"].items():
-        click.echo(f"  {path}: {value:.3f}", err=True)
+    result = allocplan.run_eval(model_name, data=data, plan=plan_path, method=method, budget_ratio=budget_ratio,
+                                arith=arith, calib=calib, profile=profile_path, seed=seed, seq_len=seq_len,
+                                max_tokens=max_tokens, load=build_config(LoadConfig, options))
+    click.echo(display.to_json(result))
+    _echo(display.eval_lines(result), err=True)
 
 
 @cli.command("bench")
 @click.option("--model", "model_name", default=None, help="Trained model to time (with --plan).")
 @click.option("--plan", "plan_path", type=_existing_file, default=None, help="Plan to time against the untouched model.")
-@click.option("--config", "preset", type=click.Choice(["dsv2-lite-small", "mixtral-small"]), default=None,
+@click.option("--config", "preset", type=click.Choice(list(allocplan.BENCH_PRESETS)), default=None,
               help="Time a randomly initialised model of this shape, planned uniformly at --budget.")
 @click.option("--budget", "budget_ratio", type=click.FloatRange(0, 1, min_open=True), default=0.5, show_default=True,
               help="Budget of the uniform plan for --config.")
@@ -374,7 +265,8 @@ def eval_command(model_name: str, plan_path: Path | None, method: str | None, bu
 @click.option("--prompt-len", type=click.IntRange(min=2), default=256, show_default=True)
 @click.option("--new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--repeat", type=click.IntRange(min=1), default=5, show_default=True)
-@click.option("--profile-cost", is_flag=True, help="Also time profiling with allocplan's reuse and naively (a full forward per (layer, k)).")
+@click.option("--profile-cost", is_flag=True,
+              help="Also time profiling with allocplan's reuse and naively (a full forward per (layer, k)).")
 @click.option("--solver-cost", is_flag=True, help="Also time the DP and the ILP on a 60-layer, k<=16 instance.")
 @click.option("--breakdown", is_flag=True,
               help="Also split prefill and decode time into router, expert matmuls, other expert work and the rest.")
@@ -384,65 +276,22 @@ def bench_command(model_name: str | None, plan_path: Path | None, preset: str | 
                   profile_cost: bool, solver_cost: bool, breakdown: bool, threads: int | None) -> None:
     """Time prefill and decode without and with a plan, side by side (JSON on stdout)."""
     _quiet_transformers()
-    import json
-
-    import torch
-
-    from allocplan import benchmark
-    from allocplan.loading import DEFAULT_CALIBRATION, load_model
-    from allocplan.planner.plan import load_plan
-    from allocplan.planner.profiling import calibration_windows
-
-    if threads:
-        torch.set_num_threads(threads)
-    if (preset is None) == (plan_path is None):
-        raise AllocplanError("give --plan PLAN (with --model or the plan's model) or --config PRESET")
-    tokenizer = None
-    if preset is not None:
-        model = benchmark.build_preset(preset)
-        plan = benchmark.uniform_budget_plan(model, budget_ratio, token_level)
-        label = f"{preset} (random init), uniform budget {budget_ratio:g}"
-    else:
-        plan = load_plan(plan_path)
-        model, tokenizer = load_model(model_name or plan.model.name)
-        label = f"{model_name or plan.model.name} with {plan_path}"
-    result = {"label": label, **benchmark.bench(model, plan, batch=batch, prompt_len=prompt_len,
-                                                new_tokens=new_tokens, repeat=repeat)}
-    if profile_cost:
-        if tokenizer is None:
-            generator = torch.Generator().manual_seed(0)
-            windows = torch.randint(0, model.get_input_embeddings().num_embeddings, (4, 256), generator=generator)
-        else:
-            windows, _ = calibration_windows(tokenizer, DEFAULT_CALIBRATION, calib_tokens=2048, seq_len=256)
-        result["profile_cost"] = benchmark.profile_cost(model, windows)
-    if solver_cost:
-        result["solver_cost"] = benchmark.solver_cost()
-    if breakdown:
-        result["breakdown"] = benchmark.time_breakdown(model, plan, prompt_len=prompt_len, new_tokens=new_tokens)
-    click.echo(json.dumps(result, indent=2, sort_keys=True))
-    click.echo(f"{label}: budget {result['budget']:.3f}, f_routed_weights {result['f_routed_weights']:.2f},"
-               f" f_routed_flops {result['f_routed_flops']:.2f}, f_moe_time {result['f_moe_time']:.2f}", err=True)
-    for name in ("prefill_s", "decode_b1_s_per_token", "decode_b8_s_per_step"):
-        r = result[name]
-        same = r.get("speedup_same_path")
-        click.echo(f"  {name}: {r['untouched']['median'] * 1e3:.1f} ms -> {r['planned']['median'] * 1e3:.1f} ms,"
-                   f" speed-up {r['speedup']['median']:.2f}x [{r['speedup']['min']:.2f}, {r['speedup']['max']:.2f}]"
-                   + (f", {same['median']:.2f}x against full k on the same experts path" if same else "")
-                   + f"; bound {result['ideal_speedup'][name]:.2f}x, {result['achieved_fraction'][name]:.0%} of it",
-                   err=True)
+    result = allocplan.run_bench(plan=plan_path, model_name=model_name, preset=preset, budget_ratio=budget_ratio,
+                                 token_level=token_level, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens,
+                                 repeat=repeat, profile_cost_too=profile_cost, solver_cost_too=solver_cost,
+                                 breakdown=breakdown, threads=threads)
+    click.echo(display.to_json(result))
+    _echo(display.bench_lines(result), err=True)
 
 
 @cli.command("families")
 @click.option("--markdown", is_flag=True, help="Print docs/families.md (supported and unsupported families).")
 def families_command(markdown: bool) -> None:
     """List the supported model families (config.model_type)."""
-    from allocplan.runtime.families import FAMILIES, families_markdown
-
     if markdown:
-        click.echo(families_markdown(), nl=False)
+        click.echo(allocplan.families_markdown(), nl=False)
     else:
-        for name in sorted(FAMILIES):
-            click.echo(name)
+        _echo(sorted(allocplan.FAMILIES))
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 
 A name is a local directory, ``bundled:<name>`` for a model shipped inside the
 allocplan package, or a Hugging Face hub id. ``trust_remote_code`` stays off
-unless the caller asks for it.
+unless the caller asks for it (:class:`~allocplan.formats.config.LoadConfig`).
 """
 
 from __future__ import annotations
@@ -10,19 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from allocplan.errors import AllocplanError
-
-BUNDLED_PREFIX = "bundled:"
-BUNDLED_DIR = Path(__file__).resolve().parent / "data" / "models"
-DEFAULT_CALIBRATION = Path(__file__).resolve().parent / "data" / "calibration.txt"
-DTYPES = ("float32", "bfloat16", "float16")
-
-
-def bundled_model_names() -> list[str]:
-    """Names usable as ``bundled:<name>``."""
-    if not BUNDLED_DIR.is_dir():
-        return []
-    return sorted(p.name for p in BUNDLED_DIR.iterdir() if (p / "config.json").is_file())
+from .bundled import BUNDLED_DIR, BUNDLED_PREFIX, bundled_model_names
+from .errors import AllocplanError
+from .formats.config import LoadConfig
 
 
 def resolve_model_source(name: str) -> str:
@@ -53,45 +43,39 @@ def _load_error(name: str, exc: Exception) -> AllocplanError:
     return AllocplanError(f"cannot load model {name!r}: {first}")
 
 
-def load_config(name: str, *, trust_remote_code: bool = False) -> Any:
+def load_config(name: str, load: LoadConfig | None = None) -> Any:
     """The model's config alone (no weights), e.g. for ``allocplan validate``."""
     from transformers import AutoConfig
 
+    load = load or LoadConfig()
     source = resolve_model_source(name)
     try:
-        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(source, trust_remote_code=load.trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
         raise _load_error(name, exc) from None
 
 
-def load_model(
-    name: str,
-    *,
-    device: str = "cpu",
-    dtype: str = "float32",
-    trust_remote_code: bool = False,
-) -> tuple[Any, Any]:
-    """Load ``(model, tokenizer)`` in eval mode on ``device`` in ``dtype``.
+def load_model(name: str, load: LoadConfig | None = None) -> tuple[Any, Any]:
+    """Load ``(model, tokenizer)`` in eval mode as ``load`` says (device, dtype, remote code).
 
     Raises:
-        AllocplanError: unknown dtype, missing model, or a checkpoint transformers cannot read.
+        AllocplanError: missing model, or a checkpoint transformers cannot read.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if dtype not in DTYPES:
-        raise AllocplanError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    load = load or LoadConfig()
     source = resolve_model_source(name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=load.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
+            source, dtype=getattr(torch, load.dtype), trust_remote_code=load.trust_remote_code
         )
     except (OSError, ValueError, KeyError) as exc:
         raise _load_error(name, exc) from None
     try:
-        model.to(device)
+        model.to(load.device)
     except (RuntimeError, AssertionError) as exc:
-        raise AllocplanError(f"cannot move the model to device {device!r}: {str(exc).splitlines()[0]}") from None
+        raise AllocplanError(f"cannot move the model to device {load.device!r}: {str(exc).splitlines()[0]}") from None
     model.eval()
     return model, tokenizer

@@ -2,7 +2,7 @@
 
 Instance: for every MoE layer l a set of candidate expert counts k (choices[l])
 with a cost S[l, k] (costs[l], same order), and a budget B on the total.
-Solution: one k per layer. Pure Python: no torch, no numpy.
+Solution: one k per layer (a :class:`Solution`). Pure Python: no torch, no numpy.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from allocplan.errors import AllocplanError
+from ..errors import AllocplanError
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ class AllocationProblem:
 
 
 @dataclass(frozen=True)
-class Allocation:
+class Solution:
     """A solution: one k per layer, its objective and total activations."""
 
     ks: tuple[int, ...]
@@ -67,7 +67,7 @@ class Allocation:
     activations: int
 
 
-def allocation_for(problem: AllocationProblem, ks: tuple[int, ...]) -> Allocation:
+def solution_for(problem: AllocationProblem, ks: tuple[int, ...]) -> Solution:
     """Score ``ks`` on ``problem`` (checks that it is feasible)."""
     if len(ks) != problem.num_layers:
         raise ValueError("one k per layer expected")
@@ -76,4 +76,4 @@ def allocation_for(problem: AllocationProblem, ks: tuple[int, ...]) -> Allocatio
             raise ValueError(f"k={k} is not a candidate of layer {layer}")
     if sum(ks) > problem.budget:
         raise ValueError(f"allocation uses {sum(ks)} activations, above the budget {problem.budget}")
-    return Allocation(ks=tuple(ks), objective=problem.objective(ks), activations=sum(ks))
+    return Solution(ks=tuple(ks), objective=problem.objective(ks), activations=sum(ks))

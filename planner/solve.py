@@ -1,53 +1,88 @@
-"""Solve an allocation with the DP and confirm it with the ILP (every compile does both)."""
+"""Alloc-L step 2: turn a sensitivity profile and a budget into a plan.
+
+Pure: reads the profile, solves the allocation with the DP, confirms it with
+the ILP (:mod:`~allocplan.planner.crosscheck`), and builds the Plan. No torch,
+so ``allocplan solve`` runs anywhere.
+"""
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
-from allocplan.planner.problem import Allocation, AllocationProblem
-from allocplan.planner.solve_dp import solve_dp
-from allocplan.planner.solve_ilp import solve_ilp
-
-AGREEMENT_REL_TOL = 1e-9
-
-
-class SolverDisagreement(RuntimeError):
-    """The DP and ILP optima differ: a bug in one of them, never a user error."""
+from .._version import __version__
+from ..errors import AllocplanError
+from ..formats.allocation import Allocation, LayerAllocation
+from ..formats.budget import BudgetRequest
+from ..formats.config import RoutingConfig
+from ..formats.plan import Budget, Plan, PlanProvenance, SolverRecord
+from ..formats.profile import SensitivityProfile
+from .crosscheck import objectives_agree, solve_and_check
+from .problem import AllocationProblem
 
 
-@dataclass(frozen=True)
-class CheckedAllocation:
-    """The DP's allocation plus the ILP's confirmation of its objective."""
+def solve_profile(
+    profile: SensitivityProfile,
+    budget: float | BudgetRequest,
+    routing: RoutingConfig | None = None,
+) -> Plan:
+    """The optimal per-layer allocation of ``profile`` under a budget, as a Plan.
 
-    allocation: Allocation
-    dp_objective: float
-    ilp_objective: float
-    ilp_status: str
-
-
-def objectives_agree(a: float, b: float) -> bool:
-    """Equal to 1e-9 relative (with a 1e-12 absolute floor for optima at zero)."""
-    return math.isclose(a, b, rel_tol=AGREEMENT_REL_TOL, abs_tol=1e-12)
-
-
-def solve_checked(problem: AllocationProblem) -> CheckedAllocation:
-    """DP allocation, cross-checked by the ILP.
+    Args:
+        profile: measured sensitivities S[l, k].
+        budget: a ratio of the model's total original top-k in (0, 1], or a
+            :class:`~allocplan.formats.budget.BudgetRequest` (ratio or absolute count).
+        routing: runtime routing settings recorded in the plan (default:
+            :class:`~allocplan.formats.config.RoutingConfig`'s).
 
     Raises:
-        SolverDisagreement: the two objectives differ by more than 1e-9 relative.
-        RuntimeError: the ILP did not reach OPTIMAL.
+        AllocplanError: invalid or infeasible budget (the message names the smallest feasible
+            one), or routing settings that do not fit the model.
+        SolverDisagreement / RuntimeError: the ILP did not confirm the DP optimum.
     """
-    dp = solve_dp(problem)
-    ilp = solve_ilp(problem)
-    if not objectives_agree(dp.objective, ilp.allocation.objective):
-        raise SolverDisagreement(
-            f"DP objective {dp.objective!r} (k={dp.ks}) and ILP objective"
-            f" {ilp.allocation.objective!r} (k={ilp.allocation.ks}) disagree"
+    request = BudgetRequest.of(budget)
+    routing = routing or RoutingConfig()
+    k_min = profile.measurement.k_min
+    original = sum(layer.original_k for layer in profile.layers)
+    total = request.resolve(original, k_min * len(profile.layers))
+    # The solvers work in whole units: a half-expert grid is solved in half-experts.
+    units = int(round(1 / profile.measurement.k_step))
+    if units != 1 and not routing.token_level:
+        raise AllocplanError(
+            "this profile has a half-expert grid, whose fractional k only token-level allocation can run;"
+            " solve with --token-level"
         )
-    return CheckedAllocation(
-        allocation=dp,
-        dp_objective=dp.objective,
-        ilp_objective=ilp.allocation.objective,
-        ilp_status=ilp.status,
+    problem = AllocationProblem(
+        choices=tuple(tuple(int(round(k * units)) for k in layer.sensitivity) for layer in profile.layers),
+        costs=tuple(tuple(layer.sensitivity.values()) for layer in profile.layers),
+        budget=total * units,
+    )
+    checked = solve_and_check(problem)
+    ks = [k // units if k % units == 0 else k / units for k in checked.solution.ks]
+    allocation = Allocation(
+        model=profile.model,
+        layers=tuple(
+            LayerAllocation(path=layer.path, index=layer.index, original_k=layer.original_k, planned_k=k)
+            for layer, k in zip(profile.layers, ks)
+        ),
+        token_level=routing.token_level_record(),
+        weights=routing.weights_record(),
+    )
+    return Plan.build(
+        allocation,
+        budget=Budget(ratio=request.ratio, total_activations=total, original_activations=original,
+                      planned_activations=sum(ks)),
+        solver=SolverRecord(
+            metric=profile.measurement.metric,
+            dp_objective=checked.dp_objective,
+            ilp_objective=checked.ilp_objective,
+            ilp_status=checked.ilp_status,
+            objectives_agree=objectives_agree(checked.dp_objective, checked.ilp_objective),
+        ),
+        provenance=PlanProvenance(
+            allocplan_version=__version__,
+            torch_version=profile.provenance.torch_version,
+            transformers_version=profile.provenance.transformers_version,
+            strategy=profile.measurement.strategy,
+            k_min=k_min,
+            profile_sha256=profile.content_hash(),
+            calibration=profile.measurement.calibration,
+        ),
     )

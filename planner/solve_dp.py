@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import math
 
-from allocplan.planner.problem import Allocation, AllocationProblem, allocation_for
+from .problem import AllocationProblem, Solution, solution_for
 
 
-def solve_dp(problem: AllocationProblem) -> Allocation:
+def solve_dp(problem: AllocationProblem) -> Solution:
     """Optimal allocation by dynamic programming (see module docstring)."""
     budget = problem.budget
     inf = math.inf
@@ -58,4 +58,4 @@ def solve_dp(problem: AllocationProblem) -> Allocation:
         k = choice_rows[layer][b]
         ks.append(k)
         b -= k
-    return allocation_for(problem, tuple(reversed(ks)))
+    return solution_for(problem, tuple(reversed(ks)))

@@ -18,14 +18,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from allocplan.planner.problem import Allocation, AllocationProblem, allocation_for
+from .problem import AllocationProblem, Solution, solution_for
 
 
 @dataclass(frozen=True)
 class IlpResult:
     """The ILP's allocation and its termination status name."""
 
-    allocation: Allocation
+    solution: Solution
     status: str
 
 
@@ -73,4 +73,4 @@ def solve_ilp(problem: AllocationProblem, *, time_limit_s: float = 60.0) -> IlpR
         next(k for k, var in zip(choices, row) if var.solution_value() > 0.5)
         for choices, row in zip(problem.choices, x)
     )
-    return IlpResult(allocation=allocation_for(problem, ks), status=status_name)
+    return IlpResult(solution=solution_for(problem, ks), status=status_name)

@@ -1,4 +1,4 @@
-"""``apply_plan``: put a compiled plan on a loaded model, reversibly.
+"""``apply_plan``: put a compiled plan (or any allocation) on a loaded model, reversibly.
 
 Two paths, both instance-level (no transformers class or function is patched):
 
@@ -39,13 +39,14 @@ from typing import Any, Callable
 
 import torch
 
-from allocplan.errors import AllocplanError
-from allocplan.planner.plan import LayerPlan, Plan, load_plan
-from allocplan.runtime import routing
-from allocplan.runtime.families import MoEFamily, model_fingerprint
-from allocplan.runtime.layers import MoELayer, find_moe_layers, model_family
-from allocplan.runtime.router_formats import ROUTER_FORMATS
-from allocplan.runtime.scores import RENORMALIZATION, SELECTION_SCORES
+from ..errors import AllocplanError
+from ..formats.allocation import Allocation, LayerAllocation
+from ..formats.plan import Plan, load_plan
+from . import routing
+from .families import MoEFamily, model_fingerprint
+from .layers import MoELayer, find_moe_layers, model_family
+from .router_formats import ROUTER_FORMATS
+from .scores import NORMALIZATION_RULES, SELECTION_SCORES
 
 _HANDLE_ATTR = "_allocplan_handle"
 
@@ -79,23 +80,24 @@ class _LayerRouting:
     # to compare with the general rewrite.
     single_token_native = True
 
-    def __init__(self, layer: MoELayer, entry: LayerPlan, plan: Plan, family: MoEFamily,
+    def __init__(self, layer: MoELayer, entry: LayerAllocation, allocation: Allocation, family: MoEFamily,
                  context: _ForwardContext, token_selector: TokenSelector | None = None) -> None:
         self.layer = layer
         self.token_selector = token_selector
         self.k = float(entry.planned_k)
-        self.k_max = plan.token_level.k_max or entry.original_k
-        self.token_level = plan.token_level.enabled
+        self.k_max = allocation.token_level.k_max or entry.original_k
+        self.token_level = allocation.token_level.enabled
         # A token cannot be promised more experts than the layer's average allows.
-        self.k_base = min(plan.token_level.k_base, int(self.k))
-        self.mode = plan.weights.renormalize
-        self.reference_k = min(plan.weights.reference_k or entry.original_k, self.k_max)
-        self.norm_order = RENORMALIZATION[family.renormalizes](layer.router, layer.block)
+        self.k_base = min(allocation.token_level.k_base, int(self.k))
+        self.mode = allocation.weights.renormalize
+        self.reference_k = min(allocation.weights.reference_k or entry.original_k, self.k_max)
+        self.norm_order = NORMALIZATION_RULES[family.normalization](layer.router, layer.block)
         self.scale = float(getattr(layer.router, family.scaling_attr)) if family.scaling_attr else 1.0
         self.expert_scale_attr = family.expert_scale_attr
         self.selection = SELECTION_SCORES[family.selection]
         self.num_experts = layer.experts.num_experts
-        self.to_candidates, self.from_candidates = ROUTER_FORMATS[family.router_format]
+        router_format = ROUTER_FORMATS[family.router_format]
+        self.to_candidates, self.from_candidates = router_format.to_candidates, router_format.from_candidates
         self.context = context
         self.ledger = routing.DecodeLedger()
         self.counter = LayerCounter()
@@ -203,11 +205,11 @@ class PlanHandle:
     """What ``apply_plan`` changed, and the means to undo it.
 
     Attributes:
-        plan: the applied plan.
-        layers: the model's MoE layers, in plan order.
+        allocation: the applied allocation (a plan's :attr:`~allocplan.formats.plan.Plan.allocation`).
+        layers: the model's MoE layers, in allocation order.
     """
 
-    plan: Plan
+    allocation: Allocation
     layers: list[MoELayer]
     _model: Any = field(repr=False)
     _saved: list[Any] = field(repr=False)
@@ -254,28 +256,29 @@ class PlanHandle:
         self.remove()
 
 
-def check_plan_matches(plan: Plan, model: Any) -> list[MoELayer]:
-    """The model's MoE layers, after checking that ``plan`` was compiled for this model.
+def check_allocation_matches(allocation: Allocation, model: Any) -> list[MoELayer]:
+    """The model's MoE layers, after checking that ``allocation`` was made for this model.
 
     Raises:
         AllocplanError: different family or fingerprint, or layer paths / original k that differ.
     """
     family = model_family(model)
     fingerprint = model_fingerprint(model.config.to_dict())
-    if family.model_type != plan.model.model_type or fingerprint != plan.model.fingerprint:
+    identity = allocation.model
+    if family.model_type != identity.model_type or fingerprint != identity.fingerprint:
         raise AllocplanError(
-            f"plan was compiled for {plan.model.name!r} ({plan.model.model_type}, {plan.model.fingerprint})"
+            f"plan was compiled for {identity.name!r} ({identity.model_type}, {identity.fingerprint})"
             f" but the model is {family.model_type} with fingerprint {fingerprint};"
             " compile a plan for this model"
         )
     layers = find_moe_layers(model)
     model_paths = [layer.path for layer in layers]
-    plan_paths = [entry.path for entry in plan.layers]
+    plan_paths = [entry.path for entry in allocation.layers]
     if model_paths != plan_paths:
         raise AllocplanError(
             f"plan layers {plan_paths} do not match the model's MoE layers {model_paths}; compile a plan for this model"
         )
-    for layer, entry in zip(layers, plan.layers):
+    for layer, entry in zip(layers, allocation.layers):
         if layer.top_k != entry.original_k:
             raise AllocplanError(
                 f"{layer.path} routes to top-{layer.top_k} but the plan expects original_k"
@@ -285,51 +288,59 @@ def check_plan_matches(plan: Plan, model: Any) -> list[MoELayer]:
 
 
 def apply_plan(
-    model: Any, plan: Plan | str | os.PathLike[str], *, token_selector: TokenSelector | None = None
+    model: Any,
+    plan: Allocation | Plan | str | os.PathLike[str],
+    *,
+    token_selector: TokenSelector | None = None,
 ) -> PlanHandle:
-    """Apply ``plan`` (a Plan or a path to a plan file) to a loaded model.
+    """Apply an allocation to a loaded model: a Plan, a plan file, or an Allocation built in code.
 
     The model is edited in place (see the module docstring for what changes);
     keep the returned handle and call ``handle.remove()`` to restore it, or use
     it as a context manager.
 
-    ``token_selector`` replaces the plan's per-token choice in every layer (rewritten
-    routing is then used whatever the plan says); allocplan's baselines use it for
-    threshold rules such as top-p or NAEE-style skipping.
+    ``token_selector`` replaces the allocation's per-token choice in every layer
+    (rewritten routing is then used whatever the allocation says); allocplan's
+    baselines use it for threshold rules such as top-p or NAEE-style skipping.
 
     Raises:
         AllocplanError: the plan is invalid, belongs to another model, or a plan is
             already applied.
     """
-    if not isinstance(plan, Plan):
-        plan = load_plan(plan)
+    if isinstance(plan, Plan):
+        allocation = plan.allocation
+    elif isinstance(plan, Allocation):
+        allocation = plan
+    else:
+        allocation = load_plan(plan).allocation
     if getattr(model, _HANDLE_ATTR, None) is not None:
         raise AllocplanError("a plan is already applied to this model; call handle.remove() first")
-    layers = check_plan_matches(plan, model)
+    layers = check_allocation_matches(allocation, model)
     family = model_family(model)
-    rewrite = plan.uses_routing_hooks or token_selector is not None
+    rewrite = allocation.uses_routing_hooks or token_selector is not None
     if rewrite and family.rewrite_unsupported:
         raise AllocplanError(
-            f"{family.model_type} cannot run token-level allocation or renormalize: {plan.weights.renormalize}"
+            f"{family.model_type} cannot run token-level allocation or renormalize: {allocation.weights.renormalize}"
             f" ({family.rewrite_unsupported}); compile with --no-token-level --renormalize model"
         )
     if family.warning:
         warnings.warn(f"allocplan: {family.warning}", stacklevel=2)
-    handle = PlanHandle(plan=plan, layers=layers, _model=model, _saved=[layer.snapshot() for layer in layers])
-    # Pluggable experts run through allocplan_ragged whenever routing changes; a plan that keeps
-    # every layer's k on the native path changes nothing, not even the float rounding.
-    if family.experts_swap is None and (rewrite or any(e.planned_k < e.original_k for e in plan.layers)):
-        from allocplan.runtime.experts import register
+    handle = PlanHandle(allocation=allocation, layers=layers, _model=model,
+                        _saved=[layer.snapshot() for layer in layers])
+    # Pluggable experts run through allocplan_ragged whenever routing changes; an allocation that
+    # keeps every layer's k on the native path changes nothing, not even the float rounding.
+    if family.experts_swap is None and (rewrite or any(e.planned_k < e.original_k for e in allocation.layers)):
+        from .experts import register
 
         handle._saved_experts_implementation = model.config._experts_implementation
         model.set_experts_implementation(register())
     if rewrite:
-        from allocplan.runtime.experts import EXPERTS_SWAPS
+        from .experts import EXPERTS_SWAPS
 
         context = _ForwardContext()
         handle._hooks.append(model.register_forward_pre_hook(_record_padding(context), with_kwargs=True))
-        for layer, entry in zip(layers, plan.layers):
-            layer_routing = _LayerRouting(layer, entry, plan, family, context, token_selector)
+        for layer, entry in zip(layers, allocation.layers):
+            layer_routing = _LayerRouting(layer, entry, allocation, family, context, token_selector)
             layer.set_top_k(layer_routing.k_max)
             handle._routings.append(layer_routing)
             experts = layer.experts
@@ -345,7 +356,7 @@ def apply_plan(
             if layer_routing.single_token_shortcut:
                 handle._hooks.append(layer.router.register_forward_pre_hook(layer_routing.router_pre_hook))
     else:
-        for layer, entry in zip(layers, plan.layers):
+        for layer, entry in zip(layers, allocation.layers):
             layer.set_top_k(int(entry.planned_k))
     setattr(model, _HANDLE_ATTR, handle)
     return handle

@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from allocplan.errors import AllocplanError
+from ..errors import AllocplanError
 
 
 @dataclass(frozen=True)
@@ -39,8 +39,9 @@ class MoEFamily:
         has_shared_experts: the block also runs always-on shared experts (outside the budget).
         selection: how the router ranks experts: a name in
             ``allocplan.runtime.scores.SELECTION_SCORES``.
-        renormalizes: whether the family rescales the chosen weights to sum to one (times
-            its scaling factor): a name in ``allocplan.runtime.scores.RENORMALIZATION``.
+        normalization: the rule by which the family rescales its chosen weights (to sum to
+            one, times its scaling factor, or a p-norm): a name in
+            ``allocplan.runtime.scores.NORMALIZATION_RULES``.
         scaling_attr: router attribute with the routed scaling factor, if any.
         router_format: layout of the router's output, a name in
             ``allocplan.runtime.router_formats.ROUTER_FORMATS`` (``topk`` for most).
@@ -67,7 +68,7 @@ class MoEFamily:
     top_k_keys: tuple[str, ...] = ("num_experts_per_tok",)
     has_shared_experts: bool = False
     selection: str = "softmax"
-    renormalizes: str = "never"
+    normalization: str = "never"
     scaling_attr: str | None = None
     expert_scale_attr: str | None = None
     router_format: str = "topk"
@@ -80,7 +81,7 @@ class MoEFamily:
 
 _SIGMOID_GROUPED = dict(
     selection="sigmoid_bias",
-    renormalizes="norm_topk_prob",
+    normalization="norm_topk_prob",
     scaling_attr="routed_scaling_factor",
     has_shared_experts=True,
 )
@@ -88,18 +89,18 @@ _SIGMOID_GROUPED = dict(
 FAMILIES: dict[str, MoEFamily] = {
     family.model_type: family
     for family in (
-        MoEFamily("mixtral", num_experts_keys=("num_local_experts",), renormalizes="always"),
-        MoEFamily("minimax", num_experts_keys=("num_local_experts",), renormalizes="always"),
+        MoEFamily("mixtral", num_experts_keys=("num_local_experts",), normalization="always"),
+        MoEFamily("minimax", num_experts_keys=("num_local_experts",), normalization="always"),
         MoEFamily(
-            "qwen2_moe", num_experts_keys=("num_experts",), has_shared_experts=True, renormalizes="norm_topk_prob"
+            "qwen2_moe", num_experts_keys=("num_experts",), has_shared_experts=True, normalization="norm_topk_prob"
         ),
-        MoEFamily("qwen3_moe", num_experts_keys=("num_experts", "num_local_experts"), renormalizes="norm_topk_prob"),
+        MoEFamily("qwen3_moe", num_experts_keys=("num_experts", "num_local_experts"), normalization="norm_topk_prob"),
         MoEFamily(
-            "qwen3_next", num_experts_keys=("num_experts",), has_shared_experts=True, renormalizes="norm_topk_prob"
+            "qwen3_next", num_experts_keys=("num_experts",), has_shared_experts=True, normalization="norm_topk_prob"
         ),
-        MoEFamily("qwen3_5_moe_text", num_experts_keys=("num_experts",), has_shared_experts=True, renormalizes="always"),
-        MoEFamily("olmoe", num_experts_keys=("num_experts",), renormalizes="norm_topk_prob"),
-        MoEFamily("flex_olmo", num_experts_keys=("num_experts",), renormalizes="norm_topk_prob"),
+        MoEFamily("qwen3_5_moe_text", num_experts_keys=("num_experts",), has_shared_experts=True, normalization="always"),
+        MoEFamily("olmoe", num_experts_keys=("num_experts",), normalization="norm_topk_prob"),
+        MoEFamily("flex_olmo", num_experts_keys=("num_experts",), normalization="norm_topk_prob"),
         MoEFamily(
             "deepseek_v2",
             num_experts_keys=("n_routed_experts", "num_experts"),
@@ -115,58 +116,47 @@ FAMILIES: dict[str, MoEFamily] = {
             top_k_keys=("moe_k", "num_experts_per_tok"),
             has_shared_experts=True,
             selection="ernie",
-            renormalizes="always",
+            normalization="always",
         ),
         MoEFamily(
             "hunyuan_v1_moe",
             num_experts_keys=("num_experts",),
             top_k_keys=("moe_topk", "num_experts_per_tok"),
             has_shared_experts=True,
-            renormalizes="always",
+            normalization="always",
             notes="per-layer moe_topk lists are read from each router's own top_k",
         ),
         MoEFamily("jamba", num_experts_keys=("num_experts",), block_attr="feed_forward", router_attr="router"),
         MoEFamily(
             "granitemoe", num_experts_keys=("num_local_experts",), block_attr="block_sparse_moe",
-            router_attr="router", renormalizes="always",
+            router_attr="router", normalization="always",
         ),
         MoEFamily(
             "granitemoeshared", num_experts_keys=("num_local_experts",), block_attr="block_sparse_moe",
-            router_attr="router", renormalizes="always", has_shared_experts=True,
+            router_attr="router", normalization="always", has_shared_experts=True,
         ),
         MoEFamily(
             "granitemoehybrid", num_experts_keys=("num_local_experts",), block_attr="block_sparse_moe",
-            router_attr="router", renormalizes="always", has_shared_experts=True,
+            router_attr="router", normalization="always", has_shared_experts=True,
         ),
         MoEFamily(
-            "gpt_oss", num_experts_keys=("num_local_experts",), router_attr="router", renormalizes="always",
+            "gpt_oss", num_experts_keys=("num_local_experts",), router_attr="router", normalization="always",
             notes="transformers' eager experts loop has no sentinel slot; allocplan's experts implementation does",
         ),
         MoEFamily(
             "cohere2_moe", num_experts_keys=("num_local_experts", "num_experts"), selection="cohere2",
-            renormalizes="cohere2",
+            normalization="cohere2",
         ),
         MoEFamily(
-            "dbrx",
-            num_experts_keys=("ffn_config.moe_num_experts",),
-            top_k_keys=("ffn_config.moe_top_k",),
-            layers_path="transformer.blocks",
-            block_attr="ffn",
-            router_attr="router",
-            top_k_on="block",
-            renormalizes="dbrx",
-            routing_in_block=True,
-            experts_swap="dbrx",
+            "dbrx", num_experts_keys=("ffn_config.moe_num_experts",), top_k_keys=("ffn_config.moe_top_k",),
+            layers_path="transformer.blocks", block_attr="ffn", router_attr="router", top_k_on="block",
+            normalization="dbrx", routing_in_block=True, experts_swap="dbrx",
             notes="top-k on the block; under rewritten routing its experts module is swapped for one that"
             " skips dropped slots",
         ),
         MoEFamily(
-            "jetmoe",
-            num_experts_keys=("num_local_experts",),
-            router_attr="router",
-            experts_attr="input_linear",
-            renormalizes="always",
-            router_format="jetmoe",
+            "jetmoe", num_experts_keys=("num_local_experts",), router_attr="router", experts_attr="input_linear",
+            normalization="always", router_format="jetmoe",
             notes="plans the MLP experts; the attention experts (MoA) keep their own routing",
         ),
         MoEFamily(
@@ -178,7 +168,7 @@ FAMILIES: dict[str, MoEFamily] = {
             top_k_attr="top_k_experts",
             top_k_on="router_config",
             selection="probs",
-            renormalizes="always",
+            normalization="always",
             expert_scale_attr="per_expert_scale",
             notes="MoE beside a dense MLP on the decoder layer; each router gets its own config copy",
         ),
@@ -304,12 +294,13 @@ def families_markdown() -> str:
     lines = [
         "# Model families",
         "",
-        "Generated from `allocplan/runtime/families.py` by `allocplan families --markdown > docs/families.md`;",
+        "Generated from `runtime/families.py` (installed as `allocplan/runtime/families.py`) by",
+        "`allocplan families --markdown > docs/families.md`;",
         "a test checks that this file matches the registry.",
         "",
         "## Supported",
         "",
-        "| model_type | MoE block | top-k lives at | selection score | renormalises | Alloc-T and weight modes | notes |",
+        "| model_type | MoE block | top-k lives at | selection score | normalisation | Alloc-T and weight modes | notes |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name in sorted(FAMILIES):
@@ -320,7 +311,7 @@ def families_markdown() -> str:
         owner = {"router": f".{f.router_attr}", "block": "", "router_config": f".{f.router_attr}.config"}[f.top_k_on]
         lines.append(
             f"| `{name}` | `{block}` | `{owner}.{f.top_k_attr}` | {f.selection}"
-            f" | {f.renormalizes} | {rewrite} | {notes} |"
+            f" | {f.normalization} | {rewrite} | {notes} |"
         )
     lines += [
         "",

@@ -1,4 +1,4 @@
-"""Find a loaded model's MoE layers through the family registry, and set their top-k."""
+"""Find a loaded model's MoE layers through the family registry, set their top-k, and name the model."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
-from allocplan.errors import AllocplanError
-from allocplan.planner.provenance import ModelIdentity
-from allocplan.runtime.families import MoEFamily, config_value, get_family, model_fingerprint
+from ..errors import AllocplanError
+from ..formats.provenance import ModelIdentity
+from .families import MoEFamily, config_value, get_family, model_fingerprint
 
 
 @dataclass(frozen=True)
@@ -20,9 +20,10 @@ class MoELayer:
         index: decoder layer index.
         block: the MoE block module.
         router: the router module.
-        experts: the routed experts module (receives ``top_k_index`` [T, k]).
+        experts: the routed experts module as loaded (receives ``top_k_index`` [T, k]).
         top_k_attr: name of the attribute holding k.
         top_k_on: where that attribute lives: ``router``, ``block`` or ``router_config``.
+        experts_attr: attribute of ``block`` holding the experts (a plan may swap the module).
     """
 
     path: str
@@ -32,6 +33,7 @@ class MoELayer:
     experts: Any
     top_k_attr: str
     top_k_on: str = "router"
+    experts_attr: str = "experts"
 
     def _owner(self) -> Any:
         if self.top_k_on == "block":
@@ -106,6 +108,7 @@ def find_moe_layers(model: Any) -> list[MoELayer]:
             experts=experts,
             top_k_attr=family.top_k_attr,
             top_k_on=family.top_k_on,
+            experts_attr=family.experts_attr,
         )
         if getattr(layer._owner(), family.top_k_attr, None) is None:
             continue

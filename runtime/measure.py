@@ -1,4 +1,4 @@
-"""Count the (token, expert) pairs that reach each layer's expert computation."""
+"""Count the (token, expert) pairs that really run, per MoE layer, whatever the router layout."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from typing import Any, Iterator
 
 import torch
 
-from allocplan.runtime.layers import find_moe_layers, model_family
+from .layers import find_moe_layers, model_family
+from .router_formats import ROUTER_FORMATS
 
 
 @dataclass
@@ -31,29 +32,23 @@ class ActivationCounts:
 def count_activations(model: Any) -> Iterator[ActivationCounts]:
     """Count executed pairs while the block runs (enter it after ``apply_plan``).
 
-    Counts at the experts' input: slots holding the ``num_experts`` sentinel are
-    not executed and not counted. JetMoE's sparse router output is counted from
-    its per-expert sizes. Tokens include padding, so measure on unpadded batches.
+    Each layer's router format says where the pairs that run can be seen (see
+    :mod:`allocplan.runtime.router_formats`); slots holding the ``num_experts``
+    sentinel are not executed and not counted. Tokens include padding, so measure
+    on unpadded batches.
     """
     counts = ActivationCounts()
+    router_format = ROUTER_FORMATS[model_family(model).router_format]
     hooks = []
-    sparse_router = model_family(model).router_format == "jetmoe"
     for layer in find_moe_layers(model):
         counts.pairs[layer.path] = 0
         counts.tokens[layer.path] = 0
-        if sparse_router:
-            def jetmoe_hook(_module: Any, _args: Any, out: Any, path: str = layer.path) -> None:
-                counts.pairs[path] += int(sum(out[3]))
-                counts.tokens[path] += int(out[4].shape[0])
 
-            hooks.append(layer.router.register_forward_hook(jetmoe_hook))
-        else:
-            def experts_hook(module: Any, args: Any, path: str = layer.path) -> None:
-                top_k_index = args[1]  # [T, k]
-                counts.pairs[path] += int((top_k_index < module.num_experts).sum())
-                counts.tokens[path] += int(top_k_index.shape[0])
+        def record(index: torch.Tensor, num_experts: int, path: str = layer.path) -> None:
+            counts.pairs[path] += int((index < num_experts).sum())  # index [T, k]
+            counts.tokens[path] += int(index.shape[0])
 
-            hooks.append(layer.experts.register_forward_pre_hook(experts_hook))
+        hooks.append(router_format.watch(layer, record))
     try:
         yield counts
     finally:

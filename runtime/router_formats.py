@@ -1,17 +1,35 @@
 """Router output layouts, converted to and from the common candidate form.
 
-Most routers return ``(logits, weights [T, k], indices [T, k])``; allocplan's
-routing works on that form. A family whose router returns another layout names
-a format here: ``to_candidates`` turns the router's output at k_max into
-``(logits, weights, indices)`` and ``from_candidates`` builds the router's
-layout back from the rewritten weights and indices (sentinel slots dropped).
+Most routers return ``(logits, weights [T, k], indices [T, k])`` and pass the
+indices to their experts module; allocplan's routing works on that form. A
+family whose router returns another layout names a format here, which says:
+
+* ``to_candidates``: the router's output at k_max as ``(logits, weights, indices)``;
+* ``from_candidates``: the router's layout rebuilt from the rewritten weights and
+  indices (sentinel slots dropped);
+* ``watch``: how to observe the (token, expert) pairs that really run, as a
+  [T, k] index with the ``num_experts`` sentinel in slots that do not, whatever
+  the layout (activation counting, tests).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+
+# (routed index [T, k] with the num_experts sentinel, num_experts) -> None
+IndexCallback = Callable[[torch.Tensor, int], None]
+
+
+@dataclass(frozen=True)
+class RouterFormat:
+    """One router output layout (see the module docstring)."""
+
+    to_candidates: Callable[[Any, tuple[Any, ...]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    from_candidates: Callable[[Any, tuple[Any, ...], torch.Tensor, torch.Tensor], tuple]
+    watch: Callable[[Any, IndexCallback], Any]  # (MoELayer, callback) -> removable hook
 
 
 def _topk_to(router: Any, output: tuple[Any, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -20,6 +38,12 @@ def _topk_to(router: Any, output: tuple[Any, ...]) -> tuple[torch.Tensor, torch.
 
 def _topk_from(router: Any, output: tuple[Any, ...], weights: torch.Tensor, indices: torch.Tensor) -> tuple:
     return (output[0], weights, indices, *output[3:])
+
+
+def _watch_experts_input(layer: Any, callback: IndexCallback) -> Any:
+    # The experts module of the block as it is now (dbrx's is swapped while a plan is applied).
+    experts = getattr(layer.block, layer.experts_attr)
+    return experts.register_forward_pre_hook(lambda module, args: callback(args[1], module.num_experts))
 
 
 def _jetmoe_to(router: Any, output: tuple[Any, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -42,7 +66,21 @@ def _jetmoe_from(router: Any, output: tuple[Any, ...], weights: torch.Tensor, in
     return slots, slots.div(num_slots, rounding_mode="trunc"), weights.reshape(-1)[slots], expert_size, output[4]
 
 
-ROUTER_FORMATS: dict[str, tuple[Callable[..., tuple], Callable[..., tuple]]] = {
-    "topk": (_topk_to, _topk_from),
-    "jetmoe": (_jetmoe_to, _jetmoe_from),
+def jetmoe_routed_index(router: Any, output: tuple[Any, ...]) -> torch.Tensor:
+    """[T, k] expert index of the pairs JetMoE's sparse grouping runs (sentinel elsewhere)."""
+    slots, _, _, expert_size, logits = output
+    num_slots = router.top_k
+    index = torch.full((logits.shape[0] * num_slots,), router.num_experts, dtype=torch.long)  # [T*k]
+    index[slots] = torch.repeat_interleave(torch.arange(router.num_experts), torch.tensor(expert_size))
+    return index.view(logits.shape[0], num_slots)
+
+
+def _watch_jetmoe_router(layer: Any, callback: IndexCallback) -> Any:
+    return layer.router.register_forward_hook(
+        lambda router, _args, output: callback(jetmoe_routed_index(router, output), router.num_experts))
+
+
+ROUTER_FORMATS: dict[str, RouterFormat] = {
+    "topk": RouterFormat(_topk_to, _topk_from, _watch_experts_input),
+    "jetmoe": RouterFormat(_jetmoe_to, _jetmoe_from, _watch_jetmoe_router),
 }

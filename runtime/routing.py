@@ -22,6 +22,8 @@ import math
 
 import torch
 
+from ..formats.budget import round_half_up
+
 
 def sort_candidates(
     scores: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor
@@ -121,7 +123,7 @@ class DecodeLedger:
 
     def next_pairs(self, k: float) -> int:
         self.forwards += 1
-        target = int(math.floor(self.forwards * k + 0.5 + 1e-9))
+        target = round_half_up(self.forwards * k)
         pairs = target - self.pairs
         self.pairs = target
         return pairs
@@ -138,4 +140,4 @@ def pairs_for(k: float, real_tokens: int, ledger: DecodeLedger | None = None) ->
     """
     if real_tokens == 1 and ledger is not None:
         return ledger.next_pairs(k)
-    return int(math.floor(k * real_tokens + 0.5 + 1e-9))
+    return round_half_up(k * real_tokens)

@@ -51,7 +51,7 @@ SELECTION_SCORES: dict[str, Callable[[Any, torch.Tensor], torch.Tensor]] = {
 }
 
 # The p-norm a family normalises its chosen weights with (1.0 = they sum to one), or None.
-RENORMALIZATION: dict[str, Callable[[Any, Any], float | None]] = {
+NORMALIZATION_RULES: dict[str, Callable[[Any, Any], float | None]] = {
     "always": lambda router, block: 1.0,
     "never": lambda router, block: None,
     "norm_topk_prob": lambda router, block: 1.0 if router.norm_topk_prob else None,

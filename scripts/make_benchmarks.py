@@ -1,6 +1,6 @@
 """Generate docs/benchmarks.md: side-by-side CPU timings of untouched and planned models.
 
-Every figure is produced by allocplan.benchmark in this run (JSON beside the page).
+Every figure is produced by allocplan.bench in this run (JSON beside the page).
 
 Run:  python scripts/make_benchmarks.py        (about 12 minutes on 2 CPU cores; run it on an idle machine)
       python scripts/make_benchmarks.py --render-only   (rewrite the page from the last run's JSON)
@@ -19,10 +19,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
-from allocplan import benchmark  # noqa: E402
-from allocplan.loading import DEFAULT_CALIBRATION, load_model  # noqa: E402
-from allocplan.planner.plan import load_plan  # noqa: E402
-from allocplan.planner.profiling import calibration_windows  # noqa: E402
+from allocplan import load_model, load_plan  # noqa: E402
+from allocplan.bench.breakdown import time_breakdown  # noqa: E402
+from allocplan.bench.presets import PRESETS, build_preset  # noqa: E402
+from allocplan.bench.timing import bench, profile_cost, solver_cost, uniform_budget_allocation  # noqa: E402
+from allocplan.bundled import DEFAULT_CALIBRATION  # noqa: E402
+from allocplan.planner.windows import pack_windows  # noqa: E402
 
 
 # Enough rounds that the medians move by less than the targets' margins between runs on 2 cores.
@@ -59,22 +61,22 @@ def row(name: str, r: dict, bound: float, fraction: float) -> str:
 def run_all() -> dict:
     runs = []
     for preset in ("dsv2-lite-small", "mixtral-small"):
-        model = benchmark.build_preset(preset)
+        model = build_preset(preset)
         for token_level in (False, True):
-            plan = benchmark.uniform_budget_plan(model, 0.5, token_level)
-            result = benchmark.bench(model, plan, batch=1, prompt_len=256, new_tokens=NEW_TOKENS, repeat=REPEAT)
-            result["breakdown"] = benchmark.time_breakdown(model, plan)
+            plan = uniform_budget_allocation(model, 0.5, token_level)
+            result = bench(model, plan, batch=1, prompt_len=256, new_tokens=NEW_TOKENS, repeat=REPEAT)
+            result["breakdown"] = time_breakdown(model, plan)
             runs.append({"label": f"{preset}, uniform 0.5, Alloc-T {'on' if token_level else 'off'}", **result})
         del model
     default = ROOT / "plans" / "ref-olmoe-budget-0.5.yaml"
     if default.exists():
         plan = load_plan(default)
         model, tokenizer = load_model(plan.model.name)
-        result = benchmark.bench(model, plan, batch=1, prompt_len=256, new_tokens=NEW_TOKENS, repeat=REPEAT)
-        windows, _ = calibration_windows(tokenizer, DEFAULT_CALIBRATION, calib_tokens=4096, seq_len=256)
-        result["profile_cost"] = benchmark.profile_cost(model, windows)
+        result = bench(model, plan.allocation, batch=1, prompt_len=256, new_tokens=NEW_TOKENS, repeat=REPEAT)
+        windows, _ = pack_windows(tokenizer, DEFAULT_CALIBRATION, max_tokens=4096, seq_len=256)
+        result["profile_cost"] = profile_cost(model, windows)
         runs.append({"label": f"{plan.model.name} with plans/{default.name}", **result})
-    return {"runs": runs, "solver": benchmark.solver_cost()}
+    return {"runs": runs, "solver": solver_cost()}
 
 
 def target_lines(runs: list[dict], solver: dict) -> list[str]:
@@ -159,22 +161,22 @@ def main() -> None:
     elif "--breakdown-only" in sys.argv:
         # Re-measure only the time breakdowns of the preset runs (about two minutes).
         data = json.loads(out.read_text())
-        for preset in benchmark.PRESETS:
-            model = benchmark.build_preset(preset)
+        for preset in PRESETS:
+            model = build_preset(preset)
             for run in data["runs"]:
                 if run["label"].startswith(preset):
-                    plan = benchmark.uniform_budget_plan(model, 0.5, run["token_level"])
-                    run["breakdown"] = benchmark.time_breakdown(model, plan)
+                    plan = uniform_budget_allocation(model, 0.5, run["token_level"])
+                    run["breakdown"] = time_breakdown(model, plan)
         out.write_text(json.dumps(data, indent=2) + "\n")
     elif "--profile-cost-only" in sys.argv:
         # Re-measure only the profiling cost (about a minute) and keep the last run's timings.
         data = json.loads(out.read_text())
         plan = load_plan(ROOT / "plans" / "ref-olmoe-budget-0.5.yaml")
         model, tokenizer = load_model(plan.model.name)
-        windows, _ = calibration_windows(tokenizer, DEFAULT_CALIBRATION, calib_tokens=4096, seq_len=256)
+        windows, _ = pack_windows(tokenizer, DEFAULT_CALIBRATION, max_tokens=4096, seq_len=256)
         for run in data["runs"]:
             if "profile_cost" in run:
-                run["profile_cost"] = benchmark.profile_cost(model, windows)
+                run["profile_cost"] = profile_cost(model, windows)
         out.write_text(json.dumps(data, indent=2) + "\n")
     else:
         data = run_all()

@@ -1,7 +1,7 @@
 """Generate docs/results.md (and its JSON and plot) by evaluating every method on the reference models.
 
-For each reference model and budget, every routing policy of allocplan.baselines
-and allocplan's own variants is applied, and the model is evaluated on held-out
+For each reference model and budget, every registered routing method
+(allocplan.evaluation.methods) and allocplan's own variants is applied, and the model is evaluated on held-out
 text (data/eval.txt, never used for calibration) and held-out arithmetic
 problems (data/arith_eval.txt). Profiles and thresholds use only the calibration
 text (allocplan/data/calibration.txt); the /eval-matched rows of the threshold
@@ -15,7 +15,6 @@ Run:  python scripts/make_results.py            (about 20 minutes on 2 CPU cores
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import statistics
 import sys
@@ -26,22 +25,20 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
-from allocplan.baselines import build_policy  # noqa: E402
-from allocplan.evaluation import evaluate  # noqa: E402
-from allocplan.loading import DEFAULT_CALIBRATION, load_model  # noqa: E402
-from allocplan.planner.from_profile import solve_profile  # noqa: E402
-from allocplan.planner.profiling import (  # noqa: E402
-    _token_losses,
-    calibration_windows,
-    profile_data_free,
-    profile_model,
-)
-from allocplan.runtime.apply import apply_plan  # noqa: E402
-from allocplan.runtime.plans import manual_plan  # noqa: E402
+from allocplan import ProfileConfig, RoutingConfig, apply_plan, load_model, profile_model, solve_profile  # noqa: E402
+from allocplan.bundled import DEFAULT_CALIBRATION  # noqa: E402
+from allocplan.evaluation.compare import gap_closed, mean_over_seeds  # noqa: E402
+from allocplan.evaluation.methods import METHODS, build_policy  # noqa: E402
+from allocplan.evaluation.metrics import evaluate  # noqa: E402
+from allocplan.planner.data_free import profile_data_free  # noqa: E402
+from allocplan.planner.losses import Reference  # noqa: E402
+from allocplan.planner.refine import refine_by_exchange  # noqa: E402
+from allocplan.planner.windows import pack_windows  # noqa: E402
+from allocplan.runtime.allocations import allocation_for  # noqa: E402
 
 EVAL_TEXT = ROOT / "data" / "eval.txt"
 ARITH = ROOT / "data" / "arith_eval.txt"
-BASELINES = ["uniform", "random", "lexi", "naee", "top-p", "alloc-t", "alloc-l", "alloc-lt"]
+BASELINES = [name for name in METHODS if name != "full"]  # the registry's order: uniform first
 # The default plan's profile (compile's defaults: isolated strategy, kl metric, whole experts).
 DEFAULT_PROFILE = "isolated-kl"
 VARIANTS = {  # allocplan's own variants of alloc-lt, each one setting away from the default: (profile, plan options)
@@ -72,13 +69,12 @@ def run_eval(model, tokenizer, handle, arith, max_tokens):
 
 
 def summary(result, full_nll, uniform_nll):
-    gap = uniform_nll - full_nll if uniform_nll is not None else 0.0
     return {
         "nll": result["nll"],
         "arith_accuracy": result.get("arith_accuracy"),
         "activations_per_token": result["activations_per_token"],
         "activations_per_layer": result["activations_per_layer"],
-        "gap_closed": (uniform_nll - result["nll"]) / gap if gap > 0 else None,
+        "gap_closed": gap_closed(result["nll"], full_nll, uniform_nll) if uniform_nll is not None else None,
     }
 
 
@@ -90,8 +86,8 @@ def evaluate_model(name: str, budgets: list[float], quick: bool) -> dict:
     calib_tokens = 2048 if quick else 8192
     started = time.time()
     def calibrated(**options):
-        return profile_model(model, tokenizer, model_name=f"bundled:{name}", calib=DEFAULT_CALIBRATION,
-                             calib_tokens=calib_tokens, **options)
+        return profile_model(model, tokenizer, ProfileConfig(calib_tokens=calib_tokens, **options),
+                             model_name=f"bundled:{name}")
 
     profiles = {
         "isolated-kl": calibrated(metric="kl"),
@@ -101,8 +97,8 @@ def evaluate_model(name: str, budgets: list[float], quick: bool) -> dict:
         "data-free": profile_data_free(model),
     }
     print(f"[{name}] profiles in {time.time() - started:.0f}s", flush=True)
-    calib_windows, _ = calibration_windows(tokenizer, DEFAULT_CALIBRATION, calib_tokens=4096, seq_len=256)
-    eval_windows, _ = calibration_windows(tokenizer, EVAL_TEXT, calib_tokens=max_tokens, seq_len=256)
+    calib_windows, _ = pack_windows(tokenizer, DEFAULT_CALIBRATION, max_tokens=4096, seq_len=256)
+    eval_windows, _ = pack_windows(tokenizer, EVAL_TEXT, max_tokens=max_tokens, seq_len=256, what="eval")
     full = run_eval(model, tokenizer, None, arith, max_tokens)
     out = {"model": name, "full": summary(full, full["nll"], None), "budgets": {},
            "sensitivity": {p.path: p.sensitivity for p in profiles[DEFAULT_PROFILE].layers},
@@ -118,13 +114,7 @@ def evaluate_model(name: str, budgets: list[float], quick: bool) -> dict:
             if method == "random":
                 seeds = [run_eval(model, tokenizer, build_policy(model, "random", budget, seed=s).apply(model),
                                   arith, max_tokens) for s in range(1 if quick else 5)]
-                results[method] = {
-                    "nll": statistics.mean(r["nll"] for r in seeds),
-                    "arith_accuracy": statistics.mean(r.get("arith_accuracy") or 0.0 for r in seeds) if arith else None,
-                    "activations_per_token": statistics.mean(r["activations_per_token"] for r in seeds),
-                    "activations_per_layer": seeds[0]["activations_per_layer"],
-                    "seeds": len(seeds),
-                }
+                results[method] = mean_over_seeds(seeds)
                 continue
             policy = build_policy(model, method, budget, profile=profiles[DEFAULT_PROFILE], calib_windows=calib_windows)
             results[method] = run_eval(model, tokenizer, policy.apply(model), arith, max_tokens)
@@ -134,13 +124,13 @@ def evaluate_model(name: str, budgets: list[float], quick: bool) -> dict:
             results[matched] = run_eval(model, tokenizer, policy.apply(model), arith, max_tokens)
             results[matched]["parameter"] = policy.parameter
         for variant, (profile_name, options) in VARIANTS.items():
-            plan = solve_profile(profiles[profile_name], budget_ratio=budget, **options)
+            plan = solve_profile(profiles[profile_name], budget, RoutingConfig(**options))
             results[variant] = run_eval(model, tokenizer, apply_plan(model, plan), arith, max_tokens)
         for method, result in results.items():
             rows[method] = summary(result, full["nll"], uniform_nll)
             if result.get("parameter") is not None:
                 rows[method]["parameter"] = result["parameter"]
-        default_plan = solve_profile(profiles[DEFAULT_PROFILE], budget_ratio=budget)
+        default_plan = solve_profile(profiles[DEFAULT_PROFILE], budget)
         out["budgets"][str(budget)] = {
             "rows": rows,
             "target_activations": default_plan.budget.total_activations,
@@ -154,48 +144,23 @@ def evaluate_model(name: str, budgets: list[float], quick: bool) -> dict:
     return out
 
 
-def calibration_kl(model, windows, reference, plan) -> float:
-    """Mean KL(full || plan) per token on calibration windows (the default profile's metric).
-
-    ``reference``: per batch of 8 windows, the full model's (log-probabilities, probabilities).
-    """
-    total, count = 0.0, 0
-    with apply_plan(model, plan), torch.inference_mode():
-        for batch, (ref_logp, ref_probs) in zip(windows.split(8), reference):
-            logp = _token_losses(model, batch)  # [B, S-1, V]
-            total += (ref_probs * (ref_logp - logp)).sum(-1).double().sum().item()
-            count += logp.shape[0] * logp.shape[1]
-    return total / count
-
-
 def exchange_check(model, tokenizer, plan, calib_tokens: int, max_tokens: int) -> dict:
     """Is the default plan's allocation a local optimum of the real (non-additive) calibration loss?
 
-    The DP minimises the sum of isolated per-layer costs. Here every move of one
-    expert from one layer to another is run on the calibration windows (all layers
-    reduced together, Alloc-T on, as the plan runs) and scored by KL from the full
-    model; the best improving move, if any, is then evaluated on eval text.
+    One step of the planner's measured refinement (allocplan.planner.refine): every move of one
+    expert between two layers is run on the calibration windows (all layers reduced together,
+    Alloc-T on, as the plan runs) and scored by KL from the full model; the best improving move,
+    if any, is then evaluated on eval text.
     """
-    windows, _ = calibration_windows(tokenizer, DEFAULT_CALIBRATION, calib_tokens=calib_tokens, seq_len=256)
-    with torch.inference_mode():
-        # Once per batch, not per candidate plan (as the profiler caches them).
-        reference = [(logp, logp.exp()) for logp in (_token_losses(model, b) for b in windows.split(8))]
+    windows, _ = pack_windows(tokenizer, DEFAULT_CALIBRATION, max_tokens=calib_tokens, seq_len=256)
+    routing = RoutingConfig(token_level=True, k_base=plan.token_level.k_base)
     ks = [e.planned_k for e in plan.layers]
-    originals = [e.original_k for e in plan.layers]
-    options = {"token_level": True, "k_base": plan.token_level.k_base}
-    plan_kl = calibration_kl(model, windows, reference, manual_plan(model, ks, **options))
-    moves = {}
-    for a, b in itertools.permutations(range(len(ks)), 2):
-        if ks[a] - 1 >= 1 and ks[b] + 1 <= originals[b]:
-            moved = list(ks)
-            moved[a] -= 1
-            moved[b] += 1
-            moves[tuple(moved)] = calibration_kl(model, windows, reference, manual_plan(model, moved, **options))
-    best = min(moves, key=moves.get) if moves else None
-    result = {"plan_ks": ks, "plan_kl": plan_kl, "moves": len(moves),
-              "best_move_ks": list(best) if best else None, "best_move_kl": moves.get(best)}
-    if best is not None and moves[best] < plan_kl:
-        handle = apply_plan(model, manual_plan(model, list(best), **options))
+    search = refine_by_exchange(model, ks, Reference(model, windows), routing, max_steps=1)
+    result = {"plan_ks": ks, "plan_kl": search.start[1], "moves": search.measured - 1,
+              "best_move_ks": list(search.best[0]) if search.steps else None,
+              "best_move_kl": search.best[1] if search.steps else None}
+    if search.steps:
+        handle = apply_plan(model, allocation_for(model, list(search.best[0]), routing))
         result["best_move_eval_nll"] = run_eval(model, tokenizer, handle, None, max_tokens)["nll"]
     return result
 

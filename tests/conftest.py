@@ -31,7 +31,7 @@ def checkpoints(tmp_path_factory):
 @pytest.fixture(scope="session")
 def calib_file(tmp_path_factory) -> Path:
     """Real English text (the bundled calibration file's opening), enough for 8 windows of 64 chars."""
-    from allocplan.loading import DEFAULT_CALIBRATION
+    from allocplan.bundled import DEFAULT_CALIBRATION
 
     path = tmp_path_factory.mktemp("calib") / "calib.txt"
     path.write_text(DEFAULT_CALIBRATION.read_text(encoding="utf-8")[:20000], encoding="utf-8")

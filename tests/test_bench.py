@@ -7,18 +7,30 @@ import json
 from click.testing import CliRunner
 from tiny_models import build_tiny_model
 
-from allocplan import benchmark
+from allocplan.bench import cost_model, presets, timing
+from allocplan.bench.breakdown import time_breakdown
+from allocplan.bench.cost_model import ideal_speedup
 from allocplan.cli import cli
+
+
+def test_ideal_speedup_by_hand():
+    # Half the activations of a model that is all routed experts halves the work: 2x. Of one
+    # that is 60% routed experts, 1 / (1 - 0.3) = 1.4286x. Nothing routed: no speed-up.
+    assert ideal_speedup(1.0, 0.5) == 2.0
+    assert abs(ideal_speedup(0.6, 0.5) - 1.4285714285714286) < 1e-12
+    assert ideal_speedup(0.0, 0.25) == 1.0
+    assert ideal_speedup(0.5, 1.0) == 1.0
 
 
 def test_bench_reports_both_models_and_the_bound():
     model = build_tiny_model("olmoe")
-    plan = benchmark.uniform_budget_plan(model, 0.5, token_level=True)
-    result = benchmark.bench(model, plan, prompt_len=16, new_tokens=2, repeat=1)
+    plan = timing.uniform_budget_allocation(model, 0.5, token_level=True)
+    result = timing.bench(model, plan, prompt_len=16, new_tokens=2, repeat=1)
     assert result["budget"] == 0.5 and 0.0 < result["f_moe_time"] < 1.0
-    assert result["ideal_speedup_time"] == 1 / (1 - result["f_moe_time"] * 0.5)
-    assert result["ideal_speedup"]["prefill_s"] == 1 / (1 - result["f_routed_flops"] * 0.5)
-    assert result["ideal_speedup"]["decode_b1_s_per_token"] == 1 / (1 - result["f_routed_weights"] * 0.5)
+    # Each bound is the hand-checked formula applied to its own share of the work.
+    assert result["ideal_speedup_time"] == ideal_speedup(result["f_moe_time"], 0.5)
+    assert result["ideal_speedup"]["prefill_s"] == ideal_speedup(result["f_routed_flops"], 0.5)
+    assert result["ideal_speedup"]["decode_b1_s_per_token"] == ideal_speedup(result["f_routed_weights"], 0.5)
     for name in ("prefill_s", "decode_b1_s_per_token", "decode_b8_s_per_step"):
         r = result[name]
         assert r["untouched"]["median"] > 0 and r["planned"]["median"] > 0 and r["full_lean"]["median"] > 0
@@ -30,8 +42,8 @@ def test_bench_reports_both_models_and_the_bound():
 
 def test_time_breakdown_structure():
     model = build_tiny_model("deepseek_v2")
-    plan = benchmark.uniform_budget_plan(model, 0.5, token_level=True)
-    breakdown = benchmark.time_breakdown(model, plan, prompt_len=16, new_tokens=2)
+    plan = timing.uniform_budget_allocation(model, 0.5, token_level=True)
+    breakdown = time_breakdown(model, plan, prompt_len=16, new_tokens=2)
     for measure in ("prefill", "decode_b1"):
         for side in ("untouched", "planned"):
             part = breakdown[measure][side]
@@ -42,7 +54,7 @@ def test_time_breakdown_structure():
 
 def test_routed_weight_share_of_presets():
     # The presets keep the proportions they claim (computed from their configs, no timing).
-    assert 0.85 <= benchmark.routed_weight_share(benchmark.build_preset("mixtral-small")) <= 0.9
+    assert 0.85 <= cost_model.routed_weight_share(presets.build_preset("mixtral-small")) <= 0.9
 
 
 def test_routed_flop_share_counts_the_experts():
@@ -52,7 +64,7 @@ def test_routed_flop_share_counts_the_experts():
     config = model.config
     before = (config._experts_implementation, config._attn_implementation)
     ids = torch.randint(0, 128, (1, 8))
-    share = benchmark.routed_flop_share(model, ids)
+    share = cost_model.routed_flop_share(model, ids)
     assert (config._experts_implementation, config._attn_implementation) == before  # put back
     # By hand: per token and layer, the routed experts do k * 3 * H * I multiply-adds.
     layers = len(model.model.layers)
@@ -73,12 +85,12 @@ def test_profile_and_solver_cost_structure():
 
     model = build_tiny_model("qwen3_moe")
     windows = torch.randint(0, 128, (2, 32))
-    cost = benchmark.profile_cost(model, windows)
+    cost = timing.profile_cost(model, windows)
     assert cost["reuse_s"] > 0 and cost["naive_s"] > 0 and cost["ratio"] == cost["reuse_s"] / cost["naive_s"]
     floor = cost["flop_floor"]
     # Reuse skips work, so its FLOP count lies strictly between none and the naive count.
     assert 0.0 < floor["ratio"] < 1.0 and 0.0 < floor["lm_head_share"] < 1.0
-    solver = benchmark.solver_cost(num_layers=8, k_max=4, repeat=1)
+    solver = timing.solver_cost(num_layers=8, k_max=4, repeat=1)
     assert solver["layers"] == 8 and solver["dp_s"] > 0 and solver["ilp_s"] > 0
 
 

@@ -3,7 +3,7 @@
 import pytest
 
 from allocplan.errors import AllocplanError
-from allocplan.planner.budget import resolve_budget, round_half_up
+from allocplan.formats.budget import BudgetRequest, round_half_up
 
 
 def test_round_half_up():
@@ -16,25 +16,27 @@ def test_round_half_up():
 )
 def test_paper_budgets_for_deepseek_v2_lite(ratio, total):
     # 26 MoE layers x top-6 = 156; the paper's budgets are 52, 78, 104, 130.
-    assert resolve_budget(156, 26, budget_ratio=ratio) == total
+    assert BudgetRequest(ratio=ratio).resolve(156, 26) == total
 
 
 def test_absolute_budget():
-    assert resolve_budget(156, 26, budget_activations=60) == 60
+    assert BudgetRequest(activations=60).resolve(156, 26) == 60
 
 
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(budget_ratio=0.1), "smallest feasible budget of 26"),
-        (dict(budget_activations=10), "use --budget-activations 26"),
-        (dict(budget_activations=157), "at most --budget-activations 156"),
-        (dict(budget_ratio=1.5), "outside (0, 1]"),
-        (dict(budget_ratio=0.0), "outside (0, 1]"),
+        (dict(ratio=0.1), "smallest feasible budget of 26"),
+        (dict(activations=10), "use --budget-activations 26"),
+        (dict(activations=157), "at most --budget-activations 156"),
+        (dict(ratio=1.5), "outside (0, 1]"),
+        (dict(ratio=0.0), "outside (0, 1]"),
+        (dict(ratio=float("nan")), "outside (0, 1]"),
+        (dict(activations=0), "must be at least 1"),
         (dict(), "exactly one"),
-        (dict(budget_ratio=0.5, budget_activations=3), "exactly one"),
+        (dict(ratio=0.5, activations=3), "exactly one"),
     ],
 )
 def test_budget_errors(kwargs, message):
     with pytest.raises(AllocplanError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
-        resolve_budget(156, 26, **kwargs)
+        BudgetRequest(**kwargs).resolve(156, 26)

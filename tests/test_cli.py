@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from allocplan.cli import cli
-from allocplan.planner.plan import load_plan
+from allocplan import load_plan
 
 SMALL = ["--calib-tokens", "512", "--seq-len", "64"]
 

@@ -10,11 +10,11 @@ import torch
 from click.testing import CliRunner
 from tiny_models import build_tiny_model, tiny_tokenizer
 
-from allocplan.baselines import build_policy, measured_total, random_plan, uniform_plan
+from allocplan.evaluation.methods import build_policy, measured_total, random_allocation, uniform_allocation
 from allocplan.cli import cli
 from allocplan.errors import AllocplanError
-from allocplan.evaluation import read_arithmetic
-from allocplan.planner.profiling import calibration_windows
+from allocplan.evaluation.metrics import read_arithmetic
+from allocplan.planner.windows import pack_windows
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_eval_json_and_plan_activations(checkpoints, calib_file, arith_file, tmp
             "activations_per_token", "tokens", "data"} <= out.keys()
     assert out["arith_problems"] == 3 and 0.0 <= out["arith_accuracy"] <= 1.0
     assert out["perplexity"] == pytest.approx(math.exp(out["nll"]))
-    from allocplan.planner.plan import load_plan
+    from allocplan import load_plan
 
     planned = {e.path: float(e.planned_k) for e in load_plan(plan).layers}
     assert out["activations_per_layer"] == planned  # counted at the experts, equal to the plan
@@ -70,7 +70,7 @@ def test_eval_user_errors(checkpoints, calib_file):
 @pytest.mark.parametrize("family", ["olmoe", "deepseek_v3"])
 def test_threshold_baselines_calibrate_to_budget(method, family, calib_file):
     model = build_tiny_model(family)
-    windows, _ = calibration_windows(tiny_tokenizer(), calib_file, calib_tokens=2048, seq_len=64)
+    windows, _ = pack_windows(tiny_tokenizer(), calib_file, max_tokens=2048, seq_len=64)
     policy = build_policy(model, method, 0.5, calib_windows=windows)
     target = 0.5 * sum(layer.mlp.gate.top_k for layer in model.model.layers if hasattr(layer.mlp, "gate"))
     assert measured_total(model, policy, windows) == pytest.approx(target, rel=0.01)
@@ -80,20 +80,20 @@ def test_threshold_baselines_calibrate_to_budget(method, family, calib_file):
 @pytest.mark.parametrize("method", ["uniform", "random", "alloc-t", "lexi"])
 def test_plan_baselines_match_budget(method, calib_file):
     model = build_tiny_model("mixtral")
-    windows, _ = calibration_windows(tiny_tokenizer(), calib_file, calib_tokens=1024, seq_len=64)
+    windows, _ = pack_windows(tiny_tokenizer(), calib_file, max_tokens=1024, seq_len=64)
     for ratio in (0.33, 0.5, 0.8):
         policy = build_policy(model, method, ratio)
         total = math.floor(ratio * 16 + 0.5)
-        assert policy.plan.budget.planned_activations == pytest.approx(total)
+        assert policy.allocation.planned_activations == pytest.approx(total)
         assert measured_total(model, policy, windows) == pytest.approx(total, rel=0.01)
 
 
 def test_random_and_uniform_plans():
     model = build_tiny_model("olmoe")
-    ks = [e.planned_k for e in random_plan(model, 9, seed=3).layers]
+    ks = [e.planned_k for e in random_allocation(model, 9, seed=3).layers]
     assert sum(ks) == 9 and all(1 <= k <= 4 for k in ks)
-    assert [e.planned_k for e in random_plan(model, 9, seed=3).layers] == ks  # seeded
-    fractional = uniform_plan(model, 6)
+    assert [e.planned_k for e in random_allocation(model, 9, seed=3).layers] == ks  # seeded
+    fractional = uniform_allocation(model, 6)
     assert fractional.token_level.enabled and fractional.token_level.k_base == 1
     assert all(e.planned_k == 1.5 for e in fractional.layers)
 
@@ -108,3 +108,23 @@ def test_read_arithmetic_rejects_bad_lines(tmp_path):
 def test_unknown_method():
     with pytest.raises(AllocplanError, match="is not one of"):
         build_policy(build_tiny_model("olmoe"), "magic", 0.5)
+
+
+def test_gap_closed_by_hand():
+    from allocplan.evaluation.compare import gap_closed
+
+    # Full 3.40, uniform 3.50: a method at 3.45 closes half the gap, at 3.40 all of it.
+    assert gap_closed(3.45, 3.40, 3.50) == pytest.approx(0.5)
+    assert gap_closed(3.40, 3.40, 3.50) == pytest.approx(1.0)
+    assert gap_closed(3.55, 3.40, 3.50) == pytest.approx(-0.5)
+    assert gap_closed(3.45, 3.50, 3.50) is None  # uniform lost nothing: no gap
+
+
+def test_mean_over_seeds_by_hand():
+    from allocplan.evaluation.compare import mean_over_seeds
+
+    runs = [{"nll": 3.0, "arith_accuracy": 0.5, "activations_per_token": 12.0, "activations_per_layer": {"a": 2.0}},
+            {"nll": 3.2, "arith_accuracy": 0.3, "activations_per_token": 12.0, "activations_per_layer": {"a": 3.0}}]
+    mean = mean_over_seeds(runs)
+    assert mean["nll"] == pytest.approx(3.1) and mean["arith_accuracy"] == pytest.approx(0.4)
+    assert mean["seeds"] == 2 and mean["activations_per_layer"] == {"a": 2.0}

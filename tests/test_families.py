@@ -12,8 +12,9 @@ from tiny_models import PairRecorder
 
 from allocplan.cli import cli
 from allocplan.errors import AllocplanError
+from allocplan.formats.allocation import LayerAllocation
+from allocplan.formats.plan import Budget, load_plan
 from allocplan.loading import load_model
-from allocplan.planner.plan import Budget, LayerPlan, load_plan
 from allocplan.runtime.apply import apply_plan
 from allocplan.runtime.families import FAMILIES as REGISTRY
 from allocplan.runtime.layers import find_moe_layers
@@ -40,8 +41,36 @@ def experts_per_token(model) -> dict[str, set[int]]:
     }
 
 
-def test_registry_covers_required_families():
-    assert set(FAMILIES) <= set(REGISTRY)
+SUPPORTED = [  # the 24 families the README lists, by hand
+    "cohere2_moe", "dbrx", "deepseek_v2", "deepseek_v3", "dots1", "ernie4_5_moe", "flex_olmo", "gemma4_text",
+    "glm4_moe", "gpt_oss", "granitemoe", "granitemoehybrid", "granitemoeshared", "hunyuan_v1_moe", "jamba",
+    "jetmoe", "llama4_text", "minimax", "mixtral", "olmoe", "qwen2_moe", "qwen3_5_moe_text", "qwen3_moe",
+    "qwen3_next",
+]
+
+
+def test_registry_is_the_documented_list_and_each_has_a_tiny_model():
+    from tiny_models import FAMILY_CONFIGS
+
+    assert sorted(REGISTRY) == SUPPORTED
+    assert sorted(FAMILY_CONFIGS) == SUPPORTED  # every family is exercised in-process
+
+
+def test_jetmoe_sparse_layout_decodes_to_its_top_k():
+    """The runtime's JetMoE decoding gives, per token, exactly the top-k experts of its router logits."""
+    from tiny_models import build_tiny_model
+
+    from allocplan.runtime.router_formats import jetmoe_routed_index
+
+    model = build_tiny_model("jetmoe")
+    router = find_moe_layers(model)[0].router
+    hidden = torch.randn(7, model.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        output = router(hidden)
+    logits = output[4]  # [T, E]
+    expected = logits.topk(router.top_k, dim=1).indices.sort(-1).values
+    assert torch.equal(jetmoe_routed_index(router, output).sort(-1).values, expected)
+    assert expected.shape == (7, 4)
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +125,7 @@ def test_full_budget_plan_is_bit_identical(family, compiled):
     full = plan.__class__(
         **{
             **{f: getattr(plan, f) for f in plan.__dataclass_fields__},
-            "layers": tuple(LayerPlan(e.path, e.index, e.original_k, e.original_k) for e in plan.layers),
+            "layers": tuple(LayerAllocation(e.path, e.index, e.original_k, e.original_k) for e in plan.layers),
             "budget": Budget(1.0, plan.budget.original_activations, plan.budget.original_activations,
                              plan.budget.original_activations),
         }

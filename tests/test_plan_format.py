@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from allocplan import RoutingConfig
 from allocplan.errors import AllocplanError
-from allocplan.planner.from_profile import solve_profile
-from allocplan.planner.plan import Plan, load_plan, plan_from_data, save_plan
-from allocplan.planner.profile_format import (
+from allocplan.formats.plan import Plan, load_plan, plan_from_data, save_plan
+from allocplan.formats.profile import (
     LayerSensitivity,
     Measurement,
     ProfileProvenance,
@@ -21,8 +21,9 @@ from allocplan.planner.profile_format import (
     profile_from_data,
     save_profile,
 )
-from allocplan.planner.provenance import CalibrationRecord, ModelIdentity
-from allocplan.planner.records import to_data
+from allocplan.formats.provenance import CalibrationRecord, ModelIdentity
+from allocplan.formats.records import to_data
+from allocplan.planner.solve import solve_profile
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN_PLANS = sorted((ROOT / "plans").glob("*.yaml"))
@@ -53,7 +54,7 @@ def make_profile(rows=((0.9, 0.4, 0.1, 0.0), (0.05, 0.02, 0.01, 0.0), (2.0, 0.7,
 
 @pytest.fixture
 def plan() -> Plan:
-    return solve_profile(make_profile(), budget_ratio=0.5)
+    return solve_profile(make_profile(), 0.5)
 
 
 def test_plan_round_trip_and_bytes(tmp_path, plan):
@@ -67,7 +68,7 @@ def test_plan_round_trip_and_bytes(tmp_path, plan):
 
 
 def test_plan_is_deterministic(plan):
-    assert solve_profile(make_profile(), budget_ratio=0.5).to_yaml() == plan.to_yaml()
+    assert solve_profile(make_profile(), 0.5).to_yaml() == plan.to_yaml()
 
 
 def test_fractional_k_allowed_with_token_level(plan):
@@ -169,11 +170,11 @@ def test_half_expert_grid_solves_to_fractional_plan():
         measurement=dataclasses.replace(base.measurement, k_step=0.5, token_level=True),
         layers=layers,
     )
-    plan = solve_profile(profile, budget_ratio=0.5)  # B = 4 over two layers of top-4
+    plan = solve_profile(profile, 0.5)  # B = 4 over two layers of top-4
     assert [l.planned_k for l in plan.layers] == [2.5, 1.5]  # 0.2 + 0.04 beats 3 + 1 (0.1 + 0.3)
     assert plan.budget.planned_activations == 4 and plan.token_level.enabled
     with pytest.raises(AllocplanError, match="half-expert grid"):
-        solve_profile(profile, budget_ratio=0.5, token_level=False)
+        solve_profile(profile, 0.5, RoutingConfig(token_level=False))
     bad = to_data(profile)
     bad["measurement"]["token_level"] = False
     with pytest.raises(AllocplanError, match="needs token_level: true"):
@@ -225,13 +226,20 @@ def test_golden_profiles_solve_to_golden_plans(path):
     assert matching, f"no golden plan for {path.name}"
     for plan_path in matching:
         ratio = float(plan_path.stem.rsplit("-budget-", 1)[1])
-        plan = solve_profile(profile, budget_ratio=ratio)
+        plan = solve_profile(profile, ratio)
         assert plan.to_yaml() == plan_path.read_text(encoding="utf-8"), plan_path.name
 
 
-def test_frozen(plan):
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        plan.budget.total_activations = 3  # type: ignore[misc]
+def test_plan_is_its_allocation_plus_budget_solver_and_provenance(plan):
+    allocation = plan.allocation
+    assert [(e.path, e.planned_k) for e in allocation.layers] == [
+        ("model.layers.0.mlp", 2), ("model.layers.1.mlp", 1), ("model.layers.2.mlp", 3)]
+    assert allocation.planned_activations == 6 and allocation.original_activations == 12
+    assert Plan.build(allocation, plan.budget, plan.solver, plan.provenance) == plan
+    # A plan's own invariants still hold when it is rebuilt from parts: budget 5 < 6 planned.
+    with pytest.raises(AllocplanError, match="exceed total_activations 5"):
+        Plan.build(allocation, dataclasses.replace(plan.budget, ratio=None, total_activations=5),
+                   plan.solver, plan.provenance)
 
 
 def test_yaml_is_safe_loaded(tmp_path, plan):

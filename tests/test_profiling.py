@@ -7,12 +7,14 @@ import torch
 from tiny_models import build_tiny_model, tiny_tokenizer
 
 from allocplan.errors import AllocplanError
-from allocplan.planner.profiling import calibration_windows, layer_ks, measure_sensitivity
+from allocplan import ProfileConfig
+from allocplan.planner.profiling import layer_ks, measure_sensitivity
+from allocplan.planner.windows import pack_windows
 
 
 @pytest.fixture(scope="module")
 def windows(calib_file):
-    tensor, record = calibration_windows(tiny_tokenizer(), calib_file, calib_tokens=384, seq_len=48)
+    tensor, record = pack_windows(tiny_tokenizer(), calib_file, max_tokens=384, seq_len=48)
     assert tensor.shape == (8, 48) and record.tokens == 384 and record.windows == 8
     return tensor
 
@@ -22,9 +24,9 @@ def windows(calib_file):
 @pytest.mark.parametrize("metric", ["nll", "kl"])
 def test_prefix_reuse_matches_naive(family, strategy, metric, windows):
     model = build_tiny_model(family)
-    fast, ref_fast = measure_sensitivity(model, windows, strategy=strategy, metric=metric, batch_size=3)
+    fast, ref_fast = measure_sensitivity(model, windows, ProfileConfig(strategy=strategy, metric=metric, batch_size=3))
     naive, ref_naive = measure_sensitivity(
-        model, windows, strategy=strategy, metric=metric, batch_size=3, reuse_prefix=False
+        model, windows, ProfileConfig(strategy=strategy, metric=metric, batch_size=3), reuse_prefix=False
     )
     assert ref_fast == pytest.approx(ref_naive, abs=1e-6)
     for row_fast, row_naive in zip(fast, naive):
@@ -40,8 +42,8 @@ def test_prefix_reuse_matches_naive(family, strategy, metric, windows):
 @pytest.mark.parametrize("family", ["olmoe", "deepseek_v3"])
 def test_half_expert_grid_reuse_matches_naive(family, windows):
     model = build_tiny_model(family)
-    fast, _ = measure_sensitivity(model, windows, k_step=0.5, batch_size=4)
-    naive, _ = measure_sensitivity(model, windows, k_step=0.5, batch_size=4, reuse_prefix=False)
+    fast, _ = measure_sensitivity(model, windows, ProfileConfig(k_step=0.5, batch_size=4))
+    naive, _ = measure_sensitivity(model, windows, ProfileConfig(k_step=0.5, batch_size=4), reuse_prefix=False)
     assert list(fast[0]) == [1, 1.5, 2, 2.5, 3, 3.5, 4]
     for row_fast, row_naive in zip(fast, naive):
         assert row_fast == pytest.approx(row_naive, abs=1e-5)
@@ -49,12 +51,12 @@ def test_half_expert_grid_reuse_matches_naive(family, windows):
 
 
 def test_isolated_full_k_is_exactly_zero(windows):
-    rows, _ = measure_sensitivity(build_tiny_model("mixtral"), windows, strategy="isolated")
+    rows, _ = measure_sensitivity(build_tiny_model("mixtral"), windows, ProfileConfig(strategy="isolated"))
     assert all(row[4] == 0.0 for row in rows)
 
 
 def test_kl_is_nonnegative(windows):
-    rows, _ = measure_sensitivity(build_tiny_model("olmoe"), windows, metric="kl")
+    rows, _ = measure_sensitivity(build_tiny_model("olmoe"), windows, ProfileConfig(metric="kl"))
     assert all(v >= -1e-7 for row in rows for v in row.values())
 
 
@@ -66,22 +68,22 @@ def test_layer_ks_strategies():
 
 def test_calibration_is_deterministic_and_checked(calib_file, tmp_path):
     tok = tiny_tokenizer()
-    a, rec_a = calibration_windows(tok, calib_file, calib_tokens=1000, seq_len=100)
-    b, rec_b = calibration_windows(tok, calib_file, calib_tokens=1000, seq_len=100)
+    a, rec_a = pack_windows(tok, calib_file, max_tokens=1000, seq_len=100)
+    b, rec_b = pack_windows(tok, calib_file, max_tokens=1000, seq_len=100)
     assert torch.equal(a, b) and rec_a == rec_b and rec_a.sha256.startswith("sha256:")
     short = tmp_path / "short.txt"
     short.write_text("too short")
     with pytest.raises(AllocplanError, match="fewer than one --seq-len window"):
-        calibration_windows(tok, short, calib_tokens=1000, seq_len=100)
+        pack_windows(tok, short, max_tokens=1000, seq_len=100)
     binary = tmp_path / "binary.txt"
     binary.write_bytes(b"\xff\xfe\x00bad")
     with pytest.raises(AllocplanError, match="not UTF-8"):
-        calibration_windows(tok, binary, calib_tokens=1000, seq_len=100)
+        pack_windows(tok, binary, max_tokens=1000, seq_len=100)
 
 
 def test_k_min_bounds(windows):
     with pytest.raises(AllocplanError, match="k_min 5"):
-        measure_sensitivity(build_tiny_model("olmoe"), windows, k_min=5)
+        measure_sensitivity(build_tiny_model("olmoe"), windows, ProfileConfig(k_min=5))
 
 
 @pytest.mark.parametrize("family, additive", [("olmoe", True), ("qwen2_moe", True), ("flex_olmo", False)])
@@ -94,16 +96,16 @@ def test_within_layer_reuse_checks_the_residual_form(family, additive, windows, 
     import allocplan.planner.profiling as profiling
 
     checks: list[bool] = []
-    original = profiling._block_change_is_additive
+    original = profiling.block_change_is_additive
 
     def spy(*args, **kwargs):
         checks.append(original(*args, **kwargs))
         return checks[-1]
 
-    monkeypatch.setattr(profiling, "_block_change_is_additive", spy)
+    monkeypatch.setattr(profiling, "block_change_is_additive", spy)
     model = build_tiny_model(family)
-    fast, _ = measure_sensitivity(model, windows, batch_size=4)
-    naive, _ = measure_sensitivity(model, windows, batch_size=4, reuse_prefix=False)
+    fast, _ = measure_sensitivity(model, windows, ProfileConfig(batch_size=4))
+    naive, _ = measure_sensitivity(model, windows, ProfileConfig(batch_size=4), reuse_prefix=False)
     assert checks == [additive] * len(fast)  # checked once per layer, on the first batch
     for row_fast, row_naive in zip(fast, naive):
         assert row_fast == pytest.approx(row_naive, abs=1e-5)

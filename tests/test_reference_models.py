@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from allocplan.evaluation import evaluate
-from allocplan.loading import bundled_model_names, load_model
+from allocplan.bundled import bundled_model_names
+from allocplan.evaluation.metrics import evaluate
+from allocplan.loading import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "results.json"

@@ -138,47 +138,33 @@ def save_tiny_checkpoint(family: str, directory, seed: int = 0):
 
 
 def plan_for(model, ks, **routing):
-    """A valid Plan for ``model`` with the given per-layer k (one number: every layer)."""
-    from allocplan.runtime.layers import find_moe_layers
-    from allocplan.runtime.plans import manual_plan
+    """An allocation for ``model`` with the given per-layer k (one number: every layer); ``routing``
+    holds RoutingConfig fields, with token-level allocation off unless asked for (plain top-k)."""
+    from allocplan import RoutingConfig, allocation_for
 
-    if isinstance(ks, (int, float)):
-        ks = [ks] * len(find_moe_layers(model))
-    return manual_plan(model, list(ks), **routing)
+    return allocation_for(model, ks, RoutingConfig(**{"token_level": False, **routing}))
 
 
 class PairRecorder:
-    """Records, per MoE layer and forward, the [T, K] expert index that reaches the experts.
+    """Records, per MoE layer and forward, the [T, K] expert index of the pairs that run.
 
-    Slots that do not run hold ``num_experts``. Most families pass ``top_k_index`` to their
-    experts module; JetMoE passes a sparse grouping from its router, rebuilt here into [T, K].
+    Slots that do not run hold ``num_experts``. Where a family's router format shows them
+    (the experts' input for most, JetMoE's sparse router output) is the runtime's own
+    ``RouterFormat.watch`` (its JetMoE decoding is tested on its own in test_families).
     Create it after ``apply_plan`` to see the planned routing (dbrx swaps its experts module).
     """
 
     def __init__(self, model):
-        from allocplan.runtime.layers import find_moe_layers
+        from allocplan.runtime.layers import find_moe_layers, model_family
+        from allocplan.runtime.router_formats import ROUTER_FORMATS
 
         self.layers = find_moe_layers(model)
         self.seen = {layer.path: [] for layer in self.layers}
-        self.hooks = []
-        for layer in self.layers:
-            if model.config.model_type == "jetmoe":
-                hook = layer.router.register_forward_hook(
-                    lambda router, _a, out, path=layer.path: self.seen[path].append(self._jetmoe_index(router, out))
-                )
-            else:
-                hook = layer.experts.register_forward_pre_hook(
-                    lambda _m, args, path=layer.path: self.seen[path].append(args[1].clone())
-                )
-            self.hooks.append(hook)
-
-    @staticmethod
-    def _jetmoe_index(router, out):
-        index_sorted, _, _, expert_size, logits = out
-        index = torch.full((logits.shape[0] * router.top_k,), router.num_experts, dtype=torch.long)
-        experts = torch.repeat_interleave(torch.arange(router.num_experts), torch.tensor(expert_size))
-        index[index_sorted] = experts
-        return index.view(logits.shape[0], router.top_k)
+        watch = ROUTER_FORMATS[model_family(model).router_format].watch
+        self.hooks = [
+            watch(layer, lambda index, _num_experts, path=layer.path: self.seen[path].append(index.clone()))
+            for layer in self.layers
+        ]
 
     def remove(self):
         for hook in self.hooks:

@@ -12,9 +12,9 @@ import hashlib
 import os
 from dataclasses import dataclass
 
-from allocplan.errors import AllocplanError
-from allocplan.planner.provenance import CalibrationRecord, ModelIdentity
-from allocplan.planner.records import atomic_write_text, dump_yaml, from_data, load_yaml_file, to_data
+from ..errors import AllocplanError
+from .provenance import CalibrationRecord, ModelIdentity
+from .records import atomic_write_text, dump_yaml, from_data, load_yaml_file, to_data
 
 PROFILE_KIND = "allocplan-profile"
 PROFILE_SCHEMA_VERSION = 1

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from allocplan.errors import AllocplanError
+from ..errors import AllocplanError
 
 T = TypeVar("T")
 
@@ -37,13 +37,16 @@ def to_data(obj: Any) -> Any:
     return obj
 
 
-def from_data(cls: type[T], data: Any, where: str) -> T:
+def from_data(cls: type[T], data: Any, where: str, *, defaults: bool = False) -> T:
     """Build ``cls`` from plain data, rejecting unknown keys and wrong types.
+
+    ``defaults``: a missing key takes its field's default (recipes); otherwise every key
+    is required (plans and profiles record every field).
 
     Raises:
         AllocplanError: naming the offending key path (``where``) and what was expected.
     """
-    return _convert(cls, data, where)
+    return _convert(cls, data, where, defaults)
 
 
 def _describe(value: Any) -> str:
@@ -52,7 +55,7 @@ def _describe(value: Any) -> str:
     return f"{type(value).__name__} {value!r}"
 
 
-def _convert(tp: Any, value: Any, where: str) -> Any:
+def _convert(tp: Any, value: Any, where: str, defaults: bool = False) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise AllocplanError(f"{where}: expected a mapping, got {_describe(value)}")
@@ -63,10 +66,11 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
             raise AllocplanError(
                 f"{where}: unknown key(s) {', '.join(unknown)}; allowed keys are {', '.join(names)}"
             )
-        missing = [n for n in names if n not in value]
+        optional = {f.name for f in dataclasses.fields(tp) if f.default is not dataclasses.MISSING} if defaults else set()
+        missing = [n for n in names if n not in value and n not in optional]
         if missing:
             raise AllocplanError(f"{where}: missing key(s) {', '.join(missing)}")
-        return tp(**{n: _convert(hints[n], value[n], f"{where}.{n}") for n in names})
+        return tp(**{n: _convert(hints[n], value[n], f"{where}.{n}", defaults) for n in names if n in value})
 
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -78,11 +82,11 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
             return _convert_number(value, where, allow_float=True)
         if len(real) != 1:
             raise TypeError(f"unsupported union {tp}")
-        return _convert(real[0], value, where)
+        return _convert(real[0], value, where, defaults)
     if origin is tuple:
         if not isinstance(value, list):
             raise AllocplanError(f"{where}: expected a list, got {_describe(value)}")
-        return tuple(_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+        return tuple(_convert(args[0], v, f"{where}[{i}]", defaults) for i, v in enumerate(value))
     if origin is dict:
         if not isinstance(value, dict):
             raise AllocplanError(f"{where}: expected a mapping, got {_describe(value)}")

@@ -1,4 +1,4 @@
-"""``allocplan eval``: quality and measured activations of a model under a routing policy.
+"""Quality and measured activations of a model under a routing policy.
 
 Metrics, all on data the policy was not calibrated on:
 
@@ -18,9 +18,10 @@ from typing import Any
 
 import torch
 
-from allocplan.errors import AllocplanError
-from allocplan.planner.profiling import calibration_windows
-from allocplan.runtime.measure import count_activations
+from ..errors import AllocplanError
+from ..planner.losses import next_token_logprobs, token_nll
+from ..planner.windows import pack_windows
+from ..runtime.measure import count_activations
 
 
 def nll_and_activations(model: Any, windows: torch.Tensor, handle: Any = None, batch_size: int = 8) -> dict:
@@ -30,9 +31,7 @@ def nll_and_activations(model: Any, windows: torch.Tensor, handle: Any = None, b
         handle.reset()
     with torch.inference_mode(), count_activations(model) as counts:
         for batch in windows.split(batch_size):
-            logits = model(input_ids=batch, use_cache=False).logits  # [B, S, V]
-            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-            nll = -logp.gather(-1, batch[:, 1:].unsqueeze(-1)).squeeze(-1)  # [B, S-1]
+            nll = token_nll(next_token_logprobs(model, batch), batch)  # [B, S-1]
             total += nll.double().sum().item()
             count += nll.numel()
     mean = total / count
@@ -95,7 +94,7 @@ def evaluate(
     batch_size: int = 8,
 ) -> dict:
     """Evaluate the model as it is now (apply a policy first; pass its handle to reset ledgers)."""
-    windows, record = calibration_windows(tokenizer, data, calib_tokens=max_tokens, seq_len=seq_len)
+    windows, record = pack_windows(tokenizer, data, max_tokens=max_tokens, seq_len=seq_len, what="eval")
     result = nll_and_activations(model, windows, handle, batch_size)
     result["data"] = {"file": record.file, "sha256": record.sha256, "tokens": record.tokens}
     if arith is not None:

@@ -1,0 +1,225 @@
+"""Time the untouched and the planned model side by side, in one process.
+
+Timings alternate between the two models (untouched, planned, untouched, ...)
+after a warm-up, so slow drift of the machine hits both; each figure is the
+median of ``repeat`` runs with its min-max spread. Reported:
+
+* prefill: one forward over batch x prompt_len tokens, no cache;
+* decode: tokens per second over ``new_tokens`` greedy cached steps at batch 1
+  and at batch 8 (after a short prefill);
+* three models alternate: ``untouched`` (the model as loaded, transformers'
+  stock experts path, full k), ``full_lean`` (full k through allocplan's
+  experts path, where the family's experts are pluggable) and ``planned``.
+  ``speedup`` is untouched / planned (what a user gets); ``speedup_same_path``
+  is full_lean / planned (what the smaller activation count alone buys, with
+  the experts implementation held fixed);
+* the ideal speed-up bound 1 / (1 - f * (1 - b)) for the plan's budget b, with
+  f the routed experts' share of the work at full k: of the weights a token
+  reads for decode (``f_routed_weights``), of a prefill's FLOPs (counted with
+  torch's FlopCounterMode, ``f_routed_flops``) for prefill; and the measured
+  share of a full-k prefill's time inside the experts modules (``f_moe_time``)
+  with its bound, for reference. ``achieved_fraction`` divides the smaller of
+  the two speed-ups by the bound, so neither a faster experts implementation
+  nor a slow baseline can inflate it.
+
+``--config PRESET`` builds a randomly initialised model of a named shape (no
+trained weights needed) and plans it uniformly at ``--budget``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+
+from ..formats.allocation import Allocation
+from ..runtime.apply import apply_plan
+from ..runtime.layers import find_moe_layers, model_family
+from .cost_model import ideal_speedup, profiling_flop_floor, routed_flop_share, routed_weight_share
+
+
+def _median_spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def time_prefill(model: Any, ids: torch.Tensor) -> float:
+    start = time.perf_counter()
+    with torch.inference_mode():
+        model(input_ids=ids, use_cache=False)
+    return time.perf_counter() - start
+
+
+def time_decode(model: Any, ids: torch.Tensor, new_tokens: int) -> float:
+    """Seconds per generated token over ``new_tokens`` cached greedy steps (prefill excluded)."""
+    with torch.inference_mode():
+        out = model(input_ids=ids, use_cache=True)
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            out = model(input_ids=token, cache=cache, use_cache=True)
+            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    return (time.perf_counter() - start) / new_tokens
+
+
+def expert_time_share(model: Any, ids: torch.Tensor, repeat: int = 3) -> float:
+    """Measured share of a prefill's time spent inside the routed experts modules."""
+    spent = [0.0]
+    starts: dict[int, float] = {}
+    hooks = []
+    for layer in find_moe_layers(model):
+        hooks.append(layer.experts.register_forward_pre_hook(
+            lambda m, _a: starts.__setitem__(id(m), time.perf_counter())))
+        hooks.append(layer.experts.register_forward_hook(
+            lambda m, _a, _o: spent.__setitem__(0, spent[0] + time.perf_counter() - starts[id(m)])))
+    try:
+        shares = []
+        for _ in range(repeat):
+            spent[0] = 0.0
+            total = time_prefill(model, ids)
+            shares.append(spent[0] / total)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return statistics.median(shares)
+
+
+def bench(
+    model: Any,
+    plan: Allocation,
+    *,
+    batch: int = 1,
+    prompt_len: int = 256,
+    new_tokens: int = 32,
+    repeat: int = 5,
+    seed: int = 0,
+) -> dict:
+    """Side-by-side timings of ``model`` without and with ``plan`` (an allocation; see module docstring)."""
+    generator = torch.Generator().manual_seed(seed)
+    vocab = model.get_input_embeddings().num_embeddings
+    prefill_ids = torch.randint(0, vocab, (batch, prompt_len), generator=generator)
+    decode_prompt = torch.randint(0, vocab, (1, 16), generator=generator)
+    decode_batch = torch.randint(0, vocab, (8, 16), generator=generator)
+    budget = plan.planned_activations / plan.original_activations
+    f_moe = expert_time_share(model, prefill_ids)
+    f_flops = routed_flop_share(model, prefill_ids)
+    f_weights = routed_weight_share(model)
+
+    def planned(fn: Callable[[], float]) -> float:
+        with apply_plan(model, plan):
+            return fn()
+
+    lean = _lean_full_k(model)
+
+    measures = {
+        "prefill_s": lambda: time_prefill(model, prefill_ids),
+        "decode_b1_s_per_token": lambda: time_decode(model, decode_prompt, new_tokens),
+        "decode_b8_s_per_step": lambda: time_decode(model, decode_batch, new_tokens),
+    }
+    results: dict[str, Any] = {}
+    for name, measure in measures.items():
+        measure(), planned(measure)  # warm-up every path
+        if lean is not None:
+            lean(measure)
+        base, fast, full_lean = [], [], []
+        for _ in range(repeat):
+            base.append(measure())
+            if lean is not None:
+                full_lean.append(lean(measure))
+            fast.append(planned(measure))
+        results[name] = {"untouched": _median_spread(base), "planned": _median_spread(fast),
+                         "speedup": _median_spread([b / f for b, f in zip(base, fast)])}
+        if lean is not None:
+            results[name]["full_lean"] = _median_spread(full_lean)
+            results[name]["speedup_same_path"] = _median_spread([b / f for b, f in zip(full_lean, fast)])
+
+    bounds = {"prefill_s": ideal_speedup(f_flops, budget), "decode_b1_s_per_token": ideal_speedup(f_weights, budget),
+              "decode_b8_s_per_step": ideal_speedup(f_weights, budget)}
+
+    def achieved(name: str) -> float:
+        r = results[name]
+        speedups = [r["speedup"]["median"]] + ([r["speedup_same_path"]["median"]] if "speedup_same_path" in r else [])
+        return min(speedups) / bounds[name]
+
+    return {
+        "budget": budget,
+        "f_moe_time": f_moe,
+        "f_routed_weights": f_weights,
+        "f_routed_flops": f_flops,
+        "ideal_speedup_time": ideal_speedup(f_moe, budget),
+        "ideal_speedup": bounds,
+        "achieved_fraction": {name: achieved(name) for name in results},
+        "token_level": plan.token_level.enabled,
+        "batch": batch,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "repeat": repeat,
+        "threads": torch.get_num_threads(),
+        **results,
+    }
+
+
+def _lean_full_k(model: Any) -> Callable[[Callable[[], float]], float] | None:
+    """Runs a measure at full k through allocplan's experts path, or None where it does not apply."""
+    from ..runtime.experts import register
+
+    if model_family(model).experts_swap is not None:
+        return None
+
+    def run(fn: Callable[[], float]) -> float:
+        saved = model.config._experts_implementation
+        model.set_experts_implementation(register())
+        try:
+            return fn()
+        finally:
+            model.set_experts_implementation(saved)
+
+    return run
+
+
+def uniform_budget_allocation(model: Any, budget: float, token_level: bool) -> Allocation:
+    """The allocation ``--config`` runs: the ``uniform`` method's, or ``alloc-t``'s (same k, Alloc-T on)."""
+    from ..evaluation.methods import build_policy
+
+    return build_policy(model, "alloc-t" if token_level else "uniform", budget).allocation
+
+
+def profile_cost(model: Any, windows: torch.Tensor) -> dict:
+    """Seconds to profile every (layer, k) with allocplan's reuse and naively (one full forward each)."""
+    from ..planner.profiling import measure_sensitivity
+
+    timings = {}
+    for label, reuse in (("reuse", True), ("naive", False)):
+        start = time.perf_counter()
+        measure_sensitivity(model, windows, reuse_prefix=reuse)
+        timings[f"{label}_s"] = time.perf_counter() - start
+    timings["ratio"] = timings["reuse_s"] / timings["naive_s"]
+    timings["flop_floor"] = profiling_flop_floor(model, windows[:1])
+    return timings
+
+
+def solver_cost(num_layers: int = 60, k_max: int = 16, repeat: int = 3, seed: int = 0) -> dict:
+    """DP and ILP time on a DeepSeek-V3-sized instance (60 layers, k in 1..16, budget half)."""
+    import random
+
+    from ..planner.problem import AllocationProblem
+    from ..planner.solve_dp import solve_dp
+    from ..planner.solve_ilp import solve_ilp
+
+    rng = random.Random(seed)
+    choices = tuple(tuple(range(1, k_max + 1)) for _ in range(num_layers))
+    costs = tuple(
+        tuple(scale * (k_max - k) / k_max + rng.uniform(0, 0.01) for k in range(1, k_max + 1))
+        for scale in (rng.uniform(0.01, 2.0) for _ in range(num_layers))
+    )
+    problem = AllocationProblem(choices, costs, num_layers * k_max // 2)
+    result = {}
+    for name, solve in (("dp_s", solve_dp), ("ilp_s", solve_ilp)):
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            solve(problem)
+            times.append(time.perf_counter() - start)
+        result[name] = statistics.median(times)
+    return {"layers": num_layers, "k_max": k_max, **result}

@@ -1,0 +1,63 @@
+"""Text the CLI prints: plan tables, and one-line summaries of eval and bench results.
+
+Every function returns lines (no printing), so the CLI stays a thin layer and the
+formats are tested without running a command.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .formats.plan import Plan
+
+
+def to_json(data: Any) -> str:
+    """Stable JSON for stdout (sorted keys, indented)."""
+    return json.dumps(data, indent=2, sort_keys=True)
+
+
+def plan_lines(plan: Plan) -> list[str]:
+    """The per-layer table of a plan, then its budget and objectives."""
+    rows = [("layer", "module", "original_k", "planned_k")]
+    rows += [(str(e.index), e.path, str(e.original_k), f"{e.planned_k:g}") for e in plan.layers]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(cell.rjust(w) if i != 1 else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    budget = plan.budget
+    ratio = f"ratio {budget.ratio:g}, " if budget.ratio is not None else ""
+    lines.append(
+        f"activations per token: {budget.planned_activations:g} of {budget.original_activations}"
+        f" ({ratio}budget {budget.total_activations});"
+        f" objective {plan.solver.dp_objective:.6g} {plan.solver.metric} (DP) ="
+        f" {plan.solver.ilp_objective:.6g} (ILP, {plan.solver.ilp_status})"
+    )
+    return lines
+
+
+def eval_lines(result: dict[str, Any]) -> list[str]:
+    """NLL, arithmetic and activations of an ``allocplan eval`` result, then activations per layer."""
+    arith = f", arithmetic {result['arith_accuracy']:.3f}" if "arith_accuracy" in result else ""
+    lines = [f"{result['policy']}: NLL {result['nll']:.4f} (ppl {result['perplexity']:.2f}){arith},"
+             f" {result['activations_per_token']:.3f} activations per token"]
+    lines += [f"  {path}: {value:.3f}" for path, value in result["activations_per_layer"].items()]
+    return lines
+
+
+BENCH_MEASURES = ("prefill_s", "decode_b1_s_per_token", "decode_b8_s_per_step")
+
+
+def bench_lines(result: dict[str, Any]) -> list[str]:
+    """Shares of the work, then per measure: times, speed-ups with spread, and the bound."""
+    lines = [f"{result['label']}: budget {result['budget']:.3f}, f_routed_weights {result['f_routed_weights']:.2f},"
+             f" f_routed_flops {result['f_routed_flops']:.2f}, f_moe_time {result['f_moe_time']:.2f}"]
+    for name in BENCH_MEASURES:
+        r = result[name]
+        same = r.get("speedup_same_path")
+        lines.append(
+            f"  {name}: {r['untouched']['median'] * 1e3:.1f} ms -> {r['planned']['median'] * 1e3:.1f} ms,"
+            f" speed-up {r['speedup']['median']:.2f}x [{r['speedup']['min']:.2f}, {r['speedup']['max']:.2f}]"
+            + (f", {same['median']:.2f}x against full k on the same experts path" if same else "")
+            + f"; bound {result['ideal_speedup'][name]:.2f}x, {result['achieved_fraction'][name]:.0%} of it"
+        )
+    return lines

@@ -1,0 +1,35 @@
+"""Comparisons the results page reports: gap closed, averages over seeds.
+
+Pure arithmetic on evaluation results (no torch), so each is unit-tested with
+hand-computed numbers.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any, Sequence
+
+
+def gap_closed(nll: float, full_nll: float, uniform_nll: float) -> float | None:
+    """Share of uniform top-k's NLL gap to the full model that a method recovers.
+
+    (NLL_uniform - NLL_method) / (NLL_uniform - NLL_full): 0 for uniform itself, 1 for
+    the full model's quality; None where uniform loses nothing (no gap to close).
+    """
+    gap = uniform_nll - full_nll
+    return (uniform_nll - nll) / gap if gap > 0 else None
+
+
+def mean_over_seeds(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One result from several seeds of a randomised method: means of NLL, arithmetic and activations.
+
+    Per-layer activations are the first seed's (each seed runs its own allocation).
+    """
+    arith = [r["arith_accuracy"] for r in results if r.get("arith_accuracy") is not None]
+    return {
+        "nll": statistics.mean(r["nll"] for r in results),
+        "arith_accuracy": statistics.mean(arith) if arith else None,
+        "activations_per_token": statistics.mean(r["activations_per_token"] for r in results),
+        "activations_per_layer": results[0]["activations_per_layer"],
+        "seeds": len(results),
+    }

@@ -1,0 +1,312 @@
+"""Routing methods compared at a matched activation budget, registered by name.
+
+Every method is turned into an allocation (plus, for threshold rules, a
+per-token selector) and applied with ``apply_plan``, so all of them run through
+the same runtime and are measured the same way. The registry, like lm-eval's
+``@register_model``, is the one list of methods: the CLI's ``--method`` and the
+results script read it, and an unknown name is an error that lists the known ones.
+
+Calibration of the threshold rules' parameters uses calibration text only,
+never the evaluation data. This module imports torch only when a method is built.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+from ..errors import AllocplanError
+from ..formats.budget import BudgetRequest
+from ..formats.config import RoutingConfig
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..formats.allocation import Allocation
+    from ..formats.profile import SensitivityProfile
+    from ..runtime.apply import PlanHandle, TokenSelector
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A method ready to apply: an allocation, an optional selector, and its calibrated parameter.
+
+    ``target`` is the budget B in activations per token it is held to (None: the full model).
+    Threshold methods carry the full model's allocation; their selector meets the target.
+    """
+
+    method: str
+    allocation: "Allocation | None"
+    target: int | None = None
+    selector: "TokenSelector | None" = None
+    parameter: float | None = None
+
+    def apply(self, model: Any) -> "PlanHandle | None":
+        """Apply to ``model`` (None for the untouched model); remove the handle afterwards."""
+        if self.allocation is None:
+            return None
+        from ..runtime.apply import apply_plan
+
+        return apply_plan(model, self.allocation, token_selector=self.selector)
+
+
+@dataclass(frozen=True)
+class MethodInputs:
+    """What a method may use to build its policy.
+
+    Attributes:
+        model: the loaded model.
+        budget_ratio: the budget as a ratio of the model's activations.
+        total: B, the activations per token the ratio resolves to.
+        originals: each MoE layer's original top-k.
+        profile: a calibration-text sensitivity profile (methods with ``needs_profile``).
+        calib_windows: calibration token windows (methods with ``needs_calibration``).
+        seed: a seed for randomised methods.
+        routing: routing settings for the methods that solve a profile.
+    """
+
+    model: Any
+    budget_ratio: float
+    total: int
+    originals: list[int]
+    profile: "SensitivityProfile | None" = None
+    calib_windows: "torch.Tensor | None" = None
+    seed: int = 0
+    routing: RoutingConfig = RoutingConfig()
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered method: its name, what it needs, and how it builds a policy."""
+
+    name: str
+    build: Callable[[MethodInputs], Policy]
+    summary: str
+    needs_profile: bool = False
+    needs_calibration: bool = False
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str, summary: str, *, needs_profile: bool = False,
+                    needs_calibration: bool = False) -> Callable[[Callable[[MethodInputs], Policy]], Callable]:
+    """Decorator that registers a policy builder under ``name``."""
+
+    def register(build: Callable[[MethodInputs], Policy]) -> Callable[[MethodInputs], Policy]:
+        if name in METHODS:
+            raise ValueError(f"method {name!r} is registered twice")
+        METHODS[name] = Method(name, build, summary, needs_profile, needs_calibration)
+        return build
+
+    return register
+
+
+def get_method(name: str) -> Method:
+    """The registered method ``name``.
+
+    Raises:
+        AllocplanError: unknown name, listing the known ones.
+    """
+    if name not in METHODS:
+        raise AllocplanError(f"method {name!r} is not one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def _allocation(model: Any, ks: list[float], routing: RoutingConfig | None = None) -> "Allocation":
+    from ..runtime.allocations import allocation_for
+
+    return allocation_for(model, ks, routing)
+
+
+def uniform_allocation(model: Any, total: int) -> "Allocation":
+    """Same share of every layer's K; fractional k realised by Alloc-T rounding."""
+    from ..runtime.layers import find_moe_layers
+
+    originals = [layer.top_k for layer in find_moe_layers(model)]
+    ks = [total * k / sum(originals) for k in originals]
+    if all(float(k).is_integer() for k in ks):
+        return _allocation(model, [int(k) for k in ks])
+    k_floor = max(1, int(min(ks)))
+    return _allocation(model, ks, RoutingConfig(token_level=True, k_base=k_floor,
+                                                k_max=min(math.ceil(max(ks)), min(originals))))
+
+
+def random_allocation(model: Any, total: int, seed: int) -> "Allocation":
+    """Integer k per layer summing to ``total``: each unit above k=1 goes to a random layer with room."""
+    from ..runtime.layers import find_moe_layers
+
+    originals = [layer.top_k for layer in find_moe_layers(model)]
+    ks = [1] * len(originals)
+    rng = random.Random(seed)
+    for _ in range(total - len(ks)):
+        room = [i for i, (k, K) in enumerate(zip(ks, originals)) if k < K]
+        ks[rng.choice(room)] += 1
+    return _allocation(model, ks)
+
+
+def naee_selector(beta: float) -> "TokenSelector":
+    """Keep a candidate whose weight is at least beta times the token's top weight (top-1 always)."""
+
+    def select(scores: "torch.Tensor", weights: "torch.Tensor", real: "torch.Tensor") -> "torch.Tensor":
+        keep = weights >= beta * weights[:, :1]  # [T, K]
+        keep[:, 0] = True
+        return keep
+
+    return select
+
+
+def top_p_selector(p: float) -> "TokenSelector":
+    """Keep the smallest prefix of candidates whose normalised weights reach p (top-1 always)."""
+
+    def select(scores: "torch.Tensor", weights: "torch.Tensor", real: "torch.Tensor") -> "torch.Tensor":
+        probs = weights / weights.sum(-1, keepdim=True).clamp_min(1e-30)  # [T, K]
+        before = probs.cumsum(-1) - probs  # mass of the better candidates
+        keep = before < p
+        keep[:, 0] = True
+        return keep
+
+    return select
+
+
+def measured_total(model: Any, policy: Policy, windows: "torch.Tensor", batch_size: int = 8) -> float:
+    """Routed experts per token summed over layers, measured on ``windows``."""
+    import torch
+
+    from ..runtime.measure import count_activations
+
+    handle = policy.apply(model)
+    try:
+        with torch.inference_mode(), count_activations(model) as counts:
+            for batch in windows.split(batch_size):
+                model(input_ids=batch, use_cache=False)
+    finally:
+        if handle is not None:
+            handle.remove()
+    return counts.total_per_token()
+
+
+def calibrate_threshold(
+    model: Any,
+    make_selector: Callable[[float], "TokenSelector"],
+    target: float,
+    windows: "torch.Tensor",
+    *,
+    increasing: bool,
+    steps: int = 14,
+) -> tuple[float, float]:
+    """Bisect a selector parameter in [0, 1] until measured activations match ``target``.
+
+    ``increasing``: activations grow with the parameter (top-p) or fall (NAEE's beta).
+    Returns (parameter, measured activations per token).
+    """
+    from ..runtime.layers import find_moe_layers
+
+    full = _allocation(model, [layer.top_k for layer in find_moe_layers(model)])
+    lo, hi = 0.0, 1.0
+    best = (0.5, math.inf)
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        measured = measured_total(model, Policy("calibration", full, selector=make_selector(mid)), windows)
+        if abs(measured - target) < abs(best[1] - target):
+            best = (mid, measured)
+        if (measured < target) == increasing:
+            lo = mid
+        else:
+            hi = mid
+    return best
+
+
+@register_method("full", "the untouched model")
+def _full(inputs: MethodInputs) -> Policy:
+    return Policy("full", None)
+
+
+@register_method("uniform", "the same share of every layer's k; fractional k by Alloc-T rounding with k_base floor(k)")
+def _uniform(inputs: MethodInputs) -> Policy:
+    return Policy("uniform", uniform_allocation(inputs.model, inputs.total), inputs.total)
+
+
+@register_method("random", "a random integer allocation summing to B (one seed per call)")
+def _random(inputs: MethodInputs) -> Policy:
+    return Policy("random", random_allocation(inputs.model, inputs.total, inputs.seed), inputs.total,
+                  parameter=float(inputs.seed))
+
+
+def _threshold(name: str, make: Callable[[float], "TokenSelector"], increasing: bool) -> Callable:
+    def build(inputs: MethodInputs) -> Policy:
+        if inputs.calib_windows is None:
+            raise AllocplanError(f"method {name} needs calibration text to set its threshold")
+        parameter, _ = calibrate_threshold(inputs.model, make, inputs.total, inputs.calib_windows,
+                                           increasing=increasing)
+        return Policy(name, _allocation(inputs.model, inputs.originals), inputs.total, make(parameter), parameter)
+
+    return build
+
+
+register_method("naee", "NAEE-style skipping: drop a candidate below beta x the token's top weight; beta"
+                " calibrated to the budget", needs_calibration=True)(_threshold("naee", naee_selector, False))
+register_method("top-p", "each token keeps its smallest candidate set reaching probability p; p calibrated to"
+                " the budget", needs_calibration=True)(_threshold("top-p", top_p_selector, True))
+
+
+@register_method("alloc-t", "token-level only: uniform k_l, Alloc-T on, k_base 1")
+def _alloc_t(inputs: MethodInputs) -> Policy:
+    ks = [inputs.total * k / sum(inputs.originals) for k in inputs.originals]
+    routing = RoutingConfig(token_level=True, k_base=1, renormalize=inputs.routing.renormalize,
+                            reference_k=inputs.routing.reference_k)
+    return Policy("alloc-t", _allocation(inputs.model, ks, routing), inputs.total)
+
+
+def _solved(name: str, token_level: bool, data_free: bool = False) -> Callable:
+    def build(inputs: MethodInputs) -> Policy:
+        from dataclasses import replace
+
+        from ..planner.solve import solve_profile
+
+        profile = inputs.profile
+        if data_free:
+            from ..planner.data_free import profile_data_free
+
+            profile = profile_data_free(inputs.model, seed=inputs.seed)
+        if profile is None:
+            raise AllocplanError(f"method {name} needs a sensitivity profile")
+        plan = solve_profile(profile, inputs.budget_ratio, replace(inputs.routing, token_level=token_level))
+        return Policy(name, plan.allocation, inputs.total)
+
+    return build
+
+
+register_method("lexi", "LExI-style data-free allocation: Gaussian-input sensitivities, same DP")(
+    _solved("lexi", token_level=False, data_free=True))
+register_method("alloc-l", "layer-level only: the DP's allocation, Alloc-T off", needs_profile=True)(
+    _solved("alloc-l", token_level=False))
+register_method("alloc-lt", "Alloc-L + Alloc-T (the paper's method; allocplan's default plan)", needs_profile=True)(
+    _solved("alloc-lt", token_level=True))
+
+
+def build_policy(
+    model: Any,
+    method: str,
+    budget_ratio: float,
+    *,
+    profile: "SensitivityProfile | None" = None,
+    calib_windows: "torch.Tensor | None" = None,
+    seed: int = 0,
+    routing: RoutingConfig | None = None,
+) -> Policy:
+    """The routing policy of ``method`` at ``budget_ratio`` for ``model``.
+
+    Raises:
+        AllocplanError: unknown method, or a missing profile / calibration windows it needs.
+    """
+    from ..runtime.layers import find_moe_layers
+
+    registered = get_method(method)
+    originals = [layer.top_k for layer in find_moe_layers(model)]
+    total = BudgetRequest(ratio=budget_ratio).resolve(sum(originals), len(originals))
+    inputs = MethodInputs(model, budget_ratio, total, originals, profile, calib_windows, seed,
+                          routing or RoutingConfig())
+    return registered.build(inputs)

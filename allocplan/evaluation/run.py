@@ -1,0 +1,84 @@
+"""``allocplan eval``: load a model, apply a plan or a registered method, score it on held-out text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..bundled import DEFAULT_CALIBRATION
+from ..errors import AllocplanError
+from ..formats.config import LoadConfig, ProfileConfig
+from ..formats.plan import load_plan
+from ..formats.profile import load_profile
+from ..loading import load_model
+from .methods import build_policy, get_method
+from .metrics import evaluate
+
+# Calibration tokens that threshold methods are calibrated on (never the eval data).
+THRESHOLD_CALIBRATION_TOKENS = 4096
+
+
+def run_eval(
+    model_name: str,
+    *,
+    data: str | Path,
+    plan: str | Path | None = None,
+    method: str | None = None,
+    budget_ratio: float | None = None,
+    arith: str | Path | None = None,
+    calib: str | Path | None = None,
+    profile: str | Path | None = None,
+    seed: int = 0,
+    seq_len: int = 256,
+    max_tokens: int = 16384,
+    load: LoadConfig | None = None,
+) -> dict[str, Any]:
+    """Evaluate ``model_name`` under a plan file or a registered method at a budget.
+
+    Methods that need a sensitivity profile use ``profile`` or profile ``calib`` now;
+    threshold methods are calibrated on ``calib``; neither ever sees ``data``.
+
+    Returns:
+        The JSON-ready result: NLL, perplexity, arithmetic, activations, and what was evaluated.
+
+    Raises:
+        AllocplanError: neither or both of plan and method, a method without a budget, or bad inputs.
+    """
+    if (plan is None) == (method is None):
+        raise AllocplanError("give exactly one of --plan PLAN or --method NAME")
+    registered = get_method(method) if method is not None else None
+    if registered is not None and registered.name != "full" and budget_ratio is None:
+        raise AllocplanError(f"--method {method} needs --budget RATIO")
+    model, tokenizer = load_model(model_name, load)
+    calib = calib or DEFAULT_CALIBRATION
+    parameter = None
+    if plan is not None:
+        loaded = load_plan(plan)
+        from ..runtime.apply import apply_plan
+
+        handle = apply_plan(model, loaded)
+        label, target = f"plan {plan}", loaded.budget.total_activations
+    else:
+        measured = None
+        if registered.needs_profile:
+            from ..planner.profiling import profile_model
+
+            measured = load_profile(profile) if profile else profile_model(
+                model, tokenizer, ProfileConfig(calib=str(calib)), model_name=model_name)
+        windows = None
+        if registered.needs_calibration:
+            from ..planner.windows import pack_windows
+
+            windows, _ = pack_windows(tokenizer, calib, max_tokens=THRESHOLD_CALIBRATION_TOKENS, seq_len=seq_len)
+        policy = build_policy(model, registered.name, budget_ratio or 1.0, profile=measured, calib_windows=windows,
+                              seed=seed)
+        handle, parameter = policy.apply(model), policy.parameter
+        label, target = registered.name, policy.target
+    try:
+        result = evaluate(model, tokenizer, data=data, arith=arith, handle=handle, seq_len=seq_len,
+                          max_tokens=max_tokens)
+    finally:
+        if handle is not None:
+            handle.remove()
+    return {"model": model_name, "policy": label, "budget_ratio": budget_ratio, "parameter": parameter,
+            "target_activations_per_token": target, **result}

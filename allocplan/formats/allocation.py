@@ -1,0 +1,168 @@
+"""The allocation: what ``apply_plan`` runs on a model.
+
+An allocation names every MoE layer of one model by exact module path and
+gives its planned experts per token, together with the token-level (Alloc-T)
+and weight settings. A :class:`~allocplan.formats.plan.Plan` is an allocation
+plus the budget it was solved for, the solver's record and its provenance;
+an allocation on its own is what a baseline, a probe during profiling or a user
+builds in code (``allocplan.allocation_for``). Pure data: no torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import AllocplanError
+from .provenance import ModelIdentity
+
+# Weight normalisation modes the runtime implements (see allocplan.runtime.routing.reweight).
+RENORMALIZE_MODES = ("model", "none", "renorm", "decoupled")
+
+
+@dataclass(frozen=True)
+class LayerAllocation:
+    """One MoE layer's allocation.
+
+    Attributes:
+        path: exact module path of the MoE block (``model.layers.3.mlp``).
+        index: decoder layer index (the number in ``path``).
+        original_k: the model's own top-k for this layer.
+        planned_k: experts per token under the allocation; a whole number unless
+            token-level allocation is enabled, which realises fractional averages.
+    """
+
+    path: str
+    index: int
+    original_k: int
+    planned_k: int | float
+
+
+@dataclass(frozen=True)
+class TokenLevel:
+    """Alloc-T: redistribute a layer's activations between the tokens of a forward pass.
+
+    Attributes:
+        enabled: whether the runtime redistributes (otherwise plain top-k_l per token).
+        k_base: experts every real token keeps before the redistribution (capped at
+            floor(planned_k) in a layer).
+        k_max: most experts one token can get; candidates are each token's top-k_max.
+            None means each layer's original_k.
+    """
+
+    enabled: bool
+    k_base: int
+    k_max: int | None
+
+
+@dataclass(frozen=True)
+class Weights:
+    """How the combine weights of the experts that still run are normalised.
+
+    Attributes:
+        renormalize: ``model`` (as the family does when it routes to the kept set
+            natively), ``none`` (the router's weights at its original k), ``renorm``
+            (kept weights sum to the family's scaling factor) or ``decoupled``
+            (divided by the mass of the token's top-``reference_k`` candidates).
+        reference_k: k' for ``decoupled``; None means each layer's original_k.
+    """
+
+    renormalize: str
+    reference_k: int | None
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """Per-layer k and routing settings for one model: the input of ``apply_plan``.
+
+    Construction validates the invariants listed in docs/plan-format.md that do
+    not involve a budget (see :func:`validate_allocation`).
+    """
+
+    model: ModelIdentity
+    layers: tuple[LayerAllocation, ...]
+    token_level: TokenLevel
+    weights: Weights
+
+    def __post_init__(self) -> None:
+        validate_allocation(self)
+
+    @property
+    def uses_routing_hooks(self) -> bool:
+        """True when the runtime must rewrite routing (Alloc-T or a non-native weight mode)."""
+        return self.token_level.enabled or self.weights.renormalize != "model"
+
+    @property
+    def original_activations(self) -> int:
+        """Sum of the layers' original top-k."""
+        return sum(layer.original_k for layer in self.layers)
+
+    @property
+    def planned_activations(self) -> int | float:
+        """Sum of the layers' planned k: routed activations per token under the allocation."""
+        return sum(layer.planned_k for layer in self.layers)
+
+    def planned_k_by_path(self) -> dict[str, int | float]:
+        """Module path -> planned k."""
+        return {layer.path: layer.planned_k for layer in self.layers}
+
+
+def _fail(where: str, message: str) -> None:
+    raise AllocplanError(f"{where}: {message}")
+
+
+def validate_allocation(allocation: "Allocation | Any", where: str = "allocation", k_min: int = 1) -> None:
+    """Check the layers, the token-level settings and the weight settings.
+
+    ``allocation`` is an :class:`Allocation` or anything with its four fields (a plan
+    validates its own fields here, with its ``k_min`` and its file name in ``where``).
+
+    Raises:
+        AllocplanError: naming the first inconsistent field.
+    """
+    if not allocation.layers:
+        _fail(f"{where}.layers", "is empty; a plan needs one entry per MoE layer")
+    if len(allocation.layers) != allocation.model.num_moe_layers:
+        _fail(f"{where}.layers", f"has {len(allocation.layers)} entries but model.num_moe_layers is"
+                                 f" {allocation.model.num_moe_layers}")
+    previous = -1
+    seen_paths: set[str] = set()
+    for i, layer in enumerate(allocation.layers):
+        at = f"{where}.layers[{i}]"
+        if layer.index <= previous:
+            _fail(f"{at}.index", f"layers must be sorted by increasing index ({layer.index} after {previous})")
+        previous = layer.index
+        if layer.path in seen_paths:
+            _fail(f"{at}.path", f"{layer.path!r} appears twice")
+        seen_paths.add(layer.path)
+        if str(layer.index) not in layer.path.split("."):
+            _fail(f"{at}.path", f"{layer.path!r} does not contain its layer index {layer.index}")
+        if not (k_min <= layer.planned_k <= layer.original_k):
+            _fail(f"{at}.planned_k", f"{layer.planned_k} is outside [k_min={k_min}, original_k={layer.original_k}]")
+        if not allocation.token_level.enabled and not float(layer.planned_k).is_integer():
+            _fail(f"{at}.planned_k", f"{layer.planned_k} is fractional, which needs token_level.enabled: true")
+    smallest_k = min(layer.original_k for layer in allocation.layers)
+    token_level = allocation.token_level
+    if not (0 <= token_level.k_base <= smallest_k):
+        _fail(f"{where}.token_level.k_base",
+              f"{token_level.k_base} must be between 0 and the smallest original_k {smallest_k}")
+    if token_level.k_max is not None:
+        if not (1 <= token_level.k_max <= smallest_k):
+            _fail(f"{where}.token_level.k_max",
+                  f"{token_level.k_max} must be between 1 and the smallest original_k {smallest_k}")
+        if token_level.k_max < token_level.k_base:
+            _fail(f"{where}.token_level.k_max", f"{token_level.k_max} is below k_base {token_level.k_base}")
+        for i, layer in enumerate(allocation.layers):
+            if layer.planned_k > token_level.k_max:
+                _fail(f"{where}.layers[{i}].planned_k",
+                      f"{layer.planned_k} exceeds token_level.k_max {token_level.k_max}")
+    weights = allocation.weights
+    if weights.renormalize not in RENORMALIZE_MODES:
+        _fail(f"{where}.weights.renormalize",
+              f"{weights.renormalize!r} is not one of {', '.join(RENORMALIZE_MODES)}")
+    if weights.reference_k is not None:
+        if weights.renormalize != "decoupled":
+            _fail(f"{where}.weights.reference_k", "is only used with renormalize: decoupled; set it to null")
+        if not (1 <= weights.reference_k <= smallest_k):
+            _fail(f"{where}.weights.reference_k",
+                  f"{weights.reference_k} must be between 1 and the smallest original_k {smallest_k}")

@@ -1,0 +1,120 @@
+"""Configs and recipes: defaults written once, validated from their metadata, round-tripped as YAML."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from allocplan import BudgetRequest, LoadConfig, ProfileConfig, Recipe, RoutingConfig, load_recipe, save_recipe
+from allocplan.cli import cli
+from allocplan.errors import AllocplanError
+from allocplan.formats.config import recipe_from_data
+
+# The recipe `allocplan recipe --budget 0.5` writes: every default, typed out by hand.
+DEFAULT_RECIPE = """\
+kind: allocplan-recipe
+schema_version: 1
+budget:
+  ratio: 0.5
+  activations: null
+profile:
+  calib: null
+  calib_tokens: 16384
+  seq_len: 256
+  strategy: isolated
+  metric: kl
+  k_min: 1
+  k_step: 1.0
+  batch_size: 8
+routing:
+  token_level: true
+  k_base: 1
+  k_max: null
+  renormalize: model
+  reference_k: null
+"""
+
+
+def test_recipe_command_writes_every_default():
+    result = CliRunner().invoke(cli, ["recipe", "--budget", "0.5"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == DEFAULT_RECIPE
+
+
+def test_cli_option_defaults_are_the_configs():
+    help_text = " ".join(CliRunner().invoke(cli, ["compile", "--help"]).stdout.split())
+    assert "Tokens of calibration text to score. [default: 16384; x>=2]" in help_text
+    assert "--metric [kl|nll]" in help_text and "[default: kl]" in help_text
+    assert "--token-level / --no-token-level" in help_text
+
+
+def test_recipe_round_trip(tmp_path):
+    recipe = Recipe(budget=BudgetRequest(activations=9), profile=ProfileConfig(metric="nll", k_step=0.5, seq_len=64,
+                                                                               calib_tokens=512),
+                    routing=RoutingConfig(token_level=True, k_base=0, renormalize="decoupled", reference_k=3))
+    save_recipe(recipe, tmp_path / "r.yaml")
+    assert load_recipe(tmp_path / "r.yaml") == recipe
+    save_recipe(load_recipe(tmp_path / "r.yaml"), tmp_path / "again.yaml")
+    assert (tmp_path / "again.yaml").read_bytes() == (tmp_path / "r.yaml").read_bytes()
+
+
+def test_partial_recipe_takes_defaults():
+    recipe = recipe_from_data({"kind": "allocplan-recipe", "schema_version": 1, "routing": {"k_base": 2}})
+    assert recipe.budget is None and recipe.profile == ProfileConfig()
+    assert recipe.routing == RoutingConfig(k_base=2) and recipe.routing.token_level is True
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"kind": "allocplan-recipe", "schema_version": 1, "profile": {"metrc": "kl"}}, "unknown key(s) metrc"),
+    ({"kind": "allocplan-recipe", "schema_version": 1, "profile": {"seq_len": "long"}}, "expected an integer"),
+    ({"kind": "allocplan-recipe", "schema_version": 1, "profile": {"metric": "ppl"}}, "choose one of kl, nll"),
+    ({"kind": "allocplan-recipe", "schema_version": 2}, "schema_version 2 is not supported"),
+    ({"kind": "allocplan-plan", "schema_version": 1}, "is this a recipe"),
+    ({"kind": "allocplan-recipe", "schema_version": 1, "budget": {"ratio": 0.5, "activations": 3}}, "exactly one"),
+])
+def test_recipe_rejects(data, message):
+    with pytest.raises(AllocplanError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        recipe_from_data(data)
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: ProfileConfig(metric="banana"), "metric (--metric) is 'banana'; choose one of kl, nll"),
+    (lambda: ProfileConfig(k_min=0), "k_min (--k-min) must be at least 1, got 0"),
+    (lambda: ProfileConfig(k_step=0.25), "choose one of 1.0, 0.5"),
+    (lambda: ProfileConfig(calib_tokens=100, seq_len=256), "--calib-tokens 100 is smaller than --seq-len 256"),
+    (lambda: RoutingConfig(k_base=-1), "k_base (--k-base) must be at least 0"),
+    (lambda: RoutingConfig(k_base=3, k_max=2), "--k-max 2 is below --k-base 3"),
+    (lambda: RoutingConfig(reference_k=2), "--reference-k is only used with --renormalize decoupled"),
+    (lambda: RoutingConfig(renormalize="softmax"), "choose one of model, none, renorm, decoupled"),
+    (lambda: LoadConfig(dtype="float64"), "choose one of float32, bfloat16, float16"),
+])
+def test_config_validation(build, message):
+    with pytest.raises(AllocplanError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        build()
+
+
+def test_routing_config_gives_the_plan_records():
+    routing = RoutingConfig(token_level=False, k_base=2, k_max=3, renormalize="decoupled", reference_k=4)
+    assert (routing.token_level_record().enabled, routing.token_level_record().k_base,
+            routing.token_level_record().k_max) == (False, 2, 3)
+    assert (routing.weights_record().renormalize, routing.weights_record().reference_k) == ("decoupled", 4)
+
+
+def test_compile_with_recipe_and_override(checkpoints, calib_file, tmp_path):
+    recipe = Recipe(budget=BudgetRequest(ratio=0.5),
+                    profile=ProfileConfig(metric="nll", calib_tokens=512, seq_len=64, calib=str(calib_file)),
+                    routing=RoutingConfig(token_level=False))
+    save_recipe(recipe, tmp_path / "recipe.yaml")
+    ckpt = str(checkpoints("olmoe"))
+    run = CliRunner().invoke
+    assert run(cli, ["compile", "--model", ckpt, "--recipe", str(tmp_path / "recipe.yaml"),
+                     "-o", str(tmp_path / "a.yaml")]).exit_code == 0
+    result = run(cli, ["compile", "--model", ckpt, "--recipe", str(tmp_path / "recipe.yaml"), "--metric", "kl",
+                       "--budget", "0.75", "-o", str(tmp_path / "b.yaml")])
+    assert result.exit_code == 0, result.output
+    from allocplan import load_plan
+
+    a, b = load_plan(tmp_path / "a.yaml"), load_plan(tmp_path / "b.yaml")
+    assert (a.solver.metric, a.token_level.enabled, a.budget.ratio) == ("nll", False, 0.5)  # the recipe's
+    assert (b.solver.metric, b.token_level.enabled, b.budget.ratio) == ("kl", False, 0.75)  # flags win
+    assert a.provenance.calibration.tokens == 512 and a.provenance.calibration.seq_len == 64
