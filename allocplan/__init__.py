@@ -32,13 +32,25 @@ from ._version import __version__  # noqa: E402
 from .errors import AllocplanError, SolverDisagreement  # noqa: E402
 from .formats.allocation import Allocation  # noqa: E402
 from .formats.budget import BudgetRequest  # noqa: E402
-from .formats.config import LoadConfig, ProfileConfig, Recipe, RoutingConfig, load_recipe, save_recipe  # noqa: E402
+from .formats.config import (  # noqa: E402
+    LoadConfig,
+    ProfileConfig,
+    Recipe,
+    RefineConfig,
+    RoutingConfig,
+    load_recipe,
+    save_recipe,
+)
 from .formats.plan import Plan, load_plan, save_plan  # noqa: E402
 from .formats.profile import SensitivityProfile, load_profile, save_profile  # noqa: E402
+from .formats.sidecar import COMPENSATION_KINDS  # noqa: E402
 
 # Public name -> module that defines it (imported on first use).
 _LAZY = {
     "compile_plan": "allocplan.api",
+    "check_outputs": "allocplan.outputs",
+    "diff_plans": "allocplan.formats.diff",
+    "write_report": "allocplan.report",
     "check_plan_for_model": "allocplan.api",
     "generate": "allocplan.api",
     "load_model": "allocplan.loading",
@@ -47,6 +59,9 @@ _LAZY = {
     "profile_model": "allocplan.planner.profiling",
     "apply_plan": "allocplan.runtime.apply",
     "PlanHandle": "allocplan.runtime.apply",
+    "plan_handle": "allocplan.runtime.apply",
+    "export_plan": "allocplan.export",
+    "from_pretrained": "allocplan.export",
     "allocation_for": "allocplan.runtime.allocations",
     "FAMILIES": "allocplan.runtime.families",
     "families_markdown": "allocplan.runtime.families",
@@ -56,12 +71,16 @@ _LAZY = {
     "run_eval": "allocplan.evaluation.run",
     "run_bench": "allocplan.bench.run",
     "BENCH_PRESETS": "allocplan.bench.presets",
+    "show_progress": "allocplan.progress",
+    "run_lm_eval": "allocplan.harness",
+    "profile_shard": "allocplan.sharding",
+    "merge_profile_parts": "allocplan.sharding",
 }
-_RENAMED = {"BENCH_PRESETS": "PRESETS"}
+_RENAMED = {"BENCH_PRESETS": "PRESETS", "show_progress": "enable"}
 
 __all__ = [
-    "Allocation", "AllocplanError", "BudgetRequest", "LoadConfig", "Plan", "ProfileConfig", "Recipe",
-    "RoutingConfig", "SensitivityProfile", "SolverDisagreement", "__version__", "load_plan", "load_profile",
+    "COMPENSATION_KINDS", "Allocation", "AllocplanError", "BudgetRequest", "LoadConfig", "Plan", "ProfileConfig", "Recipe",
+    "RefineConfig", "RoutingConfig", "SensitivityProfile", "SolverDisagreement", "__version__", "load_plan", "load_profile",
     "load_recipe", "save_plan", "save_profile", "save_recipe", *_LAZY,
 ]
 

@@ -12,10 +12,10 @@ from typing import Any
 
 from .errors import AllocplanError
 from .formats.budget import BudgetRequest
-from .formats.config import LoadConfig, ProfileConfig, RoutingConfig
+from .formats.config import LoadConfig, ProfileConfig, RefineConfig, RoutingConfig
 from .formats.plan import Plan
 from .formats.profile import save_profile
-from .loading import load_config, load_model
+from .loading import load_config, load_model, loaded_revision, resolve_model_source
 
 
 def compile_plan(
@@ -24,6 +24,7 @@ def compile_plan(
     *,
     profile: ProfileConfig | None = None,
     routing: RoutingConfig | None = None,
+    refine: RefineConfig | None = None,
     load: LoadConfig | None = None,
     tokenizer: Any = None,
     model_name: str | None = None,
@@ -38,7 +39,9 @@ def compile_plan(
         budget: a ratio in (0, 1] of the model's total original top-k, or a
             :class:`~allocplan.formats.budget.BudgetRequest` (ratio or absolute count).
         profile: how sensitivities are measured (:class:`~allocplan.formats.config.ProfileConfig`).
-        routing: runtime routing recorded in the plan (:class:`~allocplan.formats.config.RoutingConfig`).
+        routing: runtime routing recorded in the plan, and used by every profiling probe
+            (:class:`~allocplan.formats.config.RoutingConfig`).
+        refine: the measured refinement after the DP (:class:`~allocplan.formats.config.RefineConfig`).
         load: how a named model is loaded (:class:`~allocplan.formats.config.LoadConfig`).
         profile_out: also write the sensitivity profile here.
 
@@ -57,7 +60,7 @@ def compile_plan(
         tokenizer = tokenizer or loaded_tokenizer
     if tokenizer is None:
         raise AllocplanError("a loaded model needs its tokenizer: compile_plan(model, budget, tokenizer=...)")
-    plan, measured = compile_model(model, tokenizer, request, profile=profile, routing=routing,
+    plan, measured = compile_model(model, tokenizer, request, profile=profile, routing=routing, refine=refine,
                                    model_name=model_name or getattr(model, "name_or_path", "") or "unnamed-model")
     if profile_out is not None:
         save_profile(measured, profile_out)
@@ -65,13 +68,19 @@ def compile_plan(
 
 
 def check_plan_for_model(plan: Plan, model_name: str, load: LoadConfig | None = None) -> None:
-    """Check that ``plan`` was compiled for ``model_name``'s architecture, from its config alone (no weights).
+    """Check ``plan`` against ``model_name`` as ``apply_plan`` would, reading no weights.
+
+    The fingerprint comes from the config; the MoE layer paths, their original k and the
+    compensation sidecar's shapes from the architecture built on the meta device (no
+    memory, no weights), so ``validate --model`` and ``apply`` accept the same plans.
 
     Raises:
-        AllocplanError: an unsupported family, or a config fingerprint other than the plan's.
+        AllocplanError: an unsupported family, or a fingerprint, layer, k or sidecar shape
+            other than the model's.
     """
     from .runtime.families import get_family, model_fingerprint
 
+    load = load or LoadConfig()
     # A multimodal checkpoint loads as its text model under AutoModelForCausalLM.
     config = load_config(model_name, load).get_text_config()
     get_family(config.model_type)
@@ -81,14 +90,43 @@ def check_plan_for_model(plan: Plan, model_name: str, load: LoadConfig | None = 
             f"the plan was compiled for fingerprint {plan.model.fingerprint} ({plan.model.name})"
             f" but {model_name} has {fingerprint}; compile a plan for this model"
         )
+    revision = loaded_revision(model_name, resolve_model_source(model_name), load.revision)
+    if plan.model.revision and revision and revision != plan.model.revision:
+        import warnings
+
+        warnings.warn(f"allocplan: warning: the plan was compiled on revision {plan.model.revision} of"
+                      f" {plan.model.name}, but {model_name} is at {revision}; its weights may differ, so"
+                      " recompile if its quality matters", stacklevel=2)
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .runtime.apply import check_allocation_matches, load_compensation
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=load.trust_remote_code)
+    layers = check_allocation_matches(plan.allocation, skeleton)
+    if plan.compensation is not None:
+        load_compensation(plan.allocation, layers, skeleton)
 
 
 def generate(model: Any, tokenizer: Any, prompt: str, *, max_new_tokens: int = 32) -> str:
-    """Greedy continuation of ``prompt`` by the model as it is now (with any plan applied), decoded."""
+    """Greedy continuation of ``prompt`` by the model as it is now (with any plan applied), decoded.
+
+    Raises:
+        AllocplanError: an empty prompt, or one the tokenizer turns into no tokens.
+    """
     import torch
 
-    device = next(model.parameters()).device
-    inputs = tokenizer(prompt, return_tensors="pt").to(device)
+    if not prompt.strip():
+        raise AllocplanError("--prompt is empty; give some text to continue")
+    from .runtime.layers import input_device
+
+    inputs = tokenizer(prompt, return_tensors="pt").to(input_device(model))
+    if inputs["input_ids"].numel() == 0:
+        raise AllocplanError("--prompt gives no tokens with this tokenizer; give other text")
+    from .planner.windows import check_token_ids
+
+    check_token_ids(inputs["input_ids"], model)
     with torch.inference_mode():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)

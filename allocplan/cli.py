@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +20,21 @@ import click
 import allocplan
 from allocplan import display
 from allocplan.cli_options import build_config, config_options
-from allocplan import LoadConfig, ProfileConfig, RoutingConfig
+from allocplan import LoadConfig, ProfileConfig, RefineConfig, RoutingConfig
 
 EXIT_USER_ERROR = 2
 
 
 class _OneLineErrors(click.Group):
-    """Group whose errors print as ``allocplan: error: ...`` on one line (exit 2)."""
+    """Group whose errors print as ``allocplan: error: ...`` on one line (exit 2).
+
+    ``allocplan profile merge ...`` is the ``profile merge`` command, not ``profile``.
+    """
+
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> Any:
+        if args[:2] == ["profile", "merge"]:
+            return "profile merge", profile_merge_command, args[2:]
+        return super().resolve_command(ctx, args)
 
     def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
              standalone_mode: bool = True, **extra: Any) -> Any:
@@ -54,8 +63,14 @@ def _echo(lines: list[str], err: bool = False) -> None:
         click.echo(line, err=err)
 
 
-_existing_file = click.Path(exists=True, dir_okay=False, path_type=Path)
-_output_file = click.Path(dir_okay=False, writable=False, path_type=Path)
+def _report(lines: list[str], *outputs: Path | None) -> None:
+    """Human-readable lines: to stdout, unless a result is being written there (``-o -``)."""
+    _echo(lines, err=any(output is not None and str(output) == "-" for output in outputs))
+
+
+# ``-`` is standard input for a file read and standard output for a file written.
+_existing_file = click.Path(exists=True, dir_okay=False, allow_dash=True, path_type=Path)
+_output_file = click.Path(dir_okay=False, writable=False, allow_dash=True, path_type=Path)
 _model_option = click.option("--model", "model_name", required=True,
                              help="Local checkpoint directory, bundled:<name>, or hub id.")
 
@@ -72,6 +87,37 @@ _recipe_option = click.option("--recipe", "recipe_path", type=_existing_file, de
                                    " options given here override it.")
 
 
+def _verbosity(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    """-v logs progress lines to stderr; -q silences progress bars and logs. Accepted before or after the verb."""
+    if not value:
+        return
+    if param.name == "verbose":
+        logging.basicConfig(level=logging.INFO, format="allocplan: %(message)s", force=True)
+    else:
+        allocplan.show_progress(False)
+        logging.getLogger("allocplan").setLevel(logging.WARNING)
+
+
+def _common(func: Any) -> Any:
+    func = click.option("-q", "--quiet", is_flag=True, expose_value=False, callback=_verbosity,
+                        help="No progress bars or log lines.")(func)
+    return click.option("-v", "--verbose", is_flag=True, expose_value=False, callback=_verbosity,
+                        help="Log progress lines (profiling batches) to stderr.")(func)
+
+
+_json_option = click.option("--json", "as_json", is_flag=True,
+                            help="Print the result as JSON on stdout (instead of the table).")
+
+
+def _plan_json(plan: Any, output: Path | None) -> str:
+    return display.to_json({"wrote": None if output is None else str(output), "plan": display.plan_data(plan)})
+
+
+def _no_json_on_stdout(as_json: bool, *outputs: Path | None) -> None:
+    if as_json and any(output is not None and str(output) == "-" for output in outputs):
+        raise allocplan.AllocplanError("--json and -o - both write to standard output; give -o a file")
+
+
 def _budget(ratio: float | None, activations: int | None, recipe: Any) -> Any:
     if ratio is None and activations is None and recipe is not None and recipe.budget is not None:
         return recipe.budget
@@ -80,8 +126,8 @@ def _budget(ratio: float | None, activations: int | None, recipe: Any) -> Any:
 
 @click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="allocplan", prog_name="allocplan")
-@click.option("-v", "--verbose", is_flag=True, help="Log progress (profiling batches) to stderr.")
-def cli(verbose: bool) -> None:
+@_common
+def cli() -> None:
     """Plan and apply per-layer expert budgets for Mixture-of-Experts models (Alloc-MoE).
 
     \b
@@ -94,8 +140,6 @@ def cli(verbose: bool) -> None:
     # contract and bury the table; set before transformers is first imported.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    if verbose:
-        logging.basicConfig(level=logging.INFO, format="allocplan: %(message)s")
 
 
 def _quiet_transformers() -> None:
@@ -107,78 +151,125 @@ def _quiet_transformers() -> None:
 
 
 @cli.command("compile")
+@_common
+@_json_option
 @_model_option
 @config_options(ProfileConfig)
 @_budget_options
 @config_options(RoutingConfig)
+@config_options(RefineConfig)
 @config_options(LoadConfig)
 @_recipe_option
 @click.option("-o", "--output", type=_output_file, required=True, help="Plan file to write.")
 @click.option("--profile-out", type=_output_file, default=None, help="Also write the sensitivity profile here.")
 def compile_command(model_name: str, output: Path, profile_out: Path | None, recipe_path: Path | None,
-                    budget_ratio: float | None, budget_activations: int | None, **options: Any) -> None:
+                    budget_ratio: float | None, budget_activations: int | None, as_json: bool,
+                    **options: Any) -> None:
     """Profile a model on calibration text and solve its per-layer top-k (Alloc-L)."""
     _quiet_transformers()
+    _no_json_on_stdout(as_json, output, profile_out)
+    allocplan.check_outputs({"-o": output, "--profile-out": profile_out},
+                            {"--calib": options.get("calib"), "--recipe": recipe_path})
     recipe = allocplan.load_recipe(recipe_path) if recipe_path else None
     profile = build_config(ProfileConfig, options, recipe.profile if recipe else None)
     routing = build_config(RoutingConfig, options, recipe.routing if recipe else None)
+    refine = build_config(RefineConfig, options, recipe.refine if recipe else None)
     plan = allocplan.compile_plan(model_name, _budget(budget_ratio, budget_activations, recipe), profile=profile,
-                                  routing=routing, load=build_config(LoadConfig, options), profile_out=profile_out)
+                                  routing=routing, refine=refine, load=build_config(LoadConfig, options),
+                                  profile_out=profile_out)
     allocplan.save_plan(plan, output)
-    _echo(display.plan_lines(plan))
-    click.echo(f"wrote {output}")
+    if as_json:
+        click.echo(_plan_json(plan, output))
+    else:
+        _report([*display.plan_lines(plan), f"wrote {output}"], output, profile_out)
 
 
 @cli.command("profile")
+@_common
 @_model_option
 @config_options(ProfileConfig)
+@config_options(RoutingConfig)
 @config_options(LoadConfig)
 @_recipe_option
-@click.option("-o", "--output", type=_output_file, required=True, help="Profile file to write.")
-def profile_command(model_name: str, output: Path, recipe_path: Path | None, **options: Any) -> None:
-    """Measure per-layer sensitivities S[l, k] and write them as a profile."""
+@click.option("--shard", default=None, metavar="I/N|auto",
+              help="Measure only shard I of N of the (layer, k) grid and write a part for `allocplan profile merge`;"
+                   " auto: the rank and world size of torchrun / accelerate launch, rank 0 merging (docs/scale.md).")
+@click.option("-o", "--output", type=_output_file, required=True, help="Profile (or, with --shard I/N, part) to write.")
+def profile_command(model_name: str, output: Path, recipe_path: Path | None, shard: str | None,
+                    **options: Any) -> None:
+    """Measure per-layer sensitivities S[l, k], routing as a plan with these settings will, and write them.
+
+    `allocplan profile merge PARTS... -o PROFILE` joins the parts of a sharded run.
+    """
     _quiet_transformers()
+    allocplan.check_outputs({"-o": output}, {"--calib": options.get("calib"), "--recipe": recipe_path})
     recipe = allocplan.load_recipe(recipe_path) if recipe_path else None
     profile = build_config(ProfileConfig, options, recipe.profile if recipe else None)
+    routing = build_config(RoutingConfig, options, recipe.routing if recipe else None)
+    if shard is not None:
+        _report(allocplan.profile_shard(model_name, output, shard, profile=profile, routing=routing,
+                                        load=build_config(LoadConfig, options)), output)
+        return
     model, tokenizer = allocplan.load_model(model_name, build_config(LoadConfig, options))
-    measured = allocplan.profile_model(model, tokenizer, profile, model_name=model_name)
+    measured = allocplan.profile_model(model, tokenizer, profile, routing, model_name=model_name)
     allocplan.save_profile(measured, output)
-    click.echo(f"wrote {output}: {len(measured.layers)} MoE layers, reference NLL "
-               f"{measured.measurement.reference_nll:.4f} on {measured.measurement.calibration.tokens} tokens")
+    _report([f"wrote {output}: {len(measured.layers)} MoE layers, reference NLL "
+             f"{measured.measurement.reference_nll:.4f} on {measured.measurement.calibration.tokens} tokens"], output)
+
+
+@click.command("profile merge")
+@_common
+@click.argument("parts", type=_existing_file, nargs=-1, required=True, metavar="PARTS...")
+@click.option("-o", "--output", type=_output_file, required=True, help="Profile file to write.")
+def profile_merge_command(parts: tuple[Path, ...], output: Path) -> None:
+    """Check that the parts of a sharded profile belong together (one model, calibration text and settings;
+    every shard once) and join them into the profile an unsharded run writes."""
+    allocplan.check_outputs({"-o": output}, {f"PART {i}": part for i, part in enumerate(parts)})
+    merged = allocplan.merge_profile_parts(list(parts), output)
+    _report([f"wrote {output}: {len(parts)} parts, {len(merged.layers)} MoE layers"], output)
 
 
 @cli.command("solve")
+@_common
+@_json_option
 @click.argument("profile_path", type=_existing_file, metavar="PROFILE")
 @_budget_options
 @config_options(RoutingConfig)
 @_recipe_option
 @click.option("-o", "--output", type=_output_file, required=True, help="Plan file to write.")
 def solve_command(profile_path: Path, budget_ratio: float | None, budget_activations: int | None, output: Path,
-                  recipe_path: Path | None, **options: Any) -> None:
+                  recipe_path: Path | None, as_json: bool, **options: Any) -> None:
     """Solve a stored profile at a budget (no model is loaded)."""
+    _no_json_on_stdout(as_json, output)
+    allocplan.check_outputs({"-o": output}, {"PROFILE": profile_path, "--recipe": recipe_path})
     recipe = allocplan.load_recipe(recipe_path) if recipe_path else None
     routing = build_config(RoutingConfig, options, recipe.routing if recipe else None)
     plan = allocplan.solve_profile(allocplan.load_profile(profile_path),
                                    _budget(budget_ratio, budget_activations, recipe), routing)
     allocplan.save_plan(plan, output)
-    _echo(display.plan_lines(plan))
-    click.echo(f"wrote {output}")
+    if as_json:
+        click.echo(_plan_json(plan, output))
+    else:
+        _report([*display.plan_lines(plan), f"wrote {output}"], output)
 
 
 @cli.command("recipe")
+@_common
 @config_options(ProfileConfig)
 @_budget_options
 @config_options(RoutingConfig)
+@config_options(RefineConfig)
 @click.option("-o", "--output", type=_output_file, default=None, help="Write the recipe here [default: stdout].")
 def recipe_command(budget_ratio: float | None, budget_activations: int | None, output: Path | None,
                    **options: Any) -> None:
     """Write the compile settings given here (defaults for the rest) as a YAML recipe."""
+    allocplan.check_outputs({"-o": output})
     budget = None
     if budget_ratio is not None or budget_activations is not None:
         budget = allocplan.BudgetRequest(ratio=budget_ratio, activations=budget_activations)
     recipe = allocplan.Recipe(budget=budget, profile=build_config(ProfileConfig, options),
-                              routing=build_config(RoutingConfig, options))
-    if output is None:
+                              routing=build_config(RoutingConfig, options), refine=build_config(RefineConfig, options))
+    if output is None or str(output) == "-":
         click.echo(recipe.to_yaml(), nl=False)
     else:
         allocplan.save_recipe(recipe, output)
@@ -186,6 +277,7 @@ def recipe_command(budget_ratio: float | None, budget_activations: int | None, o
 
 
 @cli.command("apply")
+@_common
 @click.argument("plan_path", type=_existing_file, metavar="PLAN")
 @click.option("--model", "model_name", default=None, help="Model to load [default: the one named in the plan].")
 @click.option("--prompt", default=None, help="Generate from this prompt with the plan applied.")
@@ -206,22 +298,29 @@ def apply_command(plan_path: Path, model_name: str | None, prompt: str | None, m
 
 
 @cli.command("validate")
+@_common
+@_json_option
 @click.argument("plan_path", type=_existing_file, metavar="PLAN")
 @click.option("--model", "model_name", default=None,
               help="Also check the plan's fingerprint against this model's config (no weights loaded).")
-@config_options(LoadConfig, exclude=("device", "dtype"))
-def validate_command(plan_path: Path, model_name: str | None, **options: Any) -> None:
-    """Check a plan's schema and budget arithmetic, and optionally its model fingerprint."""
+@config_options(LoadConfig, exclude=("device", "dtype", "device_map", "attn_implementation"))
+def validate_command(plan_path: Path, model_name: str | None, as_json: bool, **options: Any) -> None:
+    """Check a plan's schema and budget arithmetic, and optionally that it fits a model (config only)."""
     plan = allocplan.load_plan(plan_path)
     message = f"{plan_path}: valid plan for {plan.model.name} ({plan.model.model_type}, {plan.model.fingerprint})"
     if model_name is not None:
         _quiet_transformers()
         allocplan.check_plan_for_model(plan, model_name, build_config(LoadConfig, options))
         message += f"; matches {model_name}"
-    click.echo(message)
+    if as_json:
+        click.echo(display.to_json({"valid": True, "plan": str(plan_path), "model": plan.model.name,
+                                    "fingerprint": plan.model.fingerprint, "matches": model_name}))
+    else:
+        click.echo(message)
 
 
 @cli.command("eval")
+@_common
 @_model_option
 @click.option("--plan", "plan_path", type=_existing_file, default=None, help="Evaluate with this plan applied.")
 @click.option("--method", default=None,
@@ -253,6 +352,7 @@ def eval_command(model_name: str, plan_path: Path | None, method: str | None, bu
 
 
 @cli.command("bench")
+@_common
 @click.option("--model", "model_name", default=None, help="Trained model to time (with --plan).")
 @click.option("--plan", "plan_path", type=_existing_file, default=None, help="Plan to time against the untouched model.")
 @click.option("--config", "preset", type=click.Choice(list(allocplan.BENCH_PRESETS)), default=None,
@@ -271,17 +371,85 @@ def eval_command(model_name: str, plan_path: Path | None, method: str | None, bu
 @click.option("--breakdown", is_flag=True,
               help="Also split prefill and decode time into router, expert matmuls, other expert work and the rest.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads [default: torch's].")
+@click.option("--compensation", type=click.Choice(list(allocplan.COMPENSATION_KINDS)), default=None,
+              help="Also time the --config plan with stand-ins of this kind for its dropped experts.")
+@click.option("--device", default="cpu", show_default=True,
+              help="torch device to time on; on cuda every reading waits for the queued kernels.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
+              help="dtype to run the model in.")
+@click.option("--decode-batch", type=click.IntRange(min=2), default=8, show_default=True,
+              help="Batch of the batched decode measure.")
 def bench_command(model_name: str | None, plan_path: Path | None, preset: str | None, budget_ratio: float,
                   token_level: bool, batch: int, prompt_len: int, new_tokens: int, repeat: int,
-                  profile_cost: bool, solver_cost: bool, breakdown: bool, threads: int | None) -> None:
+                  profile_cost: bool, solver_cost: bool, breakdown: bool, threads: int | None,
+                  compensation: str | None, device: str, dtype: str, decode_batch: int) -> None:
     """Time prefill and decode without and with a plan, side by side (JSON on stdout)."""
     _quiet_transformers()
     result = allocplan.run_bench(plan=plan_path, model_name=model_name, preset=preset, budget_ratio=budget_ratio,
                                  token_level=token_level, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens,
                                  repeat=repeat, profile_cost_too=profile_cost, solver_cost_too=solver_cost,
-                                 breakdown=breakdown, threads=threads)
+                                 breakdown=breakdown, threads=threads, compensation=compensation, device=device,
+                                 dtype=dtype, decode_batch=decode_batch)
     click.echo(display.to_json(result))
     _echo(display.bench_lines(result), err=True)
+
+
+@cli.command("diff")
+@_common
+@click.argument("plan_a", type=_existing_file, metavar="PLAN_A")
+@click.argument("plan_b", type=_existing_file, metavar="PLAN_B")
+@click.option("--rtol", type=click.FloatRange(min=0), default=1e-6, show_default=True,
+              help="Relative tolerance for numbers (measured values move in their 8th digit between machines).")
+@click.option("--atol", type=click.FloatRange(min=0), default=1e-9, show_default=True,
+              help="Absolute tolerance for numbers.")
+@click.option("--json", "as_json", is_flag=True, help="Print the differences as JSON.")
+def diff_command(plan_a: Path, plan_b: Path, rtol: float, atol: float, as_json: bool) -> None:
+    """Compare two plans by meaning: exit 0 when equivalent, 1 when they differ (2 on bad input).
+
+    Behaviour (the model, per-layer k and treatments, routing, compensation stand-ins) and
+    budget differences make plans different; record differences (objectives, refinement,
+    provenance, hashes) are reported but keep them equivalent.
+    """
+    result = allocplan.diff_plans(allocplan.load_plan(plan_a), allocplan.load_plan(plan_b), rtol=rtol, atol=atol)
+    if as_json:
+        click.echo(display.to_json(result.to_data()))
+    else:
+        _echo(display.diff_lines(result, str(plan_a), str(plan_b)))
+    click.get_current_context().exit(0 if result.equivalent else 1)
+
+
+@cli.command("report")
+@_common
+@click.argument("plan_path", type=_existing_file, metavar="PLAN")
+@click.option("--profile", "profile_path", type=_existing_file, default=None,
+              help="The profile the plan was solved from: adds the heat map of S[l, k] with the chosen k marked.")
+@click.option("-o", "--output-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
+              show_default=True, help="Directory for report.md and the pictures.")
+@click.option("--pictures/--no-pictures", default=True, show_default=True,
+              help="Draw k.png and sensitivity.png (needs matplotlib: pip install 'allocplan[report]').")
+def report_command(plan_path: Path, profile_path: Path | None, output_dir: Path, pictures: bool) -> None:
+    """Write a reviewer's summary of a plan: report.md and, with matplotlib, PNG pictures."""
+    plan = allocplan.load_plan(plan_path)
+    profile = allocplan.load_profile(profile_path) if profile_path else None
+    for path in allocplan.write_report(plan, output_dir, profile, pictures):
+        click.echo(f"wrote {path}")
+
+
+@cli.command("export")
+@_common
+@click.argument("plan_path", type=_existing_file, metavar="PLAN")
+@click.option("--model", "model_name", default=None, help="Model to export [default: the one named in the plan].")
+@click.option("-o", "--output-dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="New (or empty) checkpoint directory to write.")
+@config_options(LoadConfig)
+def export_command(plan_path: Path, model_name: str | None, output_dir: Path, **options: Any) -> None:
+    """Write a checkpoint whose config.json carries the plan as engines read it (docs/serving.md)."""
+    _quiet_transformers()
+    plan = allocplan.load_plan(plan_path)
+    result = allocplan.export_plan(plan, model_name or plan.model.name, output_dir, build_config(LoadConfig, options))
+    keys = ", ".join(result["config_keys"]) or "an allocplan block naming the plan file"
+    click.echo(f"wrote {result['directory']} ({result['form']} form: config.json sets {keys};"
+               f" {len(result['files'])} files)")
 
 
 @cli.command("families")
@@ -294,8 +462,28 @@ def families_command(markdown: bool) -> None:
         _echo(sorted(allocplan.FAMILIES))
 
 
+@cli.command("lm-eval", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                          "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def lm_eval_command(args: tuple[str, ...]) -> None:
+    """lm-evaluation-harness with --model allocplan (pretrained=..., plan=PLAN); lm-eval's own options.
+
+    Example: allocplan lm-eval --model allocplan --model_args pretrained=bundled:ref-olmoe,plan=plan.yaml
+    --tasks hellaswag --device cpu --batch_size 1
+    """
+    allocplan.run_lm_eval(list(args))
+
+
+def _show_warning(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+    """A warning as one line on stderr (Python's default adds the file, line number and source)."""
+    text = " ".join(str(message).split())
+    click.echo(text if text.startswith("allocplan:") else f"allocplan: warning: {text}", err=True)
+
+
 def main() -> None:
     """Console-script entry point."""
+    allocplan.show_progress(True)  # bars on a terminal, unless -q
+    warnings.showwarning = _show_warning
     cli(prog_name="allocplan")
 
 

@@ -10,11 +10,17 @@ import json
 from typing import Any
 
 from .formats.plan import Plan
+from .formats.records import to_data
 
 
 def to_json(data: Any) -> str:
     """Stable JSON for stdout (sorted keys, indented)."""
     return json.dumps(data, indent=2, sort_keys=True)
+
+
+def plan_data(plan: Plan) -> dict[str, Any]:
+    """A plan as the plain data its YAML file holds (for ``--json``)."""
+    return to_data(plan)
 
 
 def plan_lines(plan: Plan) -> list[str]:
@@ -44,14 +50,11 @@ def eval_lines(result: dict[str, Any]) -> list[str]:
     return lines
 
 
-BENCH_MEASURES = ("prefill_s", "decode_b1_s_per_token", "decode_b8_s_per_step")
-
-
 def bench_lines(result: dict[str, Any]) -> list[str]:
     """Shares of the work, then per measure: times, speed-ups with spread, and the bound."""
     lines = [f"{result['label']}: budget {result['budget']:.3f}, f_routed_weights {result['f_routed_weights']:.2f},"
              f" f_routed_flops {result['f_routed_flops']:.2f}, f_moe_time {result['f_moe_time']:.2f}"]
-    for name in BENCH_MEASURES:
+    for name in result["ideal_speedup"]:  # prefill_s, decode_b1_s_per_token, decode_b<N>_s_per_step
         r = result[name]
         same = r.get("speedup_same_path")
         lines.append(
@@ -59,5 +62,30 @@ def bench_lines(result: dict[str, Any]) -> list[str]:
             f" speed-up {r['speedup']['median']:.2f}x [{r['speedup']['min']:.2f}, {r['speedup']['max']:.2f}]"
             + (f", {same['median']:.2f}x against full k on the same experts path" if same else "")
             + f"; bound {result['ideal_speedup'][name]:.2f}x, {result['achieved_fraction'][name]:.0%} of it"
+            + "".join(f"; {label} {v['over_planned']['median']:.3f}x the plan's time"
+                      for label, v in r.get("variants", {}).items())
         )
     return lines
+
+
+def diff_lines(result: Any, a_name: str, b_name: str) -> list[str]:
+    """A plan diff (``allocplan.formats.diff.PlanDiff``): differences by kind, k changes with their Δ, a verdict."""
+    if not result.differences:
+        return [f"{a_name} and {b_name} are the same plan"]
+    lines = []
+    for kind in ("behaviour", "budget", "record"):
+        rows = [d for d in result.differences if d.kind == kind]
+        if rows:
+            lines.append(f"{kind} ({len(rows)}):")
+            for d in rows:
+                delta = ""
+                if d.field.endswith("planned_k") and all(isinstance(v, (int, float)) for v in (d.a, d.b)):
+                    delta = f"  (Δk {d.b - d.a:+g})"
+                lines.append(f"  {d.field}: {_short(d.a)} -> {_short(d.b)}{delta}")
+    verdict = "equivalent (record differences only)" if result.equivalent else "different"
+    return lines + [f"{a_name} vs {b_name}: {verdict}"]
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:79] + "…"

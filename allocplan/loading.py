@@ -38,6 +38,40 @@ def resolve_model_source(name: str) -> str:
     return name  # a hub id
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub answers a TCP connection within ``timeout`` (and offline mode is off)."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _from_hub(name: str, source: str, load: Any) -> Any:
+    """``load(local_files_only)`` for a hub id: the local cache first, then the hub if it answers.
+
+    transformers would retry an unreachable hub for half a minute; this fails in a few seconds.
+    """
+    if source != name or Path(source).is_dir():  # a local directory or a bundled model
+        return load(False)
+    try:
+        return load(True)
+    except (OSError, ValueError):
+        if not hub_reachable():
+            raise AllocplanError(
+                f"{name!r} is not a local directory, not in the Hugging Face cache, and the hub cannot be reached"
+                " (offline?); download it where the hub is reachable, or pass a local checkpoint directory"
+            ) from None
+    return load(False)
+
+
 def _load_error(name: str, exc: Exception) -> AllocplanError:
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return AllocplanError(f"cannot load model {name!r}: {first}")
@@ -50,13 +84,37 @@ def load_config(name: str, load: LoadConfig | None = None) -> Any:
     load = load or LoadConfig()
     source = resolve_model_source(name)
     try:
-        return AutoConfig.from_pretrained(source, trust_remote_code=load.trust_remote_code)
+        return _from_hub(name, source, lambda local: AutoConfig.from_pretrained(
+            source, trust_remote_code=load.trust_remote_code, revision=load.revision, local_files_only=local))
+    except AllocplanError:
+        raise
     except (OSError, ValueError, KeyError) as exc:
         raise _load_error(name, exc) from None
 
 
+def loaded_revision(name: str, source: str, revision: str | None) -> str | None:
+    """The hub commit a hub id was loaded from (its cache snapshot's name), else the revision asked
+    for; None for a local directory."""
+    if source != name or Path(source).is_dir():
+        return None
+    from transformers.utils import cached_file
+
+    try:
+        path = Path(cached_file(source, "config.json", revision=revision, local_files_only=True))
+    except (OSError, ValueError):
+        return revision
+    parts = path.parts
+    if "snapshots" in parts and parts.index("snapshots") + 1 < len(parts):
+        return parts[parts.index("snapshots") + 1]
+    return revision
+
+
 def load_model(name: str, load: LoadConfig | None = None) -> tuple[Any, Any]:
-    """Load ``(model, tokenizer)`` in eval mode as ``load`` says (device, dtype, remote code).
+    """Load ``(model, tokenizer)`` in eval mode as ``load`` says (device or device_map, dtype,
+    revision, attention implementation, remote code).
+
+    The hub commit the weights came from is remembered for the model's identity record
+    (``model.revision`` in a plan or profile compiled from it).
 
     Raises:
         AllocplanError: missing model, or a checkpoint transformers cannot read.
@@ -64,18 +122,28 @@ def load_model(name: str, load: LoadConfig | None = None) -> tuple[Any, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .runtime.layers import record_revision
+
     load = load or LoadConfig()
     source = resolve_model_source(name)
+    kwargs = load.from_pretrained_kwargs()
+    if kwargs["dtype"] != "auto":
+        kwargs["dtype"] = getattr(torch, kwargs["dtype"])
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=load.trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=getattr(torch, load.dtype), trust_remote_code=load.trust_remote_code
-        )
+        tokenizer = _from_hub(name, source, lambda local: AutoTokenizer.from_pretrained(
+            source, trust_remote_code=load.trust_remote_code, revision=load.revision, local_files_only=local))
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except AllocplanError:
+        raise
+    except ImportError as exc:  # e.g. device_map without accelerate, an attention kernel not installed
+        raise _load_error(name, exc) from None
     except (OSError, ValueError, KeyError) as exc:
         raise _load_error(name, exc) from None
-    try:
-        model.to(load.device)
-    except (RuntimeError, AssertionError) as exc:
-        raise AllocplanError(f"cannot move the model to device {load.device!r}: {str(exc).splitlines()[0]}") from None
+    if load.device_map is None:
+        try:
+            model.to(load.device)
+        except (RuntimeError, AssertionError) as exc:
+            raise AllocplanError(f"cannot move the model to device {load.device!r}: {str(exc).splitlines()[0]}") from None
     model.eval()
+    record_revision(model, loaded_revision(name, source, load.revision))
     return model, tokenizer

@@ -1,17 +1,21 @@
-"""Compile a loaded model: profile it on calibration text, then solve its allocation (Alloc-L)."""
+"""Compile a loaded model: profile it on calibration text, solve its allocation (Alloc-L), refine it."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from ..formats.budget import BudgetRequest
-from ..formats.config import ProfileConfig, RoutingConfig
-from ..formats.plan import Plan
+from ..formats.config import ProfileConfig, RefineConfig, RoutingConfig
+from ..formats.plan import Plan, RefinementRecord, RefinementStep
 from ..formats.profile import SensitivityProfile
 from ..runtime.allocations import allocation_for
 from ..runtime.layers import find_moe_layers
+from .losses import Reference
 from .profiling import check_k_min, profile_model
-from .solve import solve_profile
+from .refine import refine_by_exchange
+from .solve import allocation_from_profile, solve_profile
+from .windows import calibration_source, pack_windows
 
 
 def compile_model(
@@ -21,11 +25,15 @@ def compile_model(
     *,
     profile: ProfileConfig | None = None,
     routing: RoutingConfig | None = None,
+    refine: RefineConfig | None = None,
     model_name: str | None = None,
 ) -> tuple[Plan, SensitivityProfile]:
     """The plan for a loaded model at a budget, and the profile it was solved from.
 
-    The budget and the routing settings are checked against the model before the
+    Profiles as the plan will run (``routing``), solves with the DP (cross-checked by the
+    ILP), then, with ``refine.refine``, takes one-expert exchanges between layers while
+    the measured calibration KL of the whole plan falls (recorded in the plan's solver
+    record). The budget and the settings are checked against the model before the
     expensive profiling, so a typo fails in a second.
 
     Raises:
@@ -33,9 +41,40 @@ def compile_model(
     """
     request = BudgetRequest.of(budget)
     profile = profile or ProfileConfig()
+    routing = routing or RoutingConfig()
+    refine = refine or RefineConfig()
     originals = [layer.top_k for layer in find_moe_layers(model)]
     check_k_min(profile.k_min, originals)
     request.resolve(sum(originals), profile.k_min * len(originals))
     allocation_for(model, originals, routing)  # raises if the routing settings do not fit the model
-    measured = profile_model(model, tokenizer, profile, model_name=model_name)
-    return solve_profile(measured, request, routing), measured
+    measured = profile_model(model, tokenizer, profile, routing, model_name=model_name)
+    plan = solve_profile(measured, request, routing)
+    if refine.refine:
+        plan = refined(model, tokenizer, plan, measured, profile, routing, refine)
+    return plan, measured
+
+
+def refined(model: Any, tokenizer: Any, plan: Plan, measured: SensitivityProfile, profile: ProfileConfig,
+            routing: RoutingConfig, refine: RefineConfig) -> Plan:
+    """``plan`` after the measured refinement, with the search recorded in its solver record."""
+    tokens = min(refine.refine_tokens, profile.calib_tokens)
+    windows, _ = pack_windows(tokenizer, calibration_source(profile, tokens), max_tokens=tokens,
+                              seq_len=min(profile.seq_len, tokens))
+    unit = measured.measurement.k_step
+    search = refine_by_exchange(
+        model, [layer.planned_k for layer in plan.layers],
+        lambda ks: allocation_from_profile(measured, ks, routing),
+        Reference(model, windows, profile.batch_size),
+        k_min=profile.k_min, unit=unit, max_steps=refine.refine_steps,
+    )
+    steps, previous = [], search.start[0]
+    for ks, objective in search.steps:
+        giver = next(i for i, (a, b) in enumerate(zip(previous, ks)) if b < a)
+        taker = next(i for i, (a, b) in enumerate(zip(previous, ks)) if b > a)
+        steps.append(RefinementStep(plan.layers[giver].index, plan.layers[taker].index, objective))
+        previous = ks
+    record = RefinementRecord(metric="kl", unit=unit, objective_before=search.start[1],
+                              objective_after=search.best[1], steps=tuple(steps), measured=search.measured)
+    allocation = allocation_from_profile(measured, list(search.best[0]), routing)
+    solver = dataclasses.replace(plan.solver, refinement=record)
+    return Plan.build(allocation, plan.budget, solver, plan.provenance)

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from ..errors import SolverDisagreement
+from ..formats.plan import objectives_agree
 from .problem import AllocationProblem, Solution
 from .solve_dp import solve_dp
 from .solve_ilp import solve_ilp
 
-AGREEMENT_REL_TOL = 1e-9
 
 
 @dataclass(frozen=True)
@@ -23,16 +22,11 @@ class CheckedSolution:
     ilp_status: str
 
 
-def objectives_agree(a: float, b: float) -> bool:
-    """Equal to 1e-9 relative (with a 1e-12 absolute floor for optima at zero)."""
-    return math.isclose(a, b, rel_tol=AGREEMENT_REL_TOL, abs_tol=1e-12)
-
-
 def solve_and_check(problem: AllocationProblem) -> CheckedSolution:
     """DP allocation, cross-checked by the ILP.
 
     Raises:
-        SolverDisagreement: the two objectives differ by more than 1e-9 relative.
+        SolverDisagreement: the two objectives differ by more than 1e-9, relative and absolute.
         RuntimeError: the ILP did not reach OPTIMAL.
     """
     dp = solve_dp(problem)

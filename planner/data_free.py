@@ -13,7 +13,7 @@ import torch
 
 from ..formats.profile import SensitivityProfile
 from ..formats.provenance import CalibrationRecord
-from ..runtime.layers import MoELayer, find_moe_layers, model_identity
+from ..runtime.layers import MoELayer, find_moe_layers, model_identity, module_device
 from .profiling import build_profile, rounded, top_ks
 from .replay import hidden_of
 
@@ -21,13 +21,14 @@ from .replay import hidden_of
 def profile_data_free(model: Any, *, tokens: int = 512, seed: int = 0, k_min: int = 1) -> SensitivityProfile:
     """The data-free profile of ``model`` on ``tokens`` Gaussian inputs drawn with ``seed``."""
     layers = find_moe_layers(model)
-    parameter = next(model.parameters())
     hidden_size = model.get_input_embeddings().embedding_dim
     generator = torch.Generator().manual_seed(seed)
-    inputs = torch.randn(1, tokens, hidden_size, generator=generator).to(parameter)  # [1, N, H]
+    inputs = torch.randn(1, tokens, hidden_size, generator=generator)  # [1, N, H]
 
     def block_output(layer: MoELayer) -> torch.Tensor:
-        return hidden_of(layer.block(inputs)).float()  # [1, N, H]
+        # Each block where it computes (a device_map may spread the layers), in the model's dtype.
+        placed = inputs.to(device=module_device(layer.block), dtype=model.dtype)
+        return hidden_of(layer.block(placed)).float()  # [1, N, H]
 
     rows = []
     with torch.inference_mode():
@@ -42,6 +43,7 @@ def profile_data_free(model: Any, *, tokens: int = 512, seed: int = 0, k_min: in
     return build_profile(
         model, model_identity(model, getattr(model, "name_or_path", "") or "in-process"), rows,
         metric="output-change", strategy="data-free", k_min=k_min, k_step=1.0, token_level=False,
-        reference_nll=0.0,
-        calibration=CalibrationRecord(file="gaussian", sha256=f"seed:{seed}", tokens=tokens, seq_len=tokens, windows=1),
+        weight_fit="off", compensation="off", reference_nll=0.0,
+        calibration=CalibrationRecord(source="gaussian", name="gaussian", text_field=None, sha256=f"seed:{seed}",
+                                      tokens=tokens, seq_len=tokens, windows=1),
     )

@@ -10,6 +10,11 @@ Strategies fix what the other layers do meanwhile:
   profiled from the deepest to the shallowest, as described for Alloc-MoE (later
   layers cannot compensate for the loss introduced at l).
 
+Profile what you deploy: each probe routes as the plan will (through the runtime,
+with Alloc-T when the routing config has it), with each layer's fitted weight
+treatment for its k and the compensation of dropped experts in place
+(:mod:`~allocplan.planner.treatments`), so S holds the costs that will occur.
+
 Work reused, per calibration batch (``reuse_prefix``; see :mod:`~allocplan.planner.replay`):
 
 * across layers: each batch runs the untouched model once, recording every
@@ -32,12 +37,13 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
 
 from .._version import __version__
-from ..bundled import DEFAULT_CALIBRATION
+from ..progress import progress
 from ..errors import AllocplanError
 from ..formats.config import ProfileConfig, RoutingConfig
 from ..formats.profile import (
@@ -49,13 +55,16 @@ from ..formats.profile import (
     SensitivityProfile,
     k_grid,
 )
+from ..formats.profile_part import PART_KIND, PART_SCHEMA_VERSION, ProfilePart, Shard, owned_cells
 from ..formats.provenance import package_version
+from ..formats.sidecar import CompensationRecord
 from ..runtime.allocations import allocation_for
 from ..runtime.apply import apply_plan
-from ..runtime.layers import MoELayer, find_moe_layers, model_family, model_identity
+from ..runtime.layers import MoELayer, find_moe_layers, input_device, model_family, model_identity
 from .losses import kl_sum, next_token_logprobs, token_nll
 from .replay import Replay, ReplayLayerAtK, block_change_is_additive, record_outputs, replayed
-from .windows import pack_windows
+from .treatments import compensation_tables, encode_tables, fit_treatments
+from .windows import calibration_source, check_token_ids, pack_windows
 
 logger = logging.getLogger("allocplan")
 
@@ -91,15 +100,42 @@ def top_ks(layers: list[MoELayer], ks: list[int]) -> Iterator[None]:
             layer.restore(state)
 
 
+@dataclass(frozen=True)
+class Deployment:
+    """What a probe runs besides the k: the plan's routing, fitted treatments and compensation.
+
+    Attributes:
+        routing: the routing the plan will run (Alloc-T, k_base, weight mode).
+        treatments: per layer path and k, the fitted (normaliser width or None, gain).
+        compensation: the sidecar record and bytes, or None.
+    """
+
+    routing: RoutingConfig = RoutingConfig(token_level=False)
+    treatments: dict[str, dict[int | float, tuple[int | None, float]]] | None = None
+    compensation: tuple[CompensationRecord, bytes] | None = None
+
+    @property
+    def plain(self) -> bool:
+        """Nothing but top-k: probes can set the routers' k directly."""
+        routing = self.routing
+        return (not routing.token_level and routing.renormalize == "model" and self.treatments is None
+                and self.compensation is None)
+
+
 @contextmanager
-def _probe(model: Any, layers: list[MoELayer], ks: list[float], token_level: bool) -> Iterator[None]:
-    """Route with per-layer ks: plain top-k, or Alloc-T through the runtime (fractional k)."""
-    if not token_level:
+def _probe(model: Any, layers: list[MoELayer], ks: list[float], deployment: Deployment) -> Iterator[None]:
+    """Route with per-layer ks as the plan would: plain top-k, or through the runtime."""
+    if deployment.plain:
         with top_ks(layers, [int(k) for k in ks]):
             yield
         return
-    # At k = K Alloc-T keeps every candidate, so layers left at their original k are unchanged.
-    with apply_plan(model, allocation_for(model, ks, RoutingConfig(token_level=True, k_base=1))):
+    treatments = None
+    if deployment.treatments is not None:
+        treatments = [deployment.treatments[layer.path][k] for layer, k in zip(layers, ks)]
+    # Layers left at their original k (with no treatment there) are left untouched by apply_plan.
+    allocation = allocation_for(model, ks, deployment.routing, treatments=treatments,
+                                compensation=deployment.compensation)
+    with apply_plan(model, allocation):
         yield
 
 
@@ -158,37 +194,46 @@ def measure_sensitivity(
     model: Any,
     windows: torch.Tensor,
     config: ProfileConfig | None = None,
+    deployment: Deployment | None = None,
     *,
     reuse_prefix: bool = True,
+    cells: set[tuple[int, int | float]] | None = None,
 ) -> tuple[list[dict[int | float, float]], float]:
     """S[l, k] for every MoE layer and candidate k, and the reference NLL.
 
     Args:
         model: a loaded causal LM of a registered family, unmodified.
         windows: [W, S] calibration token ids.
-        config: strategy, metric, k_min, k_step and batch size (calibration fields unused);
-            a fractional grid is measured with Alloc-T routing in the profiled layer (as
-            the plan will run).
+        config: strategy, metric, k_min, k_step and batch size (calibration fields unused).
+        deployment: what each probe runs besides its k (default: plain top-k; a
+            half-expert grid needs Alloc-T routing).
         reuse_prefix: reuse work across layers and across k (module docstring); False
             runs one full forward per (l, k), k = K_l included (the naive reference,
             kept for tests and cost comparisons).
+        cells: measure only these (layer position, k) cells (a shard's; the others are 0);
+            None measures every cell. A cell's value does not depend on which others run.
 
     Returns:
         One ``{k: S}`` row per MoE layer (layer order) and the untouched model's mean NLL.
     """
     config = config or ProfileConfig()
+    deployment = deployment or Deployment(RoutingConfig(token_level=config.k_step != 1.0))
+    if config.k_step != 1.0 and not deployment.routing.token_level:
+        raise AllocplanError("a half-expert grid (--k-step 0.5) is realised by token-level allocation;"
+                             " profile with --token-level")
     layers = find_moe_layers(model)
     decoder_layers = model.get_submodule(model_family(model).layers_path)
     originals = [layer.top_k for layer in layers]
     check_k_min(config.k_min, originals)
-    device = next(model.parameters()).device
+    device = input_device(model)
 
     # float64 accumulators: sums over up to millions of token-level differences.
     increase = [{k: 0.0 for k in k_grid(config.k_min, original, config.k_step)} for original in originals]
     reference_sum, scored = 0.0, 0
     replay = _LayerReplay(model, decoder_layers, layers)
+    batches = windows.to(device).split(config.batch_size)
     with torch.inference_mode(), top_ks(layers, originals):
-        for batch in windows.to(device).split(config.batch_size):
+        for batch in progress(batches, desc="profiling S[l, k]"):
             reference = replay.reference(batch) if reuse_prefix else next_token_logprobs(model, batch)
             reference_nll = token_nll(reference, batch)  # [B, S-1]
             reference_sum += reference_nll.double().sum().item()
@@ -196,10 +241,12 @@ def measure_sensitivity(
             score = _scorer(config.metric, reference, batch)
             for position in reversed(range(len(layers))):  # deepest first, as the paper profiles
                 for k in sorted(increase[position], reverse=True):
+                    if cells is not None and (position, k) not in cells:
+                        continue  # another shard's cell
                     if reuse_prefix and config.strategy == "isolated" and k == originals[position]:
                         continue  # identical to the reference configuration: S = 0 exactly
                     ks = layer_ks(config.strategy, originals, position, k, config.k_min)
-                    with _probe(model, layers, ks, config.token_level):
+                    with _probe(model, layers, ks, deployment):
                         logprobs = replay.probe(batch, position) if reuse_prefix else next_token_logprobs(model, batch)
                     increase[position][k] += score(logprobs)
             logger.info("profiled batch of %d windows", batch.shape[0])
@@ -212,49 +259,123 @@ def profile_model(
     model: Any,
     tokenizer: Any,
     config: ProfileConfig | None = None,
+    routing: RoutingConfig | None = None,
     *,
     model_name: str | None = None,
+    shard: Shard | None = None,
 ) -> SensitivityProfile:
-    """Profile a loaded model on calibration text (see module docstring).
+    """Profile a loaded model on calibration text as a plan with ``routing`` will run (module docstring).
 
     Args:
         model / tokenizer: a loaded causal LM of a registered family and its tokenizer.
         config: the profiling settings (default: :class:`~allocplan.formats.config.ProfileConfig`'s;
             ``calib`` None is the calibration text bundled with allocplan).
+        routing: the routing the plan will run, used by every probe (default:
+            :class:`~allocplan.formats.config.RoutingConfig`'s, Alloc-T on).
         model_name: recorded as the model's name (default ``model.name_or_path``).
+        shard: measure only this shard's cells of the (layer, k) grid, leaving the others 0
+            (use :func:`profile_part`, which records the shard).
 
     Returns:
-        The :class:`SensitivityProfile` artifact (save it with ``save_profile``).
+        The :class:`SensitivityProfile` artifact (save it with ``save_profile``), holding its
+        compensation sidecar's bytes when compensation is on.
+
+    Raises:
+        AllocplanError: a treatment or compensation asked for that the family cannot run.
     """
     config = config or ProfileConfig()
+    routing = routing or RoutingConfig()
     identity = model_identity(model, model_name or getattr(model, "name_or_path", "") or "in-process")
-    windows, record = pack_windows(tokenizer, config.calib or DEFAULT_CALIBRATION, max_tokens=config.calib_tokens,
-                                   seq_len=config.seq_len)
-    rows, reference_nll = measure_sensitivity(model, windows, config)
+    layers = find_moe_layers(model)
+    check_k_min(config.k_min, [layer.top_k for layer in layers])
+    weight_fit, compensation = resolve_treatments(model, config)
+    windows, record = pack_windows(tokenizer, calibration_source(config, config.calib_tokens),
+                                   max_tokens=config.calib_tokens, seq_len=config.seq_len)
+    check_token_ids(windows, model)
+    sidecar = tables = None
+    if compensation != "off":
+        tables = compensation_tables(model, windows, compensation, config.batch_size, config.compensation_rank)
+        sidecar = encode_tables(tables, compensation)
+    grid = {layer.path: k_grid(config.k_min, layer.top_k, config.k_step) for layer in layers}
+    treatments = None
+    if weight_fit == "fitted":
+        treatments = fit_treatments(model, windows, grid, routing, tables, config.batch_size)
+    cells = None
+    if shard is not None:
+        cells = owned_cells([layer.top_k for layer in layers], config.k_min, config.k_step, shard)
+    rows, reference_nll = measure_sensitivity(model, windows, config, Deployment(routing, treatments, sidecar),
+                                              cells=cells)
     return build_profile(
         model, identity, rows,
         metric=config.metric, strategy=config.strategy, k_min=config.k_min, k_step=config.k_step,
-        token_level=config.token_level, reference_nll=rounded(reference_nll), calibration=record,
+        token_level=routing.token_level, weight_fit=weight_fit, compensation=compensation,
+        reference_nll=rounded(reference_nll), calibration=record,
+        treatments=treatments, sidecar=sidecar,
     )
 
 
-def build_profile(model: Any, identity: Any, rows: list[dict], **measurement: Any) -> SensitivityProfile:
-    """Wrap measured rows into the profile artifact (device, dtype and versions filled in)."""
-    parameter = next(model.parameters())
+def profile_part(model: Any, tokenizer: Any, shard: Shard, config: ProfileConfig | None = None,
+                 routing: RoutingConfig | None = None, *, model_name: str | None = None) -> ProfilePart:
+    """One shard of :func:`profile_model`: the cells of the (layer, k) grid ``shard`` owns.
+
+    Every shard loads the model, packs the same calibration windows, and fits the same
+    treatments and compensation (cheap next to the probes); only the probes are split.
+    Merge the parts with :func:`~allocplan.formats.profile_part.merge_parts`
+    (``allocplan profile merge``): the result is byte-identical to an unsharded run.
+    """
+    profile = profile_model(model, tokenizer, config, routing, model_name=model_name, shard=shard)
+    return ProfilePart(PART_SCHEMA_VERSION, PART_KIND, shard, profile)
+
+
+def resolve_treatments(model: Any, config: ProfileConfig) -> tuple[str, str]:
+    """(weight fit, compensation) as the profile will record them: ``auto`` resolved for the family.
+
+    Raises:
+        AllocplanError: compensation asked for by name on a family that cannot run it.
+    """
+    family = model_family(model)
+    unsupported = family.rewrite_unsupported or family.treatments_unsupported
+    if unsupported and config.compensation not in ("auto", "off"):
+        raise AllocplanError(f"{family.model_type} cannot compensate dropped experts ({unsupported});"
+                             " profile with --compensation off")
+    weight_fit = "fitted" if config.weight_fit == "auto" and not unsupported else "off"
+    compensation = ("linear" if not unsupported else "off") if config.compensation == "auto" else config.compensation
+    return weight_fit, compensation
+
+
+def build_profile(model: Any, identity: Any, rows: list[dict], *,
+                  treatments: dict[str, dict[int | float, tuple[int | None, float]]] | None = None,
+                  sidecar: tuple[CompensationRecord, bytes] | None = None,
+                  **measurement: Any) -> SensitivityProfile:
+    """Wrap measured rows (and what was in place) into the profile artifact (device, dtype, versions filled in)."""
+    layers = find_moe_layers(model)
+
+    def treatment_rows(layer: MoELayer) -> tuple[dict | None, dict | None]:
+        if treatments is None:
+            return None, None
+        fitted = treatments[layer.path]
+        widths = {k: width for k, (width, _) in fitted.items()}
+        gains = {k: gain for k, (_, gain) in fitted.items()}
+        return (widths if any(w is not None for w in widths.values()) else None,
+                gains if any(g != 1.0 for g in gains.values()) else None)
+
+    record, data = sidecar if sidecar is not None else (None, None)
     return SensitivityProfile(
         schema_version=PROFILE_SCHEMA_VERSION,
         kind=PROFILE_KIND,
         model=identity,
         measurement=Measurement(
-            device=parameter.device.type, dtype=str(parameter.dtype).removeprefix("torch."), **measurement
+            device=input_device(model).type, dtype=str(model.dtype).removeprefix("torch."), **measurement
         ),
+        compensation=record,
         layers=tuple(
-            LayerSensitivity(path=layer.path, index=layer.index, original_k=layer.top_k, sensitivity=row)
-            for layer, row in zip(find_moe_layers(model), rows)
+            LayerSensitivity(layer.path, layer.index, layer.top_k, row, *treatment_rows(layer))
+            for layer, row in zip(layers, rows)
         ),
         provenance=ProfileProvenance(
             allocplan_version=__version__,
             torch_version=package_version("torch"),
             transformers_version=package_version("transformers"),
         ),
+        compensation_data=data,
     )

@@ -18,15 +18,16 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-from ..formats.config import RoutingConfig
-from ..runtime.allocations import allocation_for
+from ..formats.allocation import Allocation
+from ..progress import progress
 from ..runtime.apply import apply_plan
 from ..runtime.layers import find_moe_layers
 from .losses import Reference
 
 Ks = tuple[float, ...]
+AllocationOf = Callable[[list[float]], Allocation]
 
 
 def exchange_moves(ks: Sequence[float], originals: Sequence[int], *, k_min: int = 1, unit: float = 1) -> list[Ks]:
@@ -61,30 +62,38 @@ class Refinement:
         return self.steps[-1] if self.steps else self.start
 
 
-def measured_kl(model: Any, ks: Sequence[float], reference: Reference, routing: RoutingConfig) -> float:
-    """Mean KL from the untouched model on the reference's windows, with every layer at ``ks``."""
-    with apply_plan(model, allocation_for(model, list(ks), routing)):
-        return reference.mean_kl(model)
+def measured_kl(model: Any, allocation: Allocation, reference: Reference) -> float:
+    """Mean KL from the untouched model on the reference's windows, with ``allocation`` applied.
+
+    To 9 significant digits, as sensitivities are: a move must beat the current allocation by
+    more than float noise, and the stored objectives stay short and stable.
+    """
+    with apply_plan(model, allocation):
+        return float(f"{reference.mean_kl(model):.9g}")
 
 
 def refine_by_exchange(
     model: Any,
     ks: Sequence[float],
+    allocation_of: AllocationOf,
     reference: Reference,
-    routing: RoutingConfig,
     *,
     k_min: int = 1,
     unit: float = 1,
     max_steps: int | None = None,
 ) -> Refinement:
-    """Local search over one-unit exchanges between layers (module docstring)."""
+    """Local search over one-unit exchanges between layers (module docstring).
+
+    ``allocation_of(ks)`` builds the allocation a candidate runs (its k, treatments, compensation).
+    """
     originals = [layer.top_k for layer in find_moe_layers(model)]
     current = tuple(ks)
-    current_value = measured_kl(model, current, reference, routing)
+    current_value = measured_kl(model, allocation_of(list(current)), reference)
     start, steps, measured = (current, current_value), [], 1
     while max_steps is None or len(steps) < max_steps:
-        scored = {move: measured_kl(model, move, reference, routing)
-                  for move in exchange_moves(current, originals, k_min=k_min, unit=unit)}
+        moves = exchange_moves(current, originals, k_min=k_min, unit=unit)
+        scored = {move: measured_kl(model, allocation_of(list(move)), reference)
+                  for move in progress(moves, desc=f"refining, step {len(steps) + 1}")}
         measured += len(scored)
         if not scored:
             break

@@ -7,6 +7,8 @@ so ``allocplan solve`` runs anywhere.
 
 from __future__ import annotations
 
+from typing import Any
+
 from .._version import __version__
 from ..errors import AllocplanError
 from ..formats.allocation import Allocation, LayerAllocation
@@ -16,6 +18,37 @@ from ..formats.plan import Budget, Plan, PlanProvenance, SolverRecord
 from ..formats.profile import SensitivityProfile
 from .crosscheck import objectives_agree, solve_and_check
 from .problem import AllocationProblem
+
+
+def allocation_from_profile(profile: SensitivityProfile, ks: list[int | float],
+                            routing: RoutingConfig) -> Allocation:
+    """The allocation giving layer l the k ``ks[l]`` with what the profile measured it with.
+
+    Each layer gets the weight treatment fitted for its k (if the profile fitted any)
+    and the profile's compensation sidecar: the plan runs what was profiled. A k between
+    the profile's grid points (a uniform baseline's fractional k) takes the treatment of
+    the nearest one, halves rounding up.
+    """
+    def treatment(layer: Any, k: int | float) -> tuple[int | None, float]:
+        grid = sorted(layer.sensitivity)
+        nearest = min(grid, key=lambda g: (abs(g - k), -g))
+        width = layer.normalizer_k[nearest] if layer.normalizer_k is not None else None
+        gain = layer.gain[nearest] if layer.gain is not None else 1.0
+        if width is not None and width > layer.original_k:
+            width = layer.original_k
+        return width, gain
+
+    return Allocation(
+        model=profile.model,
+        layers=tuple(
+            LayerAllocation(layer.path, layer.index, layer.original_k, k, *treatment(layer, k))
+            for layer, k in zip(profile.layers, ks)
+        ),
+        token_level=routing.token_level_record(),
+        weights=routing.weights_record(),
+        compensation=profile.compensation,
+        compensation_data=profile.compensation_data,
+    )
 
 
 def solve_profile(
@@ -56,15 +89,7 @@ def solve_profile(
     )
     checked = solve_and_check(problem)
     ks = [k // units if k % units == 0 else k / units for k in checked.solution.ks]
-    allocation = Allocation(
-        model=profile.model,
-        layers=tuple(
-            LayerAllocation(path=layer.path, index=layer.index, original_k=layer.original_k, planned_k=k)
-            for layer, k in zip(profile.layers, ks)
-        ),
-        token_level=routing.token_level_record(),
-        weights=routing.weights_record(),
-    )
+    allocation = allocation_from_profile(profile, ks, routing)
     return Plan.build(
         allocation,
         budget=Budget(ratio=request.ratio, total_activations=total, original_activations=original,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import AllocplanError
 from .problem import AllocationProblem, Solution, solution_for
 
 
@@ -33,7 +34,9 @@ def solve_ilp(problem: AllocationProblem, *, time_limit_s: float = 60.0) -> IlpR
     """Optimal allocation by mixed-integer programming.
 
     Raises:
-        RuntimeError: the solver is unavailable or stops with a status other than OPTIMAL.
+        AllocplanError: the solver stops with a status other than OPTIMAL (a one-line error:
+            the profile's values are what it was given).
+        RuntimeError: the solver is unavailable.
     """
     from ortools.linear_solver import pywraplp  # imported here: the DP path needs no OR-Tools
 
@@ -68,7 +71,8 @@ def solve_ilp(problem: AllocationProblem, *, time_limit_s: float = 60.0) -> IlpR
     }
     status_name = names.get(status, f"status {status}")
     if status != pywraplp.Solver.OPTIMAL:
-        raise RuntimeError(f"ILP solver stopped with {status_name}, not OPTIMAL")
+        raise AllocplanError(f"the ILP cross-check stopped with {status_name}, not OPTIMAL, on this profile;"
+                             " check that its sensitivities are ordinary numbers, or re-profile")
     ks = tuple(
         next(k for k, var in zip(choices, row) if var.solution_value() > 0.5)
         for choices, row in zip(problem.choices, x)

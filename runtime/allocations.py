@@ -13,11 +13,19 @@ from typing import Any, Sequence
 from ..errors import AllocplanError
 from ..formats.allocation import Allocation, LayerAllocation
 from ..formats.config import RoutingConfig
+from ..formats.sidecar import CompensationRecord
 from .layers import find_moe_layers, model_identity
 
 
-def allocation_for(model: Any, ks: float | Sequence[float], routing: RoutingConfig | None = None,
-                   *, model_name: str | None = None) -> Allocation:
+def allocation_for(
+    model: Any,
+    ks: float | Sequence[float],
+    routing: RoutingConfig | None = None,
+    *,
+    treatments: Sequence[tuple[int | None, float]] | None = None,
+    compensation: tuple[CompensationRecord, bytes] | None = None,
+    model_name: str | None = None,
+) -> Allocation:
     """An allocation giving MoE layer i of ``model`` the average k ``ks[i]``.
 
     Args:
@@ -25,20 +33,28 @@ def allocation_for(model: Any, ks: float | Sequence[float], routing: RoutingConf
         ks: one k per MoE layer (fractional k need ``routing.token_level``), or one
             number for every layer.
         routing: token-level and weight settings (default: :class:`RoutingConfig`'s).
+        treatments: per layer, (normaliser width k2 or None, gain); default none.
+        compensation: the sidecar record and its bytes, for compensated dropped experts.
         model_name: recorded as the model's name (default ``model.name_or_path``).
 
     Raises:
-        AllocplanError: a wrong number of k, or k outside [1, the layer's original k].
+        AllocplanError: a wrong number of k or treatments, or values out of range.
     """
     layers = find_moe_layers(model)
     if isinstance(ks, (int, float)):
         ks = [ks] * len(layers)
-    if len(ks) != len(layers):
-        raise AllocplanError(f"got {len(ks)} k values for {len(layers)} MoE layers; give one per layer")
+    treatments = list(treatments) if treatments is not None else [(None, 1.0)] * len(layers)
+    if len(ks) != len(layers) or len(treatments) != len(layers):
+        raise AllocplanError(f"got {len(ks)} k values and {len(treatments)} treatments for {len(layers)} MoE"
+                             " layers; give one per layer")
     routing = routing or RoutingConfig()
+    record, data = compensation if compensation is not None else (None, None)
     return Allocation(
         model=model_identity(model, model_name or getattr(model, "name_or_path", "") or "in-process"),
-        layers=tuple(LayerAllocation(layer.path, layer.index, layer.top_k, k) for layer, k in zip(layers, ks)),
+        layers=tuple(LayerAllocation(layer.path, layer.index, layer.top_k, k, normalizer_k, gain)
+                     for layer, k, (normalizer_k, gain) in zip(layers, ks, treatments)),
         token_level=routing.token_level_record(),
         weights=routing.weights_record(),
+        compensation=record,
+        compensation_data=data,
     )

@@ -44,7 +44,7 @@ from ..formats.allocation import Allocation, LayerAllocation
 from ..formats.plan import Plan, load_plan
 from . import routing
 from .families import MoEFamily, model_fingerprint
-from .layers import MoELayer, find_moe_layers, model_family
+from .layers import MoELayer, find_moe_layers, model_family, module_device
 from .router_formats import ROUTER_FORMATS
 from .scores import NORMALIZATION_RULES, SELECTION_SCORES
 
@@ -55,10 +55,17 @@ TokenSelector = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tenso
 
 
 @dataclass
-class _ForwardContext:
-    """Which flattened token positions of the current forward pass are real (not padding)."""
+class ForwardContext:
+    """The current forward pass: its token grid and which flattened positions are real (not padding)."""
 
     real: torch.Tensor | None = None  # [B * S] bool, or None when every token is real
+    shape: tuple[int, int] | None = None  # (B, S) of the model's input
+
+# Which tokens of a forward share a layer's budget under Alloc-T (see LayerRouting):
+# ``forward``: all of them (the plan's behaviour); ``position``: those at the same position of
+# their sequence, which is what token-by-token decoding of B sequences pools (B = 1: one token,
+# through the decode ledger), so one forward over whole windows reproduces decode routing.
+POOLINGS = ("forward", "position")
 
 
 @dataclass
@@ -73,15 +80,39 @@ class LayerCounter:
         return self.pairs / self.tokens if self.tokens else 0.0
 
 
-class _LayerRouting:
-    """The router forward hooks of one MoE layer under rewritten routing."""
+@dataclass(frozen=True)
+class RoutingDecision:
+    """Which of each token's candidates run, and with what weight, in one layer's forward.
+
+    Attributes:
+        keep: [T, k_max] the candidates that run.
+        weights: [T, k_max] every candidate's combine weight under the layer's weight mode
+            (per-expert scales included, gain not), kept or not.
+        indices: [T, k_max] the candidates' experts, sorted by selection score per token.
+        real: [T] the tokens that are not padding.
+    """
+
+    keep: torch.Tensor
+    weights: torch.Tensor
+    indices: torch.Tensor
+    real: torch.Tensor
+
+
+class LayerRouting:
+    """One MoE layer's routing under an allocation: the routing decision and the hooks that apply it.
+
+    ``decide`` is the decision itself (also used by the planner to fit weight treatments
+    on exactly the routing a plan runs); the hooks feed it the router's output and hand
+    the rewritten routing to the experts.
+    """
 
     # Batch-1 decode through the family's native top-n (module docstring); tests switch it off
     # to compare with the general rewrite.
     single_token_native = True
 
     def __init__(self, layer: MoELayer, entry: LayerAllocation, allocation: Allocation, family: MoEFamily,
-                 context: _ForwardContext, token_selector: TokenSelector | None = None) -> None:
+                 context: ForwardContext, token_selector: TokenSelector | None = None,
+                 compensated: bool = False) -> None:
         self.layer = layer
         self.token_selector = token_selector
         self.k = float(entry.planned_k)
@@ -91,6 +122,12 @@ class _LayerRouting:
         self.k_base = min(allocation.token_level.k_base, int(self.k))
         self.mode = allocation.weights.renormalize
         self.reference_k = min(allocation.weights.reference_k or entry.original_k, self.k_max)
+        if entry.normalizer_k is not None:  # the layer's own normaliser width overrides the plan's mode
+            self.mode, self.reference_k = "decoupled", min(entry.normalizer_k, self.k_max)
+        self.gain = float(entry.gain)
+        # Dropped candidates keep their expert (index + num_experts) and weight, for the experts
+        # implementation to add their compensation vectors.
+        self.compensated = compensated
         self.norm_order = NORMALIZATION_RULES[family.normalization](layer.router, layer.block)
         self.scale = float(getattr(layer.router, family.scaling_attr)) if family.scaling_attr else 1.0
         self.expert_scale_attr = family.expert_scale_attr
@@ -99,15 +136,21 @@ class _LayerRouting:
         router_format = ROUTER_FORMATS[family.router_format]
         self.to_candidates, self.from_candidates = router_format.to_candidates, router_format.from_candidates
         self.context = context
+        self.scope = allocation.token_level.scope
         self.ledger = routing.DecodeLedger()
+        # Sequence scope: each row of the batch counts its own single-token forwards (row 0 shares
+        # ``ledger``, so a batch of one routes alike under both scopes and the batch-1 shortcut).
+        self.row_ledgers: dict[int, routing.DecodeLedger] = {0: self.ledger}
         self.counter = LayerCounter()
         # Batch-1 decode can take the native top-n only where the rewrite would equal it.
         self.single_token_shortcut = (
             self.single_token_native and self.token_level and token_selector is None and self.mode == "model"
+            and not entry.treated and not compensated
         )
         # The k the router is set to for the current forward: k_max, or n on the batch-1 shortcut.
         self.router_k = self.k_max
         self.native = False
+        self.pooling = "forward"
 
     def router_pre_hook(self, router: Any, args: tuple[Any, ...]) -> None:
         """Forward pre-hook on the router: choose the batch-1 shortcut or the general rewrite."""
@@ -149,10 +192,13 @@ class _LayerRouting:
         new_weights, new_indices = self.rewrite(self.layer.router, self.logits, weights, indices)
         return (hidden_states, new_indices, new_weights, *args[3:])
 
-    def rewrite(self, router: Any, logits: torch.Tensor, weights: torch.Tensor,
-                indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """New (weights, indices) [T, k_max]: dropped slots get the sentinel and weight 0."""
-        output_dtype = weights.dtype
+    def decide(self, router: Any, logits: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
+               *, count: bool = True) -> RoutingDecision:
+        """The routing decision for a forward whose router gave ``weights``, ``indices`` [T, k_max].
+
+        ``count``: record the pairs in the counters and the decode ledger (the hooks do;
+        the planner's fitting does not).
+        """
         num_tokens = indices.shape[0]
         real = self.context.real
         if real is None or real.numel() != num_tokens:
@@ -167,25 +213,97 @@ class _LayerRouting:
         real_tokens = int(real.sum())
         if self.token_selector is not None:
             keep = self.token_selector(scores, weights.float(), real) & real[:, None]  # [T, k_max]
+        elif self.token_level and self.pooling == "position" and self.context.shape is not None:
+            keep = self._keep_by_position(scores, real, count)  # [T, k_max]
+        elif self.token_level and self.scope == "sequence" and self.context.shape is not None \
+                and self.context.shape[0] > 1:
+            keep = self._keep_by_sequence(scores, real, count)  # [T, k_max]
         elif self.token_level:
-            pairs = routing.pairs_for(self.k, real_tokens, self.ledger)
+            ledger = self.ledger if count else None
+            pairs = routing.pairs_for(self.k, real_tokens, ledger)
             pairs = max(self.k_base * real_tokens, min(pairs, self.k_max * real_tokens))
             keep = routing.alloc_t_keep(scores, real, pairs, self.k_base)  # [T, k_max]
         else:
             keep = routing.uniform_keep(real, indices.shape[1], int(self.k))  # [T, k_max]
-        new_weights = routing.reweight(
+        normalized = routing.normalize_weights(
             weights, keep, mode=self.mode, norm_order=self.norm_order, scale=self.scale,
             reference_k=self.reference_k,
-        )
+        )  # [T, k_max]
         if expert_scale is not None:
-            new_weights = new_weights.float() * expert_scale
-        new_indices = torch.where(keep, indices, self.num_experts)  # sentinel for dropped slots
-        self.counter.pairs += int(keep.sum())
-        self.counter.tokens += real_tokens
+            normalized = normalized * expert_scale
+        if count:
+            self.counter.pairs += int(keep.sum())
+            self.counter.tokens += real_tokens
+        return RoutingDecision(keep=keep, weights=normalized, indices=indices, real=real)
+
+    def _row_ledger(self, row: int) -> routing.DecodeLedger:
+        if row not in self.row_ledgers:
+            self.row_ledgers[row] = routing.DecodeLedger()
+        return self.row_ledgers[row]
+
+    def reset_ledgers(self) -> None:
+        for ledger in self.row_ledgers.values():
+            ledger.reset()
+
+    def _grouped_keep(self, scores: torch.Tensor, real: torch.Tensor, groups: torch.Tensor, real_per_group: list[int],
+                      ledgers: list[routing.DecodeLedger | None]) -> torch.Tensor:
+        """Alloc-T within groups: a group of one real token counts through its ledger, others round(k n)."""
+        pairs = [routing.pairs_for(self.k, n, ledger if n == 1 else None) if n else 0
+                 for n, ledger in zip(real_per_group, ledgers)]
+        pairs = [max(self.k_base * n, min(p, self.k_max * n)) for p, n in zip(pairs, real_per_group)]
+        return routing.alloc_t_keep_grouped(scores, real, groups, torch.tensor(pairs, device=scores.device),
+                                            self.k_base)
+
+    def _keep_by_sequence(self, scores: torch.Tensor, real: torch.Tensor, count: bool) -> torch.Tensor:
+        """Alloc-T with each sequence (row) its own budget: batch-mates never change a row's routing."""
+        batch, length = self.context.shape
+        rows = torch.arange(scores.shape[0], device=scores.device) // length  # [T]
+        real_per_row = torch.bincount(rows[real], minlength=batch).tolist()
+        ledgers = [self._row_ledger(b) if count else None for b in range(batch)]
+        return self._grouped_keep(scores, real, rows, real_per_row, ledgers)
+
+    def _keep_by_position(self, scores: torch.Tensor, real: torch.Tensor, count: bool) -> torch.Tensor:
+        """What decoding the forward's sequences token by token runs, in one forward (``pooling="position"``).
+
+        Batch scope: the tokens at one position pool their budget, as one decode step does (a single
+        sequence: each token through the ledger, step after step). Sequence scope: every token alone,
+        through its own row's ledger.
+        """
+        batch, length = self.context.shape
+        index = torch.arange(scores.shape[0], device=scores.device)  # [T]
+        if self.scope == "sequence":
+            real_list = real.tolist()
+            ledgers = [self._row_ledger(t // length) if count else None for t in range(scores.shape[0])]
+            # Position-major order: every row's ledger advances step by step, as in generation.
+            order = sorted(range(scores.shape[0]), key=lambda t: (t % length, t // length))
+            counted = {t: routing.pairs_for(self.k, 1, ledgers[t]) if real_list[t] else 0 for t in order}
+            pairs = [max(self.k_base * int(real_list[t]), min(counted[t], self.k_max * int(real_list[t])))
+                     for t in range(scores.shape[0])]
+            return routing.alloc_t_keep_grouped(scores, real, index, torch.tensor(pairs, device=scores.device),
+                                                self.k_base)
+        positions = index % length  # [T]
+        real_at = torch.bincount(positions[real], minlength=length).tolist()  # real tokens per position
+        ledgers = [self.ledger if count else None] * length
+        return self._grouped_keep(scores, real, positions, real_at, ledgers)
+
+    def rewrite(self, router: Any, logits: torch.Tensor, weights: torch.Tensor,
+                indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """New (weights, indices) [T, k_max]: dropped slots get the sentinel and weight 0 (or, compensated,
+        index + num_experts and their weight)."""
+        output_dtype = weights.dtype
+        decision = self.decide(router, logits, weights, indices)
+        keep, normalized = decision.keep, decision.weights
+        kept = normalized * self.gain if self.gain != 1.0 else normalized
+        if self.compensated:
+            new_weights = torch.where(keep, kept, torch.where(decision.real[:, None], normalized, 0.0))
+            new_indices = torch.where(keep, decision.indices, decision.indices + self.num_experts)
+        else:
+            new_weights = torch.where(keep, kept, 0.0)
+            new_indices = torch.where(keep, decision.indices, self.num_experts)  # sentinel for dropped slots
         return new_weights.to(output_dtype), new_indices
 
 
-def _record_padding(context: _ForwardContext):
+def _record_padding(context: ForwardContext):
     def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         mask = kwargs.get("attention_mask")
         tokens = kwargs.get("input_ids")
@@ -194,6 +312,7 @@ def _record_padding(context: _ForwardContext):
         if tokens is None:
             tokens = kwargs.get("inputs_embeds")
         context.real = None
+        context.shape = tuple(tokens.shape[:2]) if tokens is not None and tokens.dim() >= 2 else None
         if isinstance(mask, torch.Tensor) and mask.dim() == 2 and tokens is not None:
             seq_len = tokens.shape[1]
             context.real = mask[:, -seq_len:].reshape(-1).bool()  # [B * S]; decode keeps the last columns
@@ -214,10 +333,24 @@ class PlanHandle:
     _model: Any = field(repr=False)
     _saved: list[Any] = field(repr=False)
     _hooks: list[Any] = field(default_factory=list, repr=False)
-    _routings: list[_LayerRouting] = field(default_factory=list, repr=False)
+    _routings: list[LayerRouting] = field(default_factory=list, repr=False)
     _saved_experts_implementation: str | None = field(default=None, repr=False)
     _swapped: list[tuple[Any, str, Any]] = field(default_factory=list, repr=False)
+    _attributes: list[tuple[Any, str]] = field(default_factory=list, repr=False)
     _active: bool = True
+
+    def _warn_on_save(self) -> None:
+        """Wrap this model instance's ``save_pretrained``: it would save the model as loaded."""
+        original = self._model.save_pretrained
+
+        def save_pretrained(*args: Any, **kwargs: Any) -> Any:
+            warnings.warn("allocplan: a plan is applied, but save_pretrained saves the model as loaded, without"
+                          " the plan; use `allocplan export PLAN --model M -o DIR` (or allocplan.export_plan) to"
+                          " write a checkpoint that carries it", stacklevel=2)
+            return original(*args, **kwargs)
+
+        self._model.save_pretrained = save_pretrained  # the instance only; the class is untouched
+        self._attributes.append((self._model, "save_pretrained"))
 
     @property
     def active(self) -> bool:
@@ -231,7 +364,15 @@ class PlanHandle:
         """Zero the counters and the batch-1 decode ledgers (e.g. between generations)."""
         for r in self._routings:
             r.counter = LayerCounter()
-            r.ledger.reset()
+            r.reset_ledgers()
+
+    def set_pooling(self, pooling: str) -> None:
+        """Which tokens of a forward share each layer's budget (``POOLINGS``): evaluation uses
+        ``position`` to reproduce token-by-token decoding within one forward."""
+        if pooling not in POOLINGS:
+            raise AllocplanError(f"pooling {pooling!r} is not one of {', '.join(POOLINGS)}")
+        for r in self._routings:
+            r.pooling = pooling
 
     def remove(self) -> None:
         """Restore the model exactly as it was before ``apply_plan`` (idempotent)."""
@@ -239,6 +380,8 @@ class PlanHandle:
             return
         for hook in self._hooks:
             hook.remove()
+        for module, name in self._attributes:
+            delattr(module, name)
         for parent, name, module in self._swapped:
             setattr(parent, name, module)
         for layer, state in zip(self.layers, self._saved):
@@ -254,6 +397,79 @@ class PlanHandle:
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
+
+
+def _untouched(entry: LayerAllocation, allocation: Allocation, token_selector: TokenSelector | None) -> bool:
+    """A layer the allocation leaves exactly as the model routes it: full k, no treatment, and a weight
+    mode that is the identity at full k (``model`` and ``none`` are; ``renorm`` and ``decoupled`` rescale)."""
+    return (token_selector is None and entry.planned_k == entry.original_k and not entry.treated
+            and allocation.weights.renormalize in ("model", "none"))
+
+
+_DECODED: dict[str, dict[str, torch.Tensor]] = {}  # sha256 -> tensors of the last sidecar decoded
+
+
+def _decoded_sidecar(sha256: str, name: str, data: bytes) -> dict[str, torch.Tensor]:
+    """The sidecar's tensors after checking its bytes' hash (the last decoding is kept: profiling
+    applies the same sidecar for every probe)."""
+    from safetensors.torch import load
+
+    from ..formats.records import sha256_bytes
+
+    if sha256_bytes(data) != sha256:
+        raise AllocplanError(f"the compensation vectors do not match the sha256 the plan records for {name!r};"
+                             " restore the sidecar or recompile")
+    if sha256 in _DECODED:
+        return _DECODED[sha256]
+    try:
+        tensors = load(data)
+    except Exception as exc:  # safetensors raises its own error types for malformed bytes
+        raise AllocplanError(f"compensation file {name!r} is not a readable safetensors file:"
+                             f" {str(exc).splitlines()[0][:120]}") from None
+    _DECODED.clear()
+    _DECODED[sha256] = tensors
+    return tensors
+
+
+def load_compensation(allocation: Allocation, layers: list[MoELayer], model: Any) -> dict[str, Any]:
+    """The allocation's stand-ins (``StandIns``) per layer path, checked against the model's layers.
+
+    Raises:
+        AllocplanError: no vectors in memory, vectors whose hash differs from the record, a
+            sidecar that is not safetensors, or a layer's tensors missing or of the wrong shape.
+    """
+    from .experts import StandIns
+
+    record, data = allocation.compensation, allocation.compensation_data
+    if data is None:
+        raise AllocplanError(f"the plan names compensation file {record.file!r} but holds no vectors; load the"
+                             " plan from its file (the sidecar beside it) or recompile")
+    tensors = _decoded_sidecar(record.sha256, record.file, data)
+    hidden = model.get_input_embeddings().embedding_dim
+
+    def tensor(name: str, shape: tuple[int | None, ...], layer: MoELayer) -> torch.Tensor:
+        found = tensors.get(name)
+        ok = found is not None and found.dim() == len(shape) and all(
+            want is None or got == want for got, want in zip(found.shape, shape))
+        if not ok:
+            got = "nothing" if found is None else f"shape {tuple(found.shape)}"
+            want = tuple("r" if w is None else w for w in shape)
+            raise AllocplanError(f"compensation file {record.file!r} holds {got} for {name}, which needs shape"
+                                 f" {want}; the sidecar belongs to another model: recompile")
+        # Each layer's stand-ins live where its experts compute (layers may sit on different devices).
+        dtype = next(layer.experts.parameters()).dtype
+        return found.to(device=module_device(layer.experts), dtype=dtype)
+
+    stand_ins = {}
+    for layer in layers:
+        experts = 1 if record.kind == "layer" else layer.experts.num_experts
+        bias = tensor(layer.path, (experts, hidden), layer)
+        down = up = None
+        if record.kind == "linear":
+            down = tensor(f"{layer.path}.down", (experts, hidden, None), layer)
+            up = tensor(f"{layer.path}.up", (experts, down.shape[-1], hidden), layer)
+        stand_ins[layer.path] = StandIns(bias, down, up)
+    return stand_ins
 
 
 def check_allocation_matches(allocation: Allocation, model: Any) -> list[MoELayer]:
@@ -275,8 +491,13 @@ def check_allocation_matches(allocation: Allocation, model: Any) -> list[MoELaye
     model_paths = [layer.path for layer in layers]
     plan_paths = [entry.path for entry in allocation.layers]
     if model_paths != plan_paths:
+        first = next((i for i, (a, b) in enumerate(zip(plan_paths, model_paths)) if a != b),
+                     min(len(plan_paths), len(model_paths)))
+        ours = plan_paths[first] if first < len(plan_paths) else "nothing"
+        theirs = model_paths[first] if first < len(model_paths) else "nothing"
         raise AllocplanError(
-            f"plan layers {plan_paths} do not match the model's MoE layers {model_paths}; compile a plan for this model"
+            f"plan layers do not match the model's MoE layers: entry {first} is {ours} in the plan but {theirs} in"
+            f" the model ({len(plan_paths)} against {len(model_paths)} layers); compile a plan for this model"
         )
     for layer, entry in zip(layers, allocation.layers):
         if layer.top_k != entry.original_k:
@@ -320,27 +541,37 @@ def apply_plan(
     rewrite = allocation.uses_routing_hooks or token_selector is not None
     if rewrite and family.rewrite_unsupported:
         raise AllocplanError(
-            f"{family.model_type} cannot run token-level allocation or renormalize: {allocation.weights.renormalize}"
+            f"{family.model_type} cannot run token-level allocation, weight treatments or compensation"
             f" ({family.rewrite_unsupported}); compile with --no-token-level --renormalize model"
+            " --weight-fit off --compensation off"
         )
+    if family.treatments_unsupported and (allocation.compensation is not None
+                                          or any(entry.treated for entry in allocation.layers)):
+        raise AllocplanError(f"{family.model_type} cannot run weight treatments or compensation"
+                             f" ({family.treatments_unsupported}); compile with --weight-fit off --compensation off")
+    tables = load_compensation(allocation, layers, model) if allocation.compensation is not None else {}
     if family.warning:
         warnings.warn(f"allocplan: {family.warning}", stacklevel=2)
     handle = PlanHandle(allocation=allocation, layers=layers, _model=model,
                         _saved=[layer.snapshot() for layer in layers])
-    # Pluggable experts run through allocplan_ragged whenever routing changes; an allocation that
-    # keeps every layer's k on the native path changes nothing, not even the float rounding.
-    if family.experts_swap is None and (rewrite or any(e.planned_k < e.original_k for e in allocation.layers)):
+    # Layers the allocation leaves exactly as they are get no hooks at all, so a full-budget plan
+    # changes nothing, not even the float rounding.
+    touched = [not _untouched(entry, allocation, token_selector) for entry in allocation.layers]
+    if family.experts_swap is None and any(touched):
         from .experts import register
 
         handle._saved_experts_implementation = model.config._experts_implementation
         model.set_experts_implementation(register())
     if rewrite:
-        from .experts import EXPERTS_SWAPS
+        from .experts import COMPENSATION_ATTR, EXPERTS_SWAPS
 
-        context = _ForwardContext()
+        context = ForwardContext()
         handle._hooks.append(model.register_forward_pre_hook(_record_padding(context), with_kwargs=True))
-        for layer, entry in zip(layers, allocation.layers):
-            layer_routing = _LayerRouting(layer, entry, allocation, family, context, token_selector)
+        for layer, entry, changed in zip(layers, allocation.layers, touched):
+            if not changed:
+                continue
+            layer_routing = LayerRouting(layer, entry, allocation, family, context, token_selector,
+                                          compensated=layer.path in tables)
             layer.set_top_k(layer_routing.k_max)
             handle._routings.append(layer_routing)
             experts = layer.experts
@@ -348,6 +579,9 @@ def apply_plan(
                 experts = EXPERTS_SWAPS[family.experts_swap](layer.experts)
                 handle._swapped.append((layer.block, family.experts_attr, layer.experts))
                 setattr(layer.block, family.experts_attr, experts)
+            if layer.path in tables:
+                setattr(experts, COMPENSATION_ATTR, tables[layer.path])
+                handle._attributes.append((experts, COMPENSATION_ATTR))
             if family.routing_in_block:
                 handle._hooks.append(layer.router.register_forward_hook(layer_routing.keep_logits))
                 handle._hooks.append(experts.register_forward_pre_hook(layer_routing.experts_pre_hook))
@@ -358,5 +592,11 @@ def apply_plan(
     else:
         for layer, entry in zip(layers, allocation.layers):
             layer.set_top_k(int(entry.planned_k))
+    handle._warn_on_save()
     setattr(model, _HANDLE_ATTR, handle)
     return handle
+
+
+def plan_handle(model: Any) -> PlanHandle | None:
+    """The handle of the plan applied to ``model`` (by ``apply_plan`` or ``from_pretrained``), or None."""
+    return getattr(model, _HANDLE_ATTR, None)

@@ -21,12 +21,44 @@ Registered under the name ``allocplan_ragged``; ``apply_plan`` selects it with
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from transformers.integrations.moe import ExpertsInterface
 
 IMPLEMENTATION_NAME = "allocplan_ragged"
+# Attribute apply_plan sets on an experts module whose dropped candidates are compensated (StandIns).
+COMPENSATION_ATTR = "_allocplan_compensation"
+
+
+@dataclass(frozen=True)
+class StandIns:
+    """Cheap stand-ins for the outputs of experts a token's candidates dropped.
+
+    Expert e's stand-in for input x is ``bias[e] + (x @ down[e]) @ up[e]``: a constant
+    (its mean output on calibration tokens, MoNE) plus, for ``linear`` compensation, a
+    rank-r linear map fitted by least squares. A one-row ``bias`` serves every expert
+    (``layer`` compensation).
+
+    Attributes:
+        bias: [E, H] or [1, H].
+        down: [E, H, r] or None.
+        up: [E, r, H] or None.
+    """
+
+    bias: torch.Tensor
+    down: torch.Tensor | None = None
+    up: torch.Tensor | None = None
+
+    def rows(self, inputs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """Stand-in outputs [D, H] for inputs [D, H] of experts [D]."""
+        out = self.bias[experts % self.bias.shape[0]]  # [D, H]
+        if self.down is not None:
+            inner = torch.bmm(inputs[:, None, :].to(self.down.dtype), self.down[experts])  # [D, 1, r]
+            out = out + torch.bmm(inner, self.up[experts]).squeeze(1)  # [D, H]
+        return out
 
 
 def grouped_matmul(rows: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, transposed: bool) -> torch.Tensor:
@@ -108,6 +140,26 @@ def combine(out: torch.Tensor, pairs: ActivePairs, num_tokens: int) -> torch.Ten
     return result.index_add_(0, pairs.tokens, out)
 
 
+def add_compensation(result: torch.Tensor, module: torch.nn.Module, hidden_states: torch.Tensor,
+                     top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Add each dropped candidate's weight times its stand-in output to its token, in place.
+
+    A dropped candidate of expert e arrives as index ``num_experts + e`` with its weight; the
+    plain sentinel (index ``num_experts``, weight 0) adds nothing. ``result`` and
+    ``hidden_states`` are [T, H].
+    """
+    stand_ins = getattr(module, COMPENSATION_ATTR, None)
+    if stand_ins is None:
+        return result
+    tokens, slots = (top_k_index >= num_experts).nonzero(as_tuple=True)  # [D] each
+    if tokens.numel():
+        experts = top_k_index[tokens, slots] - num_experts  # [D]
+        weighted = stand_ins.rows(hidden_states[tokens], experts) * top_k_weights[tokens, slots, None].to(
+            stand_ins.bias.dtype)  # [D, H]
+        result.index_add_(0, tokens, weighted.to(result.dtype))
+    return result
+
+
 def ragged_experts_forward(
     self: torch.nn.Module,
     hidden_states: torch.Tensor,
@@ -123,7 +175,9 @@ def ragged_experts_forward(
         out = _grouped_experts(self, rows, pairs)  # [P, H]
     if self.has_post_expert_norm:
         out = self.post_expert_norm(out)
-    return combine(out, pairs, hidden_states.shape[0]).to(hidden_states.dtype)
+    result = combine(out, pairs, hidden_states.shape[0])
+    return add_compensation(result, self, hidden_states, top_k_index, top_k_weights,
+                            self.num_experts).to(hidden_states.dtype)
 
 
 def _project(rows: torch.Tensor, weight: torch.Tensor, transposed: bool) -> torch.Tensor:
@@ -207,11 +261,56 @@ class RaggedDbrxExperts(torch.nn.Module):
             up = grouped_matmul(rows, v1, pairs.offsets, False)  # [P, F]
             inner = self.mlp.activation_fn(gate) * up  # [P, F]
             out = grouped_matmul(inner, w2, pairs.offsets, True)  # [P, H]
-        return combine(out, pairs, flat.shape[0]).to(hidden_states.dtype).view(shape)
+        result = add_compensation(combine(out, pairs, flat.shape[0]), self, flat, top_k_index, top_k_weights,
+                                  self.num_experts)
+        return result.to(hidden_states.dtype).view(shape)
 
 
 # Experts modules that are not pluggable through ExpertsInterface: family name -> stand-in class.
 EXPERTS_SWAPS: dict[str, type[torch.nn.Module]] = {"dbrx": RaggedDbrxExperts}
+
+
+@contextmanager
+def weights_in_place(module: torch.nn.Module) -> Iterator[None]:
+    """Bring in the weights of a module that accelerate offloads (``device_map`` with CPU or disk
+    offload), for code that runs its math without calling the module.
+
+    accelerate's hooks load an offloaded module's weights only around its own forward
+    (its parameters sit on the meta device otherwise); :func:`candidate_outputs` calls the
+    experts' math directly, so it opens that window itself. Without hooks this does nothing.
+    """
+    hooked = [m for m in module.modules() if getattr(m, "_hf_hook", None) is not None]
+    for m in hooked:
+        m._hf_hook.pre_forward(m)
+    try:
+        yield
+    finally:
+        for m in reversed(hooked):
+            m._hf_hook.post_forward(m, None)
+
+
+def candidate_outputs(experts: torch.nn.Module, swap: str | None, hidden_states: torch.Tensor,
+                      top_k_index: torch.Tensor) -> torch.Tensor:
+    """Each candidate's unweighted expert output: [T, H] inputs, [T, K] experts -> [T, K, H].
+
+    ``swap``: the family's ``experts_swap`` (its stand-in computes for a module that is not
+    pluggable). One experts call per candidate slot, each over all T tokens. Offloaded
+    weights (``device_map``) are brought in for the call.
+    """
+    with weights_in_place(experts):
+        return _candidate_outputs(experts, swap, hidden_states, top_k_index)
+
+
+def _candidate_outputs(experts: torch.nn.Module, swap: str | None, hidden_states: torch.Tensor,
+                       top_k_index: torch.Tensor) -> torch.Tensor:
+    if swap is not None:
+        forward = EXPERTS_SWAPS[swap](experts)
+    else:
+        def forward(hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+            return ragged_experts_forward(experts, hidden, index, weights)
+    ones = torch.ones(top_k_index.shape[0], 1, dtype=hidden_states.dtype, device=hidden_states.device)  # [T, 1]
+    return torch.stack([forward(hidden_states, top_k_index[:, s : s + 1], ones)
+                        for s in range(top_k_index.shape[1])], dim=1)
 
 
 def register() -> str:

@@ -52,8 +52,13 @@ class MoEFamily:
         expert_scale_attr: router parameter [E] that multiplies each chosen expert's weight
             after normalisation (gemma4), if any.
         notes: what to know about the family (shown in docs/families.md).
+        per_layer_top_k_key: config key that takes one top-k per decoder layer (hunyuan's
+            ``moe_topk``), for ``allocplan export``; None where the config has none.
+        layers_count_key: config key of the number of decoder layers.
         rewrite_unsupported: why Alloc-T and non-native weight modes cannot run on this
             family (None when they can); plain per-layer top-k still applies.
+        treatments_unsupported: why fitted weight treatments and compensation of dropped
+            experts cannot run on this family (None when they can).
         warning: emitted by ``apply_plan`` (e.g. when a smaller k saves no compute).
     """
 
@@ -75,7 +80,10 @@ class MoEFamily:
     routing_in_block: bool = False
     experts_swap: str | None = None
     notes: str = ""
+    per_layer_top_k_key: str | None = None
+    layers_count_key: str = "num_hidden_layers"
     rewrite_unsupported: str | None = None
+    treatments_unsupported: str | None = None
     warning: str | None = None
 
 
@@ -124,7 +132,8 @@ FAMILIES: dict[str, MoEFamily] = {
             top_k_keys=("moe_topk", "num_experts_per_tok"),
             has_shared_experts=True,
             normalization="always",
-            notes="per-layer moe_topk lists are read from each router's own top_k",
+            per_layer_top_k_key="moe_topk",
+            notes="per-layer moe_topk lists are read from each router's own top_k (and written by export)",
         ),
         MoEFamily("jamba", num_experts_keys=("num_experts",), block_attr="feed_forward", router_attr="router"),
         MoEFamily(
@@ -150,6 +159,7 @@ FAMILIES: dict[str, MoEFamily] = {
         MoEFamily(
             "dbrx", num_experts_keys=("ffn_config.moe_num_experts",), top_k_keys=("ffn_config.moe_top_k",),
             layers_path="transformer.blocks", block_attr="ffn", router_attr="router", top_k_on="block",
+            layers_count_key="n_layers",
             normalization="dbrx", routing_in_block=True, experts_swap="dbrx",
             notes="top-k on the block; under rewritten routing its experts module is swapped for one that"
             " skips dropped slots",
@@ -157,6 +167,8 @@ FAMILIES: dict[str, MoEFamily] = {
         MoEFamily(
             "jetmoe", num_experts_keys=("num_local_experts",), router_attr="router", experts_attr="input_linear",
             normalization="always", router_format="jetmoe",
+            treatments_unsupported="its experts run split by size inside the MoE block, not through allocplan's"
+            " experts implementation, which fits treatments and adds the compensation",
             notes="plans the MLP experts; the attention experts (MoA) keep their own routing",
         ),
         MoEFamily(
@@ -300,18 +312,20 @@ def families_markdown() -> str:
         "",
         "## Supported",
         "",
-        "| model_type | MoE block | top-k lives at | selection score | normalisation | Alloc-T and weight modes | notes |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| model_type | MoE block | top-k lives at | selection score | normalisation | Alloc-T and weight modes | treatments and compensation | notes |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name in sorted(FAMILIES):
         f = FAMILIES[name]
         rewrite = "yes" if f.rewrite_unsupported is None else f"no: {f.rewrite_unsupported}"
+        treatments = ("no (see left)" if f.rewrite_unsupported else f"no: {f.treatments_unsupported}"
+                      if f.treatments_unsupported else "yes")
         notes = "; ".join(n for n in (f.notes, "shared experts outside the budget" if f.has_shared_experts else "") if n)
         block = f"{f.layers_path}.<i>" + (f".{f.block_attr}" if f.block_attr else "")
         owner = {"router": f".{f.router_attr}", "block": "", "router_config": f".{f.router_attr}.config"}[f.top_k_on]
         lines.append(
             f"| `{name}` | `{block}` | `{owner}.{f.top_k_attr}` | {f.selection}"
-            f" | {f.normalization} | {rewrite} | {notes} |"
+            f" | {f.normalization} | {rewrite} | {treatments} | {notes} |"
         )
     lines += [
         "",

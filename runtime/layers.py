@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,12 +119,44 @@ def find_moe_layers(model: Any) -> list[MoELayer]:
     return found
 
 
+def module_device(module: Any) -> Any:
+    """Where ``module`` computes: accelerate's execution device for a module placed by a
+    ``device_map`` (its weights may sit offloaded on the meta device), else the device of
+    its first parameter that holds data (the CPU when it has none)."""
+    import torch
+
+    device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+    if device is not None:
+        return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
+    for parameter in module.parameters():
+        if parameter.device.type != "meta":
+            return parameter.device
+    return torch.device("cpu")
+
+
+def input_device(model: Any) -> Any:
+    """Where a model's input ids go: its input embedding's device."""
+    return module_device(model.get_input_embeddings())
+
+
+# The hub revision each loaded model came from, as the loader resolved it (a weak map: the
+# model instance stays untouched and nothing outlives it).
+_REVISIONS: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
+
+
+def record_revision(model: Any, revision: str | None) -> None:
+    """Remember the hub revision ``model`` was loaded from, for its identity record."""
+    if revision is not None:
+        _REVISIONS[model] = revision
+
+
 def model_identity(model: Any, name: str) -> ModelIdentity:
-    """Identity record (name, family, fingerprint, sizes) of a loaded model."""
+    """Identity record (name, revision, family, fingerprint, sizes) of a loaded model."""
     family = model_family(model)
     config = model.config.to_dict()
     return ModelIdentity(
         name=name,
+        revision=_REVISIONS.get(model),
         model_type=family.model_type,
         fingerprint=model_fingerprint(config),
         num_moe_layers=len(find_moe_layers(model)),

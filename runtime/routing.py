@@ -66,7 +66,42 @@ def alloc_t_keep(scores: torch.Tensor, real: torch.Tensor, total_pairs: int, k_b
     return keep
 
 
-def reweight(
+def alloc_t_keep_grouped(scores: torch.Tensor, real: torch.Tensor, groups: torch.Tensor, pairs: torch.Tensor,
+                         k_base: int) -> torch.Tensor:
+    """[T, K] mask of the pairs Alloc-T runs when tokens pool their budget only within groups.
+
+    Args:
+        scores: [T, K] candidate scores, sorted per token, descending.
+        real: [T] tokens that are not padding.
+        groups: [T] each token's group, 0 .. G-1.
+        pairs: [G] pairs each group runs, in [k_base * n_g, K * n_g] for its n_g real tokens.
+        k_base: candidates every real token keeps.
+
+    Within a group, as in :func:`alloc_t_keep`: every real token keeps its first ``k_base``
+    candidates and the group's remaining pairs go to its highest-scoring other candidates.
+    """
+    num_tokens, num_candidates = scores.shape
+    keep = uniform_keep(real, num_candidates, k_base)  # [T, K]
+    width = num_candidates - k_base
+    if width == 0:
+        return keep
+    real_per_group = torch.bincount(groups[real], minlength=pairs.numel())  # [G]
+    extra = pairs - k_base * real_per_group  # [G]
+    pool = scores[:, k_base:].float().masked_fill(~real[:, None], -math.inf).reshape(-1)  # [T * width]
+    pool_group = groups.repeat_interleave(width)  # [T * width]
+    order = torch.argsort(pool, descending=True, stable=True)
+    order = order[torch.argsort(pool_group[order], stable=True)]  # by group, then by score
+    sorted_group = pool_group[order]
+    counts = torch.bincount(sorted_group, minlength=pairs.numel())
+    starts = torch.cumsum(counts, 0) - counts  # [G]
+    rank = torch.arange(order.numel(), device=scores.device) - starts[sorted_group]
+    rest = torch.zeros(order.numel(), dtype=torch.bool, device=scores.device)
+    rest[order[rank < extra[sorted_group]]] = True
+    keep[:, k_base:] = rest.view(num_tokens, width)
+    return keep
+
+
+def normalize_weights(
     weights: torch.Tensor,
     keep: torch.Tensor,
     *,
@@ -75,7 +110,7 @@ def reweight(
     scale: float,
     reference_k: int,
 ) -> torch.Tensor:
-    """Combine weights of the kept pairs; dropped pairs get 0.
+    """Combine weights [T, K] under a weight mode, for every candidate (kept or dropped).
 
     ``weights`` [T, K] are the router's own weights at k_max, sorted like ``keep``.
     They are p_j * c_t for the family's probabilities p and a per-token constant
@@ -90,23 +125,29 @@ def reweight(
     * ``decoupled``: divide by the mass of the token's top-``reference_k``
       candidates, times the scaling factor (arXiv 2609.04575): a token that
       loses experts does not get its remaining weights inflated.
+
+    A dropped candidate's weight is what it would get under the same rescaling
+    (compensation multiplies it by a stand-in output).
     """
     w = weights.float()  # [T, K]
-    kept = torch.where(keep, w, 0.0)  # [T, K]
     if mode == "none" or (mode == "model" and norm_order is None):
-        out = w
-    elif mode == "model":
+        return w
+    kept = torch.where(keep, w, 0.0)  # [T, K]
+    if mode == "model":
         full_norm = torch.linalg.vector_norm(w, ord=norm_order, dim=-1, keepdim=True)  # [T, 1]
         kept_norm = torch.linalg.vector_norm(kept, ord=norm_order, dim=-1, keepdim=True).clamp_min(1e-30)
-        out = w * (full_norm / kept_norm)
-    elif mode == "renorm":
-        out = w / kept.sum(-1, keepdim=True).clamp_min(1e-30) * scale
-    elif mode == "decoupled":
+        return w * (full_norm / kept_norm)
+    if mode == "renorm":
+        return w / kept.sum(-1, keepdim=True).clamp_min(1e-30) * scale
+    if mode == "decoupled":
         reference = w[:, :reference_k].sum(-1, keepdim=True).clamp_min(1e-30)  # [T, 1]
-        out = w / reference * scale
-    else:
-        raise ValueError(f"unknown renormalisation mode {mode!r}")
-    return torch.where(keep, out, 0.0).to(weights.dtype)
+        return w / reference * scale
+    raise ValueError(f"unknown renormalisation mode {mode!r}")
+
+
+def reweight(weights: torch.Tensor, keep: torch.Tensor, **mode: object) -> torch.Tensor:
+    """Combine weights of the kept pairs (``normalize_weights``' modes); dropped pairs get 0."""
+    return torch.where(keep, normalize_weights(weights, keep, **mode), 0.0).to(weights.dtype)
 
 
 class DecodeLedger:

@@ -299,14 +299,14 @@ def test_fast_experts_path_equals_eager(family, drop, looped, monkeypatch):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_batch1_decode_shortcut_equals_rewrite(family, monkeypatch):
     """Single-token forwards through the family's native top-n route like the general Alloc-T rewrite."""
-    from allocplan.runtime.apply import _LayerRouting
+    from allocplan.runtime.apply import LayerRouting
 
     model = build_tiny_model(family)
     plan = plan_for(model, [min(2.5, l.top_k) for l in find_moe_layers(model)], token_level=True)
     ids = BATCH[:1, :6]
     runs = {}
     for native in (True, False):
-        monkeypatch.setattr(_LayerRouting, "single_token_native", native)
+        monkeypatch.setattr(LayerRouting, "single_token_native", native)
         with apply_plan(model, plan) as handle, torch.inference_mode():
             out = model(input_ids=ids, use_cache=True)
             cache, step_logits = out.past_key_values, [out.logits]

@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 
-from allocplan import BudgetRequest, LoadConfig, ProfileConfig, Recipe, RoutingConfig, load_recipe, save_recipe
+from allocplan import (
+    BudgetRequest,
+    LoadConfig,
+    ProfileConfig,
+    Recipe,
+    RefineConfig,
+    RoutingConfig,
+    load_recipe,
+    save_recipe,
+)
 from allocplan.cli import cli
 from allocplan.errors import AllocplanError
 from allocplan.formats.config import recipe_from_data
@@ -19,6 +28,8 @@ budget:
   activations: null
 profile:
   calib: null
+  calib_dataset: null
+  text_field: text
   calib_tokens: 16384
   seq_len: 256
   strategy: isolated
@@ -26,12 +37,20 @@ profile:
   k_min: 1
   k_step: 1.0
   batch_size: 8
+  weight_fit: auto
+  compensation: auto
+  compensation_rank: null
 routing:
   token_level: true
   k_base: 1
   k_max: null
   renormalize: model
   reference_k: null
+  scope: batch
+refine:
+  refine: true
+  refine_steps: 8
+  refine_tokens: 4096
 """
 
 
@@ -87,6 +106,10 @@ def test_recipe_rejects(data, message):
     (lambda: RoutingConfig(reference_k=2), "--reference-k is only used with --renormalize decoupled"),
     (lambda: RoutingConfig(renormalize="softmax"), "choose one of model, none, renorm, decoupled"),
     (lambda: LoadConfig(dtype="float64"), "choose one of float32, bfloat16, float16"),
+    (lambda: ProfileConfig(compensation="magic"), "choose one of auto, expert, layer, linear, off"),
+    (lambda: ProfileConfig(compensation_rank=0), "compensation_rank (--compensation-rank) must be at least 1"),
+    (lambda: RoutingConfig(scope="request"), "choose one of batch, sequence"),
+    (lambda: RefineConfig(refine_steps=0), "refine_steps (--refine-steps) must be at least 1"),
 ])
 def test_config_validation(build, message):
     with pytest.raises(AllocplanError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -104,6 +127,8 @@ def test_compile_with_recipe_and_override(checkpoints, calib_file, tmp_path):
     recipe = Recipe(budget=BudgetRequest(ratio=0.5),
                     profile=ProfileConfig(metric="nll", calib_tokens=512, seq_len=64, calib=str(calib_file)),
                     routing=RoutingConfig(token_level=False))
+    recipe = Recipe(budget=recipe.budget, profile=recipe.profile, routing=recipe.routing,
+                    refine=RefineConfig(refine=False))
     save_recipe(recipe, tmp_path / "recipe.yaml")
     ckpt = str(checkpoints("olmoe"))
     run = CliRunner().invoke
@@ -118,3 +143,19 @@ def test_compile_with_recipe_and_override(checkpoints, calib_file, tmp_path):
     assert (a.solver.metric, a.token_level.enabled, a.budget.ratio) == ("nll", False, 0.5)  # the recipe's
     assert (b.solver.metric, b.token_level.enabled, b.budget.ratio) == ("kl", False, 0.75)  # flags win
     assert a.provenance.calibration.tokens == 512 and a.provenance.calibration.seq_len == 64
+
+
+def test_docs_cli_names_every_command_and_option():
+    """docs/cli.md is written by hand; this keeps it from falling behind the commands."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "cli.md").read_text(encoding="utf-8")
+    missing = []
+    for name, command in cli.commands.items():
+        if f"`{name}" not in text:
+            missing.append(name)
+        for param in command.params:
+            for flag in [*param.opts, *param.secondary_opts]:
+                if flag.startswith("--") and flag not in ("--help",) and flag not in text:
+                    missing.append(f"{name} {flag}")
+    assert not missing, missing

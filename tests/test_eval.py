@@ -88,6 +88,24 @@ def test_plan_baselines_match_budget(method, calib_file):
         assert measured_total(model, policy, windows) == pytest.approx(total, rel=0.01)
 
 
+def test_uniform_routes_every_token_to_its_top_k(calib_file):
+    """Uniform top-k is plain per-token routing: no pooling, so decode and prefill route alike."""
+    from tiny_models import PairRecorder
+
+    model = build_tiny_model("olmoe")
+    policy = build_policy(model, "uniform", 0.5)
+    assert not policy.allocation.token_level.enabled
+    handle = policy.apply(model)
+    recorder = PairRecorder(model)
+    with torch.inference_mode():
+        model(input_ids=torch.randint(1, 100, (2, 16)))
+    recorder.remove()
+    handle.remove()
+    for layer in recorder.layers:
+        assert (recorder.seen[layer.path][-1] < 8).sum(-1).eq(2).all()  # every token exactly 2 experts
+    assert not build_policy(model, "random", 0.5).allocation.token_level.enabled
+
+
 def test_random_and_uniform_plans():
     model = build_tiny_model("olmoe")
     ks = [e.planned_k for e in random_allocation(model, 9, seed=3).layers]

@@ -56,7 +56,7 @@ ALL = {**module_files("allocplan"), **module_files("allocplan.formats"), **modul
 # Modules that must run without torch: data formats, solvers, registries, output formatting.
 PURE = sorted(
     [name for name in ALL if name.startswith("allocplan.formats")]
-    + ["allocplan", "allocplan.errors", "allocplan.bundled", "allocplan.display", "allocplan.cli",
+    + ["allocplan", "allocplan.errors", "allocplan.bundled", "allocplan.display", "allocplan.cli", "allocplan.outputs",
        "allocplan.cli_options", "allocplan.planner.problem", "allocplan.planner.solve_dp",
        "allocplan.planner.solve_ilp", "allocplan.planner.crosscheck", "allocplan.planner.solve",
        "allocplan.runtime.families", "allocplan.evaluation.methods", "allocplan.evaluation.compare",

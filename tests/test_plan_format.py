@@ -39,14 +39,16 @@ def make_profile(rows=((0.9, 0.4, 0.1, 0.0), (0.05, 0.02, 0.01, 0.0), (2.0, 0.7,
         for i, row in enumerate(rows)
     )
     return SensitivityProfile(
-        schema_version=1,
+        schema_version=2,
         kind="allocplan-profile",
-        model=ModelIdentity("test/model", "olmoe", "sha256:0123456789abcdef", len(rows), 8),
+        model=ModelIdentity("test/model", None, "olmoe", "sha256:0123456789abcdef", len(rows), 8),
         measurement=Measurement(
-            metric="nll", strategy="isolated", k_min=1, k_step=1.0, token_level=False, reference_nll=3.25,
-            calibration=CalibrationRecord("calib.txt", "sha256:" + "0" * 64, 1024, 64, 16),
+            metric="nll", strategy="isolated", k_min=1, k_step=1.0, token_level=False, weight_fit="off",
+            compensation="off", reference_nll=3.25,
+            calibration=CalibrationRecord("text", "calib.txt", None, "sha256:" + "0" * 64, 1024, 64, 16),
             device="cpu", dtype="float32",
         ),
+        compensation=None,
         layers=layers,
         provenance=ProfileProvenance("0.1.0", "2.13.0+cpu", "5.24.0"),
     )
@@ -106,10 +108,14 @@ def mutated(plan: Plan, edit) -> dict:
     "edit, message",
     [
         (lambda d: d.update(extra=1), "unknown key"),
-        (lambda d: d["model"].update(revision="main"), "unknown key"),
+        (lambda d: d["model"].update(commit="main"), "unknown key"),
+        (lambda d: d["model"].update(revision="a\nb"), "model.revision: must be one non-empty line"),
+        (lambda d: d["provenance"]["calibration"].update(source="web"), "calibration.source: 'web' is not one of"),
+        (lambda d: d["provenance"]["calibration"].update(text_field="text"), "calibration.text_field: must name"),
+        (lambda d: d["provenance"]["calibration"].update(source="jsonl"), "calibration.text_field: must name"),
         (lambda d: d["layers"][0].update(experts=[1, 2]), "unknown key"),
         (lambda d: d["model"].pop("fingerprint"), "missing key"),
-        (lambda d: d.update(schema_version=2), "schema_version 2 is not supported"),
+        (lambda d: d.update(schema_version=3), "schema_version 3 is not supported"),
         (lambda d: d.update(schema_version="1"), "schema_version '1' is not supported"),
         (lambda d: d.update(kind="allocplan-profile"), "is this an allocplan plan"),
         (lambda d: d["layers"][0].update(planned_k="2"), "expected a number"),
@@ -129,7 +135,17 @@ def mutated(plan: Plan, edit) -> dict:
         (lambda d: d["token_level"].update(k_base=7), "smallest original_k"),
         (lambda d: d["budget"].update(total_activations=7), "rounds to 6"),
         (lambda d: d["budget"].update(planned_activations=99), "planned_k sum"),
-        (lambda d: d["solver"].update(objectives_agree=False), "ILP cross-check"),
+        (lambda d: d["solver"].update(objectives_agree=False), "objectives_agree: is false but the objectives"),
+        (lambda d: d["solver"].update(ilp_status="FEASIBLE"), "ILP cross-check"),
+        (lambda d: d["solver"].update(ilp_objective=1.0), "objectives_agree: is true but the objectives"),
+        (lambda d: d["solver"].update(metric="banana"), "solver.metric: 'banana' is not one of"),
+        (lambda d: d["model"].update(num_experts=-3), "num_experts: -3 is outside"),
+        (lambda d: d["model"].update(num_experts=3), "original_k: 4 exceeds model.num_experts 3"),
+        (lambda d: d["model"].update(fingerprint="abc"), "fingerprint: must be sha256: and 16 hex"),
+        (lambda d: d["provenance"]["calibration"].update(tokens=1000), "tokens 1000 must equal windows 16 x seq_len 64"),
+        (lambda d: d["provenance"].update(strategy="random"), "provenance.strategy: 'random' is not one of"),
+        (lambda d: d["provenance"].update(profile_sha256="sha256:none"), "profile_sha256: must be sha256:"),
+        (lambda d: d["token_level"].update(scope="global"), "scope: 'global' is not one of batch, sequence"),
         (lambda d: d["layers"][0].update(path="model.layers.9.mlp"), "does not contain its layer index"),
     ],
 )
@@ -249,3 +265,50 @@ def test_yaml_is_safe_loaded(tmp_path, plan):
     with pytest.raises(AllocplanError, match="not valid YAML"):
         load_plan(path)
     assert yaml.safe_load(plan.to_yaml())["kind"] == "allocplan-plan"
+
+
+def test_version_1_files_are_read_as_version_2():
+    # Files written before per-layer treatments, compensation and refinement existed: every new
+    # field takes the value that means "as version 1 did".
+    data_dir = Path(__file__).resolve().parent / "data"
+    plan = load_plan(data_dir / "plan-v1.yaml")
+    assert plan.schema_version == 2 and plan.compensation is None and plan.solver.refinement is None
+    assert [(e.planned_k, e.normalizer_k, e.gain) for e in plan.layers] == [
+        (3, None, 1.0), (2, None, 1.0), (1, None, 1.0), (2, None, 1.0), (2, None, 1.0), (2, None, 1.0)]
+    assert plan.solver.dp_objective == 0.07736845477
+    profile = load_profile(data_dir / "profile-v1.yaml")
+    assert profile.schema_version == 2 and profile.compensation is None
+    assert (profile.measurement.weight_fit, profile.measurement.compensation) == ("off", "off")
+    assert all(row.normalizer_k is None and row.gain is None for row in profile.layers)
+    # The upgraded profile still solves to the version-1 plan's allocation.
+    assert solve_profile(profile, 0.5).allocation.planned_k_by_path() == plan.allocation.planned_k_by_path()
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: d["layers"][0].update(gain=0.0), "gain: 0.0 is outside"),
+        (lambda d: d["layers"][0].update(gain=11.0), "gain: 11.0 is outside"),
+        (lambda d: d["layers"][0].update(normalizer_k=9), "normalizer_k: 9 must be between 1"),
+        (lambda d: d.update(compensation={"file": "../x.safetensors", "sha256": "sha256:" + "0" * 64,
+                                          "kind": "expert"}), "plain \\*.safetensors file name"),
+        (lambda d: d.update(compensation={"file": "c.safetensors", "sha256": "sha256:00", "kind": "expert"}),
+         "64 hex digits"),
+        (lambda d: d.update(compensation={"file": "c.safetensors", "sha256": "sha256:" + "0" * 64,
+                                          "kind": "magic"}), "kind 'magic' is not one of"),
+        (lambda d: d["solver"].update(refinement={"metric": "kl", "unit": 1.0, "objective_before": 0.1,
+                                                  "objective_after": 0.2, "steps": [], "measured": 1}),
+         "objective_after: is 0.2 but the last measured objective is 0.1"),
+        (lambda d: d["solver"].update(refinement={"metric": "kl", "unit": 1.0, "objective_before": 0.1,
+                                                  "objective_after": 0.2, "steps": [
+                                                      {"from_layer": 0, "to_layer": 1, "objective": 0.2}],
+                                                  "measured": 9}), "every step must lower"),
+        (lambda d: d["solver"].update(refinement={"metric": "kl", "unit": 1.0, "objective_before": 0.3,
+                                                  "objective_after": 0.2, "steps": [
+                                                      {"from_layer": 0, "to_layer": 7, "objective": 0.2}],
+                                                  "measured": 9}), "between two different MoE layers"),
+    ],
+)
+def test_plan_v2_fields_rejected(plan, edit, message):
+    with pytest.raises(AllocplanError, match=message):
+        plan_from_data(mutated(plan, edit))

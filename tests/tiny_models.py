@@ -145,6 +145,20 @@ def plan_for(model, ks, **routing):
     return allocation_for(model, ks, RoutingConfig(**{"token_level": False, **routing}))
 
 
+def plan_of(allocation):
+    """A plan wrapping ``allocation`` with a plain solver record and provenance (for export and
+    validation tests that need a plan file rather than an allocation)."""
+    from allocplan import Plan
+    from allocplan.formats.plan import Budget, PlanProvenance, SolverRecord
+    from allocplan.formats.provenance import CalibrationRecord
+
+    budget = Budget(None, int(allocation.planned_activations + 0.999), allocation.original_activations,
+                    allocation.planned_activations)
+    provenance = PlanProvenance("0.1.0", "2.13.0", "5.24.0", "isolated", 1, "sha256:" + "0" * 64,
+                                CalibrationRecord("text", "calib.txt", None, "sha256:" + "0" * 64, 64, 64, 1))
+    return Plan.build(allocation, budget, SolverRecord("kl", 0.0, 0.0, "OPTIMAL", True), provenance)
+
+
 class PairRecorder:
     """Records, per MoE layer and forward, the [T, K] expert index of the pairs that run.
 

@@ -18,6 +18,23 @@ from .timing import bench, profile_cost, solver_cost, uniform_budget_allocation
 PROFILE_COST_TOKENS, PROFILE_COST_SEQ_LEN, PRESET_PROFILE_WINDOWS = 2048, 256, 4
 
 
+def with_compensation(model: Any, allocation: Any, kind: str) -> Any:
+    """``allocation`` with stand-ins of ``kind`` for its dropped experts, fitted on random token windows."""
+    import dataclasses
+
+    import torch
+
+    from ..formats.sidecar import COMPENSATION_KINDS
+    from ..planner.treatments import compensation_tables, encode_tables
+
+    if kind not in COMPENSATION_KINDS:
+        raise AllocplanError(f"compensation {kind!r} is not one of {', '.join(COMPENSATION_KINDS)}")
+    generator = torch.Generator().manual_seed(0)
+    windows = torch.randint(0, model.get_input_embeddings().num_embeddings, (2, 128), generator=generator)
+    record, data = encode_tables(compensation_tables(model, windows, kind, batch_size=2), kind)
+    return dataclasses.replace(allocation, compensation=record, compensation_data=data)
+
+
 def run_bench(
     *,
     plan: str | Path | None = None,
@@ -33,8 +50,17 @@ def run_bench(
     solver_cost_too: bool = False,
     breakdown: bool = False,
     threads: int | None = None,
+    compensation: str | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    decode_batch: int = 8,
 ) -> dict[str, Any]:
     """Time prefill and decode without and with a plan (or a preset's uniform budget), side by side.
+
+    ``compensation`` (with ``preset``): also time the same allocation with stand-ins of that kind
+    for its dropped experts (fitted on random tokens: their values do not change the time).
+    ``device`` and ``dtype``: where and in what the model runs (a preset is built on the CPU
+    and moved; a named model is loaded there).
 
     Raises:
         AllocplanError: neither or both of ``plan`` and ``preset``, or bad inputs.
@@ -47,16 +73,29 @@ def run_bench(
         raise AllocplanError("give --plan PLAN (with --model or the plan's model) or --config PRESET")
     tokenizer = None
     if preset is not None:
-        model = build_preset(preset)
+        try:
+            model = build_preset(preset).to(device=device, dtype=getattr(torch, dtype))
+        except (RuntimeError, AssertionError) as exc:
+            raise AllocplanError(f"cannot run on device {device!r}: {str(exc).splitlines()[0]}") from None
         allocation = uniform_budget_allocation(model, budget_ratio, token_level)
         label = f"{preset} (random init), uniform budget {budget_ratio:g}"
     else:
+        from ..formats.config import LoadConfig
+
         loaded = load_plan(plan)
-        model, tokenizer = load_model(model_name or loaded.model.name)
+        model, tokenizer = load_model(model_name or loaded.model.name, LoadConfig(device=device, dtype=dtype))
         allocation = loaded.allocation
         label = f"{model_name or loaded.model.name} with {plan}"
+    label += f" on {device} in {dtype}"
+    variants = None
+    if compensation is not None:
+        if preset is None:
+            raise AllocplanError("--compensation times a --config preset's plan with stand-ins; a compiled plan"
+                                 " carries its own compensation")
+        variants = {f"{compensation} compensation": with_compensation(model, allocation, compensation)}
     result = {"label": label, **bench(model, allocation, batch=batch, prompt_len=prompt_len,
-                                      new_tokens=new_tokens, repeat=repeat)}
+                                      new_tokens=new_tokens, repeat=repeat, variants=variants,
+                                      decode_batch_size=decode_batch)}
     if profile_cost_too:
         if tokenizer is None:
             generator = torch.Generator().manual_seed(0)

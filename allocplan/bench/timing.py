@@ -35,6 +35,7 @@ from typing import Any, Callable
 import torch
 
 from ..formats.allocation import Allocation
+from ..progress import progress
 from ..runtime.apply import apply_plan
 from ..runtime.layers import find_moe_layers, model_family
 from .cost_model import ideal_speedup, profiling_flop_floor, routed_flop_share, routed_weight_share
@@ -44,11 +45,19 @@ def _median_spread(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
+def now(device: torch.device) -> float:
+    """Wall-clock seconds once the device has finished its queued work: CUDA kernels run
+    asynchronously, so reading the clock without a synchronise would time the launches only."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def time_prefill(model: Any, ids: torch.Tensor) -> float:
-    start = time.perf_counter()
+    start = now(ids.device)
     with torch.inference_mode():
         model(input_ids=ids, use_cache=False)
-    return time.perf_counter() - start
+    return now(ids.device) - start
 
 
 def time_decode(model: Any, ids: torch.Tensor, new_tokens: int) -> float:
@@ -56,11 +65,11 @@ def time_decode(model: Any, ids: torch.Tensor, new_tokens: int) -> float:
     with torch.inference_mode():
         out = model(input_ids=ids, use_cache=True)
         cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        start = time.perf_counter()
+        start = now(ids.device)
         for _ in range(new_tokens):
             out = model(input_ids=token, cache=cache, use_cache=True)
             cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    return (time.perf_counter() - start) / new_tokens
+    return (now(ids.device) - start) / new_tokens
 
 
 def expert_time_share(model: Any, ids: torch.Tensor, repeat: int = 3) -> float:
@@ -68,11 +77,12 @@ def expert_time_share(model: Any, ids: torch.Tensor, repeat: int = 3) -> float:
     spent = [0.0]
     starts: dict[int, float] = {}
     hooks = []
+    device = ids.device
     for layer in find_moe_layers(model):
         hooks.append(layer.experts.register_forward_pre_hook(
-            lambda m, _a: starts.__setitem__(id(m), time.perf_counter())))
+            lambda m, _a: starts.__setitem__(id(m), now(device))))
         hooks.append(layer.experts.register_forward_hook(
-            lambda m, _a, _o: spent.__setitem__(0, spent[0] + time.perf_counter() - starts[id(m)])))
+            lambda m, _a, _o: spent.__setitem__(0, spent[0] + now(device) - starts[id(m)])))
     try:
         shares = []
         for _ in range(repeat):
@@ -94,48 +104,73 @@ def bench(
     new_tokens: int = 32,
     repeat: int = 5,
     seed: int = 0,
+    variants: dict[str, Allocation] | None = None,
+    decode_batch_size: int = 8,
 ) -> dict:
-    """Side-by-side timings of ``model`` without and with ``plan`` (an allocation; see module docstring)."""
+    """Side-by-side timings of ``model`` without and with ``plan`` (an allocation; see module docstring).
+
+    Runs where the model's input embedding is (on CUDA, every reading waits for the queued
+    kernels). ``variants``: other allocations timed in the same rounds (e.g. the plan with
+    compensation), each reported under ``variants[label]`` with its time over the plan's,
+    round by round (``over_planned``). ``decode_batch_size``: the batched decode measure's batch.
+    """
+    from ..runtime.layers import input_device
+
+    device = input_device(model)
     generator = torch.Generator().manual_seed(seed)
     vocab = model.get_input_embeddings().num_embeddings
-    prefill_ids = torch.randint(0, vocab, (batch, prompt_len), generator=generator)
-    decode_prompt = torch.randint(0, vocab, (1, 16), generator=generator)
-    decode_batch = torch.randint(0, vocab, (8, 16), generator=generator)
+    prefill_ids = torch.randint(0, vocab, (batch, prompt_len), generator=generator).to(device)
+    decode_prompt = torch.randint(0, vocab, (1, 16), generator=generator).to(device)
+    decode_batch = torch.randint(0, vocab, (decode_batch_size, 16), generator=generator).to(device)
     budget = plan.planned_activations / plan.original_activations
     f_moe = expert_time_share(model, prefill_ids)
     f_flops = routed_flop_share(model, prefill_ids)
     f_weights = routed_weight_share(model)
 
-    def planned(fn: Callable[[], float]) -> float:
-        with apply_plan(model, plan):
-            return fn()
+    def under(allocation: Allocation) -> Callable[[Callable[[], float]], float]:
+        def run(fn: Callable[[], float]) -> float:
+            with apply_plan(model, allocation):
+                return fn()
+        return run
+
+    planned = under(plan)
+    others = {label: under(allocation) for label, allocation in (variants or {}).items()}
 
     lean = _lean_full_k(model)
 
     measures = {
         "prefill_s": lambda: time_prefill(model, prefill_ids),
         "decode_b1_s_per_token": lambda: time_decode(model, decode_prompt, new_tokens),
-        "decode_b8_s_per_step": lambda: time_decode(model, decode_batch, new_tokens),
+        f"decode_b{decode_batch_size}_s_per_step": lambda: time_decode(model, decode_batch, new_tokens),
     }
     results: dict[str, Any] = {}
-    for name, measure in measures.items():
+    for name, measure in progress(measures.items(), desc="timing"):
         measure(), planned(measure)  # warm-up every path
         if lean is not None:
             lean(measure)
+        for other in others.values():
+            other(measure)
         base, fast, full_lean = [], [], []
+        varied: dict[str, list[float]] = {label: [] for label in others}
         for _ in range(repeat):
             base.append(measure())
             if lean is not None:
                 full_lean.append(lean(measure))
             fast.append(planned(measure))
+            for label, other in others.items():
+                varied[label].append(other(measure))
         results[name] = {"untouched": _median_spread(base), "planned": _median_spread(fast),
                          "speedup": _median_spread([b / f for b, f in zip(base, fast)])}
+        if others:
+            results[name]["variants"] = {
+                label: {"time": _median_spread(times), "over_planned": _median_spread(
+                    [v / f for v, f in zip(times, fast)])} for label, times in varied.items()}
         if lean is not None:
             results[name]["full_lean"] = _median_spread(full_lean)
             results[name]["speedup_same_path"] = _median_spread([b / f for b, f in zip(full_lean, fast)])
 
     bounds = {"prefill_s": ideal_speedup(f_flops, budget), "decode_b1_s_per_token": ideal_speedup(f_weights, budget),
-              "decode_b8_s_per_step": ideal_speedup(f_weights, budget)}
+              f"decode_b{decode_batch_size}_s_per_step": ideal_speedup(f_weights, budget)}
 
     def achieved(name: str) -> float:
         r = results[name]
@@ -156,6 +191,8 @@ def bench(
         "new_tokens": new_tokens,
         "repeat": repeat,
         "threads": torch.get_num_threads(),
+        "device": str(device),
+        "decode_batch_size": decode_batch_size,
         **results,
     }
 

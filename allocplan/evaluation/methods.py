@@ -115,7 +115,11 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-def _allocation(model: Any, ks: list[float], routing: RoutingConfig | None = None) -> "Allocation":
+# Methods route plainly (each token its top-k) unless they say otherwise.
+PLAIN = RoutingConfig(token_level=False)
+
+
+def _allocation(model: Any, ks: list[float], routing: RoutingConfig = PLAIN) -> "Allocation":
     from ..runtime.allocations import allocation_for
 
     return allocation_for(model, ks, routing)
@@ -277,6 +281,35 @@ def _solved(name: str, token_level: bool, data_free: bool = False) -> Callable:
         return Policy(name, plan.allocation, inputs.total)
 
     return build
+
+
+@register_method("k2-peer", "uniform k, kept weights divided by the router mass of each token's top-k2 (decoupled"
+                 " renormalisation, arXiv 2609.04575), one k2 for all layers chosen on calibration text",
+                 needs_calibration=True)
+def _k2_peer(inputs: MethodInputs) -> Policy:
+    if inputs.calib_windows is None:
+        raise AllocplanError("method k2-peer needs calibration text to choose k2")
+    from ..evaluation.metrics import nll_and_activations
+
+    ks = [inputs.total * k / sum(inputs.originals) for k in inputs.originals]
+    fractional = not all(float(k).is_integer() for k in ks)
+    if not fractional:
+        ks = [int(k) for k in ks]
+    best = None
+    for width in range(math.ceil(max(ks)), min(inputs.originals) + 1):
+        # Fractional k: every token keeps floor(k) experts and Alloc-T places the rest; candidates
+        # stay the full top-K, whose mass the normaliser needs.
+        routing = RoutingConfig(token_level=fractional, k_base=max(1, int(min(ks))), renormalize="decoupled",
+                                reference_k=width)
+        policy = Policy("k2-peer", _allocation(inputs.model, ks, routing), inputs.total, parameter=float(width))
+        handle = policy.apply(inputs.model)
+        try:
+            nll = nll_and_activations(inputs.model, inputs.calib_windows, handle)["nll"]
+        finally:
+            handle.remove()
+        if best is None or nll < best[0]:
+            best = (nll, policy)
+    return best[1]
 
 
 register_method("lexi", "LExI-style data-free allocation: Gaussian-input sensitivities, same DP")(

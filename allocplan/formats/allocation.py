@@ -15,9 +15,15 @@ from typing import Any
 
 from ..errors import AllocplanError
 from .provenance import ModelIdentity
+from .records import transient
+from .sidecar import CompensationRecord
 
+# Which tokens share a layer's budget under Alloc-T: all tokens of a forward pass, or each sequence's own.
+TOKEN_SCOPES = ("batch", "sequence")
 # Weight normalisation modes the runtime implements (see allocplan.runtime.routing.reweight).
 RENORMALIZE_MODES = ("model", "none", "renorm", "decoupled")
+# A layer gain outside (0, MAX_GAIN] is refused: fitted gains sit near 1, and a wild one is a broken file.
+MAX_GAIN = 10.0
 
 
 @dataclass(frozen=True)
@@ -30,12 +36,25 @@ class LayerAllocation:
         original_k: the model's own top-k for this layer.
         planned_k: experts per token under the allocation; a whole number unless
             token-level allocation is enabled, which realises fractional averages.
+        normalizer_k: k2 of decoupled renormalisation for this layer: the kept weights
+            are divided by the router mass of the token's top-k2 candidates (times the
+            family's scaling factor), whatever ``weights.renormalize`` says; None leaves
+            the plan's weight mode in charge.
+        gain: multiplies the layer's kept routed weights (1.0: unchanged), fitted so that
+            the layer's output best matches its full-k output on calibration tokens.
     """
 
     path: str
     index: int
     original_k: int
     planned_k: int | float
+    normalizer_k: int | None = None
+    gain: float = 1.0
+
+    @property
+    def treated(self) -> bool:
+        """Whether a weight treatment (normaliser width or gain) applies to this layer."""
+        return self.normalizer_k is not None or self.gain != 1.0
 
 
 @dataclass(frozen=True)
@@ -48,11 +67,16 @@ class TokenLevel:
             floor(planned_k) in a layer).
         k_max: most experts one token can get; candidates are each token's top-k_max.
             None means each layer's original_k.
+        scope: which tokens share a layer's budget: ``batch`` (every token of a forward
+            pass, as Alloc-MoE does) or ``sequence`` (each sequence its own budget, as
+            SeqTopK does: a sequence's output never depends on its batch-mates; in decode,
+            each sequence has its own ledger).
     """
 
     enabled: bool
     k_base: int
     k_max: int | None
+    scope: str = "batch"
 
 
 @dataclass(frozen=True)
@@ -77,20 +101,30 @@ class Allocation:
 
     Construction validates the invariants listed in docs/plan-format.md that do
     not involve a budget (see :func:`validate_allocation`).
+
+    Attributes:
+        model / layers / token_level / weights: as in the plan.
+        compensation: the sidecar of compensation vectors (one per routed expert and layer)
+            added for the dropped candidates, or None.
+        compensation_data: the sidecar's bytes, held in memory (never written into the YAML;
+            ``load_plan`` reads and checks them, ``save_plan`` writes them beside the plan).
     """
 
     model: ModelIdentity
     layers: tuple[LayerAllocation, ...]
     token_level: TokenLevel
     weights: Weights
+    compensation: CompensationRecord | None = None
+    compensation_data: bytes | None = transient()
 
     def __post_init__(self) -> None:
         validate_allocation(self)
 
     @property
     def uses_routing_hooks(self) -> bool:
-        """True when the runtime must rewrite routing (Alloc-T or a non-native weight mode)."""
-        return self.token_level.enabled or self.weights.renormalize != "model"
+        """True when the runtime must rewrite routing (Alloc-T, a weight mode or treatment, compensation)."""
+        return (self.token_level.enabled or self.weights.renormalize != "model" or self.compensation is not None
+                or any(layer.treated for layer in self.layers))
 
     @property
     def original_activations(self) -> int:
@@ -141,6 +175,12 @@ def validate_allocation(allocation: "Allocation | Any", where: str = "allocation
             _fail(f"{at}.planned_k", f"{layer.planned_k} is outside [k_min={k_min}, original_k={layer.original_k}]")
         if not allocation.token_level.enabled and not float(layer.planned_k).is_integer():
             _fail(f"{at}.planned_k", f"{layer.planned_k} is fractional, which needs token_level.enabled: true")
+        width = allocation.token_level.k_max or layer.original_k
+        if layer.normalizer_k is not None and not (1 <= layer.normalizer_k <= width):
+            _fail(f"{at}.normalizer_k", f"{layer.normalizer_k} must be between 1 and the layer's candidate width"
+                                        f" {width} (or null)")
+        if not (0.0 < layer.gain <= MAX_GAIN):
+            _fail(f"{at}.gain", f"{layer.gain!r} is outside (0, {MAX_GAIN:g}]; 1.0 leaves the layer's weights as they are")
     smallest_k = min(layer.original_k for layer in allocation.layers)
     token_level = allocation.token_level
     if not (0 <= token_level.k_base <= smallest_k):
@@ -156,6 +196,8 @@ def validate_allocation(allocation: "Allocation | Any", where: str = "allocation
             if layer.planned_k > token_level.k_max:
                 _fail(f"{where}.layers[{i}].planned_k",
                       f"{layer.planned_k} exceeds token_level.k_max {token_level.k_max}")
+    if token_level.scope not in TOKEN_SCOPES:
+        _fail(f"{where}.token_level.scope", f"{token_level.scope!r} is not one of {', '.join(TOKEN_SCOPES)}")
     weights = allocation.weights
     if weights.renormalize not in RENORMALIZE_MODES:
         _fail(f"{where}.weights.renormalize",

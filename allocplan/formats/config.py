@@ -20,12 +20,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import AllocplanError
-from .allocation import RENORMALIZE_MODES, TokenLevel, Weights
+from .allocation import RENORMALIZE_MODES, TOKEN_SCOPES, TokenLevel, Weights
 from .budget import BudgetRequest
+from .sidecar import COMPENSATION_KINDS
 from .records import atomic_write_text, dump_yaml, from_data, load_yaml_file, to_data
 
 RECIPE_KIND = "allocplan-recipe"
@@ -35,7 +37,12 @@ RECIPE_SCHEMA_VERSION = 1
 PROFILE_STRATEGIES = ("isolated", "paper")
 PROFILE_METRICS = ("kl", "nll")
 K_STEPS = (1.0, 0.5)
-DTYPES = ("float32", "bfloat16", "float16")
+WEIGHT_FITS = ("auto", "off")
+COMPENSATIONS = ("auto", *COMPENSATION_KINDS, "off")
+# A linear stand-in (2 * rank * hidden multiply-adds per dropped pair) costs at most this share of one
+# expert's multiply-adds when its rank is left to allocplan.
+STAND_IN_SHARE = 0.05
+DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 
 def setting(default: Any, help: str, *, flag: str | None = None, choices: tuple | None = None,
@@ -80,12 +87,30 @@ def check_settings(config: Any) -> None:
             raise AllocplanError(f"{name} must be at least {minimum}, got {value!r}")
 
 
+def parse_dataset_spec(spec: str) -> tuple[str, str | None, str]:
+    """A ``--calib-dataset`` value, ``NAME[:CONFIG]:SPLIT``, as ``(name, config, split)``.
+
+    Raises:
+        AllocplanError: not two or three non-empty parts.
+    """
+    parts = spec.split(":")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise AllocplanError(f"--calib-dataset {spec[:80]!r} must be NAME:SPLIT or NAME:CONFIG:SPLIT, e.g."
+                             " wikitext:wikitext-2-raw-v1:train")
+    return parts[0], (parts[1] if len(parts) == 3 else None), parts[-1]
+
+
 @dataclass(frozen=True)
 class ProfileConfig:
     """How sensitivities S[l, k] are measured (see :mod:`allocplan.planner.profiling`).
 
     Attributes:
-        calib: UTF-8 calibration text file; None means the text bundled with allocplan.
+        calib: calibration text: a UTF-8 text file, or a ``.jsonl`` file whose lines are
+            JSON objects (the ``text_field`` of each); None (and no ``calib_dataset``) means
+            the text bundled with allocplan.
+        calib_dataset: a ``datasets`` dataset as ``NAME[:CONFIG]:SPLIT`` to read calibration
+            text from instead (the optional ``datasets`` extra), its ``text_field`` column.
+        text_field: the field holding the text in a ``.jsonl`` file or a dataset.
         calib_tokens: tokens of calibration text to score (cut into full windows).
         seq_len: tokens per packed window.
         strategy: ``isolated`` (other layers at their original k) or ``paper`` (later
@@ -94,10 +119,25 @@ class ProfileConfig:
         k_min: smallest top-k a layer may be given.
         k_step: candidate grid: 1.0 (whole experts) or 0.5 (halves, realised by Alloc-T).
         batch_size: calibration windows per forward pass.
+        weight_fit: ``auto``: for every (layer, k), fit the layer's weight treatment on
+            calibration tokens (the normaliser width k2 of decoupled renormalisation for a
+            family that renormalises, a gain on the routed output for one that does not)
+            and measure S with it in place, where the family supports treatments; ``off``: none.
+        compensation: a dropped candidate adds its routing weight times a stand-in for its
+            expert's output, fitted on calibration tokens: ``expert``, the expert's mean output
+            (MoNE); ``layer``, the layer's mean expert output; ``linear``, the expert's mean
+            output plus a low-rank least-squares linear map of the input;
+            ``off``: nothing; ``auto``: ``linear`` where the family supports it, else ``off``.
+            Measured with it in place.
+        compensation_rank: rank of the ``linear`` stand-ins; None: per layer, the largest rank
+            whose stand-in costs at most ``STAND_IN_SHARE`` of one expert's multiply-adds.
     """
 
-    calib: str | None = setting(None, "UTF-8 calibration text [default: the text bundled with allocplan].",
-                                path=True)
+    calib: str | None = setting(None, "Calibration text: a UTF-8 text file, or .jsonl (one JSON object per line)"
+                                      " [default: the text bundled with allocplan].", path=True)
+    calib_dataset: str | None = setting(None, "Read calibration text from a datasets dataset, NAME[:CONFIG]:SPLIT"
+                                              " (pip install 'allocplan[datasets]').")
+    text_field: str = setting("text", "Field holding the text in a .jsonl calibration file or a dataset.")
     calib_tokens: int = setting(16384, "Tokens of calibration text to score.", minimum=2)
     seq_len: int = setting(256, "Tokens per packed calibration window.", minimum=2)
     strategy: str = setting("isolated", "What the other layers do while one layer is profiled.",
@@ -108,17 +148,26 @@ class ProfileConfig:
     k_step: float = setting(1.0, "Candidate grid: whole experts, or halves realised by token-level allocation.",
                             choices=K_STEPS)
     batch_size: int = setting(8, "Calibration windows per forward pass.", minimum=1)
+    weight_fit: str = setting("auto", "Fit each layer's weight treatment (normaliser width or gain) per k on"
+                                      " calibration text, and profile with it.", choices=WEIGHT_FITS)
+    compensation: str = setting("auto", "Compensate dropped experts with stand-ins fitted on calibration text"
+                                        " (mean output per expert or per layer, or mean plus a low-rank linear"
+                                        " map), and profile with them.", choices=COMPENSATIONS)
+    compensation_rank: int | None = setting(None, "Rank of the linear stand-ins of --compensation linear"
+                                                  " [default: the largest costing at most 5% of an expert].",
+                                            minimum=1)
 
     def __post_init__(self) -> None:
         check_settings(self)
         if self.calib_tokens < self.seq_len:
             raise AllocplanError(f"--calib-tokens {self.calib_tokens} is smaller than --seq-len {self.seq_len};"
                                  " raise it")
-
-    @property
-    def token_level(self) -> bool:
-        """A half-expert grid is measured (and run) with Alloc-T routing."""
-        return self.k_step != 1.0
+        if self.calib is not None and self.calib_dataset is not None:
+            raise AllocplanError("--calib and --calib-dataset both name calibration text; give one")
+        if self.calib_dataset is not None:
+            parse_dataset_spec(self.calib_dataset)
+        if not self.text_field or len(self.text_field) > 200:
+            raise AllocplanError("--text-field must be a field name of 1 to 200 characters")
 
 
 @dataclass(frozen=True)
@@ -133,6 +182,9 @@ class RoutingConfig:
         renormalize: weight mode of the kept experts (``model``, ``none``, ``renorm``,
             ``decoupled``).
         reference_k: k' of ``decoupled``; None means each layer's original top-k.
+        scope: which tokens share a layer's Alloc-T budget: ``batch`` (all tokens of a
+            forward) or ``sequence`` (each sequence alone: batch-invariant outputs, for
+            continuous batching).
     """
 
     token_level: bool = setting(True, "Alloc-T: redistribute each layer's activations between the tokens of"
@@ -143,6 +195,9 @@ class RoutingConfig:
     renormalize: str = setting("model", "How the kept experts' weights are normalised.", choices=RENORMALIZE_MODES)
     reference_k: int | None = setting(None, "k' of --renormalize decoupled [default: the layer's original top-k].",
                                       minimum=1)
+    scope: str = setting("batch", "Tokens that share a layer's Alloc-T budget: all of a forward pass (batch) or"
+                                  " each sequence alone (sequence: outputs do not depend on batch-mates).",
+                         choices=TOKEN_SCOPES)
 
     def __post_init__(self) -> None:
         check_settings(self)
@@ -153,7 +208,7 @@ class RoutingConfig:
 
     def token_level_record(self) -> TokenLevel:
         """The plan's ``token_level`` record."""
-        return TokenLevel(enabled=self.token_level, k_base=self.k_base, k_max=self.k_max)
+        return TokenLevel(enabled=self.token_level, k_base=self.k_base, k_max=self.k_max, scope=self.scope)
 
     def weights_record(self) -> Weights:
         """The plan's ``weights`` record."""
@@ -161,21 +216,96 @@ class RoutingConfig:
 
 
 @dataclass(frozen=True)
+class RefineConfig:
+    """The measured refinement after the DP (see :mod:`allocplan.planner.refine`).
+
+    Attributes:
+        refine: run it: a local search over one-expert exchanges between layers, each
+            candidate run whole on calibration windows and scored by KL from the full model.
+        refine_steps: most exchanges taken.
+        refine_tokens: calibration tokens each candidate is scored on (the first ones of the
+            profiling windows).
+    """
+
+    refine: bool = setting(True, "After the DP, move experts between layers while the measured calibration"
+                                 " KL of the whole plan falls.", flag="--refine/--no-refine")
+    refine_steps: int = setting(8, "Most one-expert exchanges the refinement takes.", minimum=1)
+    refine_tokens: int = setting(4096, "Calibration tokens each refinement candidate is scored on.", minimum=2)
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+
+
+@dataclass(frozen=True)
 class LoadConfig:
     """How a model named by the user is loaded (see :func:`allocplan.load_model`).
 
+    The fields beyond ``device`` go to transformers' ``from_pretrained`` as they are.
+
     Attributes:
-        device: torch device to run the model on.
-        dtype: dtype to load the weights in.
+        device: torch device to run the model on (ignored with ``device_map``).
+        dtype: dtype to load the weights in; ``auto`` (the default) keeps the checkpoint's
+            own, so a bf16 checkpoint is not inflated to float32.
+        device_map: transformers' ``device_map`` (e.g. ``auto``: spread over the GPUs, CPU
+            memory and disk; needs the accelerate package); None loads onto ``device``.
+        max_memory: per-device memory caps for ``device_map``, as ``DEVICE=SIZE`` pairs joined
+            by commas (``0=70GiB,cpu=200GiB``).
+        offload_folder: where ``device_map`` offloads the layers that fit nowhere else.
+        revision: hub branch, tag or commit to load; the commit it resolves to is recorded
+            in the plan (``model.revision``).
+        attn_implementation: transformers' attention implementation (``eager``, ``sdpa``,
+            ``flash_attention_2``, ...); None lets transformers choose.
         trust_remote_code: allow a checkpoint's own Python code (off unless asked).
     """
 
-    device: str = setting("cpu", "torch device to run the model on.")
-    dtype: str = setting("float32", "dtype to load the weights in.", choices=DTYPES)
+    device: str = setting("cpu", "torch device to run the model on (ignored with --device-map).")
+    dtype: str = setting("auto", "dtype to load the weights in (auto: the checkpoint's own).", choices=DTYPES)
+    device_map: str | None = setting(None, "transformers device_map, e.g. auto (needs accelerate) [default: all on"
+                                           " --device].")
+    max_memory: str | None = setting(None, "Memory caps for --device-map, e.g. 0=70GiB,cpu=200GiB.")
+    offload_folder: str | None = setting(None, "Folder for the layers --device-map offloads to disk.")
+    revision: str | None = setting(None, "Hub branch, tag or commit to load (recorded in the plan as a commit).")
+    attn_implementation: str | None = setting(None, "transformers attention implementation: eager, sdpa,"
+                                                    " flash_attention_2, ... [default: transformers' choice].")
     trust_remote_code: bool = setting(False, "Allow a checkpoint's own Python code (off by default).")
 
     def __post_init__(self) -> None:
         check_settings(self)
+        for name in ("device", "device_map", "revision", "attn_implementation", "max_memory", "offload_folder"):
+            value = getattr(self, name)
+            if value is not None and (not value or len(value) > 200 or not value.isprintable() or " " in value):
+                raise AllocplanError(f"{name} (--{name.replace('_', '-')}) {value[:40]!r} must be one word of 1 to 200"
+                                     " printable characters")
+        if self.max_memory is not None:
+            self.max_memory_map()
+            if self.device_map is None:
+                raise AllocplanError("--max-memory caps what --device-map places; give --device-map too")
+        if self.offload_folder is not None and self.device_map is None:
+            raise AllocplanError("--offload-folder is where --device-map offloads layers; give --device-map too")
+
+    def max_memory_map(self) -> dict[int | str, str] | None:
+        """``max_memory`` as transformers takes it: GPU indices as ints, ``cpu``/``disk`` as names."""
+        if self.max_memory is None:
+            return None
+        caps: dict[int | str, str] = {}
+        for item in self.max_memory.split(","):
+            device, _, size = item.partition("=")
+            if not device or not size or not re.fullmatch(r"[0-9]+(\.[0-9]+)?\s*([KMGT]i?B)?", size, re.IGNORECASE):
+                raise AllocplanError(f"--max-memory {self.max_memory[:60]!r}: each item must be DEVICE=SIZE, e.g."
+                                     " 0=70GiB,cpu=200GiB")
+            caps[int(device) if device.isdigit() else device] = size
+        return caps
+
+    def from_pretrained_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments for transformers' ``from_pretrained`` (dtype as its name; the
+        loader turns it into a torch dtype)."""
+        kwargs: dict[str, Any] = {"dtype": self.dtype, "trust_remote_code": self.trust_remote_code}
+        for name in ("device_map", "revision", "attn_implementation", "offload_folder"):
+            if getattr(self, name) is not None:
+                kwargs[name] = getattr(self, name)
+        if self.max_memory is not None:
+            kwargs["max_memory"] = self.max_memory_map()
+        return kwargs
 
 
 @dataclass(frozen=True)
@@ -185,12 +315,14 @@ class Recipe:
     Attributes:
         budget: the budget, or None to take it from the command line.
         profile: how sensitivities are measured.
-        routing: how the plan routes at runtime.
+        routing: how the plan routes at runtime (and the probes route while profiling).
+        refine: the measured refinement after the DP.
     """
 
     budget: BudgetRequest | None = None
     profile: ProfileConfig = ProfileConfig()
     routing: RoutingConfig = RoutingConfig()
+    refine: RefineConfig = RefineConfig()
 
     def to_yaml(self) -> str:
         """Canonical YAML text, every setting written out (defaults included)."""

@@ -10,18 +10,31 @@ errors. Pure: no torch. See docs/plan-format.md for a field-by-field description
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..errors import AllocplanError
 from .allocation import Allocation, LayerAllocation, TokenLevel, Weights, validate_allocation
 from .budget import round_half_up
-from .provenance import CalibrationRecord, ModelIdentity
-from .records import atomic_write_text, dump_yaml, from_data, load_yaml_file, to_data
+from .provenance import (SHA256, CalibrationRecord, ModelIdentity, check_text, upgrade_calibration_data,
+                         upgrade_model_data)
+from .records import atomic_write_text, dump_yaml, from_data, load_yaml_file, to_data, transient
+from .sidecar import CompensationRecord, read_sidecar, write_sidecar
+from .strict_yaml import shown
 
 PLAN_KIND = "allocplan-plan"
-PLAN_SCHEMA_VERSION = 1
+# The DP's and the ILP's objectives agree when equal to 1e-9, relative or absolute: the ILP stops within
+# such a tolerance of its optimum, and sensitivities (stored to 9 significant digits) can be tiny and
+# negative, where a relative test alone would flag noise.
+AGREEMENT_TOLERANCE = 1e-9
+STRATEGIES = ("isolated", "paper", "data-free")
+METRICS = ("nll", "kl", "output-change")
+PLAN_SCHEMA_VERSION = 2
+# Earlier versions this allocplan still reads (and upgrades; see upgrade_plan_data).
+READABLE_PLAN_VERSIONS = (1, 2)
 
 
 @dataclass(frozen=True)
@@ -42,15 +55,53 @@ class Budget:
 
 
 @dataclass(frozen=True)
+class RefinementStep:
+    """One move of the measured refinement: ``unit`` of k from one layer to another.
+
+    Attributes:
+        from_layer / to_layer: decoder layer indices of the layers giving and receiving.
+        objective: the measured objective after the move.
+    """
+
+    from_layer: int
+    to_layer: int
+    objective: float
+
+
+@dataclass(frozen=True)
+class RefinementRecord:
+    """The measured refinement after the DP (``compile --refine``; see allocplan.planner.refine).
+
+    Attributes:
+        metric: what was measured: ``kl``, the mean KL divergence from the full model on
+            calibration windows, with every layer reduced together as the plan runs.
+        unit: how much k each step moves (1, or 0.5 on a half-expert grid).
+        objective_before: the measured objective of the DP's allocation.
+        objective_after: the measured objective of the plan's allocation (<= before).
+        steps: the moves taken, in order; undoing them gives the DP's allocation.
+        measured: allocations run in all.
+    """
+
+    metric: str
+    unit: float
+    objective_before: float
+    objective_after: float
+    steps: tuple[RefinementStep, ...]
+    measured: int
+
+
+@dataclass(frozen=True)
 class SolverRecord:
-    """The layer-level optimisation and its cross-check.
+    """The layer-level optimisation, its cross-check and the measured refinement.
 
     Attributes:
         metric: unit of the objectives (``nll`` or ``kl``, nats per token).
         dp_objective: sum of S[l, k_l] for the dynamic programme's allocation.
         ilp_objective: the same sum for the OR-Tools ILP's allocation.
         ilp_status: the ILP's termination status (always ``OPTIMAL`` in a valid plan).
-        objectives_agree: the two objectives agree to 1e-9 relative.
+        objectives_agree: the two objectives agree (``objectives_agree``: 1e-9, relative or absolute).
+        refinement: the measured refinement that moved the plan away from the DP's
+            allocation, or None when none ran.
     """
 
     metric: str
@@ -58,6 +109,7 @@ class SolverRecord:
     ilp_objective: float
     ilp_status: str
     objectives_agree: bool
+    refinement: RefinementRecord | None = None
 
 
 @dataclass(frozen=True)
@@ -100,8 +152,10 @@ class Plan:
     layers: tuple[LayerAllocation, ...]
     token_level: TokenLevel
     weights: Weights
+    compensation: CompensationRecord | None
     solver: SolverRecord
     provenance: PlanProvenance
+    compensation_data: bytes | None = transient()
 
     @classmethod
     def build(cls, allocation: Allocation, budget: Budget, solver: SolverRecord,
@@ -110,13 +164,15 @@ class Plan:
         return cls(
             schema_version=PLAN_SCHEMA_VERSION, kind=PLAN_KIND, model=allocation.model, budget=budget,
             layers=allocation.layers, token_level=allocation.token_level, weights=allocation.weights,
-            solver=solver, provenance=provenance,
+            compensation=allocation.compensation, solver=solver, provenance=provenance,
+            compensation_data=allocation.compensation_data,
         )
 
     @property
     def allocation(self) -> Allocation:
-        """The part ``apply_plan`` runs: model identity, per-layer k, token-level and weight settings."""
-        return Allocation(model=self.model, layers=self.layers, token_level=self.token_level, weights=self.weights)
+        """The part ``apply_plan`` runs: model identity, per-layer k and treatments, routing, compensation."""
+        return Allocation(model=self.model, layers=self.layers, token_level=self.token_level, weights=self.weights,
+                          compensation=self.compensation, compensation_data=self.compensation_data)
 
     def __post_init__(self) -> None:
         validate_plan(self)
@@ -128,6 +184,11 @@ class Plan:
 
 def _fail(where: str, message: str) -> None:
     raise AllocplanError(f"{where}: {message}")
+
+
+def objectives_agree(a: float, b: float) -> bool:
+    """Whether the DP's and the ILP's objectives agree (see AGREEMENT_TOLERANCE)."""
+    return math.isclose(a, b, rel_tol=AGREEMENT_TOLERANCE, abs_tol=AGREEMENT_TOLERANCE)
 
 
 def validate_plan(plan: Plan, where: str = "plan") -> None:
@@ -166,35 +227,107 @@ def validate_plan(plan: Plan, where: str = "plan") -> None:
                 f"is {budget.total_activations} but ratio {budget.ratio} of {original} rounds to {expected}",
             )
     solver = plan.solver
+    if solver.metric not in METRICS:
+        _fail(f"{where}.solver.metric", f"{shown(solver.metric)} is not one of {', '.join(METRICS)}")
+    if solver.objectives_agree != objectives_agree(solver.dp_objective, solver.ilp_objective):
+        _fail(f"{where}.solver.objectives_agree", f"is {str(solver.objectives_agree).lower()} but the objectives"
+                                                  f" {solver.dp_objective} and {solver.ilp_objective} say otherwise")
     if solver.ilp_status != "OPTIMAL" or not solver.objectives_agree:
         _fail(f"{where}.solver", "the ILP cross-check did not confirm the DP optimum; recompile the plan")
+    provenance = plan.provenance
+    if provenance.strategy not in STRATEGIES:
+        _fail(f"{where}.provenance.strategy", f"{shown(provenance.strategy)} is not one of {', '.join(STRATEGIES)}")
+    if not SHA256.match(provenance.profile_sha256):
+        _fail(f"{where}.provenance.profile_sha256", "must be sha256: and 64 hex digits")
+    for name in ("allocplan_version", "torch_version", "transformers_version"):
+        check_text(getattr(provenance, name), f"{where}.provenance.{name}")
+    experts = plan.model.num_experts
+    for i, layer in enumerate(plan.layers):
+        if layer.original_k > experts:
+            _fail(f"{where}.layers[{i}].original_k", f"{layer.original_k} exceeds model.num_experts {experts}")
+    refinement = solver.refinement
+    if refinement is not None:
+        at = f"{where}.solver.refinement"
+        if refinement.unit not in (1.0, 0.5):
+            _fail(f"{at}.unit", f"{refinement.unit} is not 1 or 0.5")
+        objectives = [refinement.objective_before] + [step.objective for step in refinement.steps]
+        if refinement.objective_after != objectives[-1]:
+            _fail(f"{at}.objective_after", f"is {refinement.objective_after} but the last measured objective is"
+                                           f" {objectives[-1]}")
+        if any(later >= earlier for earlier, later in zip(objectives, objectives[1:])):
+            _fail(f"{at}.steps", "every step must lower the measured objective")
+        indices = {layer.index for layer in plan.layers}
+        for i, step in enumerate(refinement.steps):
+            if step.from_layer not in indices or step.to_layer not in indices or step.from_layer == step.to_layer:
+                _fail(f"{at}.steps[{i}]", "must move k between two different MoE layers of the plan")
+        if refinement.measured < 1 + len(refinement.steps):
+            _fail(f"{at}.measured", f"{refinement.measured} is fewer than the allocations the steps took")
+
+
+def upgrade_plan_data(data: dict) -> dict:
+    """A version-1 plan's data as version 2: no per-layer treatment, no compensation, no refinement,
+    batch-scoped Alloc-T, an unknown model revision, and calibration text read from a text file.
+
+    Version 2 added fields only, each with the value that means "as version 1 did".
+    """
+    upgraded = {**data, "schema_version": PLAN_SCHEMA_VERSION}
+    if "model" in data:
+        upgraded["model"] = upgrade_model_data(data["model"])
+    if isinstance(data.get("provenance"), dict):
+        upgraded["provenance"] = {**data["provenance"],
+                                  "calibration": upgrade_calibration_data(data["provenance"].get("calibration"))}
+    if isinstance(data.get("layers"), list):
+        upgraded["layers"] = [{**layer, "normalizer_k": None, "gain": 1.0} if isinstance(layer, dict) else layer
+                              for layer in data["layers"]]
+    if isinstance(data.get("solver"), dict):
+        upgraded["solver"] = {**data["solver"], "refinement": None}
+    if isinstance(data.get("token_level"), dict):
+        upgraded["token_level"] = {**data["token_level"], "scope": "batch"}
+    ordered = {}
+    for key, value in upgraded.items():  # compensation sits after weights, as version 2 writes it
+        ordered[key] = value
+        if key == "weights":
+            ordered["compensation"] = None
+    return ordered
 
 
 def plan_from_data(data: object, where: str = "plan") -> Plan:
-    """Strictly build a plan from parsed YAML data (version checked first)."""
+    """Strictly build a plan from parsed YAML data (version checked first; version 1 is upgraded)."""
     if isinstance(data, dict):
         if data.get("kind") != PLAN_KIND:
-            _fail(where, f"kind is {data.get('kind')!r}, not {PLAN_KIND!r}; is this an allocplan plan?")
+            _fail(where, f"kind is {repr(data.get('kind'))[:40]}, not {PLAN_KIND!r}; is this an allocplan plan?")
         version = data.get("schema_version")
-        if version != PLAN_SCHEMA_VERSION:
+        if type(version) is not int or version not in READABLE_PLAN_VERSIONS:
             _fail(
                 where,
-                f"schema_version {version!r} is not supported (this allocplan reads version"
-                f" {PLAN_SCHEMA_VERSION}); recompile the plan with this allocplan",
+                f"schema_version {repr(version)[:20]} is not supported (this allocplan reads versions"
+                f" {', '.join(map(str, READABLE_PLAN_VERSIONS))}); recompile the plan with this allocplan",
             )
+        if version == 1:
+            data = upgrade_plan_data(data)
     return from_data(Plan, data, where)
 
 
 def load_plan(path: str | os.PathLike[str]) -> Plan:
-    """Load and strictly validate a plan file.
+    """Load and strictly validate a plan file, and its compensation sidecar if it names one.
 
     Raises:
-        AllocplanError: unreadable file, invalid YAML, wrong kind or version,
-            unknown keys, wrong types, or broken budget arithmetic.
+        AllocplanError: unreadable file, invalid YAML, wrong kind or version, unknown keys,
+            wrong types, broken budget arithmetic, or a missing or changed sidecar.
     """
-    return plan_from_data(load_yaml_file(path, "plan"), where=f"plan {os.fspath(path)!r}")
+    where = f"plan {os.fspath(path)!r}"
+    plan = plan_from_data(load_yaml_file(path, "plan"), where=where)
+    if plan.compensation is None:
+        return plan
+    data = read_sidecar(Path(path).parent, plan.compensation, where)
+    return dataclasses.replace(plan, compensation_data=data)
 
 
 def save_plan(plan: Plan, path: str | os.PathLike[str]) -> None:
-    """Write the plan atomically as canonical YAML."""
+    """Write the plan atomically as canonical YAML, and its compensation sidecar beside it."""
+    if plan.compensation is not None:
+        if plan.compensation_data is None:
+            raise AllocplanError("this plan names a compensation sidecar but holds no vectors; load it from its"
+                                 " file or recompile")
+        write_sidecar(Path(path).parent if str(Path(path).parent) else ".", plan.compensation, plan.compensation_data)
     atomic_write_text(path, plan.to_yaml())

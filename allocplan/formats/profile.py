@@ -1,25 +1,35 @@
 """The sensitivity profile: a versioned, strictly loaded YAML artifact.
 
 A profile holds S[l, k], the calibration-loss increase when MoE layer l routes
-to its top-k instead of its original K_l, for k_min <= k <= K_l. Profiling is
-the expensive, torch-bound step; storing its result lets ``allocplan solve``
-and the solver tests run without loading a model. Pure: no torch.
+to its top-k instead of its original K_l, for k_min <= k <= K_l, together with
+what was in place when it was measured: each (l, k)'s fitted weight treatment
+(normaliser width or gain) and the compensation sidecar. Profiling is the
+expensive, torch-bound step; storing its result lets ``allocplan solve`` and the
+solver tests run without loading a model. Pure: no torch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..errors import AllocplanError
-from .provenance import CalibrationRecord, ModelIdentity
-from .records import atomic_write_text, dump_yaml, from_data, load_yaml_file, to_data
+from .allocation import MAX_GAIN
+from .provenance import MAX_EXPERTS, CalibrationRecord, ModelIdentity, upgrade_calibration_data, upgrade_model_data
+from .records import atomic_write_text, dump_yaml, from_data, load_yaml_file, to_data, transient
+from .sidecar import COMPENSATION_KINDS, CompensationRecord, read_sidecar, write_sidecar
 
 PROFILE_KIND = "allocplan-profile"
-PROFILE_SCHEMA_VERSION = 1
+# |S| above this is not a loss increase in nats per token (or an output change) but a broken file.
+MAX_SENSITIVITY = 1000.0
+PROFILE_SCHEMA_VERSION = 2
+READABLE_PROFILE_VERSIONS = (1, 2)
 METRICS = ("nll", "kl", "output-change")
 STRATEGIES = ("isolated", "paper", "data-free")
+WEIGHT_FITS = ("fitted", "off")
 
 
 @dataclass(frozen=True)
@@ -32,12 +42,19 @@ class LayerSensitivity:
         original_k: the layer's original top-k K_l.
         sensitivity: k -> S[l, k] for every k in the grid k_min, k_min + k_step, ..., K_l, in
             the profile's metric (nats per token). S[l, K_l] is 0 under the isolated strategy.
+        normalizer_k: k -> the normaliser width k2 fitted for (l, k) and in place while S[l, k]
+            was measured (null where none applies), or null for the whole row when no
+            normaliser was fitted.
+        gain: k -> the gain fitted for (l, k) and in place while S[l, k] was measured, or
+            null for the whole row when no gain was fitted.
     """
 
     path: str
     index: int
     original_k: int
     sensitivity: dict[int | float, float]
+    normalizer_k: dict[int | float, int | None] | None = None
+    gain: dict[int | float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -56,6 +73,10 @@ class Measurement:
             whose fractional k are realised by token-level allocation).
         token_level: whether the measured layer ran with Alloc-T routing (required by a
             half-expert grid) rather than plain top-k.
+        weight_fit: ``fitted`` (each (l, k) measured with its fitted normaliser width, for a
+            family that renormalises, or gain, for one that does not) or ``off``.
+        compensation: ``expert`` or ``layer`` (dropped candidates compensated by the
+            sidecar's vectors while measuring) or ``off``.
         reference_nll: mean NLL of the untouched model on the calibration tokens.
         calibration: the text it was measured on.
         device: torch device used.
@@ -67,6 +88,8 @@ class Measurement:
     k_min: int
     k_step: float
     token_level: bool
+    weight_fit: str
+    compensation: str
     reference_nll: float
     calibration: CalibrationRecord
     device: str
@@ -90,17 +113,21 @@ class SensitivityProfile:
         schema_version: format version; loading any other version is an error.
         kind: always ``allocplan-profile`` (so a profile is never mistaken for a plan).
         model: the model it was measured on.
-        measurement: metric, strategy and calibration.
+        measurement: metric, strategy, treatments and calibration.
+        compensation: the sidecar of compensation vectors in place while measuring, or None.
         layers: one row per MoE layer, sorted by index.
         provenance: allocplan, torch and transformers versions.
+        compensation_data: the sidecar's bytes in memory (see the plan's).
     """
 
     schema_version: int
     kind: str
     model: ModelIdentity
     measurement: Measurement
+    compensation: CompensationRecord | None
     layers: tuple[LayerSensitivity, ...]
     provenance: ProfileProvenance
+    compensation_data: bytes | None = transient()
 
     def __post_init__(self) -> None:
         _validate_profile(self)
@@ -123,6 +150,9 @@ def k_grid(k_min: int, k_max: int, k_step: float) -> list[int | float]:
 
 def _validate_profile(profile: SensitivityProfile) -> None:
     where = "profile"
+    if profile.schema_version != PROFILE_SCHEMA_VERSION or profile.kind != PROFILE_KIND:
+        raise AllocplanError(f"{where}: a profile object is schema_version {PROFILE_SCHEMA_VERSION} and kind"
+                             f" {PROFILE_KIND}, got {profile.schema_version!r} and {profile.kind!r}")
     if profile.measurement.metric not in METRICS:
         raise AllocplanError(
             f"{where}.measurement.metric: {profile.measurement.metric!r} is not one of {', '.join(METRICS)}"
@@ -140,6 +170,17 @@ def _validate_profile(profile: SensitivityProfile) -> None:
         raise AllocplanError(f"{where}.measurement.k_step: must be 1.0 or 0.5, got {k_step}")
     if k_step != 1.0 and not profile.measurement.token_level:
         raise AllocplanError(f"{where}.measurement.k_step: a half-expert grid needs token_level: true")
+    if profile.measurement.weight_fit not in WEIGHT_FITS:
+        raise AllocplanError(f"{where}.measurement.weight_fit: {profile.measurement.weight_fit!r} is not one of"
+                             f" {', '.join(WEIGHT_FITS)}")
+    kinds = ("off", *COMPENSATION_KINDS)
+    if profile.measurement.compensation not in kinds:
+        raise AllocplanError(f"{where}.measurement.compensation: {profile.measurement.compensation!r} is not one"
+                             f" of {', '.join(kinds)}")
+    if (profile.measurement.compensation == "off") != (profile.compensation is None) or (
+            profile.compensation is not None and profile.compensation.kind != profile.measurement.compensation):
+        raise AllocplanError(f"{where}.compensation: must name a sidecar of kind"
+                             f" {profile.measurement.compensation} exactly when measurement.compensation is not off")
     if not profile.layers:
         raise AllocplanError(f"{where}.layers: is empty; a profile needs one row per MoE layer")
     if len(profile.layers) != profile.model.num_moe_layers:
@@ -148,34 +189,78 @@ def _validate_profile(profile: SensitivityProfile) -> None:
             f" {profile.model.num_moe_layers}"
         )
     previous = -1
+    paths: set[str] = set()
+    experts = min(profile.model.num_experts, MAX_EXPERTS)
     for i, layer in enumerate(profile.layers):
         at = f"{where}.layers[{i}]"
         if layer.index <= previous:
             raise AllocplanError(f"{at}.index: layers must be sorted by increasing index ({layer.index} after {previous})")
         previous = layer.index
-        if layer.original_k < k_min:
-            raise AllocplanError(f"{at}.original_k: {layer.original_k} is below k_min {k_min}")
+        if layer.path in paths or str(layer.index) not in layer.path.split("."):
+            raise AllocplanError(f"{at}.path: must be unique and contain the layer index {layer.index}")
+        paths.add(layer.path)
+        if not k_min <= layer.original_k <= experts:
+            raise AllocplanError(f"{at}.original_k: {layer.original_k} is outside [k_min {k_min}, model.num_experts"
+                                 f" {experts}]")
+        for k, value in layer.sensitivity.items():
+            if not -MAX_SENSITIVITY <= value <= MAX_SENSITIVITY:
+                raise AllocplanError(f"{at}.sensitivity: {value!r} at k={k} is outside [-{MAX_SENSITIVITY:g},"
+                                     f" {MAX_SENSITIVITY:g}] nats per token")
         expected = k_grid(k_min, layer.original_k, k_step)
-        if sorted(layer.sensitivity) != expected:
-            raise AllocplanError(
-                f"{at}.sensitivity: keys must be exactly k = {k_min}..{layer.original_k} in steps of {k_step:g},"
-                f" got {sorted(layer.sensitivity)}"
-            )
+        for name in ("sensitivity", "normalizer_k", "gain"):
+            row = getattr(layer, name)
+            if (row is not None or name == "sensitivity") and sorted(row) != expected:
+                raise AllocplanError(
+                    f"{at}.{name}: keys must be exactly k = {k_min}..{layer.original_k} in steps of {k_step:g},"
+                    f" got {sorted(row)[:20]}"
+                )
+        for k, width in (layer.normalizer_k or {}).items():
+            if width is not None and not 1 <= width <= layer.original_k:
+                raise AllocplanError(f"{at}.normalizer_k: {width} at k={k} is outside [1, {layer.original_k}]")
+        for k, value in (layer.gain or {}).items():
+            if not 0.0 < value <= MAX_GAIN:
+                raise AllocplanError(f"{at}.gain: {value!r} at k={k} is outside (0, {MAX_GAIN:g}]")
+
+
+def upgrade_profile_data(data: dict) -> dict:
+    """A version-1 profile's data as version 2: measured without weight treatment or compensation, from
+    a text file, on a model of unknown revision."""
+    upgraded = {}
+    for key, value in data.items():
+        if key == "measurement" and isinstance(value, dict):
+            value = {**value}
+            ordered = {}
+            for name, item in value.items():
+                ordered[name] = upgrade_calibration_data(item) if name == "calibration" else item
+                if name == "token_level":
+                    ordered.update(weight_fit="off", compensation="off")
+            value = ordered
+        if key == "model":
+            value = upgrade_model_data(value)
+        if key == "layers" and isinstance(value, list):
+            value = [{**row, "normalizer_k": None, "gain": None} if isinstance(row, dict) else row for row in value]
+        upgraded[key] = value
+        if key == "measurement":
+            upgraded["compensation"] = None
+    upgraded["schema_version"] = PROFILE_SCHEMA_VERSION
+    return upgraded
 
 
 def profile_from_data(data: object, where: str = "profile") -> SensitivityProfile:
-    """Strictly build a profile from parsed YAML data."""
+    """Strictly build a profile from parsed YAML data (version 1 is upgraded)."""
     if isinstance(data, dict):
         if data.get("kind") != PROFILE_KIND:
             raise AllocplanError(
-                f"{where}: kind is {data.get('kind')!r}, not {PROFILE_KIND!r}; is this a sensitivity profile?"
+                f"{where}: kind is {repr(data.get('kind'))[:40]}, not {PROFILE_KIND!r}; is this a sensitivity profile?"
             )
         version = data.get("schema_version")
-        if version != PROFILE_SCHEMA_VERSION:
+        if type(version) is not int or version not in READABLE_PROFILE_VERSIONS:
             raise AllocplanError(
-                f"{where}: schema_version {version!r} is not supported (this allocplan reads"
-                f" version {PROFILE_SCHEMA_VERSION}); re-run allocplan profile with this version"
+                f"{where}: schema_version {repr(version)[:20]} is not supported (this allocplan reads versions"
+                f" {', '.join(map(str, READABLE_PROFILE_VERSIONS))}); re-run allocplan profile with this version"
             )
+        if version == 1:
+            data = upgrade_profile_data(data)
     return from_data(SensitivityProfile, data, where)
 
 
@@ -186,9 +271,18 @@ def load_profile(path: str | os.PathLike[str]) -> SensitivityProfile:
         AllocplanError: unreadable file, invalid YAML, wrong kind or version,
             unknown keys, wrong types, or inconsistent contents.
     """
-    return profile_from_data(load_yaml_file(path, "profile"), where=f"profile {os.fspath(path)!r}")
+    where = f"profile {os.fspath(path)!r}"
+    profile = profile_from_data(load_yaml_file(path, "profile"), where=where)
+    if profile.compensation is None:
+        return profile
+    return dataclasses.replace(profile, compensation_data=read_sidecar(Path(path).parent, profile.compensation, where))
 
 
 def save_profile(profile: SensitivityProfile, path: str | os.PathLike[str]) -> None:
-    """Write the profile atomically as canonical YAML."""
+    """Write the profile atomically as canonical YAML, and its compensation sidecar beside it."""
+    if profile.compensation is not None:
+        if profile.compensation_data is None:
+            raise AllocplanError("this profile names a compensation sidecar but holds no vectors; re-run profiling")
+        write_sidecar(Path(path).parent if str(Path(path).parent) else ".", profile.compensation,
+                      profile.compensation_data)
     atomic_write_text(path, profile.to_yaml())

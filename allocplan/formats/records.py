@@ -13,6 +13,8 @@ import dataclasses
 import hashlib
 import math
 import os
+import re
+import sys
 import tempfile
 import types
 import typing
@@ -24,12 +26,24 @@ import yaml
 from ..errors import AllocplanError
 
 T = TypeVar("T")
+# No field of a plan, profile or recipe holds a longer string (paths, names, hashes, versions).
+MAX_STRING = 512
+
+
+def transient(default: Any = None) -> Any:
+    """A dataclass field held in memory only: never written, never read, not compared."""
+    return dataclasses.field(default=default, compare=False, repr=False, metadata={"transient": True})
+
+
+def stored_fields(cls_or_obj: Any) -> list[dataclasses.Field]:
+    """The fields a record writes and reads, in order (transient ones left out)."""
+    return [f for f in dataclasses.fields(cls_or_obj) if not f.metadata.get("transient")]
 
 
 def to_data(obj: Any) -> Any:
     """Turn a (nested) frozen dataclass into plain dicts, lists and scalars."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_data(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: to_data(getattr(obj, f.name)) for f in stored_fields(obj)}
     if isinstance(obj, tuple):
         return [to_data(v) for v in obj]
     if isinstance(obj, dict):
@@ -41,7 +55,9 @@ def from_data(cls: type[T], data: Any, where: str, *, defaults: bool = False) ->
     """Build ``cls`` from plain data, rejecting unknown keys and wrong types.
 
     ``defaults``: a missing key takes its field's default (recipes); otherwise every key
-    is required (plans and profiles record every field).
+    is required (plans and profiles record every field). The records' own validation
+    names fields from their root (``plan.layers[0]...``); here that root becomes ``where``,
+    so every error names the file.
 
     Raises:
         AllocplanError: naming the offending key path (``where``) and what was expected.
@@ -49,10 +65,23 @@ def from_data(cls: type[T], data: Any, where: str, *, defaults: bool = False) ->
     return _convert(cls, data, where, defaults)
 
 
+def _relocated(message: str, where: str) -> str:
+    """A record's own validation message (``model.fingerprint: ...``) with its full path (``where``)."""
+    head = re.match(r"[a-z_]+", message)
+    if head is None or message.startswith(where):
+        return message
+    name = head.group(0)
+    if where == name or where.endswith("." + name) or where.startswith(name + " "):
+        return where + message[len(name):]
+    return message
+
+
 def _describe(value: Any) -> str:
+    from .strict_yaml import shown
+
     if isinstance(value, str):
-        return f"the string {value!r}"
-    return f"{type(value).__name__} {value!r}"
+        return f"the string {shown(value)}"
+    return f"{type(value).__name__} {shown(value)}"
 
 
 def _convert(tp: Any, value: Any, where: str, defaults: bool = False) -> Any:
@@ -60,17 +89,20 @@ def _convert(tp: Any, value: Any, where: str, defaults: bool = False) -> Any:
         if not isinstance(value, dict):
             raise AllocplanError(f"{where}: expected a mapping, got {_describe(value)}")
         hints = typing.get_type_hints(tp)
-        names = [f.name for f in dataclasses.fields(tp)]
-        unknown = sorted(str(k) for k in value if k not in names)
+        names = [f.name for f in stored_fields(tp)]
+        unknown = sorted(str(k)[:40] for k in value if k not in names)
         if unknown:
-            raise AllocplanError(
-                f"{where}: unknown key(s) {', '.join(unknown)}; allowed keys are {', '.join(names)}"
-            )
-        optional = {f.name for f in dataclasses.fields(tp) if f.default is not dataclasses.MISSING} if defaults else set()
+            listed = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+            raise AllocplanError(f"{where}: unknown key(s) {listed}; allowed keys are {', '.join(names)}")
+        optional = {f.name for f in stored_fields(tp) if f.default is not dataclasses.MISSING} if defaults else set()
         missing = [n for n in names if n not in value and n not in optional]
         if missing:
             raise AllocplanError(f"{where}: missing key(s) {', '.join(missing)}")
-        return tp(**{n: _convert(hints[n], value[n], f"{where}.{n}", defaults) for n in names if n in value})
+        fields = {n: _convert(hints[n], value[n], f"{where}.{n}", defaults) for n in names if n in value}
+        try:
+            return tp(**fields)
+        except AllocplanError as exc:
+            raise AllocplanError(_relocated(str(exc), where)) from None
 
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -92,7 +124,7 @@ def _convert(tp: Any, value: Any, where: str, defaults: bool = False) -> Any:
             raise AllocplanError(f"{where}: expected a mapping, got {_describe(value)}")
         key_tp, val_tp = args
         return {
-            _convert(key_tp, k, f"{where} key {k!r}"): _convert(val_tp, v, f"{where}.{k}")
+            _convert(key_tp, k, f"{where} key {str(k)[:40]!r}"): _convert(val_tp, v, f"{where}.{str(k)[:40]}")
             for k, v in value.items()
         }
     if tp is bool:
@@ -106,6 +138,8 @@ def _convert(tp: Any, value: Any, where: str, defaults: bool = False) -> Any:
     if tp is str:
         if not isinstance(value, str):
             raise AllocplanError(f"{where}: expected a string, got {_describe(value)}")
+        if len(value) > MAX_STRING:
+            raise AllocplanError(f"{where}: a string of {len(value)} characters, longer than any allocplan writes")
         return value
     raise TypeError(f"unsupported field type {tp!r} at {where}")
 
@@ -129,6 +163,8 @@ def _convert_number(value: Any, where: str, *, allow_float: bool) -> int | float
             raise AllocplanError(f"{where}: expected {kind}, got {_describe(value)}")
         if not math.isfinite(value):
             raise AllocplanError(f"{where}: expected a finite number, got {value!r}")
+    if isinstance(value, int) and abs(value) > 10**15:
+        raise AllocplanError(f"{where}: {str(value)[:20]}… is far outside any count allocplan writes")
     return value
 
 
@@ -152,42 +188,61 @@ def dump_yaml(data: Any) -> str:
 
 
 def load_yaml_file(path: str | os.PathLike[str], what: str) -> Any:
-    """Read a YAML file with the safe loader; every failure is an AllocplanError."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise AllocplanError(f"{what} file {str(path)!r} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise AllocplanError(f"cannot read {what} file {str(path)!r}: {exc}") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark is not None else ""
-        raise AllocplanError(f"{what} file {str(path)!r} is not valid YAML{at}: {first}") from None
+    """Read a YAML file (``-``: standard input) with the bounded strict reader; every failure is an
+    AllocplanError (see :mod:`allocplan.formats.strict_yaml`)."""
+    from .strict_yaml import load_strict, read_text_bounded
+
+    label = "standard input" if os.fspath(path) == "-" else repr(os.fspath(path))
+    return load_strict(read_text_bounded(path, what), what, label)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` so that ``path`` holds either the old file or the whole new one."""
+    """Write ``text`` (UTF-8, ``\n`` line ends) so that ``path`` holds either the old file or the whole new one."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` so that ``path`` holds either the old file or the whole new one (``-``: standard output).
+
+    The file gets the permissions of any new file under the user's umask (not the temporary
+    file's 0600).
+
+    Raises:
+        AllocplanError: the directory is missing or cannot be written.
+    """
+    if os.fspath(path) == "-":
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        return
     path = Path(path)
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
         raise AllocplanError(f"cannot write {str(path)!r}: directory {str(directory)!r} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write(text)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise AllocplanError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, PermissionError):
+            raise AllocplanError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from None
         raise
 
 
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """``sha256:<hex>`` of a file's bytes."""
-    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    return f"sha256:{digest}"
+def sha256_bytes(data: bytes) -> str:
+    """``sha256:<hex>`` of ``data``."""
+    return f"sha256:{hashlib.sha256(data).hexdigest()}"
+

@@ -1,0 +1,84 @@
+"""The compensation sidecar: a safetensors file beside a plan (or profile) that the YAML names by hash.
+
+A plan that compensates dropped experts (docs/runtime.md) needs one vector per
+routed expert of every MoE layer: too many numbers for a reviewed YAML file. They
+go in a sidecar file in the same directory, named after its own content
+(``compensation-<16 hex>.safetensors``), and the plan records its name, its
+sha256 and what the vectors are. Reading checks the hash before anything uses
+the bytes; a missing or changed file is a one-line error. Plans without a
+sidecar stay valid. This module moves bytes only (no torch): encoding the
+tensors is the planner's job, decoding the runtime's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import AllocplanError
+from .records import atomic_write_bytes, sha256_bytes
+
+COMPENSATION_KINDS = ("expert", "layer", "linear")
+
+
+@dataclass(frozen=True)
+class CompensationRecord:
+    """The sidecar a plan or profile carries.
+
+    Attributes:
+        file: the sidecar's base name, in the plan's directory.
+        sha256: ``sha256:<hex>`` of the file's bytes; a file that differs is refused.
+        kind: ``expert`` (per layer, one vector per routed expert: its mean output on the
+            calibration tokens routed to it), ``layer`` (per layer, one vector: the mean
+            output of any routed expert) or ``linear`` (per routed expert, that vector plus a
+            low-rank linear map of the input, fitted by least squares). Tensors are keyed by
+            layer path (the vectors) and ``<path>.down`` / ``<path>.up`` (the linear maps).
+    """
+
+    file: str
+    sha256: str
+    kind: str
+
+    def __post_init__(self) -> None:
+        if Path(self.file).name != self.file or not self.file.endswith(".safetensors") or self.file.startswith("."):
+            raise AllocplanError(f"compensation.file {self.file!r} must be a plain *.safetensors file name"
+                                 " beside the plan, without a directory")
+        if not self.sha256.startswith("sha256:") or len(self.sha256) != 71:
+            raise AllocplanError(f"compensation.sha256 must be sha256: and 64 hex digits, got {self.sha256[:80]!r}")
+        if self.kind not in COMPENSATION_KINDS:
+            raise AllocplanError(f"compensation.kind {self.kind!r} is not one of {', '.join(COMPENSATION_KINDS)}")
+
+
+def record_for(data: bytes, kind: str) -> CompensationRecord:
+    """The record naming ``data``: file name and hash both follow from the content."""
+    digest = sha256_bytes(data)
+    return CompensationRecord(file=f"compensation-{digest[7:23]}.safetensors", sha256=digest, kind=kind)
+
+
+def write_sidecar(directory: str | Path, record: CompensationRecord, data: bytes) -> Path:
+    """Write the sidecar beside a plan (atomically); returns its path."""
+    if sha256_bytes(data) != record.sha256:
+        raise AllocplanError("the compensation vectors do not match their record; recompile the plan")
+    path = Path(directory) / record.file
+    atomic_write_bytes(path, data)
+    return path
+
+
+def read_sidecar(directory: str | Path, record: CompensationRecord, owner: str) -> bytes:
+    """The sidecar's bytes after checking its hash.
+
+    Raises:
+        AllocplanError: the file is missing, unreadable or not the one the record names.
+    """
+    path = Path(directory) / record.file
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise AllocplanError(f"{owner} names compensation file {record.file!r}, which is not beside it in"
+                             f" {str(Path(directory))!r}; copy it there or recompile") from None
+    except OSError as exc:
+        raise AllocplanError(f"cannot read compensation file {str(path)!r}: {exc.strerror or exc}") from None
+    if sha256_bytes(data) != record.sha256:
+        raise AllocplanError(f"compensation file {str(path)!r} does not match the sha256 that {owner} records;"
+                             " it was changed or belongs to another plan: restore it or recompile")
+    return data

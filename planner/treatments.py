@@ -1,0 +1,306 @@
+"""What a plan carries besides k: weight treatments and compensation, fitted on calibration tokens.
+
+For every MoE layer l and candidate k the layer's routed output at k should stay
+close to its output at full k. Two per-layer numbers and a set of stand-ins help:
+
+* **Normaliser width** (families that renormalise their top-k weights to sum to
+  one): decoupled renormalisation divides the kept weights by the router mass of
+  the token's top-k2 candidates instead of the kept ones (arXiv 2609.04575), so a
+  token that loses experts does not inflate the rest. k2 is chosen per (l, k)
+  from {ceil(k), ..., K} and "none" (the family's own renormalisation over the
+  kept set) by the smallest squared error of the layer's routed output against
+  its full-k output on calibration tokens.
+* **Gain** (families that do not renormalise): the kept weights are multiplied by
+  g, fitted in closed form by least squares over calibration tokens t,
+
+      g = sum_t <a_t, y_t - b_t> / sum_t <a_t, a_t>,
+
+  a_t the token's kept routed output, b_t its compensation, y_t its full-k routed output.
+* **Compensation**: a dropped candidate of expert e adds its routing weight times a
+  stand-in for e's output: c_e, e's mean output over the calibration tokens
+  routed to it at full k (``expert``, MoNE, arXiv 2507.00390); the layer's mean
+  routed expert output (``layer``); or c_e plus a rank-r linear map of the input
+  (``linear``), the reduced-rank least-squares fit of e's output on its input over
+  those tokens (ridge 1e-2 of the mean input variance, projected on the r output
+  directions the fit explains most). The stand-ins go in the plan's sidecar.
+
+Everything comes from one reference forward per calibration batch: hooks catch
+each MoE layer's router output, its experts' input and their full-k output;
+each candidate's unweighted expert output is computed once per (layer, batch)
+and reused for every k and k2. The routing decision is the runtime's own
+(:meth:`~allocplan.runtime.apply.LayerRouting.decide`), Alloc-T included, so the
+fit sees exactly the routing the plan will run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..formats.config import STAND_IN_SHARE, RoutingConfig
+from ..formats.profile import k_grid
+from ..formats.sidecar import CompensationRecord, record_for
+from ..progress import progress
+from ..runtime.allocations import allocation_for
+from ..formats.allocation import MAX_GAIN
+from ..runtime.apply import ForwardContext, LayerRouting, RoutingDecision
+from ..runtime.experts import StandIns, candidate_outputs
+from ..runtime.families import MoEFamily
+from ..runtime.layers import MoELayer, find_moe_layers, model_family
+from ..runtime.router_formats import ROUTER_FORMATS
+from ..runtime.scores import NORMALIZATION_RULES
+
+# A fitted number is stored to this many significant digits (as sensitivities are).
+_DIGITS = 9
+
+
+@dataclass
+class LayerIO:
+    """One MoE layer's part of a reference forward over one batch.
+
+    Attributes:
+        router: the router module; logits [T, E] its scores; weights / indices [T, K] its candidates.
+        hidden: [T, H] the experts' input; output: [T, H] their full-k routed output.
+    """
+
+    router: Any
+    logits: torch.Tensor
+    weights: torch.Tensor
+    indices: torch.Tensor
+    hidden: torch.Tensor
+    output: torch.Tensor
+
+
+def capture_layer_io(model: Any, batch: torch.Tensor, layers: list[MoELayer], family: MoEFamily) -> list[LayerIO]:
+    """One untouched forward over ``batch``, keeping every MoE layer's router output and experts' I/O."""
+    caught: list[dict[str, Any]] = [{} for _ in layers]
+    to_candidates = ROUTER_FORMATS[family.router_format].to_candidates
+    hooks = []
+    for slot, layer in zip(caught, layers):
+        def router_hook(router: Any, _args: Any, out: Any, slot: dict = slot) -> None:
+            slot["router"] = router
+            # Routers that leave the top-k to the block return logits only (dbrx).
+            slot["logits"] = out if isinstance(out, torch.Tensor) else to_candidates(router, out)[0]
+
+        def experts_pre(_module: Any, args: tuple, slot: dict = slot) -> None:
+            hidden, indices, weights = args[:3]
+            slot.update(hidden=hidden.reshape(-1, hidden.shape[-1]), indices=indices, weights=weights)
+
+        def experts_post(_module: Any, _args: Any, out: torch.Tensor, slot: dict = slot) -> None:
+            slot["output"] = out.reshape(-1, out.shape[-1])
+
+        hooks += [layer.router.register_forward_hook(router_hook),
+                  layer.experts.register_forward_pre_hook(experts_pre),
+                  layer.experts.register_forward_hook(experts_post)]
+    try:
+        with torch.inference_mode():
+            model(input_ids=batch, use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [LayerIO(**slot) for slot in caught]
+
+
+class _ExpertMoments:
+    """Running sums over the (input x, output y) pairs of each expert of one layer (float64)."""
+
+    def __init__(self, num_experts: int, linear: bool) -> None:
+        self.num_experts, self.linear = num_experts, linear
+        self.count = torch.zeros(num_experts, dtype=torch.float64)
+        self.sum_x = self.sum_y = self.sum_xx = self.sum_xy = None
+
+    def add(self, inputs: torch.Tensor, outputs: torch.Tensor, experts: torch.Tensor) -> None:
+        """Pairs: inputs [P, H], outputs [P, H], experts [P]."""
+        x, y = inputs.double(), outputs.double()
+        if self.sum_y is None:
+            h = y.shape[1]
+            self.sum_x, self.sum_y = torch.zeros(self.num_experts, h, dtype=torch.float64), torch.zeros(
+                self.num_experts, h, dtype=torch.float64)
+            if self.linear:
+                self.sum_xx = torch.zeros(self.num_experts, h, h, dtype=torch.float64)
+                self.sum_xy = torch.zeros(self.num_experts, h, h, dtype=torch.float64)
+        self.count += torch.bincount(experts, minlength=self.num_experts).double()
+        self.sum_x.index_add_(0, experts, x)
+        self.sum_y.index_add_(0, experts, y)
+        if self.linear:
+            for e in experts.unique().tolist():
+                rows = experts == e
+                self.sum_xx[e] += x[rows].T @ x[rows]
+                self.sum_xy[e] += x[rows].T @ y[rows]
+
+    def stand_ins(self, kind: str, rank: int) -> StandIns:
+        """The fitted stand-ins (module docstring); an expert never routed to gets zeros."""
+        if kind == "layer":
+            return StandIns((self.sum_y.sum(0, keepdim=True) / self.count.sum().clamp_min(1)).float())
+        count = self.count.clamp_min(1)[:, None]  # [E, 1]
+        mean_y = self.sum_y / count  # [E, H]
+        if kind == "expert":
+            return StandIns(mean_y.float())
+        h = mean_y.shape[1]
+        mean_x = self.sum_x / count
+        down = torch.zeros(self.num_experts, h, rank, dtype=torch.float64)
+        up = torch.zeros(self.num_experts, rank, h, dtype=torch.float64)
+        bias = mean_y.clone()
+        for e in range(self.num_experts):
+            n = float(self.count[e])
+            if n < max(2 * rank, 8):  # too few tokens to fit a map: the mean alone
+                continue
+            cov_xx = self.sum_xx[e] / n - torch.outer(mean_x[e], mean_x[e])
+            cov_xy = self.sum_xy[e] / n - torch.outer(mean_x[e], mean_y[e])
+            ridge = 1e-2 * cov_xx.diagonal().mean().clamp_min(1e-12)
+            weight = torch.linalg.solve(cov_xx + ridge * torch.eye(h, dtype=torch.float64), cov_xy)  # [H, H]
+            # Reduced-rank regression: keep the r output directions the fitted map explains most of
+            # (top eigenvectors of the fitted outputs' covariance W^T C_xx W), the least-squares rank-r map.
+            fitted = weight.T @ cov_xx @ weight  # [H, H]
+            directions = torch.linalg.eigh((fitted + fitted.T) / 2).eigenvectors[:, -rank:]  # [H, r]
+            down[e] = weight @ directions  # [H, r]
+            up[e] = directions.T  # [r, H]
+            bias[e] = mean_y[e] - mean_x[e] @ down[e] @ up[e]
+        return StandIns(bias.float(), down.float(), up.float())
+
+
+def stand_in_rank(layer: MoELayer, hidden_size: int, share: float = STAND_IN_SHARE) -> int:
+    """The largest rank r whose stand-in (2 r H multiply-adds) costs at most ``share`` of one expert's.
+
+    An expert's multiply-adds per token are its parameter count (every weight is used once).
+    """
+    per_expert = sum(p.numel() for p in layer.experts.parameters()) / layer.experts.num_experts
+    return max(1, int(share * per_expert // (2 * hidden_size)))
+
+
+@torch.inference_mode()
+def compensation_tables(model: Any, windows: torch.Tensor, kind: str, batch_size: int,
+                        rank: int | None = None) -> dict[str, StandIns]:
+    """Per MoE layer path, the stand-ins of ``kind`` (module docstring), fitted at full k.
+
+    ``rank`` of linear stand-ins: None chooses per layer with :func:`stand_in_rank`.
+    """
+    layers = find_moe_layers(model)
+    family = model_family(model)
+    moments = [_ExpertMoments(layer.experts.num_experts, kind == "linear") for layer in layers]
+    for batch in progress(windows.split(batch_size), desc=f"fitting {kind} stand-ins"):
+        for layer, io, moment in zip(layers, capture_layer_io(model, batch, layers, family), moments):
+            outputs = candidate_outputs(layer.experts, family.experts_swap, io.hidden, io.indices)  # [T, K, H]
+            slots = io.indices.shape[1]
+            moment.add(io.hidden.repeat_interleave(slots, dim=0), outputs.reshape(-1, outputs.shape[-1]),
+                       io.indices.reshape(-1))
+    hidden_size = model.get_input_embeddings().embedding_dim
+    return {layer.path: moment.stand_ins(kind, rank or stand_in_rank(layer, hidden_size))
+            for layer, moment in zip(layers, moments)}
+
+
+def encode_tables(tables: dict[str, StandIns], kind: str) -> tuple[CompensationRecord, bytes]:
+    """The sidecar's bytes (safetensors, float32, layers in path order) and the record naming them."""
+    from safetensors.torch import save
+
+    tensors = {}
+    for path in sorted(tables):
+        stand_ins = tables[path]
+        tensors[path] = stand_ins.bias.float().contiguous()
+        if stand_ins.down is not None:
+            tensors[f"{path}.down"] = stand_ins.down.float().contiguous()
+            tensors[f"{path}.up"] = stand_ins.up.float().contiguous()
+    data = save(tensors)
+    return record_for(data, kind), data
+
+
+def renormalises(layer: MoELayer, family: MoEFamily) -> bool:
+    """Whether the family rescales its chosen weights to sum to one (then a normaliser width applies)."""
+    return NORMALIZATION_RULES[family.normalization](layer.router, layer.block) == 1.0
+
+
+def _parts(decision: RoutingDecision, outputs: torch.Tensor, stand_ins: torch.Tensor | None,
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept routed output a, compensation b), each [T, H], of one routing decision.
+
+    ``outputs`` and ``stand_ins`` are [T, K, H] in the captured candidates' order; the
+    decision's candidates are sorted by score, so both are looked up by expert.
+    """
+    weights = decision.weights[..., None]  # [T, K, 1]
+    keep = decision.keep[..., None]  # [T, K, 1]
+    a = (torch.where(keep, weights, 0.0) * outputs).sum(1)  # [T, H]
+    if stand_ins is None:
+        return a, torch.zeros_like(a)
+    b = (torch.where(keep, 0.0, weights) * stand_ins).sum(1)  # [T, H]
+    return a, b
+
+
+@torch.inference_mode()
+def fit_treatments(
+    model: Any,
+    windows: torch.Tensor,
+    grid: dict[str, list[int | float]],
+    routing: RoutingConfig,
+    tables: dict[str, StandIns] | None,
+    batch_size: int,
+) -> dict[str, dict[int | float, tuple[int | None, float]]]:
+    """Per layer path and k of ``grid``: the fitted (normaliser width or None, gain).
+
+    k equal to the layer's original k keeps (None, 1.0): a layer at full k is left as it is.
+    """
+    layers = find_moe_layers(model)
+    family = model_family(model)
+    originals = [layer.top_k for layer in layers]
+    context = ForwardContext()  # calibration windows have no padding
+
+    def decider(position: int, k: int | float, normalizer_k: int | None) -> LayerRouting:
+        ks = [k if i == position else original for i, original in enumerate(originals)]
+        treatments = [(normalizer_k, 1.0) if i == position else (None, 1.0) for i in range(len(layers))]
+        allocation = allocation_for(model, ks, routing, treatments=treatments)
+        return LayerRouting(layers[position], allocation.layers[position], allocation, family, context)
+
+    # Per (position, k): the options tried and their accumulated statistics.
+    options: dict[tuple[int, int | float], dict[int | None, LayerRouting]] = {}
+    stats: dict[tuple[int, int | float], dict[Any, float]] = {}
+    for position, layer in enumerate(layers):
+        width = routing.k_max or layer.top_k
+        for k in grid[layer.path]:
+            if k == layer.top_k:
+                continue
+            widths = [None] + (list(range(math.ceil(k), width + 1)) if renormalises(layer, family) else [])
+            options[position, k] = {w: decider(position, k, w) for w in widths}
+            stats[position, k] = {"numerator": 0.0, "denominator": 0.0, **{w: 0.0 for w in widths}}
+    for batch in progress(windows.split(batch_size), desc="fitting weight treatments"):
+        captured = capture_layer_io(model, batch, layers, family)
+        for position, (layer, io) in enumerate(zip(layers, captured)):
+            target = io.output.float()  # [T, H]
+            outputs = stand_ins = sorted_indices = None
+            for k in grid[layer.path]:
+                for width, decider_k in options.get((position, k), {}).items():
+                    decision = decider_k.decide(io.router, io.logits, io.weights, io.indices, count=False)
+                    if outputs is None:
+                        # Every candidate's output and stand-in, once per layer and batch, in the decision's
+                        # order (candidates sorted by selection score, the same for every k and width).
+                        sorted_indices = decision.indices
+                        outputs = candidate_outputs(layer.experts, family.experts_swap, io.hidden,
+                                                    sorted_indices).float()  # [T, K, H]
+                        if tables is not None:
+                            slots = sorted_indices.shape[1]
+                            rows = tables[layer.path].rows(io.hidden.repeat_interleave(slots, dim=0).float(),
+                                                           sorted_indices.reshape(-1))
+                            stand_ins = rows.reshape(outputs.shape).float()  # [T, K, H]
+                    a, b = _parts(decision, outputs, stand_ins)
+                    entry = stats[position, k]
+                    entry[width] += (a + b - target).double().pow(2).sum().item()
+                    if width is None:
+                        entry["numerator"] += (a.double() * (target - b).double()).sum().item()
+                        entry["denominator"] += a.double().pow(2).sum().item()
+    fitted: dict[str, dict[int | float, tuple[int | None, float]]] = {}
+    for position, layer in enumerate(layers):
+        row = fitted[layer.path] = {}
+        for k in grid[layer.path]:
+            if (position, k) not in options:
+                row[k] = (None, 1.0)
+                continue
+            entry, widths = stats[position, k], list(options[position, k])
+            if len(widths) > 1:  # a renormalising family: the width with the smallest error (ties: none, then smaller)
+                best = min(widths, key=lambda w: (entry[w], -1 if w is None else w))
+                row[k] = (best, 1.0)
+            else:
+                gain = entry["numerator"] / entry["denominator"] if entry["denominator"] > 0 else 1.0
+                gain = min(max(float(f"{gain:.{_DIGITS}g}"), 1e-3), MAX_GAIN)
+                row[k] = (None, gain)
+    return fitted

@@ -1,0 +1,308 @@
+"""Generate docs/scale.md: what profiling a real MoE costs, on 1, 8 and 64 GPUs.
+
+The cost model counts what ``measure_sensitivity`` runs per calibration batch
+(planner/profiling.py): one reference forward; for each MoE layer l and each k below
+its original K, layer l's MoE block at k plus every decoder layer after l and the head;
+plus the treatment fitting and compensation passes. It is checked here, on CPU, against
+FLOPs counted by torch's FlopCounterMode and against measured profiling time on the
+bench presets; the measured overheads then scale the FLOP counts of the real models
+(built on the meta device from their transformers configs: no weights, no hub).
+
+Run:  python scripts/make_scale.py        (a few minutes on 2 CPU cores)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+from allocplan.bench.cost_model import module_flops  # noqa: E402
+from allocplan.bench.presets import build_preset  # noqa: E402
+from allocplan.formats.config import ProfileConfig, RoutingConfig  # noqa: E402
+from allocplan.planner.profiling import Deployment, measure_sensitivity  # noqa: E402
+from allocplan.planner.treatments import compensation_tables, encode_tables, fit_treatments  # noqa: E402
+from allocplan.runtime.layers import find_moe_layers, model_family  # noqa: E402
+
+CALIB_TOKENS, SEQ_LEN, BATCH = 16384, 256, 8  # ProfileConfig's defaults
+# The GPU the table assumes: H100 SXM 80 GB. Peak dense bf16 989 TFLOP/s; 40% of it is an assumption for
+# these prefill-shaped batches (2048 tokens), not a measurement (no GPU here).
+GPU_MEMORY, GPU_PEAK, GPU_MFU = 80e9, 989e12, 0.40
+PCIE_BYTES_PER_S = 25e9  # streaming offloaded weights host -> GPU (PCIe 5 x16, about half of its peak)
+GPU_COUNTS = (1, 8, 64)
+
+
+def real_configs() -> dict[str, tuple[object, float]]:
+    """(config, bytes per weight) of the real models, from their published config.json values."""
+    from transformers import DeepseekV2Config, DeepseekV3Config, Qwen3MoeConfig
+
+    return {
+        "DeepSeek-V2-Lite": (DeepseekV2Config(
+            vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
+            num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16, n_routed_experts=64,
+            num_experts_per_tok=6, n_shared_experts=2, first_k_dense_replace=1, kv_lora_rank=512, q_lora_rank=None,
+            qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128, topk_method="greedy", n_group=1,
+            topk_group=1), 2.0),
+        "Qwen3-30B-A3B": (Qwen3MoeConfig(
+            vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+            num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+            num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[]), 2.0),
+        "DeepSeek-V3": (DeepseekV3Config(
+            vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
+            num_hidden_layers=61, num_attention_heads=128, num_key_value_heads=128, n_routed_experts=256,
+            num_experts_per_tok=8, n_shared_experts=1, first_k_dense_replace=3, kv_lora_rank=512, q_lora_rank=1536,
+            qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128, n_group=8, topk_group=4), 1.0),  # FP8 weights
+    }
+
+
+def layer_costs(model, seq_len: int) -> dict:
+    """Per decoder layer, FLOPs per token: everything but the routed experts, and one routed expert;
+    plus the head's FLOPs per token and the weight bytes per layer (at 1 byte per parameter)."""
+    family = model_family(model)
+    decoder_layers = model.get_submodule(family.layers_path)
+    moe = {layer.index: layer for layer in find_moe_layers(model)}
+    config = model.config.get_text_config()
+    heads = config.num_attention_heads
+    qk = getattr(config, "qk_nope_head_dim", 0) + getattr(config, "qk_rope_head_dim", 0) or config.head_dim
+    v = getattr(config, "v_head_dim", None) or config.head_dim
+    rows = []
+    for index, decoder_layer in enumerate(decoder_layers):
+        params = sum(p.numel() for p in decoder_layer.parameters())
+        layer = moe.get(index)
+        expert_params = sum(p.numel() for p in layer.experts.parameters()) if layer else 0
+        per_expert = expert_params / layer.experts.num_experts if layer else 0
+        # Scores and weighted values over the whole window, as eager attention computes them.
+        attention = 2 * seq_len * heads * (qk + v)
+        # The MoE block without its routed experts: router and shared experts, what a probe re-runs besides them.
+        block = sum(p.numel() for p in layer.block.parameters()) - expert_params if layer else 0
+        rows.append({"index": index, "moe": layer is not None, "k": layer.top_k if layer else 0,
+                     "base": 2 * (params - expert_params) + attention, "expert": 2 * per_expert,
+                     "block": 2 * block, "params": params})
+    head = 2 * model.get_output_embeddings().weight.numel()
+    return {"layers": rows, "head": head, "vocab": model.get_output_embeddings().weight.shape[0],
+            "hidden": config.hidden_size, "params": sum(p.numel() for p in model.parameters())}
+
+
+def forward_flops(costs: dict) -> float:
+    """FLOPs per token of one full-k forward."""
+    return sum(r["base"] + r["k"] * r["expert"] for r in costs["layers"]) + costs["head"]
+
+
+def probe_flops(costs: dict, k_min: int = 1) -> float:
+    """FLOPs per token of every probe of one batch (isolated strategy, prefix reuse)."""
+    rows, total = costs["layers"], 0.0
+    for position, row in enumerate(rows):
+        if not row["moe"]:
+            continue
+        after = sum(r["base"] + r["k"] * r["expert"] for r in rows[position + 1 :]) + costs["head"]
+        for k in range(k_min, row["k"]):
+            total += row["block"] + k * row["expert"] + after
+    return total
+
+
+def fitting_flops(costs: dict) -> float:
+    """FLOPs per token of the compensation and treatment passes: a captured forward each, plus every
+    candidate's expert output once per pass (one call per candidate slot)."""
+    routed = sum(r["k"] * r["expert"] for r in costs["layers"])
+    return 2 * (forward_flops(costs) + routed)
+
+
+def streamed_bytes(costs: dict, weight_bytes: float) -> float:
+    """Weight bytes one batch moves when nothing stays on the GPU: every layer once for the reference and
+    twice for the fitting passes, and, per probe, the probed block and every later layer."""
+    rows = costs["layers"]
+    size = [r["params"] * weight_bytes for r in rows]
+    total = 3 * sum(size)
+    for position, row in enumerate(rows):
+        if row["moe"]:
+            total += (row["k"] - 1) * (size[position] + sum(size[position + 1 :]))
+    return total
+
+
+def activation_bytes(costs: dict, batch: int, seq_len: int) -> float:
+    """Profiling's memory beyond the weights, per batch: every decoder layer's output and every MoE block's
+    input and output (bf16), and the reference and one probe's log-probabilities (float32)."""
+    layers = len(costs["layers"])
+    moe = sum(r["moe"] for r in costs["layers"])
+    return (layers + 2 * moe) * batch * seq_len * costs["hidden"] * 2 + 2 * batch * seq_len * costs["vocab"] * 4
+
+
+def median_time(fn, repeat: int = 3) -> float:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure_preset(name: str) -> dict:
+    """On CPU: the cost model against counted FLOPs and measured profiling time."""
+    model = build_preset(name)
+    windows = torch.randint(1, model.config.vocab_size, (8, 128), generator=torch.Generator().manual_seed(0))
+    batch = 4
+    costs = layer_costs(model, windows.shape[1])
+    counted = module_flops(model, windows[:batch])[""] / (batch * windows.shape[1])
+    predicted = forward_flops(costs)
+    with torch.inference_mode():
+        forward_s = median_time(lambda: [model(input_ids=b, use_cache=False) for b in windows.split(batch)])
+    config = ProfileConfig(batch_size=batch, calib_tokens=windows.numel(), seq_len=windows.shape[1])
+    plain = Deployment(RoutingConfig(token_level=False))
+    probes_s = median_time(lambda: measure_sensitivity(model, windows, config, plain), repeat=1)
+
+    def fitting() -> None:
+        layers = find_moe_layers(model)
+        tables = compensation_tables(model, windows, "linear", batch, None)
+        encode_tables(tables, "linear")
+        grid = {layer.path: list(range(1, layer.top_k + 1)) for layer in layers}
+        fit_treatments(model, windows, grid, RoutingConfig(token_level=False), tables, batch)
+
+    fitting_s = median_time(fitting, repeat=1)
+    per_forward = forward_flops(costs)
+    return {
+        "preset": name, "flops_counted": counted, "flops_model": predicted,
+        "forward_s": forward_s, "probes_s": probes_s, "fitting_s": fitting_s,
+        # forward-equivalents: measured time over one reference forward's time, against the model's FLOP ratio
+        "probes_fe_measured": probes_s / forward_s - 1,  # measure_sensitivity also runs the reference forward
+        "probes_fe_model": probe_flops(costs) / per_forward,
+        "fitting_fe_measured": fitting_s / forward_s, "fitting_fe_model": fitting_flops(costs) / per_forward,
+    }
+
+
+def estimate(name: str, config, weight_bytes: float, overhead: dict) -> dict:
+    with torch.device("meta"):
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_config(config)
+    costs = layer_costs(model, SEQ_LEN)
+    tokens, batches = CALIB_TOKENS, CALIB_TOKENS // (BATCH * SEQ_LEN)
+    forward = forward_flops(costs) * tokens
+    shared = forward + fitting_flops(costs) * tokens * overhead["fitting"]  # every shard repeats these
+    probes = probe_flops(costs) * tokens * overhead["probes"]
+    rate = GPU_PEAK * GPU_MFU
+    weights = costs["params"] * weight_bytes
+    activations = activation_bytes(costs, BATCH, SEQ_LEN)
+    per_replica = math.ceil((weights * 1.1 + activations) / GPU_MEMORY)
+    rows = {}
+    for gpus in GPU_COUNTS:
+        replicas = gpus // per_replica
+        if replicas:
+            # A replica spread over several GPUs by a device_map runs its layers one GPU at a time.
+            seconds = (shared + probes / replicas) / rate
+            rows[gpus] = {"hours": seconds / 3600, "replicas": replicas, "how": f"{replicas} shard(s)"
+                          + (f" of {per_replica} GPUs each" if per_replica > 1 else "")}
+        else:
+            # Offloaded: a layer's weights cross PCIe each time it runs; GPUs split the probes.
+            seconds = max((shared + probes) / (rate * gpus), batches * streamed_bytes(costs, weight_bytes)
+                          / (PCIE_BYTES_PER_S * gpus))
+            rows[gpus] = {"hours": seconds / 3600, "replicas": 0,
+                          "how": f"does not fit ({per_replica} GPUs per copy): offloaded, PCIe-bound"}
+    return {"model": name, "params_b": costs["params"] / 1e9, "weight_gb": weights / 1e9,
+            "activations_gb": activations / 1e9, "gpus_per_copy": per_replica,
+            "forward_tflop": forward / 1e12, "probe_forward_equivalents": probe_flops(costs) / forward_flops(costs),
+            "rows": rows}
+
+
+def render(data: dict) -> str:
+    lines = ["# Profiling at scale: sharding, big models, and what a compile costs", "",
+             "Generated by `python scripts/make_scale.py` (cost model checked on this machine's CPU: "
+             f"{data['machine']}); every number below comes from that run (JSON: docs/scale.json).", "",
+             "## Sharding the (layer, k) grid", "",
+             "Once a calibration batch has run through the untouched model, every (layer, k) cell of S is measured on",
+             "its own. `allocplan profile --shard I/N` measures the cells of shard I (cells numbered layer by layer,",
+             "k ascending; cell j belongs to shard j mod N) and writes a part; `allocplan profile merge` checks the",
+             "parts (same model, calibration text, settings and software; each shard once: no gaps, no overlaps) and",
+             "writes the profile an unsharded run writes, byte for byte (tests/test_sharding.py). Every shard",
+             "repeats the reference forward and the treatment and compensation fitting; only the probes split.",
+             "Shards must run with the same torch build, device type and thread count: float sums differ in",
+             "their last digits otherwise, and merge refuses parts whose shared fields differ.", "",
+             "One node, every GPU (torchrun, or accelerate launch):", "", "```bash",
+             "torchrun --nproc-per-node 8 -m allocplan.cli profile --model deepseek-ai/DeepSeek-V2-Lite \\",
+             "    --device cuda --shard auto -o profiles/dsv2-lite.yaml      # rank r uses cuda:r; rank 0 merges",
+             "```", "", "Across nodes, as a Slurm job array (a shared file system for the parts):", "", "```bash",
+             "#!/bin/bash", "#SBATCH --array=0-63 --gres=gpu:1", "allocplan profile --model Qwen/Qwen3-30B-A3B "
+             "--device cuda \\", "    --shard $SLURM_ARRAY_TASK_ID/64 -o parts/part-$SLURM_ARRAY_TASK_ID.yaml", "",
+             "# then, once the array is done (sbatch --dependency=afterok:<array job id>):",
+             "allocplan profile merge parts/part-*.yaml -o profiles/qwen3-30b-a3b.yaml", "```", "",
+             "Ray or any job queue works the same way: one task per shard, one merge.", "",
+             "## Big models", "",
+             "`--device-map auto` (accelerate) places the layers over the GPUs, CPU memory and disk, with",
+             "`--max-memory 0=70GiB,cpu=200GiB` caps and `--offload-folder DIR`; `--dtype` is `auto` by default, so",
+             "a bf16 checkpoint stays bf16. Profiling runs on such a model as it is: each probe calls the layers",
+             "through their modules, so accelerate's hooks bring offloaded weights in, and the code that runs expert",
+             "math directly (the stand-ins' fitting) opens the same window itself. tests/test_big_models.py",
+             "profiles tiny models with every other layer offloaded to disk and gets the same bytes as the model",
+             "loaded whole, and runs a compensated plan on one.", "",
+             "Memory bound of profiling, beyond the weights: per calibration batch it holds every decoder layer's",
+             "output and every MoE block's input and output (the prefix activations that let a probe re-run only",
+             "the layers after it), and the reference and one probe's log-probabilities:",
+             "(L + 2·L_moe) · B · S · H · 2 bytes + 2 · B · S · V · 4 bytes. Lower `--batch-size` to shrink it.", "",
+             "## The cost model, checked on CPU", "",
+             "Per calibration batch: one reference forward; for each MoE layer and each k below its K, the layer's",
+             "routed experts at k plus every later decoder layer and the head; the compensation and treatment",
+             "passes (a captured forward each, plus every candidate's expert output). In forward-equivalents",
+             "(time, or FLOPs, over one forward's), on the bench presets with random weights:", "",
+             "| preset | FLOPs/token counted | model | probes measured | model | fitting measured | model |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for row in data["presets"]:
+        lines.append(f"| {row['preset']} | {row['flops_counted'] / 1e6:.1f} M | {row['flops_model'] / 1e6:.1f} M |"
+                     f" {row['probes_fe_measured']:.1f} | {row['probes_fe_model']:.1f} |"
+                     f" {row['fitting_fe_measured']:.1f} | {row['fitting_fe_model']:.1f} |")
+    overhead = data["overhead"]
+    lines += ["", f"The estimates below multiply the model's probe FLOPs by {overhead['probes']:.2f} and its fitting",
+              f"FLOPs by {overhead['fitting']:.2f}, the largest measured-to-model ratios above (CPU overheads: the",
+              "Python loop, routing hooks and gathers; a GPU's may differ).", "",
+              "## What a compile costs", "",
+              f"Defaults: {CALIB_TOKENS} calibration tokens in windows of {SEQ_LEN}, batches of {BATCH}, k from 1 to K,",
+              "isolated strategy. Assumed GPU: H100 SXM 80 GB at "
+              f"{GPU_MFU:.0%} of its {GPU_PEAK / 1e12:.0f} TFLOP/s dense bf16 peak (an assumption: no GPU was",
+              "measured); weights in the checkpoint's dtype (bf16; DeepSeek-V3's FP8: 1 byte); a copy of the model",
+              "that spans several GPUs runs its layers one GPU at a time, and each copy takes a share of the shards;",
+              f"a model that fits no GPU set is offloaded and bound by {PCIE_BYTES_PER_S / 1e9:.0f} GB/s of weights",
+              "over PCIe.", "",
+              "| model | parameters | weights | activations per batch | GPUs per copy | probe cost (forwards) | "
+              + " | ".join(f"{g} GPU{'s' if g > 1 else ''}" for g in GPU_COUNTS) + " |",
+              "| --- | --- | --- | --- | --- | --- | " + " | ".join("---" for _ in GPU_COUNTS) + " |"]
+    for row in data["models"]:
+        cells = []
+        for gpus in GPU_COUNTS:
+            cell = row["rows"][str(gpus)] if str(gpus) in row["rows"] else row["rows"][gpus]
+            cells.append(f"{cell['hours']:.2g} h ({cell['how']})")
+        lines.append(f"| {row['model']} | {row['params_b']:.1f} B | {row['weight_gb']:.0f} GB |"
+                     f" {row['activations_gb']:.1f} GB | {row['gpus_per_copy']} |"
+                     f" {row['probe_forward_equivalents']:.0f} | " + " | ".join(cells) + " |")
+    lines += ["", "Probe cost is per calibration batch, in full forwards: profiling re-runs the layers after each",
+              "probed layer, so it grows with depth × k-grid size (DeepSeek-V3: 58 MoE layers × 7 smaller k each).",
+              "`--k-min` above 1 and `--strategy isolated` (the default) keep it down; `--calib-tokens` scales",
+              "everything linearly."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    presets = [measure_preset(name) for name in ("dsv2-lite-small", "mixtral-small")]
+    overhead = {"probes": max(1.0, max(p["probes_fe_measured"] / p["probes_fe_model"] for p in presets)),
+                "fitting": max(1.0, max(p["fitting_fe_measured"] / p["fitting_fe_model"] for p in presets))}
+    models = [estimate(name, config, nbytes, overhead) for name, (config, nbytes) in real_configs().items()]
+    data = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads,"
+                       f" torch {torch.__version__}",
+            "presets": presets, "overhead": overhead, "models": models}
+    (ROOT / "docs" / "scale.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    (ROOT / "docs" / "scale.md").write_text(render(data))
+    print(render(data))
+
+
+if __name__ == "__main__":
+    if "--render-only" in sys.argv:
+        loaded = json.loads((ROOT / "docs" / "scale.json").read_text())
+        (ROOT / "docs" / "scale.md").write_text(render(loaded))
+    else:
+        main()

@@ -1,0 +1,189 @@
+"""Fuzzing plan and profile loading: mutated documents, and an independent check of what is accepted.
+
+Shared by tests/test_fuzz.py and scripts/make_reliability.py. A mutation either edits
+the parsed data (replace, delete or add a value anywhere, with values of every type
+and size) or the YAML text itself (insert, delete or replace characters, including
+YAML's syntax characters). Loading may only raise AllocplanError; a document it
+accepts must satisfy every documented invariant, checked here without the format's
+own validation code.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from typing import Any
+
+from hypothesis import strategies as st
+
+import allocplan
+from allocplan.errors import AllocplanError
+from allocplan.formats.plan import Plan, plan_from_data
+from allocplan.formats.profile import SensitivityProfile, profile_from_data
+from allocplan.formats.records import to_data
+from allocplan.formats.strict_yaml import load_strict
+
+SCALARS = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-(10**30), max_value=10**30),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=50),
+    st.sampled_from(["yes", "on", "0o17", "1:30", ".nan", "1e-3", "sha256:" + "0" * 64, "sha256:0123456789abcdef",
+                     "batch", "sequence", "kl", "linear", "model.layers.0.mlp", "x" * 2000]),
+)
+VALUES = st.recursive(SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                                       st.dictionaries(st.text(max_size=8), inner, max_size=4)),
+                      max_leaves=8)
+YAML_CHARACTERS = st.sampled_from(list(":&*!{}[]-#|>'\"\n ,?%@`0123456789.eE+-yesno~"))
+
+
+def _paths(data: Any, prefix: tuple = ()) -> list[tuple]:
+    """Every location (a tuple of keys and indices) inside nested dicts and lists."""
+    found = [prefix]
+    if isinstance(data, dict):
+        for key, value in data.items():
+            found += _paths(value, prefix + (key,))
+    elif isinstance(data, list):
+        for index, value in enumerate(data):
+            found += _paths(value, prefix + (index,))
+    return found
+
+
+@st.composite
+def mutated_data(draw: Any, base: dict) -> Any:
+    """``base`` with one to three random edits at random locations."""
+    data = copy.deepcopy(base)
+    for _ in range(draw(st.integers(1, 3))):
+        locations = _paths(data)
+        where = draw(st.sampled_from(locations))
+        if not where:
+            data = draw(VALUES) if draw(st.booleans()) and draw(st.booleans()) else data
+            continue
+        parent = data
+        for step in where[:-1]:
+            parent = parent[step]
+        last = where[-1]
+        action = draw(st.sampled_from(["replace", "delete", "add"]))
+        if action == "replace":
+            parent[last] = draw(VALUES)
+        elif action == "delete":
+            del parent[last]
+        elif isinstance(parent, dict):
+            parent[draw(st.text(max_size=8))] = draw(VALUES)
+        else:
+            parent.insert(last, draw(VALUES))
+    return data
+
+
+@st.composite
+def mutated_text(draw: Any, base: str) -> str:
+    """``base`` YAML text with one to four character-level edits."""
+    text = base
+    for _ in range(draw(st.integers(1, 4))):
+        at = draw(st.integers(0, len(text)))
+        action = draw(st.sampled_from(["insert", "delete", "replace"]))
+        piece = "".join(draw(st.lists(YAML_CHARACTERS, min_size=1, max_size=6)))
+        if action == "insert":
+            text = text[:at] + piece + text[at:]
+        elif action == "delete":
+            text = text[:at] + text[at + len(piece):]
+        else:
+            text = text[:at] + piece + text[at + len(piece):]
+    return text
+
+
+def base_documents() -> tuple[dict, dict]:
+    """A valid plan and profile as plain data (a three-layer profile solved at 0.5)."""
+    from test_plan_format import make_profile
+
+    profile = make_profile()
+    return to_data(allocplan.solve_profile(profile, 0.5)), to_data(profile)
+
+
+def load(kind: str, data: Any) -> Any:
+    """Build a plan or profile from data: the object, or None when refused with AllocplanError."""
+    try:
+        return plan_from_data(data) if kind == "plan" else profile_from_data(data)
+    except AllocplanError:
+        return None
+
+
+def load_text(kind: str, text: str) -> Any:
+    try:
+        data = load_strict(text, kind, "'fuzz.yaml'")
+    except AllocplanError:
+        return None
+    return load(kind, data)
+
+
+def _round_half_up(value: float) -> int:
+    return int(math.floor(value + 0.5 + 1e-9))
+
+
+def plan_invariants(plan: Plan) -> None:
+    """Every invariant docs/plan-format.md lists, checked independently of validate_plan."""
+    layers = plan.layers
+    assert plan.schema_version == 2 and plan.kind == "allocplan-plan"
+    assert len(layers) == plan.model.num_moe_layers >= 1
+    assert re.fullmatch(r"sha256:[0-9a-f]{16}", plan.model.fingerprint)
+    assert 1 <= plan.model.num_experts
+    indices = [layer.index for layer in layers]
+    assert indices == sorted(set(indices))
+    assert len({layer.path for layer in layers}) == len(layers)
+    k_min = plan.provenance.k_min
+    for layer in layers:
+        assert str(layer.index) in layer.path.split(".")
+        assert k_min <= layer.planned_k <= layer.original_k <= plan.model.num_experts
+        assert plan.token_level.enabled or float(layer.planned_k).is_integer()
+        assert 0 < layer.gain <= 10 and math.isfinite(layer.gain)
+        width = plan.token_level.k_max or layer.original_k
+        assert layer.normalizer_k is None or 1 <= layer.normalizer_k <= width
+    smallest = min(layer.original_k for layer in layers)
+    assert 0 <= plan.token_level.k_base <= smallest
+    if plan.token_level.k_max is not None:
+        assert plan.token_level.k_base <= plan.token_level.k_max <= smallest
+        assert all(layer.planned_k <= plan.token_level.k_max for layer in layers)
+    assert plan.token_level.scope in ("batch", "sequence")
+    assert plan.weights.renormalize in ("model", "none", "renorm", "decoupled")
+    assert plan.weights.reference_k is None or (plan.weights.renormalize == "decoupled"
+                                                and 1 <= plan.weights.reference_k <= smallest)
+    budget = plan.budget
+    original = sum(layer.original_k for layer in layers)
+    planned = sum(layer.planned_k for layer in layers)
+    assert budget.original_activations == original
+    assert abs(budget.planned_activations - planned) <= 1e-9
+    assert planned <= budget.total_activations + 1e-9 and 0 < budget.total_activations <= original
+    if budget.ratio is not None:
+        assert 0 < budget.ratio <= 1 and budget.total_activations == _round_half_up(budget.ratio * original)
+    solver = plan.solver
+    assert solver.metric in ("nll", "kl", "output-change") and solver.ilp_status == "OPTIMAL"
+    assert solver.objectives_agree and math.isclose(solver.dp_objective, solver.ilp_objective, rel_tol=1e-9,
+                                                    abs_tol=1e-9)
+    if solver.refinement is not None:
+        values = [solver.refinement.objective_before] + [step.objective for step in solver.refinement.steps]
+        assert all(b < a for a, b in zip(values, values[1:])) and solver.refinement.objective_after == values[-1]
+    calibration = plan.provenance.calibration
+    assert calibration.tokens == calibration.windows * calibration.seq_len >= 1
+    assert plan.provenance.strategy in ("isolated", "paper", "data-free")
+    assert re.fullmatch(r"sha256:[0-9a-f]{64}", plan.provenance.profile_sha256)
+    assert plan.compensation is None or re.fullmatch(r"[^/\\]+\.safetensors", plan.compensation.file)
+
+
+def profile_invariants(profile: SensitivityProfile) -> None:
+    """The profile's documented invariants, checked independently."""
+    measurement = profile.measurement
+    assert profile.schema_version == 2 and profile.kind == "allocplan-profile"
+    assert measurement.metric in ("nll", "kl", "output-change")
+    assert measurement.strategy in ("isolated", "paper", "data-free")
+    assert measurement.k_step in (1.0, 0.5) and measurement.k_min >= 1
+    assert measurement.k_step == 1.0 or measurement.token_level
+    assert len(profile.layers) == profile.model.num_moe_layers >= 1
+    assert (measurement.compensation == "off") == (profile.compensation is None)
+    for layer in profile.layers:
+        assert measurement.k_min <= layer.original_k <= profile.model.num_experts
+        steps = round((layer.original_k - measurement.k_min) / measurement.k_step)
+        grid = [measurement.k_min + i * measurement.k_step for i in range(steps + 1)]
+        assert sorted(layer.sensitivity) == grid
+        assert all(math.isfinite(v) and abs(v) <= 1000 for v in layer.sensitivity.values())
+        for row in (layer.normalizer_k, layer.gain):
+            assert row is None or sorted(row) == grid
+        assert all(0 < g <= 10 for g in (layer.gain or {}).values())

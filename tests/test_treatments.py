@@ -1,0 +1,297 @@
+"""Weight treatments, compensation stand-ins, the sidecar and the decode modes: hand and brute-force checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import FAMILIES
+from tiny_models import build_tiny_model, plan_for, tiny_tokenizer
+
+import allocplan
+from allocplan import RoutingConfig
+from allocplan.errors import AllocplanError
+from allocplan.evaluation.compare import paired_bootstrap
+from allocplan.evaluation.metrics import nll_and_activations
+from allocplan.planner.treatments import compensation_tables, encode_tables, fit_treatments
+from allocplan.planner.windows import pack_windows
+from allocplan.runtime.allocations import allocation_for
+from allocplan.runtime.experts import COMPENSATION_ATTR, StandIns, ragged_experts_forward
+from allocplan.runtime.families import FAMILIES as REGISTRY
+from allocplan.runtime.layers import find_moe_layers
+
+IDS = torch.randint(1, 100, (2, 12), generator=torch.Generator().manual_seed(4))
+
+
+@pytest.fixture(scope="module")
+def windows(calib_file):
+    tensor, _ = pack_windows(tiny_tokenizer(), calib_file, max_tokens=256, seq_len=64)
+    return tensor  # [4, 64]
+
+
+def experts_io(model, layer_position: int, run):
+    """(inputs (hidden, index, weights), output) the experts of one MoE layer saw during ``run()``."""
+    layer = find_moe_layers(model)[layer_position]
+    experts = getattr(layer.block, layer.experts_attr)
+    seen = {}
+    hooks = [experts.register_forward_pre_hook(lambda _m, args: seen.update(args=[a.clone() for a in args[:3]])),
+             experts.register_forward_hook(lambda _m, _a, out: seen.update(out=out.clone()))]
+    try:
+        with torch.inference_mode():
+            run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen["args"], seen["out"]
+
+
+def test_normalizer_width_weights_by_hand():
+    # mixtral renormalises: its native weights are p / sum of the top-4 p. With k = 2 and a
+    # normaliser width of 3, the kept weights are p / (sum of the top-3 p), from the full softmax.
+    model = build_tiny_model("mixtral")
+    router = find_moe_layers(model)[0].router
+    logits = {}
+    hook = router.register_forward_hook(lambda _m, _a, out: logits.update(value=out[0].clone()))
+    allocation = allocation_for(model, 2, RoutingConfig(token_level=False), treatments=[(3, 1.0)] + [(None, 1.0)] * 3)
+    with allocplan.apply_plan(model, allocation):
+        (_, index, weights), _ = experts_io(model, 0, lambda: model(input_ids=IDS))
+    hook.remove()
+    p = torch.softmax(logits["value"].double(), dim=-1)  # [T, E]
+    top = p.topk(3, dim=-1).values  # [T, 3], sorted
+    expected = top[:, :2] / top.sum(-1, keepdim=True)  # [T, 2]
+    kept = index < 8
+    assert kept.sum(-1).eq(2).all()
+    got = weights.double()[kept].view(-1, 2)
+    torch.testing.assert_close(got.sort(-1, descending=True).values, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_gain_multiplies_the_kept_weights():
+    model = build_tiny_model("olmoe")  # does not renormalise: kept weights are the router's own
+    base = allocation_for(model, 2, RoutingConfig(token_level=False, renormalize="none"))
+    gained = allocation_for(model, 2, RoutingConfig(token_level=False, renormalize="none"),
+                            treatments=[(None, 1.5)] + [(None, 1.0)] * 3)
+    with allocplan.apply_plan(model, base):
+        (_, index_a, weights_a), _ = experts_io(model, 0, lambda: model(input_ids=IDS))
+    with allocplan.apply_plan(model, gained):
+        (_, index_b, weights_b), _ = experts_io(model, 0, lambda: model(input_ids=IDS))
+    assert torch.equal(index_a, index_b)
+    torch.testing.assert_close(weights_b, 1.5 * weights_a)
+
+
+def layer_error(model, layer_position, allocation, windows, full_outputs) -> float:
+    """Sum of squared differences between a layer's experts output under ``allocation`` and at full k."""
+    total = 0.0
+    with allocplan.apply_plan(model, allocation):
+        for batch, reference in zip(windows.split(2), full_outputs):
+            _, out = experts_io(model, layer_position, lambda: model(input_ids=batch, use_cache=False))
+            total += (out.double() - reference.double()).pow(2).sum().item()
+    return total
+
+
+def full_outputs(model, layer_position, windows):
+    return [experts_io(model, layer_position, lambda: model(input_ids=b, use_cache=False))[1] for b in windows.split(2)]
+
+
+def test_closed_form_gain_equals_a_brute_force_fit(windows):
+    model = build_tiny_model("olmoe")
+    routing = RoutingConfig()  # Alloc-T on, as a plan runs
+    tables = compensation_tables(model, windows, "expert", batch_size=2)
+    record, data = encode_tables(tables, "expert")
+    grid = {layer.path: [1, 2, 3, 4] for layer in find_moe_layers(model)}
+    fitted = fit_treatments(model, windows, grid, routing, tables, batch_size=2)
+    _, gain = fitted["model.layers.1.mlp"][2]
+    reference = full_outputs(model, 1, windows)
+
+    def error(g: float) -> float:
+        treatments = [(None, 1.0), (None, g), (None, 1.0), (None, 1.0)]
+        allocation = allocation_for(model, [4, 2, 4, 4], routing, treatments=treatments, compensation=(record, data))
+        return layer_error(model, 1, allocation, windows, reference)
+
+    # Golden-section search on the measured error, independent of the closed form.
+    lo, hi = 0.2, 3.0
+    for _ in range(40):
+        a, b = hi - (hi - lo) / 1.618, lo + (hi - lo) / 1.618
+        if error(a) < error(b):
+            hi = b
+        else:
+            lo = a
+    assert gain == pytest.approx((lo + hi) / 2, abs=1e-4)
+    assert error(gain) <= error(1.0)
+
+
+def test_normalizer_width_is_the_brute_force_best(windows):
+    model = build_tiny_model("mixtral")  # renormalises: the fit chooses a width, not a gain
+    routing = RoutingConfig()
+    grid = {layer.path: [1, 2, 3, 4] for layer in find_moe_layers(model)}
+    fitted = fit_treatments(model, windows, grid, routing, None, batch_size=2)
+    reference = full_outputs(model, 2, windows)
+    errors = {}
+    for width in (None, 2, 3, 4):
+        treatments = [(None, 1.0), (None, 1.0), (width, 1.0), (None, 1.0)]
+        errors[width] = layer_error(model, 2, allocation_for(model, [4, 4, 2, 4], routing, treatments=treatments),
+                                    windows, reference)
+    chosen, gain = fitted["model.layers.2.mlp"][2]
+    assert gain == 1.0
+    assert errors[chosen] == pytest.approx(min(errors.values()), rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["expert", "layer", "linear"])
+def test_compensation_adds_weighted_stand_ins_by_hand(kind):
+    model = build_tiny_model("olmoe")
+    layers = find_moe_layers(model)
+    generator = torch.Generator().manual_seed(2)
+    rows = 1 if kind == "layer" else 8
+    stand_ins = {layer.path: StandIns(torch.randn(rows, 32, generator=generator),
+                                      *((torch.randn(8, 32, 3, generator=generator),
+                                         torch.randn(8, 3, 32, generator=generator)) if kind == "linear" else ()))
+                 for layer in layers}
+    record, data = encode_tables(stand_ins, kind)
+    allocation = allocation_for(model, 2, RoutingConfig(token_level=False), compensation=(record, data))
+    with allocplan.apply_plan(model, allocation):
+        (hidden, index, weights), out = experts_io(model, 0, lambda: model(input_ids=IDS))
+        experts = layers[0].experts
+        table = getattr(experts, COMPENSATION_ATTR)
+        delattr(experts, COMPENSATION_ATTR)  # the same call without stand-ins: the kept experts alone
+        kept_only = ragged_experts_forward(experts, hidden, index, weights)
+        setattr(experts, COMPENSATION_ATTR, table)
+    expected = kept_only.double().clone()
+    bias = stand_ins[layers[0].path].bias.double()
+    dropped = 0
+    for t in range(index.shape[0]):
+        for s in range(index.shape[1]):
+            if index[t, s] >= 8:  # dropped candidate of expert index - 8, with its weight
+                e = int(index[t, s]) - 8
+                value = bias[e % rows].clone()
+                if kind == "linear":
+                    s_in = stand_ins[layers[0].path]
+                    value += hidden[t].double() @ s_in.down[e].double() @ s_in.up[e].double()
+                expected[t] += weights[t, s].double() * value
+                dropped += 1
+    assert dropped == 2 * index.shape[0]  # top-4 candidates, 2 kept
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_sidecar_mismatch_missing_and_wrong_shape(tmp_path):
+    from allocplan.formats.records import sha256_bytes
+    from allocplan.formats.sidecar import record_for
+
+    model = build_tiny_model("olmoe")
+    stand_ins = {layer.path: StandIns(torch.zeros(8, 32)) for layer in find_moe_layers(model)}
+    record, data = encode_tables(stand_ins, "expert")
+    allocation = allocation_for(model, 2, compensation=(record, data))
+    assert sha256_bytes(data) == record.sha256
+    # Bytes that differ from the record.
+    broken = allocation_for(model, 2, compensation=(record, data[:-1] + b"\x01"))
+    with pytest.raises(AllocplanError, match="do not match the sha256") as info:
+        allocplan.apply_plan(model, broken)
+    assert "\n" not in str(info.value)
+    # A consistent sidecar of the wrong shape for this model.
+    wrong = {path: StandIns(torch.zeros(8, 16)) for path in stand_ins}
+    record_w, data_w = encode_tables(wrong, "expert")
+    with pytest.raises(AllocplanError, match=r"holds shape \(8, 16\) for model.layers.0.mlp, which needs shape"
+                                             r" \(8, 32\)"):
+        allocplan.apply_plan(model, allocation_for(model, 2, compensation=(record_w, data_w)))
+    assert not hasattr(model, "_allocplan_handle")
+    assert record_for(data, "expert") == record  # content-addressed: the same bytes, the same name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_full_budget_plan_with_every_element_is_bit_identical(family, windows):
+    """Alloc-T, weight treatments, compensation and a refinement record: at full k nothing changes."""
+    model = build_tiny_model(family)
+    layers = find_moe_layers(model)
+    spec = REGISTRY[model.config.model_type]
+    before = model(input_ids=IDS).logits.detach()
+    compensation = None
+    if spec.treatments_unsupported is None:
+        compensation = encode_tables(compensation_tables(model, windows[:2], "linear", batch_size=2, rank=2), "linear")
+    allocation = allocation_for(model, [layer.top_k for layer in layers], RoutingConfig(token_level=True),
+                                compensation=compensation)
+    with allocplan.apply_plan(model, allocation), torch.inference_mode():
+        after = model(input_ids=IDS).logits
+    assert torch.equal(after, before)
+
+
+@pytest.mark.parametrize("family", ["olmoe", "deepseek_v3", "gemma4_text", "dbrx", "jetmoe"])
+def test_pooled_decode_modes_equal_token_by_token_decoding(family):
+    model = build_tiny_model(family)
+    ids = torch.randint(1, 100, (9, 20), generator=torch.Generator().manual_seed(8))
+    plan = plan_for(model, [min(2.5, layer.top_k) for layer in find_moe_layers(model)], token_level=True)
+    with allocplan.apply_plan(model, plan) as handle:
+        for mode in ("decode-b1", "decode-b8"):
+            pooled = nll_and_activations(model, ids, handle, mode)
+            exact = nll_and_activations(model, ids, handle, mode, exact_decode=True)
+            assert pooled["window_nll"] == pytest.approx(exact["window_nll"], abs=1e-4)
+            assert pooled["activations_per_layer"] == pytest.approx(exact["activations_per_layer"], abs=1e-12)
+    # Batch-1 decode really is per-layer k through the ledger, and pooling across tokens matters:
+    # the prefill mode (one pool for all tokens) gives a different NLL.
+    with allocplan.apply_plan(model, plan) as handle:
+        prefill = nll_and_activations(model, ids, handle, "prefill")["nll"]
+    assert prefill != pytest.approx(exact["nll"], abs=1e-6)
+
+
+def test_paired_bootstrap_by_hand():
+    # Every window 2 nats lower over 4 tokens: the difference is -0.5 per token with no spread.
+    result = paired_bootstrap([1.0, 3.0, 5.0], [3.0, 5.0, 7.0], tokens_per_window=4)
+    assert result == {"mean": -0.5, "low": -0.5, "high": -0.5, "windows": 3, "rounds": 2000}
+    # Half the windows better by 1, half worse by 1: a mean of 0 and an interval around it.
+    mixed = paired_bootstrap([0.0] * 50 + [2.0] * 50, [1.0] * 100, tokens_per_window=1)
+    assert mixed["mean"] == 0.0 and mixed["low"] < 0 < mixed["high"]
+    assert paired_bootstrap([0.0] * 50 + [2.0] * 50, [1.0] * 100, tokens_per_window=1) == mixed  # seeded
+
+
+def test_k2_peer_chooses_a_width_and_runs_the_budget(windows):
+    from allocplan.evaluation.methods import build_policy, measured_total
+
+    model = build_tiny_model("mixtral")
+    policy = build_policy(model, "k2-peer", 0.5, calib_windows=windows)
+    assert policy.parameter in (2.0, 3.0, 4.0)
+    assert policy.allocation.weights.renormalize == "decoupled"
+    assert policy.allocation.weights.reference_k == int(policy.parameter)
+    assert measured_total(model, policy, windows) == pytest.approx(8.0)
+
+
+def test_profile_with_treatments_round_trips_and_solves_to_its_treatments(tmp_path, calib_file):
+    model = build_tiny_model("olmoe")
+    profile = allocplan.profile_model(model, tiny_tokenizer(), allocplan.ProfileConfig(
+        calib=str(calib_file), calib_tokens=256, seq_len=64, batch_size=2))
+    assert profile.measurement.weight_fit == "fitted" and profile.compensation.kind == "linear"
+    allocplan.save_profile(profile, tmp_path / "p.yaml")
+    loaded = allocplan.load_profile(tmp_path / "p.yaml")
+    assert loaded == profile and loaded.compensation_data == profile.compensation_data
+    plan = allocplan.solve_profile(loaded, 0.5)
+    for entry, row in zip(plan.layers, loaded.layers):
+        assert entry.gain == row.gain[entry.planned_k]
+    assert plan.compensation == profile.compensation
+    # At full k, a layer keeps no treatment: a full-budget plan changes nothing.
+    assert all(row.gain[row.original_k] == 1.0 for row in loaded.layers)
+
+
+def test_validate_and_apply_refuse_a_changed_or_missing_sidecar(tmp_path, calib_file):
+    import subprocess
+    import sys
+
+    model = build_tiny_model("olmoe")
+    checkpoint = tmp_path / "ckpt"
+    model.config.pad_token_id = 0
+    model.save_pretrained(checkpoint)
+    tiny_tokenizer().save_pretrained(checkpoint)
+    plan = allocplan.compile_plan(str(checkpoint), 0.5, profile=allocplan.ProfileConfig(
+        calib=str(calib_file), calib_tokens=256, seq_len=64, compensation="expert"),
+        refine=allocplan.RefineConfig(refine=False))
+    allocplan.save_plan(plan, tmp_path / "plan.yaml")
+    sidecar = tmp_path / plan.compensation.file
+
+    def validate() -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "allocplan.cli", "validate", str(tmp_path / "plan.yaml")],
+                              capture_output=True, text=True, cwd=tmp_path)
+
+    assert validate().returncode == 0
+    original = sidecar.read_bytes()
+    sidecar.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    changed = validate()
+    assert changed.returncode == 2 and changed.stderr.count("\n") == 1 and "does not match the sha256" in changed.stderr
+    sidecar.unlink()
+    missing = validate()
+    assert missing.returncode == 2 and "not beside it" in missing.stderr and "Traceback" not in missing.stderr
+    sidecar.write_bytes(original)
+    assert validate().returncode == 0
