@@ -65,6 +65,10 @@ def bench_lines(result: dict[str, Any]) -> list[str]:
             + "".join(f"; {label} {v['over_planned']['median']:.3f}x the plan's time"
                       for label, v in r.get("variants", {}).items())
         )
+    for name, counts in result.items():
+        if name.endswith("_distinct_experts"):  # decode_b<N>_distinct_experts
+            lines.append(f"  {name}: {counts['untouched']:.1f} untouched -> {counts['planned']:.1f} planned"
+                         " distinct experts per step and MoE layer")
     return lines
 
 

@@ -137,6 +137,7 @@ class LayerRouting:
         self.to_candidates, self.from_candidates = router_format.to_candidates, router_format.from_candidates
         self.context = context
         self.scope = allocation.token_level.scope
+        self.prefer_active = allocation.token_level.prefer == "active"
         self.ledger = routing.DecodeLedger()
         # Sequence scope: each row of the batch counts its own single-token forwards (row 0 shares
         # ``ledger``, so a batch of one routes alike under both scopes and the batch-1 shortcut).
@@ -211,18 +212,20 @@ class LayerRouting:
             expert_scale = getattr(router, self.expert_scale_attr)[indices].float()  # [T, k_max]
             weights = weights.float() / torch.where(expert_scale == 0, 1.0, expert_scale)
         real_tokens = int(real.sum())
+        # prefer: active: the remaining pairs go first to experts already running in the pool.
+        prefer = {"indices": indices, "num_experts": self.num_experts} if self.prefer_active else {}
         if self.token_selector is not None:
             keep = self.token_selector(scores, weights.float(), real) & real[:, None]  # [T, k_max]
         elif self.token_level and self.pooling == "position" and self.context.shape is not None:
-            keep = self._keep_by_position(scores, real, count)  # [T, k_max]
+            keep = self._keep_by_position(scores, real, count, prefer)  # [T, k_max]
         elif self.token_level and self.scope == "sequence" and self.context.shape is not None \
                 and self.context.shape[0] > 1:
-            keep = self._keep_by_sequence(scores, real, count)  # [T, k_max]
+            keep = self._keep_by_sequence(scores, real, count, prefer)  # [T, k_max]
         elif self.token_level:
             ledger = self.ledger if count else None
             pairs = routing.pairs_for(self.k, real_tokens, ledger)
             pairs = max(self.k_base * real_tokens, min(pairs, self.k_max * real_tokens))
-            keep = routing.alloc_t_keep(scores, real, pairs, self.k_base)  # [T, k_max]
+            keep = routing.alloc_t_keep(scores, real, pairs, self.k_base, **prefer)  # [T, k_max]
         else:
             keep = routing.uniform_keep(real, indices.shape[1], int(self.k))  # [T, k_max]
         normalized = routing.normalize_weights(
@@ -246,23 +249,25 @@ class LayerRouting:
             ledger.reset()
 
     def _grouped_keep(self, scores: torch.Tensor, real: torch.Tensor, groups: torch.Tensor, real_per_group: list[int],
-                      ledgers: list[routing.DecodeLedger | None]) -> torch.Tensor:
+                      ledgers: list[routing.DecodeLedger | None], prefer: dict[str, Any]) -> torch.Tensor:
         """Alloc-T within groups: a group of one real token counts through its ledger, others round(k n)."""
         pairs = [routing.pairs_for(self.k, n, ledger if n == 1 else None) if n else 0
                  for n, ledger in zip(real_per_group, ledgers)]
         pairs = [max(self.k_base * n, min(p, self.k_max * n)) for p, n in zip(pairs, real_per_group)]
         return routing.alloc_t_keep_grouped(scores, real, groups, torch.tensor(pairs, device=scores.device),
-                                            self.k_base)
+                                            self.k_base, **prefer)
 
-    def _keep_by_sequence(self, scores: torch.Tensor, real: torch.Tensor, count: bool) -> torch.Tensor:
+    def _keep_by_sequence(self, scores: torch.Tensor, real: torch.Tensor, count: bool,
+                          prefer: dict[str, Any]) -> torch.Tensor:
         """Alloc-T with each sequence (row) its own budget: batch-mates never change a row's routing."""
         batch, length = self.context.shape
         rows = torch.arange(scores.shape[0], device=scores.device) // length  # [T]
         real_per_row = torch.bincount(rows[real], minlength=batch).tolist()
         ledgers = [self._row_ledger(b) if count else None for b in range(batch)]
-        return self._grouped_keep(scores, real, rows, real_per_row, ledgers)
+        return self._grouped_keep(scores, real, rows, real_per_row, ledgers, prefer)
 
-    def _keep_by_position(self, scores: torch.Tensor, real: torch.Tensor, count: bool) -> torch.Tensor:
+    def _keep_by_position(self, scores: torch.Tensor, real: torch.Tensor, count: bool,
+                          prefer: dict[str, Any]) -> torch.Tensor:
         """What decoding the forward's sequences token by token runs, in one forward (``pooling="position"``).
 
         Batch scope: the tokens at one position pool their budget, as one decode step does (a single
@@ -280,11 +285,11 @@ class LayerRouting:
             pairs = [max(self.k_base * int(real_list[t]), min(counted[t], self.k_max * int(real_list[t])))
                      for t in range(scores.shape[0])]
             return routing.alloc_t_keep_grouped(scores, real, index, torch.tensor(pairs, device=scores.device),
-                                                self.k_base)
+                                                self.k_base, **prefer)
         positions = index % length  # [T]
         real_at = torch.bincount(positions[real], minlength=length).tolist()  # real tokens per position
         ledgers = [self.ledger if count else None] * length
-        return self._grouped_keep(scores, real, positions, real_at, ledgers)
+        return self._grouped_keep(scores, real, positions, real_at, ledgers, prefer)
 
     def rewrite(self, router: Any, logits: torch.Tensor, weights: torch.Tensor,
                 indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

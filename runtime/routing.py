@@ -46,18 +46,50 @@ def uniform_keep(real: torch.Tensor, num_candidates: int, k: int) -> torch.Tenso
     return keep
 
 
-def alloc_t_keep(scores: torch.Tensor, real: torch.Tensor, total_pairs: int, k_base: int) -> torch.Tensor:
+def running_candidates(indices: torch.Tensor, keep: torch.Tensor, real: torch.Tensor, groups: torch.Tensor,
+                       num_groups: int, num_experts: int) -> torch.Tensor:
+    """[T, K] mask of the candidates of real tokens whose expert already runs for a kept pair of their group.
+
+    Args:
+        indices: [T, K] candidate expert ids (below ``num_experts``).
+        keep: [T, K] the pairs already kept.
+        groups: [T] each token's pool, 0 .. num_groups-1.
+    """
+    running = torch.zeros(num_groups, num_experts, dtype=torch.bool, device=indices.device)  # [G, E]
+    running[groups[:, None].expand_as(indices)[keep], indices[keep]] = True
+    return running[groups[:, None], indices] & real[:, None]  # [T, K]
+
+
+def _running_first(order: torch.Tensor, running: torch.Tensor) -> torch.Tensor:
+    """``order`` (flat candidate positions) with the running candidates first, each part's order kept."""
+    return order[torch.argsort((~running[order]).to(torch.int8), stable=True)]
+
+
+def alloc_t_keep(scores: torch.Tensor, real: torch.Tensor, total_pairs: int, k_base: int,
+                 indices: torch.Tensor | None = None, num_experts: int = 0) -> torch.Tensor:
     """[T, K] mask of the pairs Alloc-T runs (scores sorted per token, descending).
 
     Every real token keeps its first ``k_base`` candidates; the rest of
     ``total_pairs`` are the highest-scoring remaining candidates of real tokens.
     Padding tokens (``real`` False) get nothing. ``total_pairs`` must lie in
     [k_base * T_real, K * T_real].
+
+    With ``indices`` ([T, K] expert ids; ``prefer: active``), the remaining pairs go first to
+    candidates whose expert already runs for a kept (first ``k_base``) pair, by score, and only
+    then to the others: the same pairs over fewer distinct experts (OEA-style).
     """
     num_tokens, num_candidates = scores.shape
     keep = uniform_keep(real, num_candidates, k_base)  # [T, K]
     extra = total_pairs - k_base * int(real.sum())
-    if extra > 0:
+    if extra > 0 and indices is not None:
+        groups = torch.zeros(num_tokens, dtype=torch.long, device=scores.device)  # [T]: one pool
+        running = running_candidates(indices, keep, real, groups, 1, num_experts)[:, k_base:]  # [T, K - k_base]
+        pool = scores[:, k_base:].float().masked_fill(~real[:, None], -math.inf).reshape(-1)  # [T * (K - k_base)]
+        order = _running_first(torch.argsort(pool, descending=True, stable=True), running.reshape(-1))
+        rest = torch.zeros(pool.numel(), dtype=torch.bool, device=scores.device)
+        rest[order[:extra]] = True
+        keep[:, k_base:] = rest.view(num_tokens, num_candidates - k_base)
+    elif extra > 0:
         pool = scores[:, k_base:].float().masked_fill(~real[:, None], -math.inf)  # [T, K - k_base]
         chosen = torch.topk(pool.reshape(-1), extra, sorted=False).indices  # [extra]
         rest = torch.zeros(pool.numel(), dtype=torch.bool, device=scores.device)
@@ -67,7 +99,7 @@ def alloc_t_keep(scores: torch.Tensor, real: torch.Tensor, total_pairs: int, k_b
 
 
 def alloc_t_keep_grouped(scores: torch.Tensor, real: torch.Tensor, groups: torch.Tensor, pairs: torch.Tensor,
-                         k_base: int) -> torch.Tensor:
+                         k_base: int, indices: torch.Tensor | None = None, num_experts: int = 0) -> torch.Tensor:
     """[T, K] mask of the pairs Alloc-T runs when tokens pool their budget only within groups.
 
     Args:
@@ -76,9 +108,12 @@ def alloc_t_keep_grouped(scores: torch.Tensor, real: torch.Tensor, groups: torch
         groups: [T] each token's group, 0 .. G-1.
         pairs: [G] pairs each group runs, in [k_base * n_g, K * n_g] for its n_g real tokens.
         k_base: candidates every real token keeps.
+        indices: [T, K] expert ids, given to prefer candidates whose expert already runs in the
+            group (``prefer: active``).
 
     Within a group, as in :func:`alloc_t_keep`: every real token keeps its first ``k_base``
-    candidates and the group's remaining pairs go to its highest-scoring other candidates.
+    candidates and the group's remaining pairs go to its highest-scoring other candidates
+    (with ``indices``: first to those whose expert already runs for a kept pair of the group).
     """
     num_tokens, num_candidates = scores.shape
     keep = uniform_keep(real, num_candidates, k_base)  # [T, K]
@@ -90,7 +125,10 @@ def alloc_t_keep_grouped(scores: torch.Tensor, real: torch.Tensor, groups: torch
     pool = scores[:, k_base:].float().masked_fill(~real[:, None], -math.inf).reshape(-1)  # [T * width]
     pool_group = groups.repeat_interleave(width)  # [T * width]
     order = torch.argsort(pool, descending=True, stable=True)
-    order = order[torch.argsort(pool_group[order], stable=True)]  # by group, then by score
+    if indices is not None:
+        running = running_candidates(indices, keep, real, groups, pairs.numel(), num_experts)  # [T, K]
+        order = _running_first(order, running[:, k_base:].reshape(-1))
+    order = order[torch.argsort(pool_group[order], stable=True)]  # by group, then (running first) by score
     sorted_group = pool_group[order]
     counts = torch.bincount(sorted_group, minlength=pairs.numel())
     starts = torch.cumsum(counts, 0) - counts  # [G]

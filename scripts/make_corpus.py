@@ -68,17 +68,19 @@ def package_source(package: str, max_chars: int) -> str:
     return text[:max_chars]
 
 
+def pieces(text: str) -> list[str]:
+    """``text`` cut into pieces of at least CHUNK characters, each ending at a line end."""
+    out, start = [], 0
+    while start < len(text):
+        end = text.find("\n", start + CHUNK)
+        end = len(text) if end == -1 else end + 1
+        out.append(text[start:end])
+        start = end
+    return out
+
+
 def interleave(prose: str, code: str) -> str:
     """Alternate CHUNK-sized pieces of prose and code, each cut at a line end."""
-    def pieces(text: str) -> list[str]:
-        out, start = [], 0
-        while start < len(text):
-            end = text.find("\n", start + CHUNK)
-            end = len(text) if end == -1 else end + 1
-            out.append(text[start:end])
-            start = end
-        return out
-
     prose_pieces, code_pieces = pieces(prose), pieces(code)
     mixed = []
     for i in range(max(len(prose_pieces), len(code_pieces))):
@@ -102,15 +104,10 @@ def calibration_arithmetic(count: int, seed: int = 7) -> list[str]:
 
 def with_arithmetic(text: str, per_piece: int = 40) -> str:
     """After every CHUNK-sized piece of ``text``, ``per_piece`` problems (training's interleaving)."""
-    pieces, start = [], 0
-    while start < len(text):
-        end = text.find("\n", start + CHUNK)
-        end = len(text) if end == -1 else end + 1
-        pieces.append(text[start:end])
-        start = end
-    problems = calibration_arithmetic(per_piece * len(pieces))
+    chunks = pieces(text)
+    problems = calibration_arithmetic(per_piece * len(chunks))
     return "".join(piece + "\n".join(problems[i * per_piece : (i + 1) * per_piece]) + "\n"
-                   for i, piece in enumerate(pieces))
+                   for i, piece in enumerate(chunks))
 
 
 def main() -> None:

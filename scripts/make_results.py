@@ -14,6 +14,8 @@ Nothing in docs/results.md is typed by hand.
 Run:  python scripts/make_results.py --jobs 2     (about 2 hours on 2 CPU cores)
       python scripts/make_results.py --models ref-olmoe --budgets 0.5 --quick   (a smoke run)
       python scripts/make_results.py --render-only  (rewrite the page from docs/results.json)
+      python scripts/make_results.py --models ref-qwen3 --update   (evaluate one model, keep the others'
+                                                                     results from docs/results.json)
 """
 
 from __future__ import annotations
@@ -550,6 +552,9 @@ def main() -> None:
     parser.add_argument("--part-out", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--render-only", action="store_true",
                         help="rewrite the page and plot from the JSON of the last run, evaluating nothing")
+    parser.add_argument("--update", action="store_true",
+                        help="evaluate only --models and keep every other model's results from the JSON of the"
+                             " last run (the code must not have changed in between)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.part_out:
@@ -563,9 +568,18 @@ def main() -> None:
             all_results = run_parts(args.models, args)
         else:
             all_results = [evaluate_model(name, args.budgets, args.quick) for name in args.models]
+        if args.update and out.with_suffix(".json").exists():
+            fresh = {res["model"] for res in all_results}
+            kept_results = [res for res in json.loads(out.with_suffix(".json").read_text()) if res["model"] not in fresh]
+            order = {name: i for i, name in enumerate(MODELS)}
+            all_results = sorted(kept_results + all_results, key=lambda res: order.get(res["model"], len(order)))
         out.with_suffix(".json").write_text(json.dumps(all_results, indent=1) + "\n")
     plot = out.with_name(out.stem + "-nll.png")
-    kept = [a for a in sys.argv[1:] if a != "--render-only"]
+    # The page names the one command that gives it: over every model it holds (with --update or
+    # --render-only, those may differ from this invocation's --models).
+    kept = [a for a in sys.argv[1:] if a not in ("--render-only", "--update", "--models", *args.models)]
+    names = [res["model"] for res in all_results]
+    kept = ([] if names == MODELS else ["--models", *names]) + kept
     command = ("python scripts/make_results.py " + " ".join(kept)).strip()
     write_markdown(all_results, out, plot.name if write_plot(all_results, plot) else None, command)
     print(f"wrote {out}", flush=True)

@@ -143,6 +143,7 @@ def plan_invariants(plan: Plan) -> None:
         assert plan.token_level.k_base <= plan.token_level.k_max <= smallest
         assert all(layer.planned_k <= plan.token_level.k_max for layer in layers)
     assert plan.token_level.scope in ("batch", "sequence")
+    assert plan.token_level.prefer in ("score", "active")
     assert plan.weights.renormalize in ("model", "none", "renorm", "decoupled")
     assert plan.weights.reference_k is None or (plan.weights.renormalize == "decoupled"
                                                 and 1 <= plan.weights.reference_k <= smallest)

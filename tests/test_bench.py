@@ -11,6 +11,7 @@ from allocplan.bench import cost_model, presets, timing
 from allocplan.bench.breakdown import time_breakdown
 from allocplan.bench.cost_model import ideal_speedup
 from allocplan.cli import cli
+from allocplan.runtime.layers import find_moe_layers
 
 
 def test_ideal_speedup_by_hand():
@@ -99,3 +100,16 @@ def test_bench_cli_errors_and_json(tmp_path):
     assert result.exit_code == 2 and "--plan PLAN" in result.stderr
     result = CliRunner().invoke(cli, ["bench", "--config", "nope"])
     assert result.exit_code == 2
+
+
+def test_bench_counts_distinct_experts_per_batched_decode_step():
+    model = build_tiny_model("olmoe")
+    plan = timing.uniform_budget_allocation(model, 0.5, token_level=False)
+    result = timing.bench(model, plan, prompt_len=8, new_tokens=2, repeat=1, decode_batch_size=4)
+    distinct = result["decode_b4_distinct_experts"]
+    layer = find_moe_layers(model)[0]
+    top_k, experts = layer.top_k, layer.experts.num_experts  # 4 of 8
+    # 4 tokens per step: at least k distinct experts (one token's own), at most min(4 k, E).
+    assert top_k <= distinct["untouched"] <= min(4 * top_k, experts)
+    assert top_k // 2 <= distinct["planned"] <= min(4 * (top_k // 2), experts)
+    assert distinct["planned"] < distinct["untouched"]

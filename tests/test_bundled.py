@@ -20,6 +20,7 @@ def test_bundled_model_is_packaged():
     assert "ref-olmoe" in bundled_model_names()
 
 
+@pytest.mark.slow  # a full default compile of the bundled model (the quick start runs one too)
 def test_compiling_bundled_model_reproduces_golden_files(tmp_path):
     """Compiling the bundled model gives the committed profile and the committed allocation.
 

@@ -44,11 +44,15 @@ def olmoe(checkpoints, calib_file, tmp_path_factory):
     return ckpt, out / "plan.yaml", out / "profile.yaml"
 
 
-def test_solve_from_profile_reproduces_compile(olmoe, tmp_path):
-    _, plan, profile = olmoe
+def test_solve_from_profile_reproduces_compile(olmoe, calib_file, tmp_path):
+    # solve has no model to refine with: it reproduces compile --no-refine byte for byte.
+    ckpt, _, profile = olmoe
+    result = run("compile", "--model", ckpt, "--budget", "0.5", "-o", tmp_path / "compiled.yaml", "--no-refine",
+                 "--calib", calib_file, *SMALL)
+    assert result.exit_code == 0, result.output
     result = run("solve", profile, "--budget", "0.5", "-o", tmp_path / "solved.yaml")
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "solved.yaml").read_bytes() == plan.read_bytes()
+    assert (tmp_path / "solved.yaml").read_bytes() == (tmp_path / "compiled.yaml").read_bytes()
 
 
 def test_solve_budget_activations(olmoe, tmp_path):
@@ -146,7 +150,7 @@ def test_bad_plan_files(olmoe, tmp_path):
     _, plan, _ = olmoe
     text = plan.read_text()
     cases = {
-        "version.yaml": (text.replace("schema_version: 1", "schema_version: 7"), "schema_version 7"),
+        "version.yaml": (text.replace("schema_version: 2", "schema_version: 7"), "schema_version 7"),
         "unknown.yaml": (text + "notes: hi\n", "unknown key(s) notes"),
         "type.yaml": (text.replace("k_base: 1", "k_base: one"), "expected an integer"),
         "yaml.yaml": ("layers: [\n", "not valid YAML"),

@@ -47,6 +47,7 @@ routing:
   renormalize: model
   reference_k: null
   scope: batch
+  prefer: score
 refine:
   refine: true
   refine_steps: 8

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from bad_inputs import console_script
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,6 +25,7 @@ def test_dry_run_lists_every_step_and_checks_its_inputs():
     assert sum("--device cuda --dtype bfloat16" in step for step in steps) == 8
 
 
+@pytest.mark.slow  # two bench runs of a preset
 def test_page_from_bench_json(tmp_path):
     out = tmp_path / "runs"
     out.mkdir()

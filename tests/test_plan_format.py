@@ -273,6 +273,7 @@ def test_version_1_files_are_read_as_version_2():
     data_dir = Path(__file__).resolve().parent / "data"
     plan = load_plan(data_dir / "plan-v1.yaml")
     assert plan.schema_version == 2 and plan.compensation is None and plan.solver.refinement is None
+    assert (plan.token_level.scope, plan.token_level.prefer) == ("batch", "score")
     assert [(e.planned_k, e.normalizer_k, e.gain) for e in plan.layers] == [
         (3, None, 1.0), (2, None, 1.0), (1, None, 1.0), (2, None, 1.0), (2, None, 1.0), (2, None, 1.0)]
     assert plan.solver.dp_objective == 0.07736845477
@@ -288,6 +289,7 @@ def test_version_1_files_are_read_as_version_2():
     "edit, message",
     [
         (lambda d: d["layers"][0].update(gain=0.0), "gain: 0.0 is outside"),
+        (lambda d: d["token_level"].update(prefer="shared"), "prefer: 'shared' is not one of score, active"),
         (lambda d: d["layers"][0].update(gain=11.0), "gain: 11.0 is outside"),
         (lambda d: d["layers"][0].update(normalizer_k=9), "normalizer_k: 9 must be between 1"),
         (lambda d: d.update(compensation={"file": "../x.safetensors", "sha256": "sha256:" + "0" * 64,

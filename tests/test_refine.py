@@ -6,7 +6,7 @@ import pytest
 from tiny_models import build_tiny_model
 
 import allocplan.planner.refine as refine
-from allocplan import RoutingConfig
+from allocplan import RoutingConfig, allocation_for
 from allocplan.planner.losses import Reference
 from allocplan.planner.refine import exchange_moves, refine_by_exchange
 
@@ -24,13 +24,14 @@ def test_search_walks_to_the_optimum_of_a_known_objective(monkeypatch):
     target = (3, 2, 1)
     seen = []
 
-    def fake(model, ks, reference, routing):
-        seen.append(tuple(ks))
-        return float(sum((k - t) ** 2 for k, t in zip(ks, target)))
+    def fake(model, allocation, reference):
+        seen.append(tuple(allocation))
+        return float(sum((k - t) ** 2 for k, t in zip(allocation, target)))
 
     monkeypatch.setattr(refine, "measured_kl", fake)
     monkeypatch.setattr(refine, "find_moe_layers", lambda model: [type("L", (), {"top_k": 4})()] * 3)
-    result = refine_by_exchange(None, (2, 1, 3), None, RoutingConfig())
+    # The candidate "allocation" is its k themselves: the fake objective reads them.
+    result = refine_by_exchange(None, (2, 1, 3), lambda ks: ks, None)
     assert result.start == ((2, 1, 3), 6.0)
     # (2,1,3) -> best move (3,1,2) [2.0] or (2,2,2) [2.0]: the tie goes to the smaller k, (2, 2, 2).
     assert [ks for ks, _ in result.steps] == [(2, 2, 2), (3, 2, 1)]
@@ -46,12 +47,16 @@ def test_search_on_a_model_never_gets_worse(calib_file):
     model = build_tiny_model("olmoe")
     windows, _ = pack_windows(tiny_tokenizer(), calib_file, max_tokens=256, seq_len=64)
     routing = RoutingConfig(token_level=True)
-    result = refine_by_exchange(model, (1, 2, 3, 2), Reference(model, windows), routing, max_steps=2)
+
+    def allocation_of(ks):
+        return allocation_for(model, ks, routing)
+
+    result = refine_by_exchange(model, (1, 2, 3, 2), allocation_of, Reference(model, windows), max_steps=2)
     values = [result.start[1]] + [value for _, value in result.steps]
     assert all(later < earlier for earlier, later in zip(values, values[1:]))
     assert all(sum(ks) == 8 for ks, _ in result.steps)
     # The measured objective is the real one: re-measuring the end point gives the same number.
-    assert refine.measured_kl(model, result.best[0], Reference(model, windows), routing) == pytest.approx(
+    assert refine.measured_kl(model, allocation_of(result.best[0]), Reference(model, windows)) == pytest.approx(
         result.best[1], rel=1e-6)
     assert not hasattr(model, "_allocplan_handle")
 

@@ -37,6 +37,7 @@ import torch
 from ..formats.allocation import Allocation
 from ..progress import progress
 from ..runtime.apply import apply_plan
+from ..runtime.measure import count_activations
 from ..runtime.layers import find_moe_layers, model_family
 from .cost_model import ideal_speedup, profiling_flop_floor, routed_flop_share, routed_weight_share
 
@@ -70,6 +71,25 @@ def time_decode(model: Any, ids: torch.Tensor, new_tokens: int) -> float:
             out = model(input_ids=token, cache=cache, use_cache=True)
             cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
     return (now(ids.device) - start) / new_tokens
+
+
+def decode_counts(model: Any, allocation: Allocation | None, prompts: torch.Tensor, new_tokens: int) -> dict:
+    """Distinct experts per step (mean over MoE layers) and activations per token while ``prompts``
+    [B, P] decode ``new_tokens`` greedy steps (the prefill is not counted)."""
+    with torch.inference_mode():
+        handle = apply_plan(model, allocation) if allocation is not None else None
+        try:
+            out = model(input_ids=prompts, use_cache=True)
+            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)  # token [B, 1]
+            with count_activations(model) as counts:
+                for _ in range(new_tokens):
+                    out = model(input_ids=token, cache=cache, use_cache=True)
+                    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        finally:
+            if handle is not None:
+                handle.remove()
+    return {"distinct_experts_per_step": counts.distinct_per_forward(),
+            "activations_per_token": counts.total_per_token()}
 
 
 def expert_time_share(model: Any, ids: torch.Tensor, repeat: int = 3) -> float:
@@ -169,6 +189,11 @@ def bench(
             results[name]["full_lean"] = _median_spread(full_lean)
             results[name]["speedup_same_path"] = _median_spread([b / f for b, f in zip(full_lean, fast)])
 
+    # What a batched decode step reads: the distinct experts its tokens use (on real text these
+    # differ more between tokens than on random ids; docs/benchmarks.md's batch-aware section).
+    distinct = {"untouched": decode_counts(model, None, decode_batch, new_tokens)["distinct_experts_per_step"],
+                "planned": decode_counts(model, plan, decode_batch, new_tokens)["distinct_experts_per_step"]}
+
     bounds = {"prefill_s": ideal_speedup(f_flops, budget), "decode_b1_s_per_token": ideal_speedup(f_weights, budget),
               f"decode_b{decode_batch_size}_s_per_step": ideal_speedup(f_weights, budget)}
 
@@ -185,6 +210,7 @@ def bench(
         "ideal_speedup_time": ideal_speedup(f_moe, budget),
         "ideal_speedup": bounds,
         "achieved_fraction": {name: achieved(name) for name in results},
+        f"decode_b{decode_batch_size}_distinct_experts": distinct,
         "token_level": plan.token_level.enabled,
         "batch": batch,
         "prompt_len": prompt_len,

@@ -20,6 +20,9 @@ from .sidecar import CompensationRecord
 
 # Which tokens share a layer's budget under Alloc-T: all tokens of a forward pass, or each sequence's own.
 TOKEN_SCOPES = ("batch", "sequence")
+# Which remaining candidates Alloc-T fills a layer's budget with: the best-scoring ones, or first those whose
+# expert already runs for another token of the same pool (OEA-style: fewer distinct experts per decode step).
+TOKEN_PREFERENCES = ("score", "active")
 # Weight normalisation modes the runtime implements (see allocplan.runtime.routing.reweight).
 RENORMALIZE_MODES = ("model", "none", "renorm", "decoupled")
 # A layer gain outside (0, MAX_GAIN] is refused: fitted gains sit near 1, and a wild one is a broken file.
@@ -71,12 +74,17 @@ class TokenLevel:
             pass, as Alloc-MoE does) or ``sequence`` (each sequence its own budget, as
             SeqTopK does: a sequence's output never depends on its batch-mates; in decode,
             each sequence has its own ledger).
+        prefer: which remaining candidates fill the budget: ``score`` (the highest-scoring,
+            as Alloc-MoE does) or ``active`` (first the candidates whose expert already runs
+            for a kept pair of the same pool, then the rest, each by score: the same number
+            of pairs over fewer distinct experts, which is what batched decode pays for).
     """
 
     enabled: bool
     k_base: int
     k_max: int | None
     scope: str = "batch"
+    prefer: str = "score"
 
 
 @dataclass(frozen=True)
@@ -198,6 +206,9 @@ def validate_allocation(allocation: "Allocation | Any", where: str = "allocation
                       f"{layer.planned_k} exceeds token_level.k_max {token_level.k_max}")
     if token_level.scope not in TOKEN_SCOPES:
         _fail(f"{where}.token_level.scope", f"{token_level.scope!r} is not one of {', '.join(TOKEN_SCOPES)}")
+    if token_level.prefer not in TOKEN_PREFERENCES:
+        _fail(f"{where}.token_level.prefer",
+              f"{token_level.prefer!r} is not one of {', '.join(TOKEN_PREFERENCES)}")
     weights = allocation.weights
     if weights.renormalize not in RENORMALIZE_MODES:
         _fail(f"{where}.weights.renormalize",

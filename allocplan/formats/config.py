@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import AllocplanError
-from .allocation import RENORMALIZE_MODES, TOKEN_SCOPES, TokenLevel, Weights
+from .allocation import RENORMALIZE_MODES, TOKEN_PREFERENCES, TOKEN_SCOPES, TokenLevel, Weights
 from .budget import BudgetRequest
 from .sidecar import COMPENSATION_KINDS
 from .records import atomic_write_text, dump_yaml, from_data, load_yaml_file, to_data
@@ -185,6 +185,9 @@ class RoutingConfig:
         scope: which tokens share a layer's Alloc-T budget: ``batch`` (all tokens of a
             forward) or ``sequence`` (each sequence alone: batch-invariant outputs, for
             continuous batching).
+        prefer: which remaining candidates Alloc-T runs: ``score`` (the best) or ``active``
+            (first those whose expert already runs in the same pool: fewer distinct experts
+            per batched decode step at the same number of pairs).
     """
 
     token_level: bool = setting(True, "Alloc-T: redistribute each layer's activations between the tokens of"
@@ -198,6 +201,9 @@ class RoutingConfig:
     scope: str = setting("batch", "Tokens that share a layer's Alloc-T budget: all of a forward pass (batch) or"
                                   " each sequence alone (sequence: outputs do not depend on batch-mates).",
                          choices=TOKEN_SCOPES)
+    prefer: str = setting("score", "Which remaining candidates Alloc-T runs: the best-scoring (score) or first"
+                                   " those whose expert already runs in the same pool (active: fewer distinct"
+                                   " experts per batched decode step).", choices=TOKEN_PREFERENCES)
 
     def __post_init__(self) -> None:
         check_settings(self)
@@ -208,7 +214,8 @@ class RoutingConfig:
 
     def token_level_record(self) -> TokenLevel:
         """The plan's ``token_level`` record."""
-        return TokenLevel(enabled=self.token_level, k_base=self.k_base, k_max=self.k_max, scope=self.scope)
+        return TokenLevel(enabled=self.token_level, k_base=self.k_base, k_max=self.k_max, scope=self.scope,
+                          prefer=self.prefer)
 
     def weights_record(self) -> Weights:
         """The plan's ``weights`` record."""

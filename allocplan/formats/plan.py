@@ -266,7 +266,7 @@ def validate_plan(plan: Plan, where: str = "plan") -> None:
 
 def upgrade_plan_data(data: dict) -> dict:
     """A version-1 plan's data as version 2: no per-layer treatment, no compensation, no refinement,
-    batch-scoped Alloc-T, an unknown model revision, and calibration text read from a text file.
+    batch-scoped Alloc-T filled by score, an unknown model revision, and calibration text read from a text file.
 
     Version 2 added fields only, each with the value that means "as version 1 did".
     """
@@ -282,7 +282,7 @@ def upgrade_plan_data(data: dict) -> dict:
     if isinstance(data.get("solver"), dict):
         upgraded["solver"] = {**data["solver"], "refinement": None}
     if isinstance(data.get("token_level"), dict):
-        upgraded["token_level"] = {**data["token_level"], "scope": "batch"}
+        upgraded["token_level"] = {**data["token_level"], "scope": "batch", "prefer": "score"}
     ordered = {}
     for key, value in upgraded.items():  # compensation sits after weights, as version 2 writes it
         ordered[key] = value
