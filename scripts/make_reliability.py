@@ -35,32 +35,37 @@ from allocplan.formats.records import dump_yaml  # noqa: E402
 FUZZ_EXAMPLES = 2500  # per (kind, source): 10,000 in all, as tests/test_fuzz.py's slow test
 
 
+def fuzz_one(kind: str, source: str, strategy, check) -> Counter:
+    """Run ``FUZZ_EXAMPLES`` mutated documents through the loader; count what happened."""
+    counts: Counter = Counter()
+
+    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(doc=strategy)
+    def run(doc):
+        try:
+            loaded = load(kind, doc) if source == "data" else load_text(kind, doc)
+        except Exception as exc:  # anything but AllocplanError is a finding
+            counts[f"other: {type(exc).__name__}"] += 1
+            raise
+        counts["examples"] += 1
+        if loaded is None:
+            counts["refused"] += 1
+        else:
+            check(loaded)
+            counts["accepted"] += 1
+
+    run()
+    return counts
+
+
 def fuzz_counts() -> list[dict]:
     plan, profile = base_documents()
     rows = []
     for kind, base, check in (("plan", plan, plan_invariants), ("profile", profile, profile_invariants)):
         for source in ("data", "text"):
-            counts: Counter = Counter()
             strategy = mutated_data(base) if source == "data" else mutated_text(dump_yaml(base))
-
-            @settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True, database=None,
-                      suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-            @given(doc=strategy)
-            def run(doc, kind=kind, source=source, check=check, counts=counts):
-                try:
-                    loaded = load(kind, doc) if source == "data" else load_text(kind, doc)
-                except Exception as exc:  # anything but AllocplanError is a finding
-                    counts[f"other: {type(exc).__name__}"] += 1
-                    raise
-                counts["examples"] += 1
-                if loaded is None:
-                    counts["refused"] += 1
-                else:
-                    check(loaded)
-                    counts["accepted"] += 1
-
-            run()
-            rows.append({"kind": kind, "source": source, **counts})
+            rows.append({"kind": kind, "source": source, **fuzz_one(kind, source, strategy, check)})
     return rows
 
 
