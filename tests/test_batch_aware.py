@@ -86,6 +86,7 @@ def test_prefer_is_a_validated_setting():
         RoutingConfig(prefer="shared")
 
 
+@pytest.mark.slow  # times and scores three allocations
 def test_batched_decode_comparison_counts_times_and_scores_each_allocation():
     from allocplan.bench.batch_decode import compare_batched_decode
 

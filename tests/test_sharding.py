@@ -89,6 +89,7 @@ def _run(args, env=None, cwd=None):
     return subprocess.run(args, capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=cwd, timeout=600)
 
 
+@pytest.mark.slow  # three CLI subprocesses profiling a checkpoint
 def test_cli_shards_and_merge_equal_the_unsharded_profile(checkpoints, calib_file, tmp_path):
     common = ["--model", str(checkpoints("qwen2_moe")), "--calib", str(calib_file), "--calib-tokens", "128",
               "--seq-len", "64", "-q"]
@@ -120,6 +121,7 @@ def test_shard_auto_needs_a_launcher(checkpoints, tmp_path):
     assert done.returncode == 2 and "launch with torchrun" in done.stderr and done.stderr.count("\n") == 1
 
 
+@pytest.mark.slow  # two torchrun ranks, each a Python process importing torch
 def test_torchrun_two_ranks_profile_and_rank_0_merges(checkpoints, calib_file, tmp_path):
     """``--shard auto`` under ``torchrun --nproc-per-node 2`` (gloo on CPU): the same bytes as one process."""
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
