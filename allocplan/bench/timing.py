@@ -28,6 +28,7 @@ trained weights needed) and plans it uniformly at ``--budget``.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from typing import Any, Callable
@@ -61,33 +62,35 @@ def time_prefill(model: Any, ids: torch.Tensor) -> float:
     return now(ids.device) - start
 
 
-def time_decode(model: Any, ids: torch.Tensor, new_tokens: int) -> float:
-    """Seconds per generated token over ``new_tokens`` cached greedy steps (prefill excluded)."""
+def greedy_decode(model: Any, ids: torch.Tensor, new_tokens: int, *, count: bool = False) -> tuple[float, Any]:
+    """Prefill ``ids`` [B, P], then ``new_tokens`` cached greedy steps: (seconds the steps took,
+    their :class:`~allocplan.runtime.measure.ActivationCounts` with ``count``, else None)."""
     with torch.inference_mode():
         out = model(input_ids=ids, use_cache=True)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        start = now(ids.device)
-        for _ in range(new_tokens):
-            out = model(input_ids=token, cache=cache, use_cache=True)
-            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    return (now(ids.device) - start) / new_tokens
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)  # token [B, 1]
+        with count_activations(model) if count else contextlib.nullcontext() as counts:
+            start = now(ids.device)
+            for _ in range(new_tokens):
+                out = model(input_ids=token, cache=cache, use_cache=True)
+                cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            seconds = now(ids.device) - start
+    return seconds, counts
+
+
+def time_decode(model: Any, ids: torch.Tensor, new_tokens: int) -> float:
+    """Seconds per generated token over ``new_tokens`` cached greedy steps (prefill excluded)."""
+    return greedy_decode(model, ids, new_tokens)[0] / new_tokens
 
 
 def decode_counts(model: Any, allocation: Allocation | None, prompts: torch.Tensor, new_tokens: int) -> dict:
     """Distinct experts per step (mean over MoE layers) and activations per token while ``prompts``
     [B, P] decode ``new_tokens`` greedy steps (the prefill is not counted)."""
-    with torch.inference_mode():
-        handle = apply_plan(model, allocation) if allocation is not None else None
-        try:
-            out = model(input_ids=prompts, use_cache=True)
-            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)  # token [B, 1]
-            with count_activations(model) as counts:
-                for _ in range(new_tokens):
-                    out = model(input_ids=token, cache=cache, use_cache=True)
-                    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        finally:
-            if handle is not None:
-                handle.remove()
+    handle = apply_plan(model, allocation) if allocation is not None else None
+    try:
+        _, counts = greedy_decode(model, prompts, new_tokens, count=True)
+    finally:
+        if handle is not None:
+            handle.remove()
     return {"distinct_experts_per_step": counts.distinct_per_forward(),
             "activations_per_token": counts.total_per_token()}
 
