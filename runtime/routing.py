@@ -82,13 +82,10 @@ def alloc_t_keep(scores: torch.Tensor, real: torch.Tensor, total_pairs: int, k_b
     keep = uniform_keep(real, num_candidates, k_base)  # [T, K]
     extra = total_pairs - k_base * int(real.sum())
     if extra > 0 and indices is not None:
-        groups = torch.zeros(num_tokens, dtype=torch.long, device=scores.device)  # [T]: one pool
-        running = running_candidates(indices, keep, real, groups, 1, num_experts)[:, k_base:]  # [T, K - k_base]
-        pool = scores[:, k_base:].float().masked_fill(~real[:, None], -math.inf).reshape(-1)  # [T * (K - k_base)]
-        order = _running_first(torch.argsort(pool, descending=True, stable=True), running.reshape(-1))
-        rest = torch.zeros(pool.numel(), dtype=torch.bool, device=scores.device)
-        rest[order[:extra]] = True
-        keep[:, k_base:] = rest.view(num_tokens, num_candidates - k_base)
+        # One pool: the grouped selection with a single group orders the candidates the same way.
+        groups = torch.zeros(num_tokens, dtype=torch.long, device=scores.device)  # [T]
+        return alloc_t_keep_grouped(scores, real, groups, torch.tensor([total_pairs], device=scores.device),
+                                    k_base, indices, num_experts)
     elif extra > 0:
         pool = scores[:, k_base:].float().masked_fill(~real[:, None], -math.inf)  # [T, K - k_base]
         chosen = torch.topk(pool.reshape(-1), extra, sorted=False).indices  # [extra]
