@@ -23,7 +23,7 @@ objective of the returned allocation are the same float.
 
 from __future__ import annotations
 
-import math
+import numpy as np
 
 from .problem import AllocationProblem, Solution, solution_for
 
@@ -31,31 +31,32 @@ from .problem import AllocationProblem, Solution, solution_for
 def solve_dp(problem: AllocationProblem) -> Solution:
     """Optimal allocation by dynamic programming (see module docstring)."""
     budget = problem.budget
-    inf = math.inf
-    best = [0.0] + [inf] * budget  # D[l][b] for the current l
-    choice_rows: list[list[int]] = []  # choice_rows[l][b] = k chosen for layer l at total b
+    best = np.full(budget + 1, np.inf)  # D[l][b] for the current l, float64
+    best[0] = 0.0
+    choice_rows: list[np.ndarray] = []  # choice_rows[l][b] = k chosen for layer l at total b
     for layer in range(problem.num_layers):
         options = sorted(zip(problem.choices[layer], problem.costs[layer]), key=lambda kc: -kc[0])
-        nxt = [inf] * (budget + 1)
-        chosen = [-1] * (budget + 1)
-        for b in range(budget + 1):
-            for k, cost in options:
-                if k > b or best[b - k] == inf:
-                    continue
-                value = best[b - k] + cost
-                if value < nxt[b]:
-                    nxt[b] = value
-                    chosen[b] = k
+        nxt = np.full(budget + 1, np.inf)
+        chosen = np.full(budget + 1, -1, dtype=np.int64)
+        # One whole row per candidate, in decreasing k: the same float64 additions as a scalar loop over
+        # b, and only a strictly smaller value replaces the incumbent, so ties keep the larger k.
+        for k, cost in options:
+            if k > budget:
+                continue
+            value = best[: budget + 1 - k] + cost  # D[l][b - k] + S[l, k] for b = k..B; inf stays inf
+            better = value < nxt[k:]
+            nxt[k:][better] = value[better]
+            chosen[k:][better] = k
         best = nxt
         choice_rows.append(chosen)
 
-    end = min(range(budget + 1), key=lambda b: (best[b], b))
-    if best[end] == inf:  # unreachable: AllocationProblem rejects infeasible budgets
+    end = int(np.argmin(best))  # the first minimum: equal objectives prefer the smaller total b
+    if not np.isfinite(best[end]):  # unreachable: AllocationProblem rejects infeasible budgets
         raise RuntimeError("no feasible allocation")
     ks: list[int] = []
     b = end
     for layer in reversed(range(problem.num_layers)):
-        k = choice_rows[layer][b]
+        k = int(choice_rows[layer][b])
         ks.append(k)
         b -= k
     return solution_for(problem, tuple(reversed(ks)))
