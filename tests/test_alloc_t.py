@@ -230,12 +230,12 @@ def greedy_cached(model, ids, steps):
     """Step-by-step greedy decoding through the KV cache (same T per forward as generate)."""
     with torch.inference_mode():
         out = model(input_ids=ids, use_cache=True)
-        cache, tokens = out.past_key_values, ids
+        cache, tokens = out.cache, ids
         for _ in range(steps):
             nxt = out.logits[:, -1:].argmax(-1)
             tokens = torch.cat([tokens, nxt], dim=-1)
             out = model(input_ids=nxt, cache=cache, use_cache=True)
-            cache = out.past_key_values
+            cache = out.cache
     return tokens
 
 
@@ -314,10 +314,10 @@ def test_batch1_decode_shortcut_equals_rewrite(family, monkeypatch):
         monkeypatch.setattr(LayerRouting, "single_token_native", native)
         with apply_plan(model, plan) as handle, torch.inference_mode():
             out = model(input_ids=ids, use_cache=True)
-            cache, step_logits = out.past_key_values, [out.logits]
+            cache, step_logits = out.cache, [out.logits]
             for _ in range(5):
                 out = model(input_ids=out.logits[:, -1:].argmax(-1), cache=cache, use_cache=True)
-                cache = out.past_key_values
+                cache = out.cache
                 step_logits.append(out.logits)
             counts = {path: (c.pairs, c.tokens) for path, c in handle.counters().items()}
             taken = [r.native for r in handle._routings]

@@ -148,7 +148,7 @@ def test_sequence_scope_gives_bit_identical_logits_whatever_the_batch_mates(fami
                     step = mates[:, i : i + 1].clone()
                     step[0, 0] = follow[i]
                     mask = torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], dim=1)
-                    out = model(input_ids=step, attention_mask=mask, cache=out.past_key_values)
+                    out = model(input_ids=step, attention_mask=mask, cache=out.cache)
                     steps.append(out.logits[0])
         finally:
             recorder.remove()

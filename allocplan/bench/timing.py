@@ -67,12 +67,12 @@ def greedy_decode(model: Any, ids: torch.Tensor, new_tokens: int, *, count: bool
     their :class:`~allocplan.runtime.measure.ActivationCounts` with ``count``, else None)."""
     with torch.inference_mode():
         out = model(input_ids=ids, use_cache=True)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)  # token [B, 1]
+        cache, token = out.cache, out.logits[:, -1:].argmax(-1)  # token [B, 1]
         with count_activations(model) if count else contextlib.nullcontext() as counts:
             start = now(ids.device)
             for _ in range(new_tokens):
                 out = model(input_ids=token, cache=cache, use_cache=True)
-                cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                cache, token = out.cache, out.logits[:, -1:].argmax(-1)
             seconds = now(ids.device) - start
     return seconds, counts
 

@@ -60,7 +60,7 @@ def _decode_nll(model: Any, group: torch.Tensor) -> torch.Tensor:
     cache, columns = None, []
     for position in range(group.shape[1] - 1):
         out = model(input_ids=group[:, position : position + 1], cache=cache, use_cache=True)
-        cache = out.past_key_values
+        cache = out.cache
         logprobs = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # [B, V]
         columns.append(-logprobs.gather(-1, group[:, position + 1, None]).squeeze(-1))  # [B]
     return torch.stack(columns, dim=1)
