@@ -193,7 +193,7 @@ def compile_command(model_name: str, output: Path, profile_out: Path | None, rec
 @_recipe_option
 @click.option("--shard", default=None, metavar="I/N|auto",
               help="Measure only shard I of N of the (layer, k) grid and write a part for `allocplan profile merge`;"
-                   " auto: the rank and world size of torchrun / accelerate launch, rank 0 merging.")
+                   " auto: the rank and world size of torchrun / accelerate launch, rank 0 merging (docs/scale.md).")
 @click.option("-o", "--output", type=_output_file, required=True, help="Profile (or, with --shard I/N, part) to write.")
 def profile_command(model_name: str, output: Path, recipe_path: Path | None, shard: str | None,
                     **options: Any) -> None:

@@ -9,7 +9,7 @@ writes ``<output stem>.part-<rank>-of-<N><suffix>`` beside the output, waits for
 others at a ``torch.distributed`` barrier (gloo, which runs on CPUs as well as beside
 GPUs), and rank 0 merges the parts into the output and removes them. Across nodes (a
 Slurm job array, Ray tasks), run ``--shard $I/$N`` per task and merge once all are done
-(``allocplan profile merge``).
+(``allocplan profile merge``; docs/scale.md shows it as a Slurm job array).
 """
 
 from __future__ import annotations

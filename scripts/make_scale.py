@@ -8,7 +8,8 @@ FLOPs counted by torch's FlopCounterMode and against measured profiling time on 
 bench presets; the measured overheads then scale the FLOP counts of the real models
 (built on the meta device from their transformers configs: no weights, no hub).
 
-Run:  python scripts/make_scale.py        (a few minutes on 2 CPU cores)
+Run:  python scripts/make_scale.py        (about 5 minutes on one CPU core)
+      python scripts/make_scale.py --render-only   (keep the measurements, recompute the estimates)
 """
 
 from __future__ import annotations
@@ -71,8 +72,10 @@ def layer_costs(model, seq_len: int) -> dict:
     moe = {layer.index: layer for layer in find_moe_layers(model)}
     config = model.config.get_text_config()
     heads = config.num_attention_heads
-    qk = getattr(config, "qk_nope_head_dim", 0) + getattr(config, "qk_rope_head_dim", 0) or config.head_dim
-    v = getattr(config, "v_head_dim", None) or config.head_dim
+    # Presets leave head_dim unset, and transformers then uses hidden_size / heads.
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    qk = (getattr(config, "qk_nope_head_dim", 0) or 0) + (getattr(config, "qk_rope_head_dim", 0) or 0) or head_dim
+    v = getattr(config, "v_head_dim", None) or head_dim
     rows = []
     for index, decoder_layer in enumerate(decoder_layers):
         params = sum(p.numel() for p in decoder_layer.parameters())
@@ -147,7 +150,8 @@ def median_time(fn, repeat: int = 3) -> float:
 def measure_preset(name: str) -> dict:
     """On CPU: the cost model against counted FLOPs and measured profiling time."""
     model = build_preset(name)
-    windows = torch.randint(1, model.config.vocab_size, (8, 128), generator=torch.Generator().manual_seed(0))
+    # One calibration batch: the measured ratios are per batch, and more batches only repeat them.
+    windows = torch.randint(1, model.config.vocab_size, (4, 128), generator=torch.Generator().manual_seed(0))
     batch = 4
     costs = layer_costs(model, windows.shape[1])
     counted = module_flops(model, windows[:batch])[""] / (batch * windows.shape[1])
@@ -204,11 +208,20 @@ def estimate(name: str, config, weight_bytes: float, overhead: dict) -> dict:
             seconds = max((shared + probes) / (rate * gpus), batches * streamed_bytes(costs, weight_bytes)
                           / (PCIE_BYTES_PER_S * gpus))
             rows[gpus] = {"hours": seconds / 3600, "replicas": 0,
-                          "how": f"does not fit ({per_replica} GPUs per copy): offloaded, PCIe-bound"}
+                          "how": f"offloaded, PCIe-bound: a copy needs {per_replica} GPUs"}
     return {"model": name, "params_b": costs["params"] / 1e9, "weight_gb": weights / 1e9,
             "activations_gb": activations / 1e9, "gpus_per_copy": per_replica,
             "forward_tflop": forward / 1e12, "probe_forward_equivalents": probe_flops(costs) / forward_flops(costs),
             "rows": rows}
+
+
+def duration(seconds: float) -> str:
+    """Two significant figures, in the unit a reader expects for the size."""
+    if seconds < 120:
+        return f"{seconds:.2g} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.2g} min"
+    return f"{seconds / 3600:.2g} h"
 
 
 def render(data: dict) -> str:
@@ -259,7 +272,11 @@ def render(data: dict) -> str:
     overhead = data["overhead"]
     lines += ["", f"The estimates below multiply the model's probe FLOPs by {overhead['probes']:.2f} and its fitting",
               f"FLOPs by {overhead['fitting']:.2f}, the largest measured-to-model ratios above (CPU overheads: the",
-              "Python loop, routing hooks and gathers; a GPU's may differ).", "",
+              "Python loop, routing hooks and gathers; a GPU's may differ). The fitting passes are the furthest",
+              "from their FLOP count: beyond their matmuls they do, per MoE layer and per k of the grid (and per",
+              "normaliser width where the family renormalises), elementwise work over every token's K candidate",
+              "outputs, which is memory-bound and which no FLOP count sees. Carrying the CPU factor to a GPU is",
+              "cautious: there that work is cheaper relative to matmuls.", "",
               "## What a compile costs", "",
               f"Defaults: {CALIB_TOKENS} calibration tokens in windows of {SEQ_LEN}, batches of {BATCH}, k from 1 to K,",
               "isolated strategy. Assumed GPU: H100 SXM 80 GB at "
@@ -275,11 +292,14 @@ def render(data: dict) -> str:
         cells = []
         for gpus in GPU_COUNTS:
             cell = row["rows"][str(gpus)] if str(gpus) in row["rows"] else row["rows"][gpus]
-            cells.append(f"{cell['hours']:.2g} h ({cell['how']})")
+            cells.append(f"{duration(cell['hours'] * 3600)} ({cell['how']})")
         lines.append(f"| {row['model']} | {row['params_b']:.1f} B | {row['weight_gb']:.0f} GB |"
                      f" {row['activations_gb']:.1f} GB | {row['gpus_per_copy']} |"
                      f" {row['probe_forward_equivalents']:.0f} | " + " | ".join(cells) + " |")
-    lines += ["", "Probe cost is per calibration batch, in full forwards: profiling re-runs the layers after each",
+    lines += ["", "Times are compute only: reading the checkpoint (31 GB for DeepSeek-V2-Lite, 671 GB for",
+              "DeepSeek-V3) from disk, and each shard loading its copy, come on top and often dominate the smaller",
+              "models' rows.", "",
+              "Probe cost is per calibration batch, in full forwards: profiling re-runs the layers after each",
               "probed layer, so it grows with depth × k-grid size (DeepSeek-V3: 58 MoE layers × 7 smaller k each).",
               "`--k-min` above 1 and `--strategy isolated` (the default) keep it down; `--calib-tokens` scales",
               "everything linearly."]
@@ -302,7 +322,11 @@ def main() -> None:
 
 if __name__ == "__main__":
     if "--render-only" in sys.argv:
+        # The measured part stays; the estimates (no measurement, meta-device models) are recomputed.
         loaded = json.loads((ROOT / "docs" / "scale.json").read_text())
+        loaded["models"] = [estimate(name, config, nbytes, loaded["overhead"])
+                            for name, (config, nbytes) in real_configs().items()]
+        (ROOT / "docs" / "scale.json").write_text(json.dumps(loaded, indent=2, sort_keys=True) + "\n")
         (ROOT / "docs" / "scale.md").write_text(render(loaded))
     else:
         main()
