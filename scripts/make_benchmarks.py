@@ -41,6 +41,13 @@ from allocplan.planner.windows import pack_windows  # noqa: E402
 
 # Enough rounds that the medians move by less than the targets' margins between runs on 2 cores.
 REPEAT, NEW_TOKENS = 5, 32
+# The quick start's compiled plan (bundled:ref-olmoe at budget 0.5), the default plan timed here.
+GOLDEN_PLAN = ROOT / "plans" / "ref-olmoe-compiled-budget-0.5.yaml"
+
+
+def half_k(model, routing: RoutingConfig):
+    """Every MoE layer at half its original k, with ``routing``."""
+    return allocation_for(model, [max(1, layer.top_k // 2) for layer in find_moe_layers(model)], routing)
 
 
 def breakdown_lines(breakdown: dict) -> list[str]:
@@ -101,14 +108,13 @@ def run_all() -> dict:
             result["breakdown"] = time_breakdown(model, plan)
             runs.append({"label": f"{preset}, uniform 0.5, Alloc-T {'on' if token_level else 'off'}", **result})
         del model
-    default = ROOT / "plans" / "ref-olmoe-compiled-budget-0.5.yaml"
-    if default.exists():
-        plan = load_plan(default)
+    if GOLDEN_PLAN.exists():
+        plan = load_plan(GOLDEN_PLAN)
         model, tokenizer = load_model(plan.model.name)
         result = bench(model, plan.allocation, batch=1, prompt_len=256, new_tokens=NEW_TOKENS, repeat=REPEAT)
         windows, _ = pack_windows(tokenizer, DEFAULT_CALIBRATION, max_tokens=4096, seq_len=256)
         result["profile_cost"] = profile_cost(model, windows)
-        runs.append({"label": f"{plan.model.name} with plans/{default.name}", **result})
+        runs.append({"label": f"{plan.model.name} with plans/{GOLDEN_PLAN.name}", **result})
     return {"runs": runs, "solver": solver_cost(), "batch_aware": batch_aware_run()}
 
 
@@ -116,17 +122,15 @@ def batch_aware_run() -> list[dict]:
     """Batched decode (batch 8) on the bundled references: uniform, Alloc-T and the default plan, each
     filled by score and with ``prefer: active``, side by side (allocplan.bench.batch_decode)."""
     runs = []
-    golden = ROOT / "plans" / "ref-olmoe-compiled-budget-0.5.yaml"
     for name in ("ref-olmoe", "ref-qwen3"):
         model, tokenizer = load_model(f"bundled:{name}")
         windows, _ = pack_windows(tokenizer, ROOT / "data" / "eval.txt", max_tokens=8192, seq_len=256, what="eval")
-        half = [max(1, layer.top_k // 2) for layer in find_moe_layers(model)]
         allocations = {"untouched": None,
-                       "uniform k/2": allocation_for(model, half, RoutingConfig(token_level=False)),
-                       "Alloc-T k/2": allocation_for(model, half, RoutingConfig()),
-                       "Alloc-T k/2, prefer active": allocation_for(model, half, RoutingConfig(prefer="active"))}
-        if name == "ref-olmoe" and golden.exists():
-            default = load_plan(golden).allocation
+                       "uniform k/2": half_k(model, RoutingConfig(token_level=False)),
+                       "Alloc-T k/2": half_k(model, RoutingConfig()),
+                       "Alloc-T k/2, prefer active": half_k(model, RoutingConfig(prefer="active"))}
+        if name == "ref-olmoe" and GOLDEN_PLAN.exists():
+            default = load_plan(GOLDEN_PLAN).allocation
             allocations["default plan"] = default
             allocations["default plan, prefer active"] = dataclasses.replace(
                 default, token_level=dataclasses.replace(default.token_level, prefer="active"))
@@ -142,10 +146,8 @@ def llama_cpp_run(llama_cpp_dir: str) -> dict:
     from allocplan.bench.llama_cpp import convert_to_gguf, side_by_side
 
     model, tokenizer = load_model("bundled:ref-olmoe")
-    half = [max(1, layer.top_k // 2) for layer in find_moe_layers(model)]
-    allocations = {"uniform k/2": allocation_for(model, half, RoutingConfig(token_level=False))}
-    golden = ROOT / "plans" / "ref-olmoe-compiled-budget-0.5.yaml"
-    allocations["default plan"] = load_plan(golden).allocation
+    allocations = {"uniform k/2": half_k(model, RoutingConfig(token_level=False)),
+                   "default plan": load_plan(GOLDEN_PLAN).allocation}
     windows, _ = pack_windows(tokenizer, ROOT / "data" / "eval.txt", max_tokens=8192, seq_len=512, what="eval")
     tokens = windows[0, : 256 + NEW_TOKENS].tolist()
     with tempfile.TemporaryDirectory() as scratch:
@@ -153,7 +155,7 @@ def llama_cpp_run(llama_cpp_dir: str) -> dict:
         result = side_by_side(model, gguf, allocations, tokens, prompt_len=256, new_tokens=NEW_TOKENS,
                               repeat=REPEAT, threads=2)
     share = routed_weight_share(model)
-    return {"model": "bundled:ref-olmoe", "plan": f"plans/{golden.name}", "f_routed_weights": share,
+    return {"model": "bundled:ref-olmoe", "plan": f"plans/{GOLDEN_PLAN.name}", "f_routed_weights": share,
             "ideal_decode_speedup": ideal_speedup(share, 0.5), **result}
 
 
@@ -337,7 +339,7 @@ def main() -> None:
     elif "--profile-cost-only" in sys.argv:
         # Re-measure only the profiling cost (about a minute) and keep the last run's timings.
         data = json.loads(out.read_text())
-        plan = load_plan(ROOT / "plans" / "ref-olmoe-compiled-budget-0.5.yaml")
+        plan = load_plan(GOLDEN_PLAN)
         model, tokenizer = load_model(plan.model.name)
         windows, _ = pack_windows(tokenizer, DEFAULT_CALIBRATION, max_tokens=4096, seq_len=256)
         for run in data["runs"]:

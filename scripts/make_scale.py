@@ -307,7 +307,6 @@ def render(data: dict) -> str:
 
 
 def main() -> None:
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     presets = [measure_preset(name) for name in ("dsv2-lite-small", "mixtral-small")]
     overhead = {"probes": max(1.0, max(p["probes_fe_measured"] / p["probes_fe_model"] for p in presets)),
                 "fitting": max(1.0, max(p["fitting_fe_measured"] / p["fitting_fe_model"] for p in presets))}

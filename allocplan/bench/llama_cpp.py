@@ -19,7 +19,6 @@ Two deviations from a plain ``convert_hf_to_gguf.py`` run, both stated in the re
 from __future__ import annotations
 
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -63,10 +62,6 @@ def convert_to_gguf(model_dir: str | Path, llama_cpp_dir: str | Path, out: str |
     return Path(out)
 
 
-def _median_spread(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
-
 def _llama_decode(llm: Any, prompt: list[int], steps: list[int]) -> float:
     """Seconds per step of ``steps`` single-token decode calls after ``prompt``, through the KV cache."""
     llm.reset()
@@ -98,11 +93,13 @@ def side_by_side(model: Any, gguf: str | Path, allocations: dict[str, Any], toke
     ``prompt_len``. Returns seconds per token per path and per-round speed-ups over each engine's
     own full-k model.
     """
-    from llama_cpp import Llama  # the optional ``llama`` extra
+    import llama_cpp  # the optional ``llama`` extra
 
     from ..runtime.apply import apply_plan
     from ..runtime.layers import find_moe_layers
-    from .timing import time_decode
+    from .timing import _median_spread, time_decode
+
+    Llama = llama_cpp.Llama
 
     if len(tokens) < prompt_len + new_tokens:
         raise ValueError(f"need {prompt_len + new_tokens} tokens of text, got {len(tokens)}")
@@ -137,8 +134,6 @@ def side_by_side(model: Any, gguf: str | Path, allocations: dict[str, Any], toke
                 for label in engines}
     speedups.update({label: _median_spread([f / t for f, t in zip(times["allocplan untouched"], times[label])])
                      for label in paths if label.startswith("allocplan")})
-    import llama_cpp
-
     return {"seconds_per_token": {label: _median_spread(values) for label, values in times.items()},
             "speedup": speedups, "agreement": agreement, "threads": threads, "prompt_len": prompt_len,
             "new_tokens": new_tokens, "repeat": repeat, "top_k": top_k, "half_k": top_k // 2,
