@@ -49,7 +49,7 @@ routing:
   scope: batch
   prefer: score
 refine:
-  refine: true
+  refine: false
   refine_steps: 8
   refine_tokens: 4096
 """

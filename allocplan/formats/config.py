@@ -234,7 +234,7 @@ class RefineConfig:
             profiling windows).
     """
 
-    refine: bool = setting(True, "After the DP, move experts between layers while the measured calibration"
+    refine: bool = setting(False, "After the DP, move experts between layers while the measured calibration"
                                  " KL of the whole plan falls.", flag="--refine/--no-refine")
     refine_steps: int = setting(8, "Most one-expert exchanges the refinement takes.", minimum=1)
     refine_tokens: int = setting(4096, "Calibration tokens each refinement candidate is scored on.", minimum=2)
