@@ -23,7 +23,11 @@ Two paths, both instance-level (no transformers class or function is patched):
   keeps that token's best n candidates (n from the decode ledger), which is
   exactly the family's native top-n, so a forward pre-hook sets the router's
   k to n and the rewrite is skipped (``renormalize: model`` only; the other
-  weight modes always rewrite).
+  weight modes always rewrite). Layers that must rewrite at batch 1 (weight
+  treatments, stand-ins for dropped experts) take a short form of it: one token
+  keeps its first n candidates, so the keep mask and the per-slot factors are
+  small tensors built once per n, and the stand-ins are added over the token's
+  K slots without ``nonzero``; the values are the general rewrite's, bit for bit.
 
 Every change is recorded so that ``handle.remove()`` puts back the exact
 previous state (router ``top_k`` or config, hooks, experts implementation,
@@ -90,12 +94,16 @@ class RoutingDecision:
             (per-expert scales included, gain not), kept or not.
         indices: [T, k_max] the candidates' experts, sorted by selection score per token.
         real: [T] the tokens that are not padding.
+        all_real: known without looking at ``real``: every token is real.
+        first: n where ``keep`` is known to hold each token's first n candidates (one token alone), else None.
     """
 
     keep: torch.Tensor
     weights: torch.Tensor
     indices: torch.Tensor
     real: torch.Tensor
+    all_real: bool = False
+    first: int | None = None
 
 
 class LayerRouting:
@@ -109,6 +117,10 @@ class LayerRouting:
     # Batch-1 decode through the family's native top-n (module docstring); tests switch it off
     # to compare with the general rewrite.
     single_token_native = True
+    # Batch-1 forwards that must rewrite (treated or compensated layers, other weight modes) skip the
+    # general selection's bookkeeping for one token (``_single_token_keep``); tests switch it off to
+    # compare with the general path.
+    single_token_fast = True
 
     def __init__(self, layer: MoELayer, entry: LayerAllocation, allocation: Allocation, family: MoEFamily,
                  context: ForwardContext, token_selector: TokenSelector | None = None,
@@ -143,6 +155,7 @@ class LayerRouting:
         # ``ledger``, so a batch of one routes alike under both scopes and the batch-1 shortcut).
         self.row_ledgers: dict[int, routing.DecodeLedger] = {0: self.ledger}
         self.counter = LayerCounter()
+        self._constants: dict[tuple[str, torch.device], torch.Tensor] = {}
         # Batch-1 decode can take the native top-n only where the rewrite would equal it.
         self.single_token_shortcut = (
             self.single_token_native and self.token_level and token_selector is None and self.mode == "model"
@@ -202,7 +215,11 @@ class LayerRouting:
         """
         num_tokens = indices.shape[0]
         real = self.context.real
-        if real is None or real.numel() != num_tokens:
+        single = self.single_token_fast and num_tokens == 1 and self.token_selector is None and (
+            real is None or real.numel() != 1 or bool(real[0]))
+        if single:
+            real = self._cached("real", indices.device, lambda: torch.ones(1, dtype=torch.bool, device=indices.device))
+        elif real is None or real.numel() != num_tokens:
             real = torch.ones(num_tokens, dtype=torch.bool, device=indices.device)  # [T]
         scores = self.selection(router, logits).gather(-1, indices)  # [T, k_max]
         scores, weights, indices = routing.sort_candidates(scores, weights, indices)
@@ -211,10 +228,12 @@ class LayerRouting:
             # Per-expert multipliers are applied after normalisation: undo them, reweight, redo.
             expert_scale = getattr(router, self.expert_scale_attr)[indices].float()  # [T, k_max]
             weights = weights.float() / torch.where(expert_scale == 0, 1.0, expert_scale)
-        real_tokens = int(real.sum())
+        real_tokens = 1 if single else int(real.sum())
         # prefer: active: the remaining pairs go first to experts already running in the pool.
         prefer = {"indices": indices, "num_experts": self.num_experts} if self.prefer_active else {}
-        if self.token_selector is not None:
+        if single:
+            keep, kept_pairs = self._single_token_keep(indices, count)  # [1, k_max], n
+        elif self.token_selector is not None:
             keep = self.token_selector(scores, weights.float(), real) & real[:, None]  # [T, k_max]
         elif self.token_level and self.pooling == "position" and self.context.shape is not None:
             keep = self._keep_by_position(scores, real, count, prefer)  # [T, k_max]
@@ -235,9 +254,35 @@ class LayerRouting:
         if expert_scale is not None:
             normalized = normalized * expert_scale
         if count:
-            self.counter.pairs += int(keep.sum())
+            self.counter.pairs += kept_pairs if single else int(keep.sum())
             self.counter.tokens += real_tokens
-        return RoutingDecision(keep=keep, weights=normalized, indices=indices, real=real)
+        return RoutingDecision(keep=keep, weights=normalized, indices=indices, real=real, all_real=single,
+                               first=kept_pairs if single else None)
+
+    def _cached(self, name: str, device: torch.device, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """A small constant tensor, built once per device (batch-1 decode asks for the same ones every step)."""
+        key = (name, device)
+        if key not in self._constants:
+            self._constants[key] = make()
+        return self._constants[key]
+
+    def _single_token_keep(self, indices: torch.Tensor, count: bool) -> tuple[torch.Tensor, int]:
+        """[1, k_max] keep mask of one real token alone in its forward (batch-1 decode), without the general
+        selection's dozen small ops.
+
+        Alone, a token gets its ledger's count n under every pooling and scope (round(k) uncounted, k
+        without token-level allocation), and Alloc-T's best remaining candidates of one token are its
+        next ones by score, so the mask keeps its first n candidates (ties in score go to the earlier
+        rank). The cached mask is shared and never written.
+        """
+        width = indices.shape[1]
+        if self.token_level:
+            n = routing.pairs_for(self.k, 1, self.ledger if count else None)
+            n = max(self.k_base, min(n, self.k_max))
+        else:
+            n = int(self.k)
+        return self._cached(f"first-{n}-of-{width}", indices.device,
+                            lambda: torch.arange(width, device=indices.device)[None, :] < n), n
 
     def _row_ledger(self, row: int) -> routing.DecodeLedger:
         if row not in self.row_ledgers:
@@ -298,14 +343,42 @@ class LayerRouting:
         output_dtype = weights.dtype
         decision = self.decide(router, logits, weights, indices)
         keep, normalized = decision.keep, decision.weights
+        if decision.first is not None:
+            new_weights, new_indices = self._rewrite_first(decision)
+            return (new_weights if new_weights.dtype == output_dtype else new_weights.to(output_dtype)), new_indices
         kept = normalized * self.gain if self.gain != 1.0 else normalized
         if self.compensated:
-            new_weights = torch.where(keep, kept, torch.where(decision.real[:, None], normalized, 0.0))
+            # A padding token's dropped candidates add nothing (a single-token forward is real).
+            dropped = normalized if decision.all_real else torch.where(decision.real[:, None], normalized, 0.0)
+            new_weights = torch.where(keep, kept, dropped)
             new_indices = torch.where(keep, decision.indices, decision.indices + self.num_experts)
         else:
             new_weights = torch.where(keep, kept, 0.0)
             new_indices = torch.where(keep, decision.indices, self.num_experts)  # sentinel for dropped slots
-        return new_weights.to(output_dtype), new_indices
+        return (new_weights if new_weights.dtype == output_dtype else new_weights.to(output_dtype)), new_indices
+
+
+    def _rewrite_first(self, decision: RoutingDecision) -> tuple[torch.Tensor, torch.Tensor]:
+        """``rewrite``'s result when every token keeps its first n candidates (batch-1 decode), with one
+        multiply by per-slot factors (gain on kept slots; 1 on compensated dropped ones, else 0) built once
+        per n, in place of the general form's selects: the same values, fewer ops."""
+        n, width, device = decision.first, decision.keep.shape[1], decision.keep.device
+
+        def kept() -> torch.Tensor:
+            return torch.arange(width, device=device) < n  # [K]
+
+        def factors() -> torch.Tensor:
+            return torch.where(kept(), self.gain, 1.0 if self.compensated else 0.0)[None, :]  # [1, K]
+
+        if self.gain == 1.0 and self.compensated:
+            new_weights = decision.weights  # every slot keeps its weight: the factors would all be 1
+        else:
+            new_weights = decision.weights * self._cached(f"factors-{n}-of-{width}", device, factors)
+        if self.compensated:
+            offsets = self._cached(f"offsets-{n}-of-{width}", device,
+                                   lambda: torch.where(kept(), 0, self.num_experts)[None, :])  # [1, K]
+            return new_weights, decision.indices + offsets
+        return new_weights, torch.where(decision.keep, decision.indices, self.num_experts)
 
 
 def _record_padding(context: ForwardContext):

@@ -54,9 +54,12 @@ class StandIns:
 
     def rows(self, inputs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Stand-in outputs [D, H] for inputs [D, H] of experts [D]."""
-        out = self.bias[experts % self.bias.shape[0]]  # [D, H]
+        if self.bias.shape[0] == 1:  # one stand-in for the whole layer: a view, no gather
+            out = self.bias.expand(experts.shape[0], -1)  # [D, H]
+        else:
+            out = self.bias[experts]  # [D, H]
         if self.down is not None:
-            inner = torch.bmm(inputs[:, None, :].to(self.down.dtype), self.down[experts])  # [D, 1, r]
+            inner = torch.bmm(_as(inputs[:, None, :], self.down.dtype), self.down[experts])  # [D, 1, r]
             out = out + torch.bmm(inner, self.up[experts]).squeeze(1)  # [D, H]
         return out
 
@@ -151,6 +154,8 @@ def add_compensation(result: torch.Tensor, module: torch.nn.Module, hidden_state
     stand_ins = getattr(module, COMPENSATION_ATTR, None)
     if stand_ins is None:
         return result
+    if top_k_index.shape[0] == 1 and ONE_TOKEN_FAST[0]:
+        return _add_compensation_one_token(result, stand_ins, hidden_states, top_k_index, top_k_weights, num_experts)
     tokens, slots = (top_k_index >= num_experts).nonzero(as_tuple=True)  # [D] each
     if tokens.numel():
         experts = top_k_index[tokens, slots] - num_experts  # [D]
@@ -158,6 +163,34 @@ def add_compensation(result: torch.Tensor, module: torch.nn.Module, hidden_state
             stand_ins.bias.dtype)  # [D, H]
         result.index_add_(0, tokens, weighted.to(result.dtype))
     return result
+
+
+def _add_compensation_one_token(result: torch.Tensor, stand_ins: StandIns, hidden_states: torch.Tensor,
+                                top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                                num_experts: int) -> torch.Tensor:
+    """``add_compensation`` for one token (batch-1 decode) over all K slots, without ``nonzero``.
+
+    Kept slots and the plain sentinel get weight 0 here; adding their exact zeros leaves the sum
+    as the general form's, which adds the same dropped rows in the same slot order.
+    """
+    slots = top_k_index[0]  # [K]
+    dropped = slots >= num_experts  # [K]
+    weights = torch.where(dropped, _as(top_k_weights[0], stand_ins.bias.dtype), 0.0)  # [K]
+    rows = stand_ins.rows(hidden_states.expand(slots.shape[0], -1), slots % num_experts)  # [K, H]
+    key = (slots.shape[0], slots.device)
+    if key not in _ONE_TOKEN_TARGETS:
+        _ONE_TOKEN_TARGETS[key] = torch.zeros_like(slots)  # [K] every row goes to the one token
+    return result.index_add_(0, _ONE_TOKEN_TARGETS[key], _as(rows * weights[:, None], result.dtype))
+
+
+# Tests switch the one-token form off to compare it with the general one.
+ONE_TOKEN_FAST = [True]
+_ONE_TOKEN_TARGETS: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor.to(dtype)`` without the dispatch when it already is (batch-1 decode counts every op)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 def ragged_experts_forward(

@@ -35,8 +35,8 @@ def sort_candidates(
         weights: [T, K] the router's combine weights for them.
         indices: [T, K] expert ids.
     """
-    order = torch.argsort(scores, dim=-1, descending=True, stable=True)  # [T, K]
-    return scores.gather(-1, order), weights.gather(-1, order), indices.gather(-1, order)
+    sorted_scores, order = torch.sort(scores, dim=-1, descending=True, stable=True)  # [T, K] each
+    return sorted_scores, weights.gather(-1, order), indices.gather(-1, order)
 
 
 def uniform_keep(real: torch.Tensor, num_candidates: int, k: int) -> torch.Tensor:
@@ -164,7 +164,7 @@ def normalize_weights(
     A dropped candidate's weight is what it would get under the same rescaling
     (compensation multiplies it by a stand-in output).
     """
-    w = weights.float()  # [T, K]
+    w = weights if weights.dtype == torch.float32 else weights.float()  # [T, K]
     if mode == "none" or (mode == "model" and norm_order is None):
         return w
     kept = torch.where(keep, w, 0.0)  # [T, K]

@@ -18,28 +18,33 @@ from typing import Any, Callable
 import torch
 
 
+def _float(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor.float()`` without the dispatch when it already is (batch-1 decode counts every op)."""
+    return tensor if tensor.dtype == torch.float32 else tensor.float()
+
+
 def _softmax(router: Any, logits: torch.Tensor) -> torch.Tensor:
-    return torch.softmax(logits.float(), dim=-1)  # [T, E]
+    return torch.softmax(_float(logits), dim=-1)  # [T, E]
 
 
 def _sigmoid_bias(router: Any, logits: torch.Tensor) -> torch.Tensor:
-    return torch.sigmoid(logits.float()) + router.e_score_correction_bias.float()  # [T, E]
+    return torch.sigmoid(_float(logits)) + _float(router.e_score_correction_bias)  # [T, E]
 
 
 def _ernie(router: Any, logits: torch.Tensor) -> torch.Tensor:
     # Ernie 4.5 selects by probabilities plus its learned moe_statics bias.
-    return router.moe_statics(torch.softmax(logits.float(), dim=-1)).reshape(logits.shape)  # [T, E]
+    return router.moe_statics(torch.softmax(_float(logits), dim=-1)).reshape(logits.shape)  # [T, E]
 
 
 def _cohere2(router: Any, logits: torch.Tensor) -> torch.Tensor:
     if router.expert_selection_fn == "sigmoid":
-        return torch.sigmoid(logits.float())  # [T, E]
-    return torch.softmax(logits.float(), dim=-1)  # [T, E]
+        return torch.sigmoid(_float(logits))  # [T, E]
+    return torch.softmax(_float(logits), dim=-1)  # [T, E]
 
 
 def _probs(router: Any, probabilities: torch.Tensor) -> torch.Tensor:
     # gemma4's router returns its softmax probabilities in place of logits.
-    return probabilities.float()  # [T, E]
+    return _float(probabilities)  # [T, E]
 
 
 SELECTION_SCORES: dict[str, Callable[[Any, torch.Tensor], torch.Tensor]] = {

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from conftest import FAMILIES
@@ -295,3 +297,51 @@ def test_validate_and_apply_refuse_a_changed_or_missing_sidecar(tmp_path, calib_
     assert missing.returncode == 2 and "not beside it" in missing.stderr and "Traceback" not in missing.stderr
     sidecar.write_bytes(original)
     assert validate().returncode == 0
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if REGISTRY[f].treatments_unsupported is None
+                                    and REGISTRY[f].rewrite_unsupported is None])
+def test_batch1_decode_fast_path_is_bit_identical_to_the_general_rewrite(family, windows, monkeypatch):
+    """A treated, compensated layer at batch 1 skips the general selection's bookkeeping and the stand-ins'
+    nonzero; the logits of every decode step and the counted pairs are exactly the general path's."""
+    from allocplan.runtime import experts as experts_module
+    from allocplan.runtime.apply import LayerRouting
+
+    model = build_tiny_model(family)
+    layers = find_moe_layers(model)
+    compensation = encode_tables(compensation_tables(model, windows[:2], "linear", batch_size=2, rank=2), "linear")
+    # k 2.5 through the ledger (3, 2, 3, ...), a normaliser width on even layers and a gain everywhere.
+    treatments = [(layer.top_k if i % 2 == 0 else None, 1.25) for i, layer in enumerate(layers)]
+    ks = [min(2.5, layer.top_k) for layer in layers]
+    allocations = [allocation_for(model, ks, RoutingConfig(), treatments=treatments, compensation=compensation),
+                   allocation_for(model, ks, RoutingConfig(), treatments=treatments)]  # treated, no stand-ins
+    taken = {"keep": 0, "stand-ins": 0}
+
+    def counted(name, function):
+        def wrapper(*args, **kwargs):
+            taken[name] += 1
+            return function(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(LayerRouting, "_single_token_keep", counted("keep", LayerRouting._single_token_keep))
+    monkeypatch.setattr(experts_module, "_add_compensation_one_token",
+                        counted("stand-ins", experts_module._add_compensation_one_token))
+    runs = {}
+    for fast, allocation in itertools.product((True, False), allocations):
+        monkeypatch.setattr(LayerRouting, "single_token_fast", fast)
+        monkeypatch.setattr(experts_module, "ONE_TOKEN_FAST", [fast])
+        with allocplan.apply_plan(model, allocation) as handle, torch.inference_mode():
+            out = model(input_ids=IDS[:1, :6], use_cache=True)
+            cache, steps = out.cache, [out.logits]
+            for _ in range(5):
+                out = model(input_ids=out.logits[:, -1:].argmax(-1), cache=cache, use_cache=True)
+                cache = out.cache
+                steps.append(out.logits)
+            runs[fast, allocation.compensation is not None] = (
+                torch.cat(steps, dim=1), {p: (c.pairs, c.tokens) for p, c in handle.counters().items()})
+    # Both forms ran in every layer at each of the five single-token steps, and only with ``fast``
+    # (the stand-ins' form only where there are stand-ins).
+    assert taken == {"keep": 2 * 5 * len(layers), "stand-ins": 5 * len(layers)}
+    for compensated in (True, False):
+        assert torch.equal(runs[True, compensated][0], runs[False, compensated][0])
+        assert runs[True, compensated][1] == runs[False, compensated][1]
