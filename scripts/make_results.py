@@ -11,7 +11,7 @@ counts (never their losses), to compare at exactly matched compute. Defaults are
 checked on a calibration holdout (calibration tokens the profiles never saw).
 Nothing in docs/results.md is typed by hand.
 
-Run:  python scripts/make_results.py --jobs 2     (about 2 hours on 2 CPU cores)
+Run:  python scripts/make_results.py --jobs 3     (75 minutes on 2 CPU cores, refinement off)
       python scripts/make_results.py --models ref-olmoe --budgets 0.5 --quick   (a smoke run)
       python scripts/make_results.py --render-only  (rewrite the page from docs/results.json)
       python scripts/make_results.py --models ref-qwen3 --update   (evaluate one model, keep the others'
@@ -285,7 +285,10 @@ def exact_decode_check(model, rows: dict, windows: torch.Tensor, allocation, uni
 
 
 def fmt(value, digits=4):
-    return "—" if value is None else f"{value:.{digits}f}"
+    if value is None:
+        return "—"
+    text = f"{value:.{digits}f}"
+    return text[1:] if text.startswith("-") and float(text) == 0 else text  # no "-0.00"
 
 
 def interval(boot: dict) -> str:
@@ -524,11 +527,15 @@ def findings_lines(all_results: list[dict]) -> list[str]:
                      f" {fmt(rows[DEFAULT]['modes']['prefill']['gap_closed'], 2)},"
                      f" {fmt(rows[DEFAULT]['modes']['decode-b1']['gap_closed'], 2)} and"
                      f" {fmt(rows[DEFAULT]['modes']['decode-b8']['gap_closed'], 2)} with the batch scope.")
+        alone_b1 = rows["alloc-t"]["modes"]["decode-b1"]["gap_closed"]
+        alone_prefill = rows["alloc-t"]["modes"]["prefill"]["gap_closed"]
+        if alone_prefill > max(alone_b1, 0.0):
+            why = ": pooling is what Alloc-T needs, and decode at batch 1 does not have it."
+        else:
+            why = ": on this model Alloc-T alone does not help even with pooling."
         lines.append(f"- {res['model']}: in batch-1 decode (no pooling across tokens) the default closes"
-                     f" {fmt(b1, 2)} of uniform's gap; Alloc-T alone closes"
-                     f" {fmt(rows['alloc-t']['modes']['decode-b1']['gap_closed'], 2)} there, against"
-                     f" {fmt(rows['alloc-t']['modes']['prefill']['gap_closed'], 2)} in prefill: pooling is what"
-                     " Alloc-T needs, and decode at batch 1 does not have it.")
+                     f" {fmt(b1, 2)} of uniform's gap; Alloc-T alone closes {fmt(alone_b1, 2)} there, against"
+                     f" {fmt(alone_prefill, 2)} in prefill{why}")
     return lines + [""]
 
 
