@@ -154,7 +154,7 @@ def add_compensation(result: torch.Tensor, module: torch.nn.Module, hidden_state
     stand_ins = getattr(module, COMPENSATION_ATTR, None)
     if stand_ins is None:
         return result
-    if top_k_index.shape[0] == 1 and ONE_TOKEN_FAST[0]:
+    if top_k_index.shape[0] == 1 and ONE_TOKEN_FAST:
         return _add_compensation_one_token(result, stand_ins, hidden_states, top_k_index, top_k_weights, num_experts)
     tokens, slots = (top_k_index >= num_experts).nonzero(as_tuple=True)  # [D] each
     if tokens.numel():
@@ -184,7 +184,7 @@ def _add_compensation_one_token(result: torch.Tensor, stand_ins: StandIns, hidde
 
 
 # Tests switch the one-token form off to compare it with the general one.
-ONE_TOKEN_FAST = [True]
+ONE_TOKEN_FAST = True
 _ONE_TOKEN_TARGETS: dict[tuple[int, torch.device], torch.Tensor] = {}
 
 

@@ -329,7 +329,7 @@ def test_batch1_decode_fast_path_is_bit_identical_to_the_general_rewrite(family,
     runs = {}
     for fast, allocation in itertools.product((True, False), allocations):
         monkeypatch.setattr(LayerRouting, "single_token_fast", fast)
-        monkeypatch.setattr(experts_module, "ONE_TOKEN_FAST", [fast])
+        monkeypatch.setattr(experts_module, "ONE_TOKEN_FAST", fast)
         with allocplan.apply_plan(model, allocation) as handle, torch.inference_mode():
             out = model(input_ids=IDS[:1, :6], use_cache=True)
             cache, steps = out.cache, [out.logits]
