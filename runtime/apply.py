@@ -94,7 +94,6 @@ class RoutingDecision:
             (per-expert scales included, gain not), kept or not.
         indices: [T, k_max] the candidates' experts, sorted by selection score per token.
         real: [T] the tokens that are not padding.
-        all_real: known without looking at ``real``: every token is real.
         first: n where ``keep`` is known to hold each token's first n candidates (one token alone), else None.
     """
 
@@ -102,7 +101,6 @@ class RoutingDecision:
     weights: torch.Tensor
     indices: torch.Tensor
     real: torch.Tensor
-    all_real: bool = False
     first: int | None = None
 
 
@@ -256,7 +254,7 @@ class LayerRouting:
         if count:
             self.counter.pairs += kept_pairs if single else int(keep.sum())
             self.counter.tokens += real_tokens
-        return RoutingDecision(keep=keep, weights=normalized, indices=indices, real=real, all_real=single,
+        return RoutingDecision(keep=keep, weights=normalized, indices=indices, real=real,
                                first=kept_pairs if single else None)
 
     def _cached(self, name: str, device: torch.device, make: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -342,43 +340,36 @@ class LayerRouting:
         index + num_experts and their weight)."""
         output_dtype = weights.dtype
         decision = self.decide(router, logits, weights, indices)
-        keep, normalized = decision.keep, decision.weights
         if decision.first is not None:
             new_weights, new_indices = self._rewrite_first(decision)
-            return (new_weights if new_weights.dtype == output_dtype else new_weights.to(output_dtype)), new_indices
-        kept = normalized * self.gain if self.gain != 1.0 else normalized
-        if self.compensated:
-            # A padding token's dropped candidates add nothing (a single-token forward is real).
-            dropped = normalized if decision.all_real else torch.where(decision.real[:, None], normalized, 0.0)
-            new_weights = torch.where(keep, kept, dropped)
-            new_indices = torch.where(keep, decision.indices, decision.indices + self.num_experts)
         else:
-            new_weights = torch.where(keep, kept, 0.0)
-            new_indices = torch.where(keep, decision.indices, self.num_experts)  # sentinel for dropped slots
-        return (new_weights if new_weights.dtype == output_dtype else new_weights.to(output_dtype)), new_indices
-
+            keep, normalized = decision.keep, decision.weights
+            kept = normalized * self.gain if self.gain != 1.0 else normalized
+            if self.compensated:
+                new_weights = torch.where(keep, kept, torch.where(decision.real[:, None], normalized, 0.0))
+                new_indices = torch.where(keep, decision.indices, decision.indices + self.num_experts)
+            else:
+                new_weights = torch.where(keep, kept, 0.0)
+                new_indices = torch.where(keep, decision.indices, self.num_experts)  # sentinel for dropped slots
+        return routing.as_dtype(new_weights, output_dtype), new_indices
 
     def _rewrite_first(self, decision: RoutingDecision) -> tuple[torch.Tensor, torch.Tensor]:
         """``rewrite``'s result when every token keeps its first n candidates (batch-1 decode), with one
         multiply by per-slot factors (gain on kept slots; 1 on compensated dropped ones, else 0) built once
         per n, in place of the general form's selects: the same values, fewer ops."""
-        n, width, device = decision.first, decision.keep.shape[1], decision.keep.device
-
-        def kept() -> torch.Tensor:
-            return torch.arange(width, device=device) < n  # [K]
-
-        def factors() -> torch.Tensor:
-            return torch.where(kept(), self.gain, 1.0 if self.compensated else 0.0)[None, :]  # [1, K]
-
+        keep = decision.keep  # [1, K], the cached mask of the token's first n candidates
+        n, width, device = decision.first, keep.shape[1], keep.device
         if self.gain == 1.0 and self.compensated:
             new_weights = decision.weights  # every slot keeps its weight: the factors would all be 1
         else:
-            new_weights = decision.weights * self._cached(f"factors-{n}-of-{width}", device, factors)
+            factors = self._cached(f"factors-{n}-of-{width}", device, lambda: torch.where(
+                keep, self.gain, 1.0 if self.compensated else 0.0))  # [1, K]
+            new_weights = decision.weights * factors
         if self.compensated:
             offsets = self._cached(f"offsets-{n}-of-{width}", device,
-                                   lambda: torch.where(kept(), 0, self.num_experts)[None, :])  # [1, K]
+                                   lambda: torch.where(keep, 0, self.num_experts))  # [1, K]
             return new_weights, decision.indices + offsets
-        return new_weights, torch.where(decision.keep, decision.indices, self.num_experts)
+        return new_weights, torch.where(keep, decision.indices, self.num_experts)
 
 
 def _record_padding(context: ForwardContext):

@@ -28,6 +28,8 @@ from typing import Iterator
 import torch
 from transformers.integrations.moe import ExpertsInterface
 
+from .routing import as_dtype
+
 IMPLEMENTATION_NAME = "allocplan_ragged"
 # Attribute apply_plan sets on an experts module whose dropped candidates are compensated (StandIns).
 COMPENSATION_ATTR = "_allocplan_compensation"
@@ -59,7 +61,7 @@ class StandIns:
         else:
             out = self.bias[experts]  # [D, H]
         if self.down is not None:
-            inner = torch.bmm(_as(inputs[:, None, :], self.down.dtype), self.down[experts])  # [D, 1, r]
+            inner = torch.bmm(as_dtype(inputs[:, None, :], self.down.dtype), self.down[experts])  # [D, 1, r]
             out = out + torch.bmm(inner, self.up[experts]).squeeze(1)  # [D, H]
         return out
 
@@ -175,22 +177,17 @@ def _add_compensation_one_token(result: torch.Tensor, stand_ins: StandIns, hidde
     """
     slots = top_k_index[0]  # [K]
     dropped = slots >= num_experts  # [K]
-    weights = torch.where(dropped, _as(top_k_weights[0], stand_ins.bias.dtype), 0.0)  # [K]
+    weights = torch.where(dropped, as_dtype(top_k_weights[0], stand_ins.bias.dtype), 0.0)  # [K]
     rows = stand_ins.rows(hidden_states.expand(slots.shape[0], -1), slots % num_experts)  # [K, H]
     key = (slots.shape[0], slots.device)
     if key not in _ONE_TOKEN_TARGETS:
         _ONE_TOKEN_TARGETS[key] = torch.zeros_like(slots)  # [K] every row goes to the one token
-    return result.index_add_(0, _ONE_TOKEN_TARGETS[key], _as(rows * weights[:, None], result.dtype))
+    return result.index_add_(0, _ONE_TOKEN_TARGETS[key], as_dtype(rows * weights[:, None], result.dtype))
 
 
 # Tests switch the one-token form off to compare it with the general one.
 ONE_TOKEN_FAST = True
 _ONE_TOKEN_TARGETS: dict[tuple[int, torch.device], torch.Tensor] = {}
-
-
-def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``tensor.to(dtype)`` without the dispatch when it already is (batch-1 decode counts every op)."""
-    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 def ragged_experts_forward(

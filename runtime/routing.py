@@ -25,6 +25,11 @@ import torch
 from ..formats.budget import round_half_up
 
 
+def as_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor.to(dtype)``, skipping the dispatch when it already is (batch-1 decode pays for every op)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
 def sort_candidates(
     scores: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -164,7 +169,7 @@ def normalize_weights(
     A dropped candidate's weight is what it would get under the same rescaling
     (compensation multiplies it by a stand-in output).
     """
-    w = weights if weights.dtype == torch.float32 else weights.float()  # [T, K]
+    w = as_dtype(weights, torch.float32)  # [T, K]
     if mode == "none" or (mode == "model" and norm_order is None):
         return w
     kept = torch.where(keep, w, 0.0)  # [T, K]

@@ -17,34 +17,32 @@ from typing import Any, Callable
 
 import torch
 
-
-def _float(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor.float()`` without the dispatch when it already is (batch-1 decode counts every op)."""
-    return tensor if tensor.dtype == torch.float32 else tensor.float()
+from .routing import as_dtype
 
 
 def _softmax(router: Any, logits: torch.Tensor) -> torch.Tensor:
-    return torch.softmax(_float(logits), dim=-1)  # [T, E]
+    return torch.softmax(as_dtype(logits, torch.float32), dim=-1)  # [T, E]
 
 
 def _sigmoid_bias(router: Any, logits: torch.Tensor) -> torch.Tensor:
-    return torch.sigmoid(_float(logits)) + _float(router.e_score_correction_bias)  # [T, E]
+    bias = as_dtype(router.e_score_correction_bias, torch.float32)  # [E]
+    return torch.sigmoid(as_dtype(logits, torch.float32)) + bias  # [T, E]
 
 
 def _ernie(router: Any, logits: torch.Tensor) -> torch.Tensor:
     # Ernie 4.5 selects by probabilities plus its learned moe_statics bias.
-    return router.moe_statics(torch.softmax(_float(logits), dim=-1)).reshape(logits.shape)  # [T, E]
+    return router.moe_statics(torch.softmax(as_dtype(logits, torch.float32), dim=-1)).reshape(logits.shape)  # [T, E]
 
 
 def _cohere2(router: Any, logits: torch.Tensor) -> torch.Tensor:
     if router.expert_selection_fn == "sigmoid":
-        return torch.sigmoid(_float(logits))  # [T, E]
-    return torch.softmax(_float(logits), dim=-1)  # [T, E]
+        return torch.sigmoid(as_dtype(logits, torch.float32))  # [T, E]
+    return torch.softmax(as_dtype(logits, torch.float32), dim=-1)  # [T, E]
 
 
 def _probs(router: Any, probabilities: torch.Tensor) -> torch.Tensor:
     # gemma4's router returns its softmax probabilities in place of logits.
-    return _float(probabilities)  # [T, E]
+    return as_dtype(probabilities, torch.float32)  # [T, E]
 
 
 SELECTION_SCORES: dict[str, Callable[[Any, torch.Tensor], torch.Tensor]] = {

@@ -63,13 +63,14 @@ MATCHED = {f"{m}/eval-matched": m for m in ("naee", "top-p")}
 DEFAULT = "allocplan"
 COMPARED = [m for m in BASELINES if m != DEFAULT] + list(MATCHED)  # what the default must beat
 # The refinement's ablation switches it the other way from the shipped default.
-REFINE_LABEL = "allocplan −refine" if RefineConfig().refine else "allocplan +refine"
+REFINE_DEFAULT = RefineConfig().refine
+REFINE_LABEL = "allocplan −refine" if REFINE_DEFAULT else "allocplan +refine"
 # allocplan's ablation: the default with one element changed (profile variant, routing, refine, allocation).
 ABLATIONS = {
     "allocplan −weight fit": {"profile": "no-fit"},
     "allocplan −compensation": {"profile": "no-compensation"},
     "allocplan compensation=expert": {"profile": "expert"},
-    REFINE_LABEL: {"refine": not RefineConfig().refine},
+    REFINE_LABEL: {"refine": not REFINE_DEFAULT},
     "allocplan −Alloc-T": {"token_level": False},
     "allocplan −Alloc-L": {"uniform": True},
     "allocplan −deploy profiling": {"profile": "deploy-less"},
@@ -455,11 +456,9 @@ def defaults_lines(all_results: list[dict]) -> list[str]:
     settings = {"allocplan −weight fit": ("weight fit", "auto", "off"),
                 "allocplan −compensation": ("compensation", "linear stand-ins", "off"),
                 "allocplan compensation=expert": ("compensation", "linear stand-ins", "mean output per expert (MoNE)"),
-                REFINE_LABEL: ("refinement", "on" if RefineConfig().refine else "off",
-                                      "off" if RefineConfig().refine else "on"),
+                REFINE_LABEL: ("refinement", "on" if REFINE_DEFAULT else "off", "off" if REFINE_DEFAULT else "on"),
                 "allocplan −Alloc-T": ("token-level allocation", "on", "off"),
-                "allocplan −Alloc-L": ("layer allocation", "DP + refinement" if RefineConfig().refine else "DP",
-                                                       "uniform k"),
+                "allocplan −Alloc-L": ("layer allocation", "DP + refinement" if REFINE_DEFAULT else "DP", "uniform k"),
                 "allocplan −deploy profiling": ("profiling", "with treatments in place", "plain, treatments added after")}
     rejected = []
     for label, (element, ours, other) in settings.items():
@@ -513,7 +512,7 @@ def findings_lines(all_results: list[dict]) -> list[str]:
         gap = rows["uniform"]["modes"]["prefill"]["nll"] - rows["full"]["modes"]["prefill"]["nll"]
         steps = " → ".join(f"{label} {fmt(rows[key]['modes']['prefill']['gap_closed'], 2)}" for label, key in (
             ("Alloc-L+T", "alloc-lt"), ("+ weight fit, + compensation"
-                                         + (", + refinement" if RefineConfig().refine else "") + " (default)", DEFAULT)))
+                                         + (", + refinement" if REFINE_DEFAULT else "") + " (default)", DEFAULT)))
         no_comp = rows["allocplan −compensation"]["modes"]["prefill"]["gap_closed"]
         no_fit = rows["allocplan −weight fit"]["modes"]["prefill"]["gap_closed"]
         lines.append(f"- {res['model']} at 0.5: uniform half k costs {gap:.4f} nats/token (prefill). Gap closed:"

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import FAMILIES
 from tiny_models import PairRecorder as Recorder
-from tiny_models import build_tiny_model, plan_for
+from tiny_models import build_tiny_model, greedy_step_logits, plan_for
 
 import allocplan.runtime.experts as experts_module
 from allocplan.runtime.apply import apply_plan
@@ -312,16 +312,11 @@ def test_batch1_decode_shortcut_equals_rewrite(family, monkeypatch):
     runs = {}
     for native in (True, False):
         monkeypatch.setattr(LayerRouting, "single_token_native", native)
-        with apply_plan(model, plan) as handle, torch.inference_mode():
-            out = model(input_ids=ids, use_cache=True)
-            cache, step_logits = out.cache, [out.logits]
-            for _ in range(5):
-                out = model(input_ids=out.logits[:, -1:].argmax(-1), cache=cache, use_cache=True)
-                cache = out.cache
-                step_logits.append(out.logits)
+        with apply_plan(model, plan) as handle:
+            logits = greedy_step_logits(model, ids, 5)
             counts = {path: (c.pairs, c.tokens) for path, c in handle.counters().items()}
             taken = [r.native for r in handle._routings]
-        runs[native] = (torch.cat(step_logits, dim=1), counts)
+        runs[native] = (logits, counts)
         # The shortcut ran on the last (single-token) forward exactly when it was enabled.
         assert all(flag == native for flag in taken)
     torch.testing.assert_close(runs[True][0], runs[False][0], rtol=1e-5, atol=1e-5)

@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 from conftest import FAMILIES
-from tiny_models import build_tiny_model, plan_for, tiny_tokenizer
+from tiny_models import build_tiny_model, greedy_step_logits, plan_for, tiny_tokenizer
 
 import allocplan
 from allocplan import RoutingConfig
@@ -330,15 +330,10 @@ def test_batch1_decode_fast_path_is_bit_identical_to_the_general_rewrite(family,
     for fast, allocation in itertools.product((True, False), allocations):
         monkeypatch.setattr(LayerRouting, "single_token_fast", fast)
         monkeypatch.setattr(experts_module, "ONE_TOKEN_FAST", fast)
-        with allocplan.apply_plan(model, allocation) as handle, torch.inference_mode():
-            out = model(input_ids=IDS[:1, :6], use_cache=True)
-            cache, steps = out.cache, [out.logits]
-            for _ in range(5):
-                out = model(input_ids=out.logits[:, -1:].argmax(-1), cache=cache, use_cache=True)
-                cache = out.cache
-                steps.append(out.logits)
-            runs[fast, allocation.compensation is not None] = (
-                torch.cat(steps, dim=1), {p: (c.pairs, c.tokens) for p, c in handle.counters().items()})
+        with allocplan.apply_plan(model, allocation) as handle:
+            logits = greedy_step_logits(model, IDS[:1, :6], 5)
+            counts = {p: (c.pairs, c.tokens) for p, c in handle.counters().items()}
+        runs[fast, allocation.compensation is not None] = (logits, counts)
     # Both forms ran in every layer at each of the five single-token steps, and only with ``fast``
     # (the stand-ins' form only where there are stand-ins).
     assert taken == {"keep": 2 * 5 * len(layers), "stand-ins": 5 * len(layers)}

@@ -137,6 +137,21 @@ def save_tiny_checkpoint(family: str, directory, seed: int = 0):
     return directory
 
 
+def greedy_step_logits(model, ids, steps: int):
+    """Logits of a forward over ``ids`` and then of ``steps`` greedy single-token forwards through the
+    KV cache, concatenated along the sequence: [B, S + steps, V]."""
+    import torch
+
+    with torch.inference_mode():
+        out = model(input_ids=ids, use_cache=True)
+        cache, logits = out.cache, [out.logits]
+        for _ in range(steps):
+            out = model(input_ids=out.logits[:, -1:].argmax(-1), cache=cache, use_cache=True)
+            cache = out.cache
+            logits.append(out.logits)
+    return torch.cat(logits, dim=1)
+
+
 def plan_for(model, ks, **routing):
     """An allocation for ``model`` with the given per-layer k (one number: every layer); ``routing``
     holds RoutingConfig fields, with token-level allocation off unless asked for (plain top-k)."""
