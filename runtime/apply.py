@@ -27,7 +27,8 @@ Two paths, both instance-level (no transformers class or function is patched):
   treatments, stand-ins for dropped experts) take a short form of it: one token
   keeps its first n candidates, so the keep mask and the per-slot factors are
   small tensors built once per n, and the stand-ins are added over the token's
-  K slots without ``nonzero``; the values are the general rewrite's, bit for bit.
+  K slots without ``nonzero`` (:mod:`allocplan.runtime.experts`); the values are
+  the general rewrite's, bit for bit.
 
 Every change is recorded so that ``handle.remove()`` puts back the exact
 previous state (router ``top_k`` or config, hooks, experts implementation,

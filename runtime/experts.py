@@ -22,7 +22,7 @@ Registered under the name ``allocplan_ragged``; ``apply_plan`` selects it with
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
@@ -54,15 +54,46 @@ class StandIns:
     down: torch.Tensor | None = None
     up: torch.Tensor | None = None
 
+    _tables: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    # down and up with r padded by zeros to whole 16-byte rows, which grouped_mm needs; ``down`` and
+    # ``up`` become views of them, so their values (and every product with them) are unchanged.
+    _padded: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.down is None:
+            return
+        rank, per_row = self.down.shape[-1], max(1, 16 // self.down.element_size())
+        padded_rank = -(-rank // per_row) * per_row
+        down = self.down.new_zeros(*self.down.shape[:-1], padded_rank)  # [E, H, r']
+        down[..., :rank] = self.down
+        up = self.up.new_zeros(self.up.shape[0], padded_rank, self.up.shape[-1])  # [E, r', H]
+        up[:, :rank] = self.up
+        object.__setattr__(self, "_padded", (down, up))
+        object.__setattr__(self, "down", down[..., :rank])
+        object.__setattr__(self, "up", up[:, :rank])
+
+    def one_token_table(self, num_experts: int) -> torch.Tensor:
+        """[2E, H] for a layer of E experts: zeros for indices below E (kept slots), then the constant
+        stand-in of index E + e (row E doubles as the plain sentinel's, whose weight is 0). One gather
+        over a token's K slot indices then gives its dropped slots' stand-ins and exact zeros for the
+        rest, with no select. Built once."""
+        if num_experts not in self._tables:
+            constants = self.bias.expand(num_experts, -1)  # [E, H]
+            self._tables[num_experts] = torch.cat([torch.zeros_like(constants), constants])
+        return self._tables[num_experts]
+
     def rows(self, inputs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Stand-in outputs [D, H] for inputs [D, H] of experts [D]."""
+        # index_select rather than advanced indexing: the same copy at about half the cost, which
+        # matters for the [D, H, r] weights of linear stand-ins.
         if self.bias.shape[0] == 1:  # one stand-in for the whole layer: a view, no gather
             out = self.bias.expand(experts.shape[0], -1)  # [D, H]
         else:
-            out = self.bias[experts]  # [D, H]
+            out = self.bias.index_select(0, experts)  # [D, H]
         if self.down is not None:
-            inner = torch.bmm(as_dtype(inputs[:, None, :], self.down.dtype), self.down[experts])  # [D, 1, r]
-            out = out + torch.bmm(inner, self.up[experts]).squeeze(1)  # [D, H]
+            inner = torch.bmm(as_dtype(inputs[:, None, :], self.down.dtype),
+                              self.down.index_select(0, experts))  # [D, 1, r]
+            out = out + torch.bmm(inner, self.up.index_select(0, experts)).squeeze(1)  # [D, H]
         return out
 
 
@@ -161,10 +192,30 @@ def add_compensation(result: torch.Tensor, module: torch.nn.Module, hidden_state
     tokens, slots = (top_k_index >= num_experts).nonzero(as_tuple=True)  # [D] each
     if tokens.numel():
         experts = top_k_index[tokens, slots] - num_experts  # [D]
-        weighted = stand_ins.rows(hidden_states[tokens], experts) * top_k_weights[tokens, slots, None].to(
-            stand_ins.bias.dtype)  # [D, H]
-        result.index_add_(0, tokens, weighted.to(result.dtype))
+        weights = top_k_weights[tokens, slots]  # [D]
+        if stand_ins.down is not None and tokens.numel() >= num_experts:
+            tokens, weights, rows = _grouped_linear_rows(stand_ins, hidden_states, tokens, experts, weights)
+        else:
+            rows = stand_ins.rows(hidden_states[tokens], experts)  # [D, H]
+        weighted = rows * as_dtype(weights, stand_ins.bias.dtype)[:, None]  # [D, H]
+        result.index_add_(0, tokens, as_dtype(weighted, result.dtype))
     return result
+
+
+def _grouped_linear_rows(stand_ins: StandIns, hidden_states: torch.Tensor, tokens: torch.Tensor,
+                         experts: torch.Tensor, weights: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Linear stand-ins of many dropped pairs (prefill), grouped by expert: one ``grouped_mm`` per
+    factor reads each expert's [H, r] and [r, H] once, where ``StandIns.rows`` copies them for every
+    pair (with 768 dropped pairs per layer, tens of MB). Returns (tokens [D], weights [D], rows [D, H])
+    in expert order; below one pair per expert, copying the few pairs' factors is cheaper."""
+    experts, order = torch.sort(experts, stable=True)  # [D]
+    tokens, weights = tokens[order], weights[order]
+    offsets = torch.cumsum(torch.bincount(experts, minlength=stand_ins.down.shape[0]), 0, dtype=torch.int32)  # [E]
+    down, up = stand_ins._padded  # [E, H, r'] and [E, r', H]: the extra rank is zeros
+    inner = grouped_matmul(hidden_states[tokens], down, offsets, transposed=True)  # [D, r']
+    low = grouped_matmul(inner, up, offsets, transposed=True)  # [D, H]
+    return tokens, weights, stand_ins.bias.index_select(0, experts) + low
 
 
 def _add_compensation_one_token(result: torch.Tensor, stand_ins: StandIns, hidden_states: torch.Tensor,
@@ -172,13 +223,19 @@ def _add_compensation_one_token(result: torch.Tensor, stand_ins: StandIns, hidde
                                 num_experts: int) -> torch.Tensor:
     """``add_compensation`` for one token (batch-1 decode) over all K slots, without ``nonzero``.
 
-    Kept slots and the plain sentinel get weight 0 here; adding their exact zeros leaves the sum
-    as the general form's, which adds the same dropped rows in the same slot order.
+    At batch 1 each op's fixed cost outweighs its arithmetic, so this form does as few as it
+    can. Constant stand-ins are gathered from a table whose first ``num_experts`` rows are zeros,
+    so a kept slot (index below ``num_experts``) adds an exact zero without a select; linear ones
+    zero the kept slots' weights. Adding exact zeros leaves the sum as the general form's, which
+    adds the same dropped rows in the same slot order.
     """
     slots = top_k_index[0]  # [K]
-    dropped = slots >= num_experts  # [K]
-    weights = torch.where(dropped, as_dtype(top_k_weights[0], stand_ins.bias.dtype), 0.0)  # [K]
-    rows = stand_ins.rows(hidden_states.expand(slots.shape[0], -1), slots % num_experts)  # [K, H]
+    weights = as_dtype(top_k_weights[0], stand_ins.bias.dtype)  # [K]
+    if stand_ins.down is None:
+        rows = stand_ins.one_token_table(num_experts).index_select(0, slots)  # [K, H], zeros for kept slots
+    else:
+        weights = torch.where(slots >= num_experts, weights, 0.0)  # [K]
+        rows = stand_ins.rows(hidden_states.expand(slots.shape[0], -1), slots % num_experts)  # [K, H]
     key = (slots.shape[0], slots.device)
     if key not in _ONE_TOKEN_TARGETS:
         _ONE_TOKEN_TARGETS[key] = torch.zeros_like(slots)  # [K] every row goes to the one token

@@ -136,8 +136,24 @@ def test_normalizer_width_is_the_brute_force_best(windows):
     assert errors[chosen] == pytest.approx(min(errors.values()), rel=1e-6)
 
 
+def test_one_token_table_by_hand():
+    """Kept slots (index < E) gather zeros; index E + e gathers expert e's constant; a layer constant repeats."""
+    per_expert = StandIns(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+    assert torch.equal(per_expert.one_token_table(2), torch.tensor([[0.0, 0.0], [0.0, 0.0], [1.0, 2.0], [3.0, 4.0]]))
+    per_layer = StandIns(torch.tensor([[5.0, 6.0]]))
+    assert torch.equal(per_layer.one_token_table(3), torch.tensor([[0.0, 0.0]] * 3 + [[5.0, 6.0]] * 3))
+    assert per_layer.one_token_table(3) is per_layer.one_token_table(3)  # built once
+
+
+@pytest.mark.parametrize("one_token", [False, True], ids=["batch", "one-token"])
 @pytest.mark.parametrize("kind", ["expert", "layer", "linear"])
-def test_compensation_adds_weighted_stand_ins_by_hand(kind):
+def test_compensation_adds_weighted_stand_ins_by_hand(kind, one_token, monkeypatch):
+    """Both forms of the stand-ins (one token; many tokens, where linear ones are grouped by expert once
+    there are as many dropped pairs as experts) against a per-pair sum in float64."""
+    from allocplan.runtime import experts as experts_module
+
+    grouped, original = [], experts_module._grouped_linear_rows
+    monkeypatch.setattr(experts_module, "_grouped_linear_rows", lambda *args: grouped.append(1) or original(*args))
     model = build_tiny_model("olmoe")
     layers = find_moe_layers(model)
     generator = torch.Generator().manual_seed(2)
@@ -149,7 +165,8 @@ def test_compensation_adds_weighted_stand_ins_by_hand(kind):
     record, data = encode_tables(stand_ins, kind)
     allocation = allocation_for(model, 2, RoutingConfig(token_level=False), compensation=(record, data))
     with allocplan.apply_plan(model, allocation):
-        (hidden, index, weights), out = experts_io(model, 0, lambda: model(input_ids=IDS))
+        ids = IDS[:1, :1] if one_token else IDS  # one token: batch-1 decode's form of the stand-ins
+        (hidden, index, weights), out = experts_io(model, 0, lambda: model(input_ids=ids))
         experts = layers[0].experts
         table = getattr(experts, COMPENSATION_ATTR)
         delattr(experts, COMPENSATION_ATTR)  # the same call without stand-ins: the kept experts alone
@@ -169,6 +186,7 @@ def test_compensation_adds_weighted_stand_ins_by_hand(kind):
                 expected[t] += weights[t, s].double() * value
                 dropped += 1
     assert dropped == 2 * index.shape[0]  # top-4 candidates, 2 kept
+    assert bool(grouped) == (kind == "linear" and not one_token)
     torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-5)
 
 
