@@ -135,7 +135,8 @@ def bench(
     Runs where the model's input embedding is (on CUDA, every reading waits for the queued
     kernels). ``variants``: other allocations timed in the same rounds (e.g. the plan with
     compensation), each reported under ``variants[label]`` with its time over the plan's,
-    round by round (``over_planned``). ``decode_batch_size``: the batched decode measure's batch.
+    round by round (``over_planned``), and its time in each round (``rounds``, for ratios between
+    variants). ``decode_batch_size``: the batched decode measure's batch.
     """
     from ..runtime.layers import input_device
 
@@ -187,7 +188,7 @@ def bench(
         if others:
             results[name]["variants"] = {
                 label: {"time": _median_spread(times), "over_planned": _median_spread(
-                    [v / f for v, f in zip(times, fast)])} for label, times in varied.items()}
+                    [v / f for v, f in zip(times, fast)]), "rounds": times} for label, times in varied.items()}
         if lean is not None:
             results[name]["full_lean"] = _median_spread(full_lean)
             results[name]["speedup_same_path"] = _median_spread([b / f for b, f in zip(full_lean, fast)])
