@@ -182,6 +182,10 @@ class LayerRouting:
     def single_token_forward(self, args: tuple[Any, ...]) -> bool:
         if not (args and isinstance(args[0], torch.Tensor)) or args[0].numel() != args[0].shape[-1]:
             return False  # no hidden states, or more than one token
+        return self._lone_token_is_real()
+
+    def _lone_token_is_real(self) -> bool:
+        """Whether the one token of a single-token forward is real (only a recorded one-token mask says not)."""
         real = self.context.real
         return real is None or real.numel() != 1 or bool(real[0])
 
@@ -214,8 +218,8 @@ class LayerRouting:
         """
         num_tokens = indices.shape[0]
         real = self.context.real
-        single = self.single_token_fast and num_tokens == 1 and self.token_selector is None and (
-            real is None or real.numel() != 1 or bool(real[0]))
+        single = (self.single_token_fast and num_tokens == 1 and self.token_selector is None
+                  and self._lone_token_is_real())
         if single:
             real = self._cached("real", indices.device, lambda: torch.ones(1, dtype=torch.bool, device=indices.device))
         elif real is None or real.numel() != num_tokens:

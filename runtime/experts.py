@@ -64,6 +64,9 @@ class StandIns:
             return
         rank, per_row = self.down.shape[-1], max(1, 16 // self.down.element_size())
         padded_rank = -(-rank // per_row) * per_row
+        if padded_rank == rank:  # already whole rows: nothing to copy
+            object.__setattr__(self, "_padded", (self.down, self.up))
+            return
         down = self.down.new_zeros(*self.down.shape[:-1], padded_rank)  # [E, H, r']
         down[..., :rank] = self.down
         up = self.up.new_zeros(self.up.shape[0], padded_rank, self.up.shape[-1])  # [E, r', H]
@@ -95,6 +98,14 @@ class StandIns:
                               self.down.index_select(0, experts))  # [D, 1, r]
             out = out + torch.bmm(inner, self.up.index_select(0, experts)).squeeze(1)  # [D, H]
         return out
+
+    def grouped_rows(self, inputs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """``rows`` of linear stand-ins for inputs [D, H] of experts [D] in non-decreasing order, with one
+        ``grouped_mm`` per factor: each expert's [H, r] and [r, H] are read once, not copied per row."""
+        offsets = torch.cumsum(torch.bincount(experts, minlength=self.down.shape[0]), 0, dtype=torch.int32)  # [E]
+        down, up = self._padded  # [E, H, r'] and [E, r', H]: the extra rank is zeros
+        inner = grouped_matmul(inputs, down, offsets, transposed=True)  # [D, r']
+        return self.bias.index_select(0, experts) + grouped_matmul(inner, up, offsets, transposed=True)  # [D, H]
 
 
 def grouped_matmul(rows: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, transposed: bool) -> torch.Tensor:
@@ -205,17 +216,13 @@ def add_compensation(result: torch.Tensor, module: torch.nn.Module, hidden_state
 def _grouped_linear_rows(stand_ins: StandIns, hidden_states: torch.Tensor, tokens: torch.Tensor,
                          experts: torch.Tensor, weights: torch.Tensor
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Linear stand-ins of many dropped pairs (prefill), grouped by expert: one ``grouped_mm`` per
-    factor reads each expert's [H, r] and [r, H] once, where ``StandIns.rows`` copies them for every
-    pair (with 768 dropped pairs per layer, tens of MB). Returns (tokens [D], weights [D], rows [D, H])
-    in expert order; below one pair per expert, copying the few pairs' factors is cheaper."""
+    """Linear stand-ins of many dropped pairs (prefill), grouped by expert (``StandIns.grouped_rows``),
+    where ``StandIns.rows`` copies each pair's factors (with 768 dropped pairs per layer, tens of MB).
+    Returns (tokens [D], weights [D], rows [D, H]) in expert order; below one pair per expert,
+    copying the few pairs' factors is cheaper."""
     experts, order = torch.sort(experts, stable=True)  # [D]
     tokens, weights = tokens[order], weights[order]
-    offsets = torch.cumsum(torch.bincount(experts, minlength=stand_ins.down.shape[0]), 0, dtype=torch.int32)  # [E]
-    down, up = stand_ins._padded  # [E, H, r'] and [E, r', H]: the extra rank is zeros
-    inner = grouped_matmul(hidden_states[tokens], down, offsets, transposed=True)  # [D, r']
-    low = grouped_matmul(inner, up, offsets, transposed=True)  # [D, H]
-    return tokens, weights, stand_ins.bias.index_select(0, experts) + low
+    return tokens, weights, stand_ins.grouped_rows(hidden_states[tokens], experts)
 
 
 def _add_compensation_one_token(result: torch.Tensor, stand_ins: StandIns, hidden_states: torch.Tensor,

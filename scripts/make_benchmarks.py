@@ -33,7 +33,7 @@ from allocplan.bench.cost_model import ideal_speedup, routed_weight_share  # noq
 from allocplan.bench.presets import PRESETS, build_preset  # noqa: E402
 from allocplan.bench.run import with_compensation  # noqa: E402
 from allocplan.bench.timing import (  # noqa: E402
-    _median_spread, bench, profile_cost, solver_cost, uniform_budget_allocation)
+    bench, median_spread, profile_cost, solver_cost, uniform_budget_allocation)
 from allocplan.bundled import BUNDLED_DIR, DEFAULT_CALIBRATION  # noqa: E402
 from allocplan.evaluation.compare import paired_bootstrap  # noqa: E402
 from allocplan.runtime.layers import find_moe_layers  # noqa: E402
@@ -92,7 +92,7 @@ def compensation_variants(model, plan) -> dict:
 
 def over_gains(variants: dict, kind: str) -> dict:
     """Time of the plan with gains and stand-ins over the plan with gains alone, round by round."""
-    return _median_spread([v / g for v, g in zip(variants[f"{GAINS} + {kind} compensation"]["rounds"],
+    return median_spread([v / g for v, g in zip(variants[f"{GAINS} + {kind} compensation"]["rounds"],
                                                  variants[GAINS]["rounds"])])
 
 

@@ -327,12 +327,15 @@ def test_batch1_decode_fast_path_is_bit_identical_to_the_general_rewrite(family,
 
     model = build_tiny_model(family)
     layers = find_moe_layers(model)
-    compensation = encode_tables(compensation_tables(model, windows[:2], "linear", batch_size=2, rank=2), "linear")
+    # Linear stand-ins (rows computed per slot) and constant ones (gathered from the one-token table).
+    compensations = {kind: encode_tables(compensation_tables(model, windows[:2], kind, batch_size=2, rank=2), kind)
+                     for kind in ("linear", "expert")}
     # k 2.5 through the ledger (3, 2, 3, ...), a normaliser width on even layers and a gain everywhere.
     treatments = [(layer.top_k if i % 2 == 0 else None, 1.25) for i, layer in enumerate(layers)]
     ks = [min(2.5, layer.top_k) for layer in layers]
-    allocations = [allocation_for(model, ks, RoutingConfig(), treatments=treatments, compensation=compensation),
-                   allocation_for(model, ks, RoutingConfig(), treatments=treatments)]  # treated, no stand-ins
+    allocations = [allocation_for(model, ks, RoutingConfig(), treatments=treatments, compensation=compensation)
+                   for compensation in compensations.values()]
+    allocations.append(allocation_for(model, ks, RoutingConfig(), treatments=treatments))  # treated, no stand-ins
     taken = {"keep": 0, "stand-ins": 0}
 
     def counted(name, function):
@@ -351,10 +354,10 @@ def test_batch1_decode_fast_path_is_bit_identical_to_the_general_rewrite(family,
         with allocplan.apply_plan(model, allocation) as handle:
             logits = greedy_step_logits(model, IDS[:1, :6], 5)
             counts = {p: (c.pairs, c.tokens) for p, c in handle.counters().items()}
-        runs[fast, allocation.compensation is not None] = (logits, counts)
+        runs[fast, allocation.compensation and allocation.compensation.kind] = (logits, counts)
     # Both forms ran in every layer at each of the five single-token steps, and only with ``fast``
     # (the stand-ins' form only where there are stand-ins).
-    assert taken == {"keep": 2 * 5 * len(layers), "stand-ins": 5 * len(layers)}
-    for compensated in (True, False):
-        assert torch.equal(runs[True, compensated][0], runs[False, compensated][0])
-        assert runs[True, compensated][1] == runs[False, compensated][1]
+    assert taken == {"keep": 3 * 5 * len(layers), "stand-ins": 2 * 5 * len(layers)}
+    for compensation in (*compensations, None):
+        assert torch.equal(runs[True, compensation][0], runs[False, compensation][0])
+        assert runs[True, compensation][1] == runs[False, compensation][1]

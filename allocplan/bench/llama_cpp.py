@@ -97,7 +97,7 @@ def side_by_side(model: Any, gguf: str | Path, allocations: dict[str, Any], toke
 
     from ..runtime.apply import apply_plan
     from ..runtime.layers import find_moe_layers
-    from .timing import _median_spread, time_decode
+    from .timing import median_spread, time_decode
 
     Llama = llama_cpp.Llama
 
@@ -130,11 +130,11 @@ def side_by_side(model: Any, gguf: str | Path, allocations: dict[str, Any], toke
             times[label].append(measure())
     check = Llama(**{**common, "n_ctx": 72, "n_batch": 64}, logits_all=True)
     agreement = logits_agreement(check, model, prompt[:64])
-    speedups = {label: _median_spread([f / t for f, t in zip(times["llama.cpp full k"], times[label])])
+    speedups = {label: median_spread([f / t for f, t in zip(times["llama.cpp full k"], times[label])])
                 for label in engines}
-    speedups.update({label: _median_spread([f / t for f, t in zip(times["allocplan untouched"], times[label])])
+    speedups.update({label: median_spread([f / t for f, t in zip(times["allocplan untouched"], times[label])])
                      for label in paths if label.startswith("allocplan")})
-    return {"seconds_per_token": {label: _median_spread(values) for label, values in times.items()},
+    return {"seconds_per_token": {label: median_spread(values) for label, values in times.items()},
             "speedup": speedups, "agreement": agreement, "threads": threads, "prompt_len": prompt_len,
             "new_tokens": new_tokens, "repeat": repeat, "top_k": top_k, "half_k": top_k // 2,
             "llama_cpp_python": llama_cpp.__version__}

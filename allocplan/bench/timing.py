@@ -43,7 +43,8 @@ from ..runtime.layers import find_moe_layers, model_family
 from .cost_model import ideal_speedup, profiling_flop_floor, routed_flop_share, routed_weight_share
 
 
-def _median_spread(values: list[float]) -> dict[str, float]:
+def median_spread(values: list[float]) -> dict[str, float]:
+    """Median, min and max of per-round values (how every timing here is reported)."""
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
@@ -183,15 +184,15 @@ def bench(
             fast.append(planned(measure))
             for label, other in others.items():
                 varied[label].append(other(measure))
-        results[name] = {"untouched": _median_spread(base), "planned": _median_spread(fast),
-                         "speedup": _median_spread([b / f for b, f in zip(base, fast)])}
+        results[name] = {"untouched": median_spread(base), "planned": median_spread(fast),
+                         "speedup": median_spread([b / f for b, f in zip(base, fast)])}
         if others:
             results[name]["variants"] = {
-                label: {"time": _median_spread(times), "over_planned": _median_spread(
+                label: {"time": median_spread(times), "over_planned": median_spread(
                     [v / f for v, f in zip(times, fast)]), "rounds": times} for label, times in varied.items()}
         if lean is not None:
-            results[name]["full_lean"] = _median_spread(full_lean)
-            results[name]["speedup_same_path"] = _median_spread([b / f for b, f in zip(full_lean, fast)])
+            results[name]["full_lean"] = median_spread(full_lean)
+            results[name]["speedup_same_path"] = median_spread([b / f for b, f in zip(full_lean, fast)])
 
     # What a batched decode step reads: the distinct experts its tokens use (on real text these
     # differ more between tokens than on random ids; docs/benchmarks.md's batch-aware section).
