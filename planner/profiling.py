@@ -294,7 +294,8 @@ def profile_model(
     check_token_ids(windows, model)
     sidecar = tables = None
     if compensation != "off":
-        tables = compensation_tables(model, windows, compensation, config.batch_size, config.compensation_rank)
+        tables = compensation_tables(model, windows, compensation, config.batch_size, config.compensation_rank,
+                                     config.drop_order)
         sidecar = encode_tables(tables, compensation)
     grid = {layer.path: k_grid(config.k_min, layer.top_k, config.k_step) for layer in layers}
     treatments = None

@@ -21,8 +21,14 @@ close to its output at full k. Two per-layer numbers and a set of stand-ins help
   routed to it at full k (``expert``, MoNE, arXiv 2507.00390); the layer's mean
   routed expert output (``layer``); or c_e plus a rank-r linear map of the input
   (``linear``), the reduced-rank least-squares fit of e's output on its input over
-  those tokens (ridge 1e-2 of the mean input variance, projected on the r output
+  those tokens (ridge ``RIDGE`` of the mean input variance, projected on the r output
   directions the fit explains most). The stand-ins go in the plan's sidecar.
+* **Drop order**: with the stand-ins fitted, each expert's miss m_e, the root mean
+  square of ||y - stand-in|| over the same (token, expert) pairs, gives a factor
+  (m_e / mean_e m_e) ** ``DROP_ORDER_POWER`` that multiplies the expert's selection
+  score when the runtime ranks a token's candidates. Dropping candidate e costs the
+  layer about w_e m_e of error, so the candidates whose stand-ins serve best rank
+  last and are the ones dropped. The factors go in the sidecar too.
 
 Everything comes from one reference forward per calibration batch: hooks catch
 each MoE layer's router output, its experts' input and their full-k output;
@@ -34,13 +40,14 @@ fit sees exactly the routing the plan will run.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..formats.config import STAND_IN_SHARE, RoutingConfig
+from ..formats.config import STAND_IN_SHARE, ProfileConfig, RoutingConfig
 from ..formats.profile import k_grid
 from ..formats.sidecar import CompensationRecord, record_for
 from ..progress import progress
@@ -55,6 +62,15 @@ from ..runtime.scores import NORMALIZATION_RULES
 
 # A fitted number is stored to this many significant digits (as sensitivities are).
 _DIGITS = 9
+# The linear stand-ins' ridge, as a share of the mean input variance. On the calibration holdout (the
+# calibration tokens after the profiled ones) 1e-1 helped ref-dsv2 (3.1412 -> 3.1396 at budget 0.5)
+# but hurt ref-olmoe (3.0732 -> 3.0743), so it stays.
+RIDGE = 1e-2
+# Chosen on the calibration holdout, never eval text: holdout NLL of the default plan at budget 0.5
+# with the drop order off / power 0.25 / 0.5 was 3.1412 / 3.1362 / 3.1371 (ref-dsv2; 3.1372 at 0.75,
+# 3.1395 at 1), 3.0732 / 3.0722 / 3.0718 (ref-olmoe) and 3.3798 / 3.3772 / 3.3772 (ref-qwen3): the
+# lowest sum at 0.25.
+DROP_ORDER_POWER = 0.25
 
 
 @dataclass
@@ -150,7 +166,7 @@ class _ExpertMoments:
                 continue
             cov_xx = self.sum_xx[e] / n - torch.outer(mean_x[e], mean_x[e])
             cov_xy = self.sum_xy[e] / n - torch.outer(mean_x[e], mean_y[e])
-            ridge = 1e-2 * cov_xx.diagonal().mean().clamp_min(1e-12)
+            ridge = RIDGE * cov_xx.diagonal().mean().clamp_min(1e-12)
             weight = torch.linalg.solve(cov_xx + ridge * torch.eye(h, dtype=torch.float64), cov_xy)  # [H, H]
             # Reduced-rank regression: keep the r output directions the fitted map explains most of
             # (top eigenvectors of the fitted outputs' covariance W^T C_xx W), the least-squares rank-r map.
@@ -171,25 +187,62 @@ def stand_in_rank(layer: MoELayer, hidden_size: int, share: float = STAND_IN_SHA
     return max(1, int(share * per_expert // (2 * hidden_size)))
 
 
+def _full_k_pairs(model: Any, windows: torch.Tensor, batch_size: int, layers: list[MoELayer], family: MoEFamily,
+                  desc: str):
+    """Per batch and layer: (layer index, inputs [P, H], unweighted outputs [P, H], experts [P]) of every
+    (token, candidate) pair of an untouched forward."""
+    for batch in progress(windows.split(batch_size), desc=desc):
+        for position, (layer, io) in enumerate(zip(layers, capture_layer_io(model, batch, layers, family))):
+            outputs = candidate_outputs(layer.experts, family.experts_swap, io.hidden, io.indices)  # [T, K, H]
+            slots = io.indices.shape[1]
+            yield (position, io.hidden.repeat_interleave(slots, dim=0), outputs.reshape(-1, outputs.shape[-1]),
+                   io.indices.reshape(-1))
+
+
 @torch.inference_mode()
 def compensation_tables(model: Any, windows: torch.Tensor, kind: str, batch_size: int,
-                        rank: int | None = None) -> dict[str, StandIns]:
+                        rank: int | None = None, drop_order: bool | None = None) -> dict[str, StandIns]:
     """Per MoE layer path, the stand-ins of ``kind`` (module docstring), fitted at full k.
 
     ``rank`` of linear stand-ins: None chooses per layer with :func:`stand_in_rank`.
+    ``drop_order``: also measure each expert's drop-order factor (a second pass over ``windows``);
+    None: ``ProfileConfig``'s default.
     """
+    if drop_order is None:
+        drop_order = ProfileConfig().drop_order
     layers = find_moe_layers(model)
     family = model_family(model)
     moments = [_ExpertMoments(layer.experts.num_experts, kind == "linear") for layer in layers]
-    for batch in progress(windows.split(batch_size), desc=f"fitting {kind} stand-ins"):
-        for layer, io, moment in zip(layers, capture_layer_io(model, batch, layers, family), moments):
-            outputs = candidate_outputs(layer.experts, family.experts_swap, io.hidden, io.indices)  # [T, K, H]
-            slots = io.indices.shape[1]
-            moment.add(io.hidden.repeat_interleave(slots, dim=0), outputs.reshape(-1, outputs.shape[-1]),
-                       io.indices.reshape(-1))
+    for position, inputs, outputs, experts in _full_k_pairs(model, windows, batch_size, layers, family,
+                                                            f"fitting {kind} stand-ins"):
+        moments[position].add(inputs, outputs, experts)
     hidden_size = model.get_input_embeddings().embedding_dim
-    return {layer.path: moment.stand_ins(kind, rank or stand_in_rank(layer, hidden_size))
-            for layer, moment in zip(layers, moments)}
+    tables = [moment.stand_ins(kind, rank or stand_in_rank(layer, hidden_size))
+              for layer, moment in zip(layers, moments)]
+    if drop_order:
+        squared = [torch.zeros(layer.experts.num_experts, dtype=torch.float64) for layer in layers]
+        for position, inputs, outputs, experts in _full_k_pairs(model, windows, batch_size, layers, family,
+                                                                "measuring the drop order"):
+            miss = (outputs.float() - tables[position].rows(inputs.float(), experts)).double().pow(2).sum(-1)  # [P]
+            squared[position].index_add_(0, experts, miss)
+        tables = [dataclasses.replace(table, order=drop_order_factors(total, moment.count))
+                  for table, total, moment in zip(tables, squared, moments)]
+    return {layer.path: table for layer, table in zip(layers, tables)}
+
+
+def drop_order_factors(squared_miss: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """[E] float32 drop-order factors from each expert's summed squared stand-in miss and pair count.
+
+    (m_e / mean m) ** DROP_ORDER_POWER with m_e = sqrt(squared_miss_e / count_e), the mean over the
+    experts with pairs; an expert without pairs, or a layer whose stand-ins never miss, gets 1.
+    """
+    seen = count > 0
+    miss = (squared_miss / count.clamp_min(1)).sqrt()  # [E]
+    mean = miss[seen].mean() if bool(seen.any()) else miss.new_zeros(())
+    if not float(mean) > 0:
+        return torch.ones_like(miss, dtype=torch.float32)
+    factors = torch.where(seen, miss / mean, 1.0).clamp_min(1e-6) ** DROP_ORDER_POWER
+    return torch.tensor([float(f"{f:.{_DIGITS}g}") for f in factors.tolist()], dtype=torch.float32)
 
 
 def encode_tables(tables: dict[str, StandIns], kind: str) -> tuple[CompensationRecord, bytes]:
@@ -203,6 +256,8 @@ def encode_tables(tables: dict[str, StandIns], kind: str) -> tuple[CompensationR
         if stand_ins.down is not None:
             tensors[f"{path}.down"] = stand_ins.down.float().contiguous()
             tensors[f"{path}.up"] = stand_ins.up.float().contiguous()
+        if stand_ins.order is not None:
+            tensors[f"{path}.order"] = stand_ins.order.float().clone()  # own storage: safetensors refuses shared
     data = save(tensors)
     return record_for(data, kind), data
 
@@ -250,7 +305,10 @@ def fit_treatments(
         ks = [k if i == position else original for i, original in enumerate(originals)]
         treatments = [(normalizer_k, 1.0) if i == position else (None, 1.0) for i in range(len(layers))]
         allocation = allocation_for(model, ks, routing, treatments=treatments)
-        return LayerRouting(layers[position], allocation.layers[position], allocation, family, context)
+        # The fit sees the candidates in the order the plan will rank them (drop order included).
+        order = None if tables is None else tables[layers[position].path].order
+        return LayerRouting(layers[position], allocation.layers[position], allocation, family, context,
+                            drop_order=order)
 
     # Per (position, k): the options tried and their accumulated statistics.
     options: dict[tuple[int, int | float], dict[int | None, LayerRouting]] = {}

@@ -51,7 +51,7 @@ from . import routing
 from .families import MoEFamily, model_fingerprint
 from .layers import MoELayer, find_moe_layers, model_family, module_device
 from .router_formats import ROUTER_FORMATS
-from .scores import NORMALIZATION_RULES, SELECTION_SCORES
+from .scores import NORMALIZATION_RULES, SELECTION_SCORES, SIGNED_SELECTIONS
 
 _HANDLE_ATTR = "_allocplan_handle"
 
@@ -123,7 +123,7 @@ class LayerRouting:
 
     def __init__(self, layer: MoELayer, entry: LayerAllocation, allocation: Allocation, family: MoEFamily,
                  context: ForwardContext, token_selector: TokenSelector | None = None,
-                 compensated: bool = False) -> None:
+                 compensated: bool = False, drop_order: torch.Tensor | None = None) -> None:
         self.layer = layer
         self.token_selector = token_selector
         self.k = float(entry.planned_k)
@@ -139,10 +139,14 @@ class LayerRouting:
         # Dropped candidates keep their expert (index + num_experts) and weight, for the experts
         # implementation to add their compensation vectors.
         self.compensated = compensated
+        # [E] per-expert factors on the selection scores (StandIns.order): the candidates whose
+        # stand-ins serve best rank last and are dropped first.
+        self.drop_order = drop_order
         self.norm_order = NORMALIZATION_RULES[family.normalization](layer.router, layer.block)
         self.scale = float(getattr(layer.router, family.scaling_attr)) if family.scaling_attr else 1.0
         self.expert_scale_attr = family.expert_scale_attr
         self.selection = SELECTION_SCORES[family.selection]
+        self.signed_selection = family.selection in SIGNED_SELECTIONS
         self.num_experts = layer.experts.num_experts
         router_format = ROUTER_FORMATS[family.router_format]
         self.to_candidates, self.from_candidates = router_format.to_candidates, router_format.from_candidates
@@ -224,8 +228,17 @@ class LayerRouting:
             real = self._cached("real", indices.device, lambda: torch.ones(1, dtype=torch.bool, device=indices.device))
         elif real is None or real.numel() != num_tokens:
             real = torch.ones(num_tokens, dtype=torch.bool, device=indices.device)  # [T]
-        scores = self.selection(router, logits).gather(-1, indices)  # [T, k_max]
+        selection = self.selection(router, logits)  # [T, E]
+        if self.drop_order is not None:
+            ranked = routing.rank_by_drop_order(selection, self.drop_order, self.signed_selection)  # [T, E]
+            scores = ranked.gather(-1, indices)  # [T, k_max]
+        else:
+            scores = selection.gather(-1, indices)  # [T, k_max]
         scores, weights, indices = routing.sort_candidates(scores, weights, indices)
+        # Decoupled renormalisation divides by the mass of the router's own top candidates, which a
+        # drop order may have moved out of the first slots.
+        reference_scores = (selection.gather(-1, indices) if self.drop_order is not None and self.mode == "decoupled"
+                            else None)  # [T, k_max]
         expert_scale = None
         if self.expert_scale_attr:
             # Per-expert multipliers are applied after normalisation: undo them, reweight, redo.
@@ -252,7 +265,7 @@ class LayerRouting:
             keep = routing.uniform_keep(real, indices.shape[1], int(self.k))  # [T, k_max]
         normalized = routing.normalize_weights(
             weights, keep, mode=self.mode, norm_order=self.norm_order, scale=self.scale,
-            reference_k=self.reference_k,
+            reference_k=self.reference_k, reference_scores=reference_scores,
         )  # [T, k_max]
         if expert_scale is not None:
             normalized = normalized * expert_scale
@@ -521,7 +534,8 @@ def load_compensation(allocation: Allocation, layers: list[MoELayer], model: Any
     tensors = _decoded_sidecar(record.sha256, record.file, data)
     hidden = model.get_input_embeddings().embedding_dim
 
-    def tensor(name: str, shape: tuple[int | None, ...], layer: MoELayer) -> torch.Tensor:
+    def tensor(name: str, shape: tuple[int | None, ...], layer: MoELayer, dtype: torch.dtype | None = None
+               ) -> torch.Tensor:
         found = tensors.get(name)
         ok = found is not None and found.dim() == len(shape) and all(
             want is None or got == want for got, want in zip(found.shape, shape))
@@ -531,7 +545,7 @@ def load_compensation(allocation: Allocation, layers: list[MoELayer], model: Any
             raise AllocplanError(f"compensation file {record.file!r} holds {got} for {name}, which needs shape"
                                  f" {want}; the sidecar belongs to another model: recompile")
         # Each layer's stand-ins live where its experts compute (layers may sit on different devices).
-        dtype = next(layer.experts.parameters()).dtype
+        dtype = dtype or next(layer.experts.parameters()).dtype
         return found.to(device=module_device(layer.experts), dtype=dtype)
 
     stand_ins = {}
@@ -542,7 +556,14 @@ def load_compensation(allocation: Allocation, layers: list[MoELayer], model: Any
         if record.kind == "linear":
             down = tensor(f"{layer.path}.down", (experts, hidden, None), layer)
             up = tensor(f"{layer.path}.up", (experts, down.shape[-1], hidden), layer)
-        stand_ins[layer.path] = StandIns(bias, down, up)
+        order = None
+        if f"{layer.path}.order" in tensors:  # optional: sidecars without a drop order stay valid
+            # float32 like the selection scores it multiplies, on the router's device.
+            order = tensor(f"{layer.path}.order", (layer.experts.num_experts,), layer, torch.float32)
+            if not bool(torch.isfinite(order).all()) or bool((order <= 0).any()):
+                raise AllocplanError(f"compensation file {record.file!r} holds a drop order for {layer.path} that"
+                                     " is not positive and finite everywhere; recompile the plan")
+        stand_ins[layer.path] = StandIns(bias, down, up, order)
     return stand_ins
 
 
@@ -644,8 +665,10 @@ def apply_plan(
         for layer, entry, changed in zip(layers, allocation.layers, touched):
             if not changed:
                 continue
+            stand_ins = tables.get(layer.path)
             layer_routing = LayerRouting(layer, entry, allocation, family, context, token_selector,
-                                          compensated=layer.path in tables)
+                                          compensated=stand_ins is not None,
+                                          drop_order=None if stand_ins is None else stand_ins.order)
             layer.set_top_k(layer_routing.k_max)
             handle._routings.append(layer_routing)
             experts = layer.experts

@@ -48,11 +48,15 @@ class StandIns:
         bias: [E, H] or [1, H].
         down: [E, H, r] or None.
         up: [E, r, H] or None.
+        order: [E] drop order, or None: the routing ranks a token's candidates by selection
+            score times ``order[e]``, a power of how far expert e's stand-in misses its output,
+            so the candidates that are dropped are those whose stand-ins serve best.
     """
 
     bias: torch.Tensor
     down: torch.Tensor | None = None
     up: torch.Tensor | None = None
+    order: torch.Tensor | None = None
 
     _tables: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     # down and up with r padded by zeros to whole 16-byte rows, which grouped_mm needs; ``down`` and

@@ -44,6 +44,19 @@ def sort_candidates(
     return sorted_scores, weights.gather(-1, order), indices.gather(-1, order)
 
 
+def rank_by_drop_order(selection: torch.Tensor, order: torch.Tensor, signed: bool) -> torch.Tensor:
+    """[T, E] selection scores reranked by a drop order (``StandIns.order``): a larger factor ranks higher.
+
+    Args:
+        selection: [T, E] the family's selection scores.
+        order: [E] positive per-expert factors (float32, on the scores' device).
+        signed: the scores can be negative (a correction bias); those are divided by the factor.
+    """
+    if signed:
+        return torch.where(selection >= 0, selection * order, selection / order)  # [T, E]
+    return selection * order  # [T, E]
+
+
 def uniform_keep(real: torch.Tensor, num_candidates: int, k: int) -> torch.Tensor:
     """[T, K] mask keeping the first k candidates of every real token."""
     keep = torch.zeros(real.shape[0], num_candidates, dtype=torch.bool, device=real.device)  # [T, K]
@@ -149,6 +162,7 @@ def normalize_weights(
     norm_order: float | None,
     scale: float,
     reference_k: int,
+    reference_scores: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Combine weights [T, K] under a weight mode, for every candidate (kept or dropped).
 
@@ -164,7 +178,10 @@ def normalize_weights(
     * ``renorm``: kept weights sum to the family's scaling factor (1 for most).
     * ``decoupled``: divide by the mass of the token's top-``reference_k``
       candidates, times the scaling factor (arXiv 2609.04575): a token that
-      loses experts does not get its remaining weights inflated.
+      loses experts does not get its remaining weights inflated. The top ones are
+      the first ``reference_k`` slots, or where ``reference_scores`` [T, K] is
+      given (the router's own scores when a drop order reranked the slots), the
+      ``reference_k`` slots with the highest of those.
 
     A dropped candidate's weight is what it would get under the same rescaling
     (compensation multiplies it by a stand-in output).
@@ -180,7 +197,9 @@ def normalize_weights(
     if mode == "renorm":
         return w / kept.sum(-1, keepdim=True).clamp_min(1e-30) * scale
     if mode == "decoupled":
-        reference = w[:, :reference_k].sum(-1, keepdim=True).clamp_min(1e-30)  # [T, 1]
+        top = w[:, :reference_k] if reference_scores is None else w.gather(
+            -1, torch.topk(reference_scores, reference_k, dim=-1).indices)  # [T, reference_k]
+        reference = top.sum(-1, keepdim=True).clamp_min(1e-30)  # [T, 1]
         return w / reference * scale
     raise ValueError(f"unknown renormalisation mode {mode!r}")
 

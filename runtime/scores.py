@@ -53,6 +53,10 @@ SELECTION_SCORES: dict[str, Callable[[Any, torch.Tensor], torch.Tensor]] = {
     "cohere2": _cohere2,
 }
 
+# Rules whose scores can be negative (a correction bias is added): a drop order must divide those
+# rather than multiply them, so that a larger factor still ranks a candidate higher.
+SIGNED_SELECTIONS = frozenset({"sigmoid_bias", "ernie"})
+
 # The p-norm a family normalises its chosen weights with (1.0 = they sum to one), or None.
 NORMALIZATION_RULES: dict[str, Callable[[Any, Any], float | None]] = {
     "always": lambda router, block: 1.0,

@@ -70,6 +70,7 @@ ABLATIONS = {
     "allocplan −weight fit": {"profile": "no-fit"},
     "allocplan −compensation": {"profile": "no-compensation"},
     "allocplan compensation=expert": {"profile": "expert"},
+    "allocplan −drop order": {"profile": "no-order"},
     REFINE_LABEL: {"refine": not REFINE_DEFAULT},
     "allocplan −Alloc-T": {"token_level": False},
     "allocplan −Alloc-L": {"uniform": True},
@@ -82,6 +83,7 @@ PROFILE_VARIANTS = {
     "no-fit": ProfileConfig(weight_fit="off"),
     "no-compensation": ProfileConfig(compensation="off"),
     "expert": ProfileConfig(compensation="expert"),
+    "no-order": ProfileConfig(drop_order=False),
 }
 
 
@@ -456,6 +458,7 @@ def defaults_lines(all_results: list[dict]) -> list[str]:
     settings = {"allocplan −weight fit": ("weight fit", "auto", "off"),
                 "allocplan −compensation": ("compensation", "linear stand-ins", "off"),
                 "allocplan compensation=expert": ("compensation", "linear stand-ins", "mean output per expert (MoNE)"),
+                "allocplan −drop order": ("drop order", "on", "off (drop by router score alone)"),
                 REFINE_LABEL: ("refinement", "on" if REFINE_DEFAULT else "off", "off" if REFINE_DEFAULT else "on"),
                 "allocplan −Alloc-T": ("token-level allocation", "on", "off"),
                 "allocplan −Alloc-L": ("layer allocation", "DP + refinement" if REFINE_DEFAULT else "DP", "uniform k"),
@@ -511,7 +514,7 @@ def findings_lines(all_results: list[dict]) -> list[str]:
         rows = main["rows"]
         gap = rows["uniform"]["modes"]["prefill"]["nll"] - rows["full"]["modes"]["prefill"]["nll"]
         steps = " → ".join(f"{label} {fmt(rows[key]['modes']['prefill']['gap_closed'], 2)}" for label, key in (
-            ("Alloc-L+T", "alloc-lt"), ("+ weight fit, + compensation"
+            ("Alloc-L+T", "alloc-lt"), ("+ weight fit, + compensation, + drop order"
                                          + (", + refinement" if REFINE_DEFAULT else "") + " (default)", DEFAULT)))
         no_comp = rows["allocplan −compensation"]["modes"]["prefill"]["gap_closed"]
         no_fit = rows["allocplan −weight fit"]["modes"]["prefill"]["gap_closed"]

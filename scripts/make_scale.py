@@ -111,19 +111,23 @@ def probe_flops(costs: dict, k_min: int = 1) -> float:
     return total
 
 
+# The fitting passes: stand-ins, the drop order (when on by default) and the treatments.
+FITTING_PASSES = 3 if ProfileConfig().drop_order else 2
+
+
 def fitting_flops(costs: dict) -> float:
     """FLOPs per token of the compensation and treatment passes: a captured forward each, plus every
     candidate's expert output once per pass (one call per candidate slot)."""
     routed = sum(r["k"] * r["expert"] for r in costs["layers"])
-    return 2 * (forward_flops(costs) + routed)
+    return FITTING_PASSES * (forward_flops(costs) + routed)
 
 
 def streamed_bytes(costs: dict, weight_bytes: float) -> float:
     """Weight bytes one batch moves when nothing stays on the GPU: every layer once for the reference and
-    twice for the fitting passes, and, per probe, the probed block and every later layer."""
+    once per fitting pass, and, per probe, the probed block and every later layer."""
     rows = costs["layers"]
     size = [r["params"] * weight_bytes for r in rows]
-    total = 3 * sum(size)
+    total = (1 + FITTING_PASSES) * sum(size)
     for position, row in enumerate(rows):
         if row["moe"]:
             total += (row["k"] - 1) * (size[position] + sum(size[position + 1 :]))
@@ -260,7 +264,8 @@ def render(data: dict) -> str:
              "(L + 2·L_moe) · B · S · H · 2 bytes + 2 · B · S · V · 4 bytes. Lower `--batch-size` to shrink it.", "",
              "## The cost model, checked on CPU", "",
              "Per calibration batch: one reference forward; for each MoE layer and each k below its K, the layer's",
-             "routed experts at k plus every later decoder layer and the head; the compensation and treatment",
+             "routed experts at k plus every later decoder layer and the head; the compensation"
+             + (", drop-order" if FITTING_PASSES == 3 else "") + " and treatment",
              "passes (a captured forward each, plus every candidate's expert output). In forward-equivalents",
              "(time, or FLOPs, over one forward's), on the bench presets with random weights:", "",
              "| preset | FLOPs/token counted | model | probes measured | model | fitting measured | model |",

@@ -40,6 +40,7 @@ profile:
   weight_fit: auto
   compensation: auto
   compensation_rank: null
+  drop_order: true
 routing:
   token_level: true
   k_base: 1

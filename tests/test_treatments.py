@@ -66,6 +66,57 @@ def test_normalizer_width_weights_by_hand():
     torch.testing.assert_close(got.sort(-1, descending=True).values, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_drop_order_reranks_candidates_and_keeps_the_routers_reference_mass():
+    # mixtral, k = 2 with a normaliser width of 3 and a drop order on layer 0: each token keeps the two
+    # of its router's top-4 with the largest p * order[e], weighted p / (sum of the router's top-3 p).
+    model = build_tiny_model("mixtral")
+    layers = find_moe_layers(model)
+    hidden = model.config.hidden_size
+    order = torch.tensor([4.0, 1.0, 0.25, 1.0, 2.0, 0.5, 1.0, 3.0])
+    stand_ins = {layer.path: StandIns(torch.zeros(8, hidden), order=order if i == 0 else None)
+                 for i, layer in enumerate(layers)}
+    router = layers[0].router
+    logits = {}
+    hook = router.register_forward_hook(lambda _m, _a, out: logits.update(value=out[0].clone()))
+    allocation = allocation_for(model, 2, RoutingConfig(token_level=False), treatments=[(3, 1.0)] + [(None, 1.0)] * 3,
+                                compensation=encode_tables(stand_ins, "expert"))
+    with allocplan.apply_plan(model, allocation):
+        (_, index, weights), _ = experts_io(model, 0, lambda: model(input_ids=IDS))
+    hook.remove()
+    p = torch.softmax(logits["value"].double(), dim=-1)  # [T, E]
+    reference = p.topk(3, dim=-1).values.sum(-1)  # [T]
+    reranked = 0
+    for t in range(p.shape[0]):
+        candidates = p[t].topk(4).indices.tolist()
+        chosen = sorted(candidates, key=lambda e: -float(p[t, e]) * float(order[e]))[:2]
+        reranked += chosen != candidates[:2]
+        kept = index[t] < 8
+        assert sorted(index[t][kept].tolist()) == sorted(chosen)
+        for slot in kept.nonzero().flatten().tolist():
+            e = int(index[t, slot])
+            torch.testing.assert_close(weights[t, slot].double(), p[t, e] / reference[t], rtol=1e-5, atol=1e-6)
+    assert reranked > 0  # the order changed some token's choice
+
+
+def test_rank_by_drop_order_and_factors_by_hand():
+    from allocplan.planner.treatments import DROP_ORDER_POWER, drop_order_factors
+    from allocplan.runtime.routing import rank_by_drop_order
+
+    scores = torch.tensor([[0.5, -0.5, 0.2]])
+    order = torch.tensor([2.0, 2.0, 0.5])
+    assert torch.equal(rank_by_drop_order(scores, order, signed=False), torch.tensor([[1.0, -1.0, 0.1]]))
+    # Negative scores (sigmoid + correction bias) are divided, so a larger factor still ranks higher.
+    assert torch.equal(rank_by_drop_order(scores, order, signed=True), torch.tensor([[1.0, -0.25, 0.1]]))
+    # Misses sqrt(4 / 1) = 2 and sqrt(32 / 2) = 4, mean 3; an expert without pairs gets 1.
+    factors = drop_order_factors(torch.tensor([4.0, 32.0, 0.0], dtype=torch.float64),
+                                 torch.tensor([1.0, 2.0, 0.0], dtype=torch.float64))
+    expected = torch.tensor([(2 / 3) ** DROP_ORDER_POWER, (4 / 3) ** DROP_ORDER_POWER, 1.0])
+    torch.testing.assert_close(factors, expected, rtol=1e-7, atol=0)
+    # Stand-ins that never miss leave the order alone.
+    assert torch.equal(drop_order_factors(torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64)),
+                       torch.ones(2))
+
+
 def test_gain_multiplies_the_kept_weights():
     model = build_tiny_model("olmoe")  # does not renormalise: kept weights are the router's own
     base = allocation_for(model, 2, RoutingConfig(token_level=False, renormalize="none"))
@@ -210,6 +261,13 @@ def test_sidecar_mismatch_missing_and_wrong_shape(tmp_path):
     with pytest.raises(AllocplanError, match=r"holds shape \(8, 16\) for model.layers.0.mlp, which needs shape"
                                              r" \(8, 32\)"):
         allocplan.apply_plan(model, allocation_for(model, 2, compensation=(record_w, data_w)))
+    # A drop order of the wrong length, or one that is not positive.
+    for order, message in ((torch.ones(7), r"holds shape \(7,\) for model.layers.0.mlp.order, which needs shape \(8,\)"),
+                           (torch.zeros(8), "drop order for model.layers.0.mlp that is not positive")):
+        bad = {path: StandIns(torch.zeros(8, 32), order=order) for path in stand_ins}
+        with pytest.raises(AllocplanError, match=message) as info:
+            allocplan.apply_plan(model, allocation_for(model, 2, compensation=encode_tables(bad, "expert")))
+        assert "\n" not in str(info.value)
     assert not hasattr(model, "_allocplan_handle")
     assert record_for(data, "expert") == record  # content-addressed: the same bytes, the same name
 
@@ -223,7 +281,8 @@ def test_full_budget_plan_with_every_element_is_bit_identical(family, windows):
     before = model(input_ids=IDS).logits.detach()
     compensation = None
     if spec.treatments_unsupported is None:
-        compensation = encode_tables(compensation_tables(model, windows[:2], "linear", batch_size=2, rank=2), "linear")
+        compensation = encode_tables(compensation_tables(model, windows[:2], "linear", batch_size=2, rank=2,
+                                                         drop_order=True), "linear")
     allocation = allocation_for(model, [layer.top_k for layer in layers], RoutingConfig(token_level=True),
                                 compensation=compensation)
     with allocplan.apply_plan(model, allocation), torch.inference_mode():
@@ -286,6 +345,34 @@ def test_profile_with_treatments_round_trips_and_solves_to_its_treatments(tmp_pa
     assert all(row.gain[row.original_k] == 1.0 for row in loaded.layers)
 
 
+def test_drop_order_is_measured_into_the_sidecar_and_routes_the_plan(calib_file):
+    """--drop-order (the default): one positive factor per expert beside the stand-ins, deterministic, and
+    a plan that routes differently from the same plan without it (same k)."""
+    from safetensors.torch import load
+
+    model = build_tiny_model("olmoe")
+    settings = dict(calib=str(calib_file), calib_tokens=256, seq_len=64, batch_size=2)
+    ordered = [allocplan.profile_model(model, tiny_tokenizer(), allocplan.ProfileConfig(**settings))
+               for _ in range(2)]
+    assert ordered[0].compensation_data == ordered[1].compensation_data  # byte-identical sidecar
+    plain = allocplan.profile_model(model, tiny_tokenizer(), allocplan.ProfileConfig(drop_order=False, **settings))
+    tensors, plain_tensors = load(ordered[0].compensation_data), load(plain.compensation_data)
+    layers = find_moe_layers(model)
+    assert set(tensors) == set(plain_tensors) | {f"{layer.path}.order" for layer in layers}
+    for layer in layers:
+        order = tensors[f"{layer.path}.order"]
+        assert order.shape == (8,) and bool((order > 0).all()) and not torch.equal(order, torch.ones(8))
+        torch.testing.assert_close(tensors[layer.path], plain_tensors[layer.path])  # the same stand-ins
+    ks = [2] * len(layers)
+    logits = []
+    for profile in (ordered[0], plain):
+        allocation = allocation_for(model, ks, RoutingConfig(token_level=False),
+                                    compensation=(profile.compensation, profile.compensation_data))
+        with allocplan.apply_plan(model, allocation), torch.inference_mode():
+            logits.append(model(input_ids=IDS).logits)
+    assert not torch.equal(logits[0], logits[1])
+
+
 def test_validate_and_apply_refuse_a_changed_or_missing_sidecar(tmp_path, calib_file):
     import subprocess
     import sys
@@ -328,7 +415,8 @@ def test_batch1_decode_fast_path_is_bit_identical_to_the_general_rewrite(family,
     model = build_tiny_model(family)
     layers = find_moe_layers(model)
     # Linear stand-ins (rows computed per slot) and constant ones (gathered from the one-token table).
-    compensations = {kind: encode_tables(compensation_tables(model, windows[:2], kind, batch_size=2, rank=2), kind)
+    compensations = {kind: encode_tables(compensation_tables(model, windows[:2], kind, batch_size=2, rank=2,
+                                                             drop_order=True), kind)
                      for kind in ("linear", "expert")}
     # k 2.5 through the ledger (3, 2, 3, ...), a normaliser width on even layers and a gain everywhere.
     treatments = [(layer.top_k if i % 2 == 0 else None, 1.25) for i, layer in enumerate(layers)]

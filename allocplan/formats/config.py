@@ -131,6 +131,9 @@ class ProfileConfig:
             Measured with it in place.
         compensation_rank: rank of the ``linear`` stand-ins; None: per layer, the largest rank
             whose stand-in costs at most ``STAND_IN_SHARE`` of one expert's multiply-adds.
+        drop_order: with compensation, rank each token's candidates by selection score times
+            a per-expert factor that grows with how far the expert's stand-in misses its
+            output, so the candidates dropped are those whose stand-ins serve best.
     """
 
     calib: str | None = setting(None, "Calibration text: a UTF-8 text file, or .jsonl (one JSON object per line)"
@@ -156,6 +159,9 @@ class ProfileConfig:
     compensation_rank: int | None = setting(None, "Rank of the linear stand-ins of --compensation linear"
                                                   " [default: the largest costing at most 5% of an expert].",
                                             minimum=1)
+    drop_order: bool = setting(True, "With compensation, drop first the candidates whose stand-ins miss their"
+                                     " expert's output least (a per-expert factor on the selection score).",
+                               flag="--drop-order/--no-drop-order")
 
     def __post_init__(self) -> None:
         check_settings(self)
