@@ -15,6 +15,7 @@ from pathlib import Path
 from .errors import AllocplanError
 from .formats.plan import Plan
 from .formats.profile import SensitivityProfile
+from .formats.sidecar import sidecar_tensor_names
 
 
 def report_markdown(plan: Plan, profile: SensitivityProfile | None = None, pictures: list[str] | None = None) -> str:
@@ -46,8 +47,12 @@ def report_markdown(plan: Plan, profile: SensitivityProfile | None = None, pictu
     lines.append(f"Weights: `{weights.renormalize}`" + (f", reference k {weights.reference_k}" if weights.reference_k
                                                           else "") + ".")
     if plan.compensation is not None:
-        lines.append(f"Compensation: `{plan.compensation.kind}` stand-ins for dropped experts, in"
-                     f" `{plan.compensation.file}` ({plan.compensation.sha256[:23]}…).")
+        ordered = plan.compensation_data is not None and any(
+            name.endswith(".order") for name in sidecar_tensor_names(plan.compensation_data))
+        lines.append(f"Compensation: `{plan.compensation.kind}` stand-ins for dropped experts"
+                     + (", with a drop order (each expert's selection score times a factor that grows with its"
+                        " stand-in's miss, so the best-served candidates are dropped first)" if ordered else "")
+                     + f", in `{plan.compensation.file}` ({plan.compensation.sha256[:23]}…).")
     lines += ["", "## Solver", "",
               f"Objective {solver.dp_objective:.6g} {solver.metric} (DP) = {solver.ilp_objective:.6g} (ILP,"
               f" {solver.ilp_status})."]

@@ -169,3 +169,25 @@ def test_json_on_compile(checkpoints, calib_file, tmp_path):
     data = json.loads(done.stdout)
     assert data["wrote"] == str(out) and data["plan"] == to_data(load_plan(out))
     assert data["plan"]["provenance"]["calibration"]["name"] == calib_file.name
+
+
+def test_report_names_the_drop_order_of_a_plan_that_has_one():
+    import dataclasses
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import save
+
+    from allocplan.errors import AllocplanError
+    from allocplan.formats.sidecar import sidecar_tensor_names
+    from allocplan.report import report_markdown
+
+    root = Path(__file__).resolve().parent.parent
+    plan = load_plan(root / "plans" / "ref-olmoe-compiled-budget-0.5.yaml")  # compiled with the default drop order
+    names = sidecar_tensor_names(plan.compensation_data)
+    assert "model.layers.0.mlp.order" in names and "model.layers.0.mlp.down" in names
+    assert "with a drop order" in report_markdown(plan)
+    without = save({"model.layers.0.mlp": torch.zeros(16, 128)})  # a sidecar of stand-ins alone
+    assert "drop order" not in report_markdown(dataclasses.replace(plan, compensation_data=without))
+    with pytest.raises(AllocplanError, match="not a safetensors file"):
+        sidecar_tensor_names(b"\x05\x00\x00\x00\x00\x00\x00\x00[1, 2")

@@ -49,6 +49,24 @@ class CompensationRecord:
             raise AllocplanError(f"compensation.kind {self.kind!r} is not one of {', '.join(COMPENSATION_KINDS)}")
 
 
+def sidecar_tensor_names(data: bytes) -> list[str]:
+    """The tensor names in a sidecar's safetensors header, read without torch (sorted).
+
+    Raises:
+        AllocplanError: the bytes do not start with a safetensors header.
+    """
+    import json
+
+    try:
+        size = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8:8 + size]) if 0 < size <= len(data) - 8 else None
+    except (ValueError, UnicodeDecodeError):
+        header = None
+    if not isinstance(header, dict):
+        raise AllocplanError("the compensation sidecar is not a safetensors file; recompile the plan")
+    return sorted(name for name in header if name != "__metadata__")
+
+
 def record_for(data: bytes, kind: str) -> CompensationRecord:
     """The record naming ``data``: file name and hash both follow from the content."""
     digest = sha256_bytes(data)
