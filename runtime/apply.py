@@ -558,7 +558,7 @@ def load_compensation(allocation: Allocation, layers: list[MoELayer], model: Any
             up = tensor(f"{layer.path}.up", (experts, down.shape[-1], hidden), layer)
         order = None
         if f"{layer.path}.order" in tensors:  # optional: sidecars without a drop order stay valid
-            # float32 like the selection scores it multiplies, on the router's device.
+            # float32 like the selection scores it multiplies (beside the experts, like the stand-ins).
             order = tensor(f"{layer.path}.order", (layer.experts.num_experts,), layer, torch.float32)
             if not bool(torch.isfinite(order).all()) or bool((order <= 0).any()):
                 raise AllocplanError(f"compensation file {record.file!r} holds a drop order for {layer.path} that"
