@@ -196,6 +196,30 @@ def test_one_token_table_by_hand():
     assert per_layer.one_token_table(3) is per_layer.one_token_table(3)  # built once
 
 
+def test_one_token_linear_rows_and_sum_by_hand():
+    """Batch-1 linear stand-ins: a kept slot gives an exact zero row (the all-zero expert row), a dropped
+    slot E + e gives bias[e] + (x down[e]) up[e], and one addmm adds the weighted rows to the token.
+    Small integers and halves keep every sum exact, whatever its order."""
+    from allocplan.runtime.experts import _add_compensation_one_token
+
+    bias = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 1.0]])  # [E=3, H=2]
+    down = torch.tensor([[[1.0], [0.0]], [[0.0], [1.0]], [[1.0], [1.0]]])  # [3, 2, r=1]
+    up = torch.tensor([[[2.0, 0.0]], [[0.0, 1.0]], [[1.0, -1.0]]])  # [3, 1, 2]
+    stand_ins = StandIns(bias, down, up)
+    x = torch.tensor([[2.0, 3.0]])  # [1, H]
+    # Slots: expert 1 kept, expert 2 dropped (3 + 2), expert 0 dropped (3 + 0), the plain sentinel 3.
+    slots = torch.tensor([1, 5, 3, 3])
+    # Expert 2: x.down = 5, so [3, 1] + 5 [1, -1] = [8, -4]; expert 0: x.down = 2, so [1, 0] + 2 [2, 0] = [5, 0].
+    expected_rows = torch.tensor([[0.0, 0.0], [8.0, -4.0], [5.0, 0.0], [5.0, 0.0]])
+    assert torch.equal(stand_ins.one_token_rows(x, slots, 3), expected_rows)
+    weights = torch.tensor([[0.5, 0.5, 0.25, 0.0]])  # the sentinel's weight is 0
+    result = torch.tensor([[10.0, 10.0]])
+    # [10, 10] + 0.5 [8, -4] + 0.25 [5, 0] = [15.25, 8]; the kept slot's weight meets a zero row.
+    _add_compensation_one_token(result, stand_ins, x, slots[None], weights, 3)
+    assert torch.equal(result, torch.tensor([[15.25, 8.0]]))
+    assert torch.equal(stand_ins.down, down) and torch.equal(stand_ins.up, up)  # views of the padded factors
+
+
 @pytest.mark.parametrize("one_token", [False, True], ids=["batch", "one-token"])
 @pytest.mark.parametrize("kind", ["expert", "layer", "linear"])
 def test_compensation_adds_weighted_stand_ins_by_hand(kind, one_token, monkeypatch):
@@ -406,9 +430,10 @@ def test_validate_and_apply_refuse_a_changed_or_missing_sidecar(tmp_path, calib_
 
 @pytest.mark.parametrize("family", [f for f in FAMILIES if REGISTRY[f].treatments_unsupported is None
                                     and REGISTRY[f].rewrite_unsupported is None])
-def test_batch1_decode_fast_path_is_bit_identical_to_the_general_rewrite(family, windows, monkeypatch):
+def test_batch1_decode_fast_path_matches_the_general_rewrite(family, windows, monkeypatch):
     """A treated, compensated layer at batch 1 skips the general selection's bookkeeping and the stand-ins'
-    nonzero; the logits of every decode step and the counted pairs are exactly the general path's."""
+    nonzero and scatter. The routing's short form gives the general path's logits bit for bit and the same
+    counted pairs; with the stand-ins' one-token form too, the logits agree to float tolerance."""
     from allocplan.runtime import experts as experts_module
     from allocplan.runtime.apply import LayerRouting
 
@@ -435,17 +460,24 @@ def test_batch1_decode_fast_path_is_bit_identical_to_the_general_rewrite(family,
     monkeypatch.setattr(LayerRouting, "_single_token_keep", counted("keep", LayerRouting._single_token_keep))
     monkeypatch.setattr(experts_module, "_add_compensation_one_token",
                         counted("stand-ins", experts_module._add_compensation_one_token))
+    # (routing's short form, stand-ins' one-token form): both general, the routing alone short, both short.
+    forms = ((False, False), (True, False), (True, True))
     runs = {}
-    for fast, allocation in itertools.product((True, False), allocations):
-        monkeypatch.setattr(LayerRouting, "single_token_fast", fast)
-        monkeypatch.setattr(experts_module, "ONE_TOKEN_FAST", fast)
+    for (fast_routing, fast_stand_ins), allocation in itertools.product(forms, allocations):
+        monkeypatch.setattr(LayerRouting, "single_token_fast", fast_routing)
+        monkeypatch.setattr(experts_module, "ONE_TOKEN_FAST", fast_stand_ins)
         with allocplan.apply_plan(model, allocation) as handle:
             logits = greedy_step_logits(model, IDS[:1, :6], 5)
             counts = {p: (c.pairs, c.tokens) for p, c in handle.counters().items()}
-        runs[fast, allocation.compensation and allocation.compensation.kind] = (logits, counts)
-    # Both forms ran in every layer at each of the five single-token steps, and only with ``fast``
-    # (the stand-ins' form only where there are stand-ins).
-    assert taken == {"keep": 3 * 5 * len(layers), "stand-ins": 2 * 5 * len(layers)}
+        runs[fast_routing, fast_stand_ins, allocation.compensation and allocation.compensation.kind] = (logits, counts)
+    # Each short form ran in every layer at each of the five single-token steps, and only where switched
+    # on (the stand-ins' form only where there are stand-ins).
+    assert taken == {"keep": 2 * 3 * 5 * len(layers), "stand-ins": 2 * 5 * len(layers)}
     for compensation in (*compensations, None):
-        assert torch.equal(runs[True, compensation][0], runs[False, compensation][0])
-        assert runs[True, compensation][1] == runs[False, compensation][1]
+        general = runs[False, False, compensation]
+        # The routing's short form decides exactly as the general rewrite: same logits bit for bit.
+        assert torch.equal(runs[True, False, compensation][0], general[0])
+        assert runs[True, False, compensation][1] == general[1] == runs[True, True, compensation][1]
+        # The stand-ins' one-token form sums the same rows in another float order (one addmm, not a scatter).
+        torch.testing.assert_close(runs[True, True, compensation][0], general[0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(runs[True, True, None][0], runs[False, False, None][0])  # no stand-ins: nothing to sum
