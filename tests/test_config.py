@@ -161,3 +161,29 @@ def test_docs_cli_names_every_command_and_option():
                 if flag.startswith("--") and flag not in ("--help",) and flag not in text:
                     missing.append(f"{name} {flag}")
     assert not missing, missing
+
+
+def test_docs_state_the_defaults_and_constants_they_name():
+    """Values docs/cli.md and docs/runtime.md write by hand: each on/off flag row's default (the option
+    tables of compile, solve and recipe) is the option's, and the drop order's power is
+    planner.treatments.DROP_ORDER_POWER."""
+    import re
+    from pathlib import Path
+
+    from allocplan.planner.treatments import DROP_ORDER_POWER
+
+    docs = Path(__file__).resolve().parent.parent / "docs"
+    rows = dict(re.findall(r"^\| `(--[a-z-]+)/--no-[a-z-]+` \| (on|off) \|", (docs / "cli.md").read_text(encoding="utf-8"),
+                           re.MULTILINE))
+    assert {"--drop-order", "--token-level", "--refine"} <= set(rows)
+    stated = {}
+    for name in ("compile", "solve", "recipe"):
+        for param in cli.commands[name].params:
+            flag = next((opt for opt in param.opts if opt in rows), None)
+            if flag is not None and param.secondary_opts:
+                stated.setdefault(flag, set()).add(param.default)
+    assert stated.keys() == rows.keys()
+    for flag, defaults in stated.items():
+        assert defaults == {rows[flag] == "on"}, (flag, defaults, rows[flag])
+    runtime = (docs / "runtime.md").read_text(encoding="utf-8")
+    assert f"(m_e / mean m) ** {DROP_ORDER_POWER}," in runtime
