@@ -92,26 +92,23 @@ class StandIns:
         """[K, H] stand-in outputs of one token's K slot indices (kept e, dropped E + e), exact zeros
         for kept slots.
 
-        Constant stand-ins are one gather from :meth:`one_token_table`. Linear ones map a kept
-        slot to the zero row 0 of the padded factors and a dropped one (or the plain sentinel
-        E, whose weight is 0) to row 1 + e, so no select is needed either: row 0 gives
-        0 + (x @ 0) @ 0 = 0.
+        The constants (or biases) are one gather from :meth:`one_token_table`. Linear stand-ins
+        add the map through the padded factors, where a kept slot maps to the zero row 0 and a
+        dropped one (or the plain sentinel E, whose weight is 0) to row 1 + e, so no select is
+        needed: a kept slot gives 0 + (x @ 0) @ 0 = 0.
 
         Args:
             hidden: [1, H] the token's input.
             slots: [K] its slot indices.
         """
+        bias = self.one_token_table(num_experts).index_select(0, slots)  # [K, H], zeros for kept slots
         if self.down is None:
-            return self.one_token_table(num_experts).index_select(0, slots)  # [K, H]
-        key = ("bias", num_experts)
-        if key not in self._tables:
-            self._tables[key] = torch.cat([torch.zeros_like(self.bias[:1]), self.bias.expand(num_experts, -1)])
+            return bias
         rows = (slots - (num_experts - 1)).clamp_min_(0)  # [K] 0 for kept slots, 1 + e for dropped ones
         down, up = self._padded  # [1 + E, H, r'] and [1 + E, r', H]
         count = slots.shape[0]
         inner = torch.bmm(as_dtype(hidden, down.dtype).expand(count, 1, -1), down.index_select(0, rows))  # [K, 1, r']
-        bias = self._tables[key].index_select(0, rows).unsqueeze(1)  # [K, 1, H]
-        return torch.baddbmm(bias, inner, up.index_select(0, rows)).squeeze(1)  # [K, H]
+        return torch.baddbmm(bias.unsqueeze(1), inner, up.index_select(0, rows)).squeeze(1)  # [K, H]
 
     def rows(self, inputs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Stand-in outputs [D, H] for inputs [D, H] of experts [D]."""
