@@ -234,7 +234,10 @@ class LayerRouting:
             scores = ranked.gather(-1, indices)  # [T, k_max]
         else:
             scores = selection.gather(-1, indices)  # [T, k_max]
-        scores, weights, indices = routing.sort_candidates(scores, weights, indices)
+        if single and indices.device.type == "cpu":
+            weights, indices = routing.sort_one_token(scores, weights, indices)  # the short form needs no scores
+        else:
+            scores, weights, indices = routing.sort_candidates(scores, weights, indices)
         # Decoupled renormalisation divides by the mass of the router's own top candidates, which a
         # drop order may have moved out of the first slots.
         reference_scores = (selection.gather(-1, indices) if self.drop_order is not None and self.mode == "decoupled"

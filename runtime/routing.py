@@ -18,6 +18,7 @@ experts implementations skip) and weight 0.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -42,6 +43,31 @@ def sort_candidates(
     """
     sorted_scores, order = torch.sort(scores, dim=-1, descending=True, stable=True)  # [T, K] each
     return sorted_scores, weights.gather(-1, order), indices.gather(-1, order)
+
+
+def sort_one_token(scores: torch.Tensor, weights: torch.Tensor,
+                   indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sort_candidates``' weights and indices for one token ([1, K] each) on CPU, ordered in Python.
+
+    At batch 1 on CPU, ``torch.sort`` of K scores costs more than the rest of the routing
+    rewrite (about 20 us, most of it fixed cost), while reading K scores back is free. Python's
+    sort is stable with ``reverse`` too, so ties keep their slot order as in the stable
+    descending ``torch.sort``: the same order, bit for bit. Candidates already in order (the
+    common case: routers return their top-k sorted) cost no gather at all.
+    """
+    values = scores.tolist()[0]  # (tolist of the [1, K] tensor itself: indexing first adds a view op)
+    order = tuple(sorted(range(len(values)), key=values.__getitem__, reverse=True))
+    if order == tuple(range(len(order))):
+        return weights, indices
+    permutation = _permutation(order, indices.device)  # [1, K]
+    return weights.gather(-1, permutation), indices.gather(-1, permutation)
+
+
+@functools.lru_cache(maxsize=4096)
+def _permutation(order: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """[1, K] index tensor of ``order``, built once: ``torch.tensor`` from a list costs about as much
+    as the sort it replaces. Shared and never written."""
+    return torch.tensor([order], device=device)
 
 
 def rank_by_drop_order(selection: torch.Tensor, order: torch.Tensor, signed: bool) -> torch.Tensor:

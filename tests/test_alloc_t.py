@@ -218,6 +218,24 @@ def test_reweight_modes_in_a_layer(family, mode):
     assert got_w[:, 2:].eq(0).all()
 
 
+def test_one_token_sort_by_hand():
+    """Batch-1 CPU sort in Python: descending by score, ties in slot order (as the stable torch.sort);
+    an already sorted token is returned as it came, without a gather."""
+    from allocplan.runtime.routing import sort_candidates, sort_one_token
+
+    scores = torch.tensor([[0.25, 0.5, 0.25, 0.75, -0.0, 0.0]])  # ties: slots 0 and 2; -0.0 and 0.0
+    weights = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]])
+    indices = torch.tensor([[10, 11, 12, 13, 14, 15]])
+    new_weights, new_indices = sort_one_token(scores, weights, indices)
+    assert new_indices.tolist() == [[13, 11, 10, 12, 14, 15]]
+    assert new_weights.tolist() == [[4.0, 2.0, 1.0, 3.0, 5.0, 6.0]]
+    _, general_weights, general_indices = sort_candidates(scores, weights, indices)
+    assert torch.equal(new_indices, general_indices) and torch.equal(new_weights, general_weights)
+    in_order, first_weights, first_indices = torch.tensor([[0.75, 0.5, 0.5, 0.25]]), weights[:, :4], indices[:, :4]
+    same_weights, same_indices = sort_one_token(in_order, first_weights, first_indices)
+    assert same_weights is first_weights and same_indices is first_indices
+
+
 def test_decode_ledger_alternates():
     ledger = DecodeLedger()
     assert [pairs_for(2.5, 1, ledger) for _ in range(6)] == [3, 2, 3, 2, 3, 2]

@@ -196,11 +196,17 @@ def test_one_token_table_by_hand():
     assert per_layer.one_token_table(3) is per_layer.one_token_table(3)  # built once
 
 
-def test_one_token_linear_rows_and_sum_by_hand():
+@pytest.mark.parametrize("model_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("loop", [False, True], ids=["batched", "slot-by-slot"])
+def test_one_token_linear_rows_and_sum_by_hand(loop, model_dtype, monkeypatch):
     """Batch-1 linear stand-ins: a kept slot gives an exact zero row (the all-zero expert row), a dropped
-    slot E + e gives bias[e] + (x down[e]) up[e], and one addmm adds the weighted rows to the token.
+    slot E + e gives bias[e] + (x down[e]) up[e], and the weighted rows are added to the token, batched
+    (one addmm over all K slots' rows) or slot by slot (CPU's form), into a float32 or a bfloat16 model.
     Small integers and halves keep every sum exact, whatever its order."""
+    from allocplan.runtime import experts as experts_module
     from allocplan.runtime.experts import _add_compensation_one_token
+
+    monkeypatch.setattr(experts_module, "ONE_TOKEN_LOOP", loop)
 
     bias = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 1.0]])  # [E=3, H=2]
     down = torch.tensor([[[1.0], [0.0]], [[0.0], [1.0]], [[1.0], [1.0]]])  # [3, 2, r=1]
@@ -213,10 +219,10 @@ def test_one_token_linear_rows_and_sum_by_hand():
     expected_rows = torch.tensor([[0.0, 0.0], [8.0, -4.0], [5.0, 0.0], [5.0, 0.0]])
     assert torch.equal(stand_ins.one_token_rows(x, slots, 3), expected_rows)
     weights = torch.tensor([[0.5, 0.5, 0.25, 0.0]])  # the sentinel's weight is 0
-    result = torch.tensor([[10.0, 10.0]])
+    result = torch.tensor([[10.0, 10.0]], dtype=model_dtype)
     # [10, 10] + 0.5 [8, -4] + 0.25 [5, 0] = [15.25, 8]; the kept slot's weight meets a zero row.
-    _add_compensation_one_token(result, stand_ins, x, slots[None], weights, 3)
-    assert torch.equal(result, torch.tensor([[15.25, 8.0]]))
+    _add_compensation_one_token(result, stand_ins, x.to(model_dtype), slots[None], weights.to(model_dtype), 3)
+    assert torch.equal(result, torch.tensor([[15.25, 8.0]], dtype=model_dtype))
     assert torch.equal(stand_ins.down, down) and torch.equal(stand_ins.up, up)  # views of the padded factors
 
 
@@ -460,24 +466,30 @@ def test_batch1_decode_fast_path_matches_the_general_rewrite(family, windows, mo
     monkeypatch.setattr(LayerRouting, "_single_token_keep", counted("keep", LayerRouting._single_token_keep))
     monkeypatch.setattr(experts_module, "_add_compensation_one_token",
                         counted("stand-ins", experts_module._add_compensation_one_token))
-    # (routing's short form, stand-ins' one-token form): both general, the routing alone short, both short.
-    forms = ((False, False), (True, False), (True, True))
+    # (routing's short form, stand-ins' one-token form, linear ones slot by slot): both general, the
+    # routing alone short, both short (batched and slot by slot).
+    forms = ((False, False, False), (True, False, False), (True, True, False), (True, True, True))
     runs = {}
-    for (fast_routing, fast_stand_ins), allocation in itertools.product(forms, allocations):
+    for (fast_routing, fast_stand_ins, loop), allocation in itertools.product(forms, allocations):
         monkeypatch.setattr(LayerRouting, "single_token_fast", fast_routing)
         monkeypatch.setattr(experts_module, "ONE_TOKEN_FAST", fast_stand_ins)
+        monkeypatch.setattr(experts_module, "ONE_TOKEN_LOOP", loop)
         with allocplan.apply_plan(model, allocation) as handle:
             logits = greedy_step_logits(model, IDS[:1, :6], 5)
             counts = {p: (c.pairs, c.tokens) for p, c in handle.counters().items()}
-        runs[fast_routing, fast_stand_ins, allocation.compensation and allocation.compensation.kind] = (logits, counts)
+        kind = allocation.compensation and allocation.compensation.kind
+        runs[fast_routing, fast_stand_ins, loop, kind] = (logits, counts)
     # Each short form ran in every layer at each of the five single-token steps, and only where switched
     # on (the stand-ins' form only where there are stand-ins).
-    assert taken == {"keep": 2 * 3 * 5 * len(layers), "stand-ins": 2 * 5 * len(layers)}
+    assert taken == {"keep": 3 * 3 * 5 * len(layers), "stand-ins": 2 * 2 * 5 * len(layers)}
     for compensation in (*compensations, None):
-        general = runs[False, False, compensation]
+        general = runs[False, False, False, compensation]
         # The routing's short form decides exactly as the general rewrite: same logits bit for bit.
-        assert torch.equal(runs[True, False, compensation][0], general[0])
-        assert runs[True, False, compensation][1] == general[1] == runs[True, True, compensation][1]
-        # The stand-ins' one-token form sums the same rows in another float order (one addmm, not a scatter).
-        torch.testing.assert_close(runs[True, True, compensation][0], general[0], rtol=1e-5, atol=1e-5)
-    assert torch.equal(runs[True, True, None][0], runs[False, False, None][0])  # no stand-ins: nothing to sum
+        assert torch.equal(runs[True, False, False, compensation][0], general[0])
+        for loop in (False, True):
+            short = runs[True, True, loop, compensation]
+            assert runs[True, False, False, compensation][1] == general[1] == short[1]
+            # The stand-ins' one-token forms sum the same rows in another float order (not a scatter).
+            torch.testing.assert_close(short[0], general[0], rtol=1e-5, atol=1e-5)
+    # No stand-ins: nothing to sum.
+    assert torch.equal(runs[True, True, True, None][0], runs[False, False, False, None][0])
