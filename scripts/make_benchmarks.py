@@ -2,7 +2,7 @@
 
 Every figure is produced by allocplan.bench in this run (JSON beside the page).
 
-Run:  python scripts/make_benchmarks.py        (about 12 minutes on 2 CPU cores; run it on an idle machine)
+Run:  python scripts/make_benchmarks.py        (about 12 minutes on 2 CPU cores, about 30 with --llama-cpp; run it on an idle machine)
       python scripts/make_benchmarks.py --render-only   (rewrite the page from the last run's JSON)
       python scripts/make_benchmarks.py --profile-cost-only   (re-measure only the profiling cost)
       python scripts/make_benchmarks.py --breakdown-only      (re-measure only the time breakdowns)
