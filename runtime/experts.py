@@ -130,7 +130,7 @@ class StandIns:
             weights: their K weights.
         """
         views = self._expert_views()
-        x = as_dtype(hidden, views[0][1].dtype)  # [1, H]
+        x = as_dtype(hidden, self._padded[0].dtype)  # [1, H]
         # A model in another dtype than the sidecar's gets the sum once, as the batched form adds it.
         acc = result if result.dtype == x.dtype else torch.zeros_like(result, dtype=x.dtype)  # [1, H]
         for slot, weight in zip(slots, weights):
