@@ -17,15 +17,25 @@ close to its output at full k. Two per-layer numbers and a set of stand-ins help
 
   a_t the token's kept routed output, b_t its compensation, y_t its full-k routed output.
 * **Compensation**: a dropped candidate of expert e adds its routing weight times a
-  stand-in for e's output: c_e, e's mean output over the calibration tokens
-  routed to it at full k (``expert``, MoNE, arXiv 2507.00390); the layer's mean
-  routed expert output (``layer``); or c_e plus a rank-r linear map of the input
-  (``linear``), the reduced-rank least-squares fit of e's output on its input over
-  those tokens (ridge ``RIDGE`` of the mean input variance, projected on the r output
-  directions the fit explains most). The stand-ins go in the plan's sidecar.
+  stand-in for e's output: c_e, e's mean output over the calibration tokens routed to
+  it (``expert``, MoNE, arXiv 2507.00390); the layer's mean routed expert output
+  (``layer``); or c_e plus a rank-r linear map of the input (``linear``), the
+  reduced-rank least-squares fit of e's output on its input over those tokens (ridge
+  ``RIDGE`` of the mean input variance, projected on the r output directions the fit
+  explains most). The stand-ins go in the plan's sidecar.
+* **What the stand-ins are fitted on**: a stand-in only ever replaces a candidate a plan
+  drops, and plans drop each token's lowest-ranked candidates, so the means and fits are
+  weighted by :func:`drop_weights`: the candidate a token ranks r-th of K by selection
+  score counts 2 r / K (r / K is the share of budget ratios at which uniform top-k drops
+  it), and its first candidate not at all. Chosen on calibration text only by
+  scripts/cv_stand_in_fit.py (4 folds over the bundled calibration text, default plan
+  at budget 0.5, mean gap closed on each fold's held-out windows; every candidate
+  counted alike -> these weights): ref-dsv2 0.782 -> 0.810, ref-olmoe 0.844 -> 0.927,
+  ref-qwen3 0.901 -> 0.919. Only the later half of each token's candidates, counted
+  alike: 0.810, 0.914, 0.896.
 * **Drop order**: with the stand-ins fitted, each expert's miss m_e, the root mean
-  square of ||y - stand-in|| over the same (token, expert) pairs, gives a factor
-  (m_e / mean_e m_e) ** ``DROP_ORDER_POWER`` that multiplies the expert's selection
+  square of ||y - stand-in|| over the same (token, expert) pairs, weighted alike, gives
+  a factor (m_e / mean_e m_e) ** ``DROP_ORDER_POWER`` that multiplies the expert's selection
   score when the runtime ranks a token's candidates. Dropping candidate e costs the
   layer about w_e m_e of error, so the candidates whose stand-ins serve best rank
   last and are the ones dropped. The factors go in the sidecar too.
@@ -58,7 +68,7 @@ from ..runtime.experts import StandIns, candidate_outputs
 from ..runtime.families import MoEFamily
 from ..runtime.layers import MoELayer, find_moe_layers, model_family
 from ..runtime.router_formats import ROUTER_FORMATS
-from ..runtime.scores import NORMALIZATION_RULES
+from ..runtime.scores import NORMALIZATION_RULES, SELECTION_SCORES
 
 # A fitted number is stored to this many significant digits (as sensitivities are).
 _DIGITS = 9
@@ -121,16 +131,20 @@ def capture_layer_io(model: Any, batch: torch.Tensor, layers: list[MoELayer], fa
 
 
 class _ExpertMoments:
-    """Running sums over the (input x, output y) pairs of each expert of one layer (float64)."""
+    """Weighted running sums over the (input x, output y) pairs of each expert of one layer (float64).
+
+    ``pairs`` counts the pairs of positive weight, ``mass`` sums their weights.
+    """
 
     def __init__(self, num_experts: int, linear: bool) -> None:
         self.num_experts, self.linear = num_experts, linear
-        self.count = torch.zeros(num_experts, dtype=torch.float64)
+        self.pairs = torch.zeros(num_experts, dtype=torch.float64)
+        self.mass = torch.zeros(num_experts, dtype=torch.float64)
         self.sum_x = self.sum_y = self.sum_xx = self.sum_xy = None
 
-    def add(self, inputs: torch.Tensor, outputs: torch.Tensor, experts: torch.Tensor) -> None:
-        """Pairs: inputs [P, H], outputs [P, H], experts [P]."""
-        x, y = inputs.double(), outputs.double()
+    def add(self, inputs: torch.Tensor, outputs: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> None:
+        """Pairs: inputs [P, H], outputs [P, H], experts [P], weights [P] (all positive)."""
+        x, y, w = inputs.double(), outputs.double(), weights.double()
         if self.sum_y is None:
             h = y.shape[1]
             self.sum_x, self.sum_y = torch.zeros(self.num_experts, h, dtype=torch.float64), torch.zeros(
@@ -138,20 +152,22 @@ class _ExpertMoments:
             if self.linear:
                 self.sum_xx = torch.zeros(self.num_experts, h, h, dtype=torch.float64)
                 self.sum_xy = torch.zeros(self.num_experts, h, h, dtype=torch.float64)
-        self.count += torch.bincount(experts, minlength=self.num_experts).double()
-        self.sum_x.index_add_(0, experts, x)
-        self.sum_y.index_add_(0, experts, y)
+        self.pairs += torch.bincount(experts, minlength=self.num_experts).double()
+        self.mass.index_add_(0, experts, w)
+        self.sum_x.index_add_(0, experts, w[:, None] * x)
+        self.sum_y.index_add_(0, experts, w[:, None] * y)
         if self.linear:
             for e in experts.unique().tolist():
                 rows = experts == e
-                self.sum_xx[e] += x[rows].T @ x[rows]
-                self.sum_xy[e] += x[rows].T @ y[rows]
+                weighted = x[rows] * w[rows, None]  # [P_e, H]
+                self.sum_xx[e] += weighted.T @ x[rows]
+                self.sum_xy[e] += weighted.T @ y[rows]
 
     def stand_ins(self, kind: str, rank: int) -> StandIns:
         """The fitted stand-ins (module docstring); an expert never routed to gets zeros."""
         if kind == "layer":
-            return StandIns((self.sum_y.sum(0, keepdim=True) / self.count.sum().clamp_min(1)).float())
-        count = self.count.clamp_min(1)[:, None]  # [E, 1]
+            return StandIns((self.sum_y.sum(0, keepdim=True) / _positive(self.mass.sum())).float())
+        count = _positive(self.mass)[:, None]  # [E, 1]
         mean_y = self.sum_y / count  # [E, H]
         if kind == "expert":
             return StandIns(mean_y.float())
@@ -161,9 +177,9 @@ class _ExpertMoments:
         up = torch.zeros(self.num_experts, rank, h, dtype=torch.float64)
         bias = mean_y.clone()
         for e in range(self.num_experts):
-            n = float(self.count[e])
-            if n < max(2 * rank, 8):  # too few tokens to fit a map: the mean alone
+            if float(self.pairs[e]) < max(2 * rank, 8):  # too few tokens to fit a map: the mean alone
                 continue
+            n = float(self.mass[e])
             cov_xx = self.sum_xx[e] / n - torch.outer(mean_x[e], mean_x[e])
             cov_xy = self.sum_xy[e] / n - torch.outer(mean_x[e], mean_y[e])
             ridge = RIDGE * cov_xx.diagonal().mean().clamp_min(1e-12)
@@ -178,6 +194,11 @@ class _ExpertMoments:
         return StandIns(bias.float(), down.float(), up.float())
 
 
+def _positive(total: torch.Tensor) -> torch.Tensor:
+    """Sums of weights as divisors: a sum of no pairs becomes 1, so its mean is zero."""
+    return torch.where(total > 0, total, 1.0)
+
+
 def stand_in_rank(layer: MoELayer, hidden_size: int, share: float = STAND_IN_SHARE) -> int:
     """The largest rank r whose stand-in (2 r H multiply-adds) costs at most ``share`` of one expert's.
 
@@ -187,22 +208,44 @@ def stand_in_rank(layer: MoELayer, hidden_size: int, share: float = STAND_IN_SHA
     return max(1, int(share * per_expert // (2 * hidden_size)))
 
 
-def _full_k_pairs(model: Any, windows: torch.Tensor, batch_size: int, layers: list[MoELayer], family: MoEFamily,
-                  desc: str):
-    """Per batch and layer: (layer index, inputs [P, H], unweighted outputs [P, H], experts [P]) of every
-    (token, candidate) pair of an untouched forward."""
+def drop_weights(scores: torch.Tensor) -> torch.Tensor:
+    """[T, K] float64: how much each (token, candidate) pair counts in the stand-ins' fit.
+
+    ``scores`` [T, K] are the candidates' selection scores. The candidate a token ranks r-th
+    (from 0, ties in slot order) gets 2 r / K: r / K is the share of budget ratios at which
+    uniform top-k drops it, and the factor 2 makes the mean weight one over the candidates
+    after the token's first. The first, which no plan drops (every token keeps k_base >= 1 or
+    the layer's k >= 1), gets 0. With K = 1 the one candidate is all a plan can drop (a k below
+    one under Alloc-T), and every pair gets 1.
+    """
+    slots = scores.shape[1]
+    if slots == 1:
+        return torch.ones(scores.shape, dtype=torch.float64)
+    order = torch.sort(scores.float(), dim=1, descending=True, stable=True).indices  # [T, K]: slot of each rank
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(slots).expand_as(order))  # [T, K]
+    return rank.double() * (2.0 / slots)
+
+
+def _dropped_pairs(model: Any, windows: torch.Tensor, batch_size: int, layers: list[MoELayer], family: MoEFamily,
+                   desc: str):
+    """Per batch and layer: (layer index, inputs [P, H], unweighted outputs [P, H], experts [P], weights [P])
+    of the (token, candidate) pairs of an untouched forward that a plan can drop, weighted by
+    :func:`drop_weights`."""
+    selection = SELECTION_SCORES[family.selection]
     for batch in progress(windows.split(batch_size), desc=desc):
         for position, (layer, io) in enumerate(zip(layers, capture_layer_io(model, batch, layers, family))):
             outputs = candidate_outputs(layer.experts, family.experts_swap, io.hidden, io.indices)  # [T, K, H]
-            slots = io.indices.shape[1]
-            yield (position, io.hidden.repeat_interleave(slots, dim=0), outputs.reshape(-1, outputs.shape[-1]),
-                   io.indices.reshape(-1))
+            weights = drop_weights(selection(io.router, io.logits).gather(-1, io.indices))  # [T, K]
+            fitted = weights > 0  # [T, K]
+            inputs = io.hidden[:, None, :].expand(-1, io.indices.shape[1], -1)  # [T, K, H]
+            yield position, inputs[fitted], outputs[fitted], io.indices[fitted], weights[fitted]
 
 
 @torch.inference_mode()
 def compensation_tables(model: Any, windows: torch.Tensor, kind: str, batch_size: int,
                         rank: int | None = None, drop_order: bool | None = None) -> dict[str, StandIns]:
-    """Per MoE layer path, the stand-ins of ``kind`` (module docstring), fitted at full k.
+    """Per MoE layer path, the stand-ins of ``kind`` (module docstring), fitted on the later-ranked
+    candidates of an untouched forward.
 
     ``rank`` of linear stand-ins: None chooses per layer with :func:`stand_in_rank`.
     ``drop_order``: also measure each expert's drop-order factor (a second pass over ``windows``);
@@ -213,31 +256,32 @@ def compensation_tables(model: Any, windows: torch.Tensor, kind: str, batch_size
     layers = find_moe_layers(model)
     family = model_family(model)
     moments = [_ExpertMoments(layer.experts.num_experts, kind == "linear") for layer in layers]
-    for position, inputs, outputs, experts in _full_k_pairs(model, windows, batch_size, layers, family,
-                                                            f"fitting {kind} stand-ins"):
-        moments[position].add(inputs, outputs, experts)
+    for position, inputs, outputs, experts, weights in _dropped_pairs(model, windows, batch_size, layers, family,
+                                                                      f"fitting {kind} stand-ins"):
+        moments[position].add(inputs, outputs, experts, weights)
     hidden_size = model.get_input_embeddings().embedding_dim
     tables = [moment.stand_ins(kind, rank or stand_in_rank(layer, hidden_size))
               for layer, moment in zip(layers, moments)]
     if drop_order:
         squared = [torch.zeros(layer.experts.num_experts, dtype=torch.float64) for layer in layers]
-        for position, inputs, outputs, experts in _full_k_pairs(model, windows, batch_size, layers, family,
-                                                                "measuring the drop order"):
+        for position, inputs, outputs, experts, weights in _dropped_pairs(model, windows, batch_size, layers, family,
+                                                                          "measuring the drop order"):
             miss = (outputs.float() - tables[position].rows(inputs.float(), experts)).double().pow(2).sum(-1)  # [P]
-            squared[position].index_add_(0, experts, miss)
-        tables = [dataclasses.replace(table, order=drop_order_factors(total, moment.count))
+            squared[position].index_add_(0, experts, weights * miss)
+        tables = [dataclasses.replace(table, order=drop_order_factors(total, moment.mass))
                   for table, total, moment in zip(tables, squared, moments)]
     return {layer.path: table for layer, table in zip(layers, tables)}
 
 
 def drop_order_factors(squared_miss: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """[E] float32 drop-order factors from each expert's summed squared stand-in miss and pair count.
+    """[E] float32 drop-order factors from each expert's summed squared stand-in miss and the summed
+    weight of its pairs (both weighted by :func:`drop_weights`).
 
     (m_e / mean m) ** DROP_ORDER_POWER with m_e = sqrt(squared_miss_e / count_e), the mean over the
     experts with pairs; an expert without pairs, or a layer whose stand-ins never miss, gets 1.
     """
     seen = count > 0
-    miss = (squared_miss / count.clamp_min(1)).sqrt()  # [E]
+    miss = (squared_miss / _positive(count)).sqrt()  # [E]
     mean = miss[seen].mean() if bool(seen.any()) else miss.new_zeros(())
     if not float(mean) > 0:
         return torch.ones_like(miss, dtype=torch.float32)

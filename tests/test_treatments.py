@@ -14,7 +14,7 @@ from allocplan import RoutingConfig
 from allocplan.errors import AllocplanError
 from allocplan.evaluation.compare import paired_bootstrap
 from allocplan.evaluation.metrics import nll_and_activations
-from allocplan.planner.treatments import compensation_tables, encode_tables, fit_treatments
+from allocplan.planner.treatments import compensation_tables, drop_weights, encode_tables, fit_treatments
 from allocplan.planner.windows import pack_windows
 from allocplan.runtime.allocations import allocation_for
 from allocplan.runtime.experts import COMPENSATION_ATTR, StandIns, ragged_experts_forward
@@ -142,6 +142,66 @@ def layer_error(model, layer_position, allocation, windows, full_outputs) -> flo
 
 def full_outputs(model, layer_position, windows):
     return [experts_io(model, layer_position, lambda: model(input_ids=b, use_cache=False))[1] for b in windows.split(2)]
+
+
+def test_drop_weights_by_hand():
+    # The candidate a token ranks r-th (from 0, ties in slot order) weighs 2 r / K.
+    scores = torch.tensor([[0.1, 0.5, 0.3, 0.2], [0.4, 0.4, 0.1, 0.2]])
+    assert drop_weights(scores).tolist() == [[1.5, 0.0, 0.5, 1.0], [0.0, 0.5, 1.5, 1.0]]
+    torch.testing.assert_close(drop_weights(torch.tensor([[0.2, 0.7, 0.1]])),
+                               torch.tensor([[2 / 3, 0.0, 4 / 3]], dtype=torch.float64))
+    assert drop_weights(torch.tensor([[0.3], [0.9]])).tolist() == [[1.0], [1.0]]  # top-1: every pair counts
+
+
+def test_expert_stand_ins_are_the_weighted_mean_over_droppable_pairs(windows):
+    # Brute force through the family's own experts module: each (token, candidate) pair's unweighted
+    # output is the experts' forward with that one candidate at weight 1; the pair the token ranks
+    # r-th of K = 4 weighs 2 r / 4.
+    model = build_tiny_model("olmoe")  # softmax weights: ranking by weight is ranking by score
+    tables = compensation_tables(model, windows, "expert", batch_size=2, drop_order=False)
+    layer = find_moe_layers(model)[1]
+    experts = getattr(layer.block, layer.experts_attr)
+    sums = torch.zeros(experts.num_experts, model.config.hidden_size, dtype=torch.float64)
+    mass = torch.zeros(experts.num_experts, dtype=torch.float64)
+    for batch in windows.split(2):
+        (hidden, indices, weights), _ = experts_io(model, 1, lambda: model(input_ids=batch, use_cache=False))
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        for t in range(indices.shape[0]):
+            ranked = sorted(range(4), key=lambda slot: -float(weights[t, slot]))
+            for rank, slot in enumerate(ranked):
+                e = int(indices[t, slot])
+                with torch.inference_mode():
+                    out = experts(hidden[t : t + 1], indices[t : t + 1, slot : slot + 1], torch.ones(1, 1))
+                sums[e] += rank / 2 * out[0].double()
+                mass[e] += rank / 2
+    expected = sums / torch.where(mass > 0, mass, 1.0)[:, None]
+    torch.testing.assert_close(tables[layer.path].bias, expected.float(), rtol=1e-4, atol=1e-5)
+
+
+def test_linear_stand_in_is_the_weighted_least_squares_fit(monkeypatch):
+    # Full rank and no ridge: the stand-in is the weighted least-squares affine fit, which numpy's
+    # lstsq gives on rows scaled by sqrt(weight). Expert 1 has too few pairs for a map: its mean alone.
+    from allocplan.planner import treatments
+
+    monkeypatch.setattr(treatments, "RIDGE", 0.0)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 3, generator=generator, dtype=torch.float64)
+    y = torch.sin(2 * x) @ torch.randn(3, 3, generator=generator, dtype=torch.float64) + 0.5  # not affine in x
+    w = torch.rand(40, generator=generator, dtype=torch.float64) * 2
+    moments = treatments._ExpertMoments(2, linear=True)
+    experts = torch.tensor([0] * 36 + [1] * 4)
+    moments.add(x[:20], y[:20], experts[:20], w[:20])  # in two batches, as fitting adds them
+    moments.add(x[20:], y[20:], experts[20:], w[20:])
+    stand_ins = moments.stand_ins("linear", rank=3)
+    design = torch.cat([torch.ones(36, 1, dtype=torch.float64), x[:36]], dim=1) * w[:36, None].sqrt()
+    solution = torch.linalg.lstsq(design, y[:36] * w[:36, None].sqrt()).solution  # [4, 3]
+    probe = torch.randn(5, 3, generator=generator, dtype=torch.float64)
+    expected = solution[0] + probe @ solution[1:]
+    ours = stand_ins.bias[0].double() + probe @ stand_ins.down[0].double() @ stand_ins.up[0].double()
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
+    mean = (w[36:, None] * y[36:]).sum(0) / w[36:].sum()
+    torch.testing.assert_close(stand_ins.bias[1].double(), mean, rtol=1e-5, atol=1e-6)
+    assert not stand_ins.down[1].any()
 
 
 def test_closed_form_gain_equals_a_brute_force_fit(windows):

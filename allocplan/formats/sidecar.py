@@ -29,9 +29,10 @@ class CompensationRecord:
         file: the sidecar's base name, in the plan's directory.
         sha256: ``sha256:<hex>`` of the file's bytes; a file that differs is refused.
         kind: ``expert`` (per layer, one vector per routed expert: its mean output on the
-            calibration tokens routed to it), ``layer`` (per layer, one vector: the mean
-            output of any routed expert) or ``linear`` (per routed expert, that vector plus a
-            low-rank linear map of the input, fitted by least squares). Tensors are keyed by
+            calibration tokens routed to it, weighted toward the tokens that rank it low),
+            ``layer`` (per layer, one vector: the mean output of any routed expert) or
+            ``linear`` (per routed expert, that vector plus a low-rank linear map of the
+            input, fitted by least squares). Tensors are keyed by
             layer path (the vectors) and ``<path>.down`` / ``<path>.up`` (the linear maps).
     """
 

@@ -1,0 +1,101 @@
+"""Cross-validate, on calibration text only, which (token, candidate) pairs the stand-ins are fitted on.
+
+The numbers in planner/treatments.py's docstring ("What the stand-ins are fitted on") come from
+this command. 4 folds over the bundled calibration text cut into 256-token windows: fold f holds
+out the 32 windows from window 66 f and compiles the default plan at budget 0.5 on the 64 windows
+after them (cyclically); the score is the gap closed on the held-out windows, (uniform - plan) /
+(uniform - full) in prefill NLL. No eval text is read.
+
+Weightings (``--weights``):
+  ramp     the default: the candidate a token ranks r-th of K counts 2 r / K (treatments.drop_weights)
+  uniform  every candidate counts 1 (the rule before)
+  half     the later half of each token's candidates count 1, the rest 0
+
+Run:  python scripts/cv_stand_in_fit.py bundled:ref-dsv2 --weights ramp,uniform
+      (about 3 minutes per weighting for ref-dsv2, 2 for ref-olmoe and 5 for ref-qwen3 on one thread)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from allocplan.bundled import DEFAULT_CALIBRATION
+from allocplan.evaluation.methods import build_policy
+from allocplan.evaluation.metrics import nll_and_activations
+from allocplan.loading import load_model
+from allocplan.planner import compile as compile_module
+from allocplan.planner import profiling, treatments
+from allocplan.planner.compile import compile_model
+from allocplan.planner.windows import pack_windows
+from allocplan.runtime.apply import apply_plan
+
+SEQ_LEN, HELD_OUT, STRIDE, BUDGET = 256, 32, 66, 0.5
+RAMP = treatments.drop_weights
+
+
+def _uniform(scores: torch.Tensor) -> torch.Tensor:
+    return torch.ones(scores.shape, dtype=torch.float64)
+
+
+def _half(scores: torch.Tensor) -> torch.Tensor:
+    return (RAMP(scores) >= 1.0 - 1e-9).double() if scores.shape[1] > 1 else _uniform(scores)  # 2 r / K >= 1
+
+
+WEIGHTS = {"ramp": RAMP, "uniform": _uniform, "half": _half}
+
+
+def prefill_nll(model, target, windows: torch.Tensor) -> float:
+    handle = apply_plan(model, target) if target is not None else None
+    try:
+        return nll_and_activations(model, windows, handle, "prefill")["nll"]
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model")
+    parser.add_argument("--weights", default="ramp,uniform", help=f"comma-separated, of {', '.join(WEIGHTS)}")
+    parser.add_argument("--folds", default="0,1,2,3")
+    parser.add_argument("--calib-tokens", type=int, default=16384)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    model, tokenizer = load_model(args.model)
+    every, _ = pack_windows(tokenizer, DEFAULT_CALIBRATION, max_tokens=10**8, seq_len=SEQ_LEN)
+    count = every.shape[0]
+    means = {}
+    for name in args.weights.split(","):
+        treatments.drop_weights = WEIGHTS[name]
+        closed = []
+        for fold in (int(f) for f in args.folds.split(",")):
+            started = time.time()
+            start = STRIDE * fold
+            held_out = every[start : start + HELD_OUT]
+            profiled = every[[(start + HELD_OUT + i) % count for i in range(args.calib_tokens // SEQ_LEN)]]
+
+            def fold_windows(tok, source, *, max_tokens, seq_len, what="calibration", profiled=profiled):
+                _, record = pack_windows(tok, source, max_tokens=max_tokens, seq_len=seq_len, what=what)
+                return profiled[: max_tokens // seq_len], record
+
+            profiling.pack_windows = compile_module.pack_windows = fold_windows
+            plan, _ = compile_model(model, tokenizer, BUDGET, model_name=args.model)
+            full = prefill_nll(model, None, held_out)
+            uniform = prefill_nll(model, build_policy(model, "uniform", BUDGET).allocation, held_out)
+            planned = prefill_nll(model, plan.allocation, held_out)
+            closed.append((uniform - planned) / (uniform - full))
+            print(json.dumps({"model": args.model, "weights": name, "fold": fold, "full": round(full, 6),
+                              "uniform": round(uniform, 6), "plan": round(planned, 6),
+                              "gap_closed": round(closed[-1], 4), "seconds": round(time.time() - started)}),
+                  flush=True)
+        means[name] = sum(closed) / len(closed)
+    treatments.drop_weights = RAMP
+    print("mean gap closed: " + ", ".join(f"{name} {value:.3f}" for name, value in means.items()))
+
+
+if __name__ == "__main__":
+    main()
