@@ -179,7 +179,7 @@ def test_expert_stand_ins_are_the_weighted_mean_over_droppable_pairs(windows):
 
 
 def test_linear_stand_in_is_the_weighted_least_squares_fit(monkeypatch):
-    # Full rank and no ridge: the stand-in is the weighted least-squares affine fit, which numpy's
+    # Full rank and no ridge: the stand-in is the weighted least-squares affine fit, which torch's
     # lstsq gives on rows scaled by sqrt(weight). Expert 1 has too few pairs for a map: its mean alone.
     from allocplan.planner import treatments
 
@@ -454,12 +454,15 @@ def test_drop_order_is_measured_into_the_sidecar_and_routes_the_plan(calib_file)
         assert order.shape == (8,) and bool((order > 0).all()) and not torch.equal(order, torch.ones(8))
         torch.testing.assert_close(tensors[layer.path], plain_tensors[layer.path])  # the same stand-ins
     ks = [2] * len(layers)
+    # The factors are within a few percent of one, so a candidate pair changes places only where its
+    # scores are close: 128 tokens have such pairs (24 need not).
+    ids = torch.randint(1, 100, (4, 32), generator=torch.Generator().manual_seed(4))
     logits = []
     for profile in (ordered[0], plain):
         allocation = allocation_for(model, ks, RoutingConfig(token_level=False),
                                     compensation=(profile.compensation, profile.compensation_data))
         with allocplan.apply_plan(model, allocation), torch.inference_mode():
-            logits.append(model(input_ids=IDS).logits)
+            logits.append(model(input_ids=ids).logits)
     assert not torch.equal(logits[0], logits[1])
 
 
