@@ -164,7 +164,8 @@ class _ExpertMoments:
                 self.sum_xy[e] += weighted.T @ y[rows]
 
     def stand_ins(self, kind: str, rank: int) -> StandIns:
-        """The fitted stand-ins (module docstring); an expert never routed to gets zeros."""
+        """The fitted stand-ins (module docstring); an expert with no pair of positive weight (never
+        routed to, or only ever a token's first candidate) gets zeros."""
         if kind == "layer":
             return StandIns((self.sum_y.sum(0, keepdim=True) / _positive(self.mass.sum())).float())
         count = _positive(self.mass)[:, None]  # [E, 1]
@@ -214,8 +215,8 @@ def drop_weights(scores: torch.Tensor) -> torch.Tensor:
     ``scores`` [T, K] are the candidates' selection scores. The candidate a token ranks r-th
     (from 0, ties in slot order) gets 2 r / K: r / K is the share of budget ratios at which
     uniform top-k drops it, and the factor 2 makes the mean weight one over the candidates
-    after the token's first. The first, which no plan drops (every token keeps k_base >= 1 or
-    the layer's k >= 1), gets 0. With K = 1 the one candidate is all a plan can drop (a k below
+    after the token's first. The first gets 0: a plan drops it only where a token may keep no
+    expert at all (k_base 0), which the default routing never does. With K = 1 the one candidate is all a plan can drop (a k below
     one under Alloc-T), and every pair gets 1.
     """
     slots = scores.shape[1]
@@ -244,8 +245,8 @@ def _dropped_pairs(model: Any, windows: torch.Tensor, batch_size: int, layers: l
 @torch.inference_mode()
 def compensation_tables(model: Any, windows: torch.Tensor, kind: str, batch_size: int,
                         rank: int | None = None, drop_order: bool | None = None) -> dict[str, StandIns]:
-    """Per MoE layer path, the stand-ins of ``kind`` (module docstring), fitted on the later-ranked
-    candidates of an untouched forward.
+    """Per MoE layer path, the stand-ins of ``kind`` (module docstring), fitted on the (token, candidate)
+    pairs of an untouched forward weighted by :func:`drop_weights`.
 
     ``rank`` of linear stand-ins: None chooses per layer with :func:`stand_in_rank`.
     ``drop_order``: also measure each expert's drop-order factor (a second pass over ``windows``);
