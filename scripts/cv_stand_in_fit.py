@@ -11,6 +11,9 @@ Weightings (``--weights``):
   uniform  every candidate counts 1 (the rule before)
   half     the later half of each token's candidates count 1, the rest 0
 
+``--stand-in-share S`` fits linear stand-ins of the rank that costs at most S of an expert's
+multiply-adds (treatments.stand_in_rank; the default is formats.config.STAND_IN_SHARE).
+
 Run:  python scripts/cv_stand_in_fit.py bundled:ref-dsv2 --weights ramp,uniform
       (about 3 minutes per weighting for ref-dsv2, 2 for ref-olmoe and 5 for ref-qwen3 on one thread)
 """
@@ -25,6 +28,7 @@ import torch
 
 from allocplan.bundled import DEFAULT_CALIBRATION
 from allocplan.evaluation.methods import build_policy
+from allocplan.formats.config import STAND_IN_SHARE
 from allocplan.evaluation.metrics import nll_and_activations
 from allocplan.loading import load_model
 from allocplan.planner import compile as compile_module
@@ -63,7 +67,10 @@ def main() -> None:
     parser.add_argument("--weights", default="ramp,uniform", help=f"comma-separated, of {', '.join(WEIGHTS)}")
     parser.add_argument("--folds", default="0,1,2,3")
     parser.add_argument("--calib-tokens", type=int, default=16384)
+    parser.add_argument("--stand-in-share", type=float, default=STAND_IN_SHARE)
     args = parser.parse_args()
+    rank_for = treatments.stand_in_rank
+    treatments.stand_in_rank = lambda layer, hidden_size: rank_for(layer, hidden_size, args.stand_in_share)
     torch.set_num_threads(1)
     model, tokenizer = load_model(args.model)
     every, _ = pack_windows(tokenizer, DEFAULT_CALIBRATION, max_tokens=10**8, seq_len=SEQ_LEN)
