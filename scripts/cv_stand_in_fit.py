@@ -15,7 +15,8 @@ Weightings (``--weights``):
 multiply-adds (treatments.stand_in_rank; the default is formats.config.STAND_IN_SHARE).
 
 Run:  python scripts/cv_stand_in_fit.py bundled:ref-dsv2 --weights ramp,uniform
-      (about 3 minutes per weighting for ref-dsv2, 2 for ref-olmoe and 5 for ref-qwen3 on one thread)
+      (one thread; per weighting about 2.5 minutes for ref-dsv2, 1.5 for ref-olmoe and 4 for ref-qwen3
+      on the machine that chose the default; 2-core machines of earlier sessions were 3 times slower)
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ import torch
 
 from allocplan.bundled import DEFAULT_CALIBRATION
 from allocplan.evaluation.methods import build_policy
-from allocplan.formats.config import STAND_IN_SHARE
 from allocplan.evaluation.metrics import nll_and_activations
+from allocplan.formats.config import STAND_IN_SHARE
 from allocplan.loading import load_model
 from allocplan.planner import compile as compile_module
 from allocplan.planner import profiling, treatments
