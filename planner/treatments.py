@@ -33,6 +33,16 @@ close to its output at full k. Two per-layer numbers and a set of stand-ins help
   counted alike -> these weights): ref-dsv2 0.782 -> 0.810, ref-olmoe 0.844 -> 0.927,
   ref-qwen3 0.901 -> 0.919. Only the later half of each token's candidates, counted
   alike: 0.810, 0.914, 0.896.
+* **Stand-in rank**: by default each layer's linear stand-ins take the largest rank
+  whose 2 r H multiply-adds cost at most ``STAND_IN_SHARE`` (10%) of one expert's
+  (:func:`stand_in_rank`); at budget 0.5 that is about 10% of the kept experts' work.
+  Chosen on the same calibration folds (``--stand-in-share``, ``--extra-experts``), mean gap
+  closed at share 0.05 / 0.10 / 0.15 / 0.20: ref-dsv2 0.810 / 0.871 / 0.895 / 0.914,
+  ref-olmoe 0.927 / 0.967 / 0.963 / -, ref-qwen3 0.919 / 0.944 / - / -. Work spent on
+  experts instead (ref-dsv2, share 0.05, budget 15 + j of 30, in expert-equivalents per
+  token: share 0.10 is 16.4, 0.15 is 17.2, one more expert 16.6, two 17.5): one more
+  expert closes 0.837, two 0.881. So rank is the better use of work up to 0.20 on
+  ref-dsv2, but on ref-olmoe it stops paying after 0.10 while its cost keeps growing.
 * **Drop order**: with the stand-ins fitted, each expert's miss m_e, the root mean
   square of ||y - stand-in|| over the same (token, expert) pairs, weighted alike, gives
   a factor (m_e / mean_e m_e) ** ``DROP_ORDER_POWER`` that multiplies the expert's selection

@@ -13,6 +13,10 @@ Weightings (``--weights``):
 
 ``--stand-in-share S`` fits linear stand-ins of the rank that costs at most S of an expert's
 multiply-adds (treatments.stand_in_rank; the default is formats.config.STAND_IN_SHARE).
+``--extra-experts J`` compiles the plan at J activations per token above budget 0.5 (the gap
+stays measured against uniform at 0.5): the same extra work spent on experts instead of on stand-in
+rank. Each fold also prints ``stand_in_work``, the linear stand-ins' multiply-adds per token over
+the kept experts' (a dropped pair costs 2 r H, a kept one an expert's parameter count).
 
 Run:  python scripts/cv_stand_in_fit.py bundled:ref-dsv2 --weights ramp,uniform
       (one thread; per weighting about 2.5 minutes for ref-dsv2, 1.5 for ref-olmoe and 4 for ref-qwen3
@@ -30,6 +34,7 @@ import torch
 from allocplan.bundled import DEFAULT_CALIBRATION
 from allocplan.evaluation.methods import build_policy
 from allocplan.evaluation.metrics import nll_and_activations
+from allocplan.formats.budget import BudgetRequest, round_half_up
 from allocplan.formats.config import STAND_IN_SHARE
 from allocplan.loading import load_model
 from allocplan.planner import compile as compile_module
@@ -37,6 +42,7 @@ from allocplan.planner import profiling, treatments
 from allocplan.planner.compile import compile_model
 from allocplan.planner.windows import pack_windows
 from allocplan.runtime.apply import apply_plan
+from allocplan.runtime.layers import find_moe_layers
 
 SEQ_LEN, HELD_OUT, STRIDE, BUDGET = 256, 32, 66, 0.5
 RAMP = treatments.drop_weights
@@ -62,6 +68,17 @@ def prefill_nll(model, target, windows: torch.Tensor) -> float:
             handle.remove()
 
 
+def stand_in_work(model, ks: list[float]) -> float:
+    """Linear stand-ins' multiply-adds per token over the kept experts' under per-layer ``ks``."""
+    hidden = model.config.hidden_size
+    stand_ins = kept = 0.0
+    for layer, k in zip(find_moe_layers(model), ks):
+        per_expert = sum(p.numel() for p in layer.experts.parameters()) / layer.experts.num_experts
+        stand_ins += (layer.top_k - k) * 2 * treatments.stand_in_rank(layer, hidden) * hidden
+        kept += k * per_expert
+    return stand_ins / kept
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model")
@@ -69,6 +86,7 @@ def main() -> None:
     parser.add_argument("--folds", default="0,1,2,3")
     parser.add_argument("--calib-tokens", type=int, default=16384)
     parser.add_argument("--stand-in-share", type=float, default=STAND_IN_SHARE)
+    parser.add_argument("--extra-experts", type=int, default=0)
     args = parser.parse_args()
     rank_for = treatments.stand_in_rank
     treatments.stand_in_rank = lambda layer, hidden_size: rank_for(layer, hidden_size, args.stand_in_share)
@@ -76,6 +94,8 @@ def main() -> None:
     model, tokenizer = load_model(args.model)
     every, _ = pack_windows(tokenizer, DEFAULT_CALIBRATION, max_tokens=10**8, seq_len=SEQ_LEN)
     count = every.shape[0]
+    original = sum(layer.top_k for layer in find_moe_layers(model))
+    budget = BudgetRequest(activations=round_half_up(BUDGET * original) + args.extra_experts)
     means = {}
     for name in args.weights.split(","):
         treatments.drop_weights = WEIGHTS[name]
@@ -91,14 +111,15 @@ def main() -> None:
                 return profiled[: max_tokens // seq_len], record
 
             profiling.pack_windows = compile_module.pack_windows = fold_windows
-            plan, _ = compile_model(model, tokenizer, BUDGET, model_name=args.model)
+            plan, _ = compile_model(model, tokenizer, budget, model_name=args.model)
             full = prefill_nll(model, None, held_out)
             uniform = prefill_nll(model, build_policy(model, "uniform", BUDGET).allocation, held_out)
             planned = prefill_nll(model, plan.allocation, held_out)
             closed.append((uniform - planned) / (uniform - full))
             print(json.dumps({"model": args.model, "weights": name, "fold": fold, "full": round(full, 6),
                               "uniform": round(uniform, 6), "plan": round(planned, 6),
-                              "gap_closed": round(closed[-1], 4), "seconds": round(time.time() - started)}),
+                              "gap_closed": round(closed[-1], 4),
+                              "stand_in_work": round(stand_in_work(model, [layer.planned_k for layer in plan.allocation.layers]), 4), "seconds": round(time.time() - started)}),
                   flush=True)
         means[name] = sum(closed) / len(closed)
     treatments.drop_weights = RAMP
