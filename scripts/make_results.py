@@ -137,13 +137,15 @@ def mean_rows(rows: list[dict]) -> dict:
     return out
 
 
-def holdout_nll(model, target, windows: torch.Tensor) -> float:
-    """Prefill NLL on the calibration holdout (how defaults are chosen: never eval text)."""
+def holdout_nll(model, target, windows: torch.Tensor) -> dict:
+    """Prefill NLL on the calibration holdout (how defaults are chosen: never eval text): the mean
+    per token (``nll``) and each window's sum (``window_nll``, for the paired intervals)."""
     handle = apply_plan(model, target)
     try:
-        return nll_and_activations(model, windows, handle, "prefill")["nll"]
+        result = nll_and_activations(model, windows, handle, "prefill")
     finally:
         handle.remove()
+    return {"nll": result["nll"], "window_nll": result["window_nll"]}
 
 
 def stand_in_overhead(model, allocation) -> float | None:
@@ -438,7 +440,7 @@ def ablation_lines(res: dict) -> list[str]:
         for b in budgets:
             data = res["budgets"][b]
             values = data["rows"][key]["modes"]["prefill"]
-            holdout = data["holdout_nll"].get(key)
+            holdout = data["holdout_nll"].get(key, {}).get("nll")
             cells.append(f"{fmt(values['nll'])} ({fmt(values['gap_closed'], 2)})"
                          + (f" / {fmt(holdout)}" if holdout is not None else ""))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -450,11 +452,15 @@ def defaults_lines(all_results: list[dict]) -> list[str]:
     cells = [data for res in all_results for data in res["budgets"].values()]
     lines = ["## Defaults, chosen on calibration text", "",
              "Calibration-holdout NLL (calibration tokens the profiles never saw), mean over every (model, budget)",
-             "cell; an element stays in the default while the default's holdout NLL is lower. Eval text plays no",
-             "part in this table.", "",
+             "cell, and the alternative's mean per-token difference from the default with its 95% paired-bootstrap",
+             "interval over the holdout windows of every cell. An alternative replaces the default only where its",
+             "whole interval is below zero; where the interval spans zero the two are not told apart by the",
+             "holdout and the default stays. Eval text plays no part in this table.", "",
              "| element | default | without it (or the alternative) | default's holdout NLL | alternative's |"
-             " keeps the default |", "| --- | --- | --- | --- | --- | --- |"]
-    default = statistics.mean(c["holdout_nll"][DEFAULT] for c in cells)
+             " alternative − default [95%] | keeps the default |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    default = statistics.mean(c["holdout_nll"][DEFAULT]["nll"] for c in cells)
+    # Every cell scores the same number of holdout windows, so the pooled window mean is the cell mean.
+    default_windows = [w for c in cells for w in c["holdout_nll"][DEFAULT]["window_nll"]]
     settings = {"allocplan −weight fit": ("weight fit", "auto", "off"),
                 "allocplan −compensation": ("compensation", "linear stand-ins", "off"),
                 "allocplan compensation=expert": ("compensation", "linear stand-ins", "mean output per expert (MoNE)"),
@@ -465,11 +471,15 @@ def defaults_lines(all_results: list[dict]) -> list[str]:
                 "allocplan −deploy profiling": ("profiling", "with treatments in place", "plain, treatments added after")}
     rejected = []
     for label, (element, ours, other) in settings.items():
-        alternative = statistics.mean(c["holdout_nll"][label] for c in cells)
+        alternative = statistics.mean(c["holdout_nll"][label]["nll"] for c in cells)
+        diff = paired_bootstrap([w for c in cells for w in c["holdout_nll"][label]["window_nll"]], default_windows,
+                                SEQ_LEN - 1)
+        better, worse = diff["high"] < 0, diff["low"] > 0
+        verdict = "no" if better else ("yes" if worse else "yes (not told apart)")
         lines.append(f"| {element} | {ours} | {other} | {fmt(default)} | {fmt(alternative)} |"
-                     f" {'yes' if default <= alternative else 'no'} |")
-        if default > alternative:
-            rejected.append(f"{element} ({other}: {fmt(alternative)} against {fmt(default)})")
+                     f" {diff['mean']:+.4f} [{diff['low']:+.4f}, {diff['high']:+.4f}] | {verdict} |")
+        if better:
+            rejected.append(f"{element} ({other}: {diff['mean']:+.4f} [{diff['low']:+.4f}, {diff['high']:+.4f}])")
     if rejected:
         lines += ["", "**Not kept by this rule:** " + "; ".join(rejected) + ". The default the code ships"
                   " disagrees with this measurement until that setting is switched and this page regenerated."]
