@@ -41,8 +41,9 @@ close to its output at full k. Two per-layer numbers and a set of stand-ins help
   ref-olmoe 0.927 / 0.967 / 0.963 / -, ref-qwen3 0.919 / 0.944 / - / -. Work spent on
   experts instead (ref-dsv2, share 0.05, budget 15 + j of 30, in expert-equivalents per
   token: share 0.10 is 16.4, 0.15 is 17.2, one more expert 16.6, two 17.5): one more
-  expert closes 0.837, two 0.881. So rank is the better use of work up to 0.20 on
-  ref-dsv2, but on ref-olmoe it stops paying after 0.10 while its cost keeps growing.
+  expert closes 0.837, two 0.881. On ref-dsv2 rank is the better use of work at every
+  share tried (0.15 closes more than two more experts with less work), but on ref-olmoe
+  it stops paying after 0.10 while its cost keeps growing, so 0.10.
 * **Drop order**: with the stand-ins fitted, each expert's miss m_e, the root mean
   square of ||y - stand-in|| over the same (token, expert) pairs, weighted alike, gives
   a factor (m_e / mean_e m_e) ** ``DROP_ORDER_POWER`` that multiplies the expert's selection

@@ -118,8 +118,9 @@ def main() -> None:
             closed.append((uniform - planned) / (uniform - full))
             print(json.dumps({"model": args.model, "weights": name, "fold": fold, "full": round(full, 6),
                               "uniform": round(uniform, 6), "plan": round(planned, 6),
-                              "gap_closed": round(closed[-1], 4),
-                              "stand_in_work": round(stand_in_work(model, [layer.planned_k for layer in plan.allocation.layers]), 4), "seconds": round(time.time() - started)}),
+                              "gap_closed": round(closed[-1], 4), "stand_in_work": round(stand_in_work(
+                                  model, [layer.planned_k for layer in plan.allocation.layers]), 4),
+                              "seconds": round(time.time() - started)}),
                   flush=True)
         means[name] = sum(closed) / len(closed)
     treatments.drop_weights = RAMP
