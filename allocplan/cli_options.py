@@ -37,9 +37,9 @@ def _option(item: dataclasses.Field, hint: Any) -> Callable:
         if base is float:
             kwargs["callback"] = lambda _ctx, _param, value: None if value is None else float(value)
     elif base is int:
-        kwargs["type"] = click.IntRange(min=meta.get("minimum"))
+        kwargs["type"] = click.IntRange(min=meta.get("minimum"), max=meta.get("maximum"))
     elif base is float:
-        kwargs["type"] = click.FloatRange(min=meta.get("minimum"))
+        kwargs["type"] = click.FloatRange(min=meta.get("minimum"), max=meta.get("maximum"))
     return click.option(flag, item.name, **kwargs)
 
 

@@ -295,7 +295,7 @@ def profile_model(
     sidecar = tables = None
     if compensation != "off":
         tables = compensation_tables(model, windows, compensation, config.batch_size, config.compensation_rank,
-                                     config.drop_order)
+                                     config.drop_order, share=config.compensation_share)
         sidecar = encode_tables(tables, compensation)
     grid = {layer.path: k_grid(config.k_min, layer.top_k, config.k_step) for layer in layers}
     treatments = None

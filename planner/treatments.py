@@ -34,8 +34,9 @@ close to its output at full k. Two per-layer numbers and a set of stand-ins help
   ref-qwen3 0.901 -> 0.919. Only the later half of each token's candidates, counted
   alike: 0.810, 0.914, 0.896.
 * **Stand-in rank**: by default each layer's linear stand-ins take the largest rank
-  whose 2 r H multiply-adds cost at most ``STAND_IN_SHARE`` (10%) of one expert's
-  (:func:`stand_in_rank`); at budget 0.5 that is about 10% of the kept experts' work.
+  whose 2 r H multiply-adds cost at most ``compensation_share`` (``STAND_IN_SHARE``, 10%)
+  of one expert's (:func:`stand_in_rank`); at budget 0.5 that is about 10% of the kept
+  experts' work.
   Chosen on the same calibration folds (``--stand-in-share``, ``--extra-experts``), mean gap
   closed at share 0.05 / 0.10 / 0.15 / 0.20: ref-dsv2 0.810 / 0.871 / 0.895 / 0.914,
   ref-olmoe 0.927 / 0.967 / 0.963 / -, ref-qwen3 0.919 / 0.944 / - / -. Work spent on
@@ -255,11 +256,12 @@ def _dropped_pairs(model: Any, windows: torch.Tensor, batch_size: int, layers: l
 
 @torch.inference_mode()
 def compensation_tables(model: Any, windows: torch.Tensor, kind: str, batch_size: int,
-                        rank: int | None = None, drop_order: bool | None = None) -> dict[str, StandIns]:
+                        rank: int | None = None, drop_order: bool | None = None,
+                        share: float = STAND_IN_SHARE) -> dict[str, StandIns]:
     """Per MoE layer path, the stand-ins of ``kind`` (module docstring), fitted on the (token, candidate)
     pairs of an untouched forward weighted by :func:`drop_weights`.
 
-    ``rank`` of linear stand-ins: None chooses per layer with :func:`stand_in_rank`.
+    ``rank`` of linear stand-ins: None chooses per layer with :func:`stand_in_rank` at ``share``.
     ``drop_order``: also measure each expert's drop-order factor (a second pass over ``windows``);
     None: ``ProfileConfig``'s default.
     """
@@ -272,7 +274,7 @@ def compensation_tables(model: Any, windows: torch.Tensor, kind: str, batch_size
                                                                       f"fitting {kind} stand-ins"):
         moments[position].add(inputs, outputs, experts, weights)
     hidden_size = model.get_input_embeddings().embedding_dim
-    tables = [moment.stand_ins(kind, rank or stand_in_rank(layer, hidden_size))
+    tables = [moment.stand_ins(kind, rank or stand_in_rank(layer, hidden_size, share))
               for layer, moment in zip(layers, moments)]
     if drop_order:
         squared = [torch.zeros(layer.experts.num_experts, dtype=torch.float64) for layer in layers]

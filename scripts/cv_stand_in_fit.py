@@ -12,7 +12,7 @@ Weightings (``--weights``):
   half     the later half of each token's candidates count 1, the rest 0
 
 ``--stand-in-share S`` fits linear stand-ins of the rank that costs at most S of an expert's
-multiply-adds (treatments.stand_in_rank; the default is formats.config.STAND_IN_SHARE).
+multiply-adds (``--compensation-share``; the default is formats.config.STAND_IN_SHARE).
 ``--extra-experts J`` compiles the plan at J activations per token above budget 0.5 (the gap
 stays measured against uniform at 0.5): the same extra work spent on experts instead of on stand-in
 rank. Each fold also prints ``stand_in_work``, the linear stand-ins' multiply-adds per token over
@@ -35,7 +35,7 @@ from allocplan.bundled import DEFAULT_CALIBRATION
 from allocplan.evaluation.methods import build_policy
 from allocplan.evaluation.metrics import nll_and_activations
 from allocplan.formats.budget import BudgetRequest, round_half_up
-from allocplan.formats.config import STAND_IN_SHARE
+from allocplan.formats.config import STAND_IN_SHARE, ProfileConfig
 from allocplan.loading import load_model
 from allocplan.planner import compile as compile_module
 from allocplan.planner import profiling, treatments
@@ -68,13 +68,13 @@ def prefill_nll(model, target, windows: torch.Tensor) -> float:
             handle.remove()
 
 
-def stand_in_work(model, ks: list[float]) -> float:
+def stand_in_work(model, ks: list[float], share: float) -> float:
     """Linear stand-ins' multiply-adds per token over the kept experts' under per-layer ``ks``."""
     hidden = model.config.hidden_size
     stand_ins = kept = 0.0
     for layer, k in zip(find_moe_layers(model), ks):
         per_expert = sum(p.numel() for p in layer.experts.parameters()) / layer.experts.num_experts
-        stand_ins += (layer.top_k - k) * 2 * treatments.stand_in_rank(layer, hidden) * hidden
+        stand_ins += (layer.top_k - k) * 2 * treatments.stand_in_rank(layer, hidden, share) * hidden
         kept += k * per_expert
     return stand_ins / kept
 
@@ -88,8 +88,7 @@ def main() -> None:
     parser.add_argument("--stand-in-share", type=float, default=STAND_IN_SHARE)
     parser.add_argument("--extra-experts", type=int, default=0)
     args = parser.parse_args()
-    rank_for = treatments.stand_in_rank
-    treatments.stand_in_rank = lambda layer, hidden_size: rank_for(layer, hidden_size, args.stand_in_share)
+    settings = ProfileConfig(compensation_share=args.stand_in_share)
     torch.set_num_threads(1)
     model, tokenizer = load_model(args.model)
     every, _ = pack_windows(tokenizer, DEFAULT_CALIBRATION, max_tokens=10**8, seq_len=SEQ_LEN)
@@ -111,7 +110,7 @@ def main() -> None:
                 return profiled[: max_tokens // seq_len], record
 
             profiling.pack_windows = compile_module.pack_windows = fold_windows
-            plan, _ = compile_model(model, tokenizer, budget, model_name=args.model)
+            plan, _ = compile_model(model, tokenizer, budget, profile=settings, model_name=args.model)
             full = prefill_nll(model, None, held_out)
             uniform = prefill_nll(model, build_policy(model, "uniform", BUDGET).allocation, held_out)
             planned = prefill_nll(model, plan.allocation, held_out)
@@ -119,7 +118,7 @@ def main() -> None:
             print(json.dumps({"model": args.model, "weights": name, "fold": fold, "full": round(full, 6),
                               "uniform": round(uniform, 6), "plan": round(planned, 6),
                               "gap_closed": round(closed[-1], 4), "stand_in_work": round(stand_in_work(
-                                  model, [layer.planned_k for layer in plan.allocation.layers]), 4),
+                                  model, [layer.planned_k for layer in plan.allocation.layers], args.stand_in_share), 4),
                               "seconds": round(time.time() - started)}),
                   flush=True)
         means[name] = sum(closed) / len(closed)

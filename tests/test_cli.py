@@ -212,3 +212,28 @@ def test_solve_never_imports_torch(olmoe, tmp_path):
         proc = subprocess.run([sys.executable, "-c", code, "allocplan", *args], capture_output=True, text=True,
                               cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr
+
+
+def test_compensation_share_sets_the_stand_in_rank(olmoe, calib_file, tmp_path):
+    """Tiny olmoe: an expert has 3 * 32 * 64 = 6144 multiply-adds and a rank-r stand-in 2 * r * 32, so a
+    share s gives the largest r with 64 r <= 6144 s: r = 9 at the default 0.1 (640 > 614.4 for r = 10)
+    and r = 24 at 0.25."""
+    from safetensors.torch import load
+
+    def ranks(profile_path: Path) -> set[int]:
+        sidecars = list(profile_path.parent.glob("compensation-*.safetensors"))
+        assert len(sidecars) == 1, sidecars
+        tensors = load(sidecars[0].read_bytes())
+        return {tuple(t.shape)[-1] for name, t in tensors.items() if name.endswith(".down")}
+
+    ckpt, _, default_profile = olmoe
+    assert ranks(default_profile) == {9}
+    out = tmp_path / "wide"
+    out.mkdir()
+    result = run("profile", "--model", ckpt, "-o", out / "profile.yaml", "--calib", calib_file, *SMALL,
+                 "--compensation-share", "0.25")
+    assert result.exit_code == 0, result.output
+    assert ranks(out / "profile.yaml") == {24}
+    assert_user_error(run("profile", "--model", ckpt, "-o", tmp_path / "p.yaml", "--calib", calib_file,
+                          "--compensation-share", "1.5"), "--compensation-share")
+    assert not (tmp_path / "p.yaml").exists()

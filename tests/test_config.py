@@ -40,6 +40,7 @@ profile:
   weight_fit: auto
   compensation: auto
   compensation_rank: null
+  compensation_share: 0.1
   drop_order: true
 routing:
   token_level: true
@@ -110,6 +111,8 @@ def test_recipe_rejects(data, message):
     (lambda: LoadConfig(dtype="float64"), "choose one of float32, bfloat16, float16"),
     (lambda: ProfileConfig(compensation="magic"), "choose one of auto, expert, layer, linear, off"),
     (lambda: ProfileConfig(compensation_rank=0), "compensation_rank (--compensation-rank) must be at least 1"),
+    (lambda: ProfileConfig(compensation_share=0.0), "compensation_share (--compensation-share) must be at least 0.01"),
+    (lambda: ProfileConfig(compensation_share=1.5), "compensation_share (--compensation-share) must be at most 1.0"),
     (lambda: RoutingConfig(scope="request"), "choose one of batch, sequence"),
     (lambda: RefineConfig(refine_steps=0), "refine_steps (--refine-steps) must be at least 1"),
 ])

@@ -48,7 +48,7 @@ DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 
 def setting(default: Any, help: str, *, flag: str | None = None, choices: tuple | None = None,
-            minimum: int | None = None, path: bool = False) -> Any:
+            minimum: float | None = None, maximum: float | None = None, path: bool = False) -> Any:
     """A config field: its default and, in its metadata, how the CLI and validation treat it.
 
     Args:
@@ -58,10 +58,11 @@ def setting(default: Any, help: str, *, flag: str | None = None, choices: tuple 
             true give ``--x/--no-x``.
         choices: the allowed values.
         minimum: the smallest allowed value of a number.
+        maximum: the largest allowed value of a number.
         path: the value names an existing file.
     """
     return field(default=default, metadata={"help": help, "flag": flag, "choices": choices,
-                                             "minimum": minimum, "path": path})
+                                             "minimum": minimum, "maximum": maximum, "path": path})
 
 
 def flag_of(item: dataclasses.Field) -> str:
@@ -70,7 +71,7 @@ def flag_of(item: dataclasses.Field) -> str:
 
 
 def check_settings(config: Any) -> None:
-    """Check every field of ``config`` against its metadata's choices and minimum.
+    """Check every field of ``config`` against its metadata's choices, minimum and maximum.
 
     Raises:
         AllocplanError: naming the field, its flag, the value and what is allowed.
@@ -87,6 +88,9 @@ def check_settings(config: Any) -> None:
             raise AllocplanError(f"{name} is {value!r}; choose one of {', '.join(map(str, choices))}")
         if minimum is not None and value < minimum:
             raise AllocplanError(f"{name} must be at least {minimum}, got {value!r}")
+        maximum = item.metadata.get("maximum")
+        if maximum is not None and value > maximum:
+            raise AllocplanError(f"{name} must be at most {maximum}, got {value!r}")
 
 
 def parse_dataset_spec(spec: str) -> tuple[str, str | None, str]:
@@ -132,7 +136,10 @@ class ProfileConfig:
             ``off``: nothing; ``auto``: ``linear`` where the family supports it, else ``off``.
             Measured with it in place.
         compensation_rank: rank of the ``linear`` stand-ins; None: per layer, the largest rank
-            whose stand-in costs at most ``STAND_IN_SHARE`` of one expert's multiply-adds.
+            whose stand-in costs at most ``compensation_share`` of one expert's multiply-adds.
+        compensation_share: the cost cap that chooses that rank. At budget 0.5 the stand-ins
+            then cost about this share of the kept experts' work (twice it at 0.33); lower it
+            where batch-1 latency matters more than quality (docs/benchmarks.md).
         drop_order: with compensation, rank each token's candidates by selection score times
             a per-expert factor that grows with how far the expert's stand-in misses its
             output, so the candidates dropped are those whose stand-ins serve best.
@@ -159,8 +166,11 @@ class ProfileConfig:
                                         " (mean output per expert or per layer, or mean plus a low-rank linear"
                                         " map), and profile with them.", choices=COMPENSATIONS)
     compensation_rank: int | None = setting(None, "Rank of the linear stand-ins of --compensation linear"
-                                                  f" [default: the largest costing at most {STAND_IN_SHARE:.0%} of an expert].",
+                                                  " [default: the largest within --compensation-share].",
                                             minimum=1)
+    compensation_share: float = setting(STAND_IN_SHARE, "Without --compensation-rank, each layer's linear stand-ins"
+                                                        " take the largest rank costing at most this share of one"
+                                                        " expert's multiply-adds.", minimum=0.01, maximum=1.0)
     drop_order: bool = setting(True, "With compensation, drop first the candidates whose stand-ins miss their"
                                      " expert's output least (a per-expert factor on the selection score).",
                                flag="--drop-order/--no-drop-order")
