@@ -11,7 +11,7 @@ counts (never their losses), to compare at exactly matched compute. Defaults are
 checked on a calibration holdout (calibration tokens the profiles never saw).
 Nothing in docs/results.md is typed by hand.
 
-Run:  python scripts/make_results.py --jobs 3     (27 to 88 minutes on 2 CPU cores, by machine; refinement off)
+Run:  python scripts/make_results.py --jobs 3     (24 to 88 minutes on 2 CPU cores, by machine; refinement off)
       python scripts/make_results.py --models ref-olmoe --budgets 0.5 --quick   (a smoke run)
       python scripts/make_results.py --render-only  (rewrite the page from docs/results.json)
       python scripts/make_results.py --models ref-qwen3 --update   (evaluate one model, keep the others'
