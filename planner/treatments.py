@@ -41,7 +41,7 @@ close to its output at full k. Two per-layer numbers and a set of stand-ins help
   closed at share 0.05 / 0.10 / 0.15 / 0.20: ref-dsv2 0.810 / 0.871 / 0.895 / 0.914,
   ref-olmoe 0.927 / 0.967 / 0.963 / -, ref-qwen3 0.919 / 0.944 / - / -. Work spent on
   experts instead (ref-dsv2, share 0.05, budget 15 + j of 30, in expert-equivalents per
-  token: share 0.10 is 16.4, 0.15 is 17.2, one more expert 16.6, two 17.5): one more
+  token: share 0.10 is 16.5, 0.15 is 17.3, one more expert 16.7, two 17.6): one more
   expert closes 0.837, two 0.881. On ref-dsv2 rank is the better use of work at every
   share tried (0.15 closes more than two more experts with less work), but on ref-olmoe
   it stops paying after 0.10 while its cost keeps growing, so 0.10.

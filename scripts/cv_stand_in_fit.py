@@ -15,8 +15,8 @@ Weightings (``--weights``):
 multiply-adds (``--compensation-share``; the default is formats.config.STAND_IN_SHARE).
 ``--extra-experts J`` compiles the plan at J activations per token above budget 0.5 (the gap
 stays measured against uniform at 0.5): the same extra work spent on experts instead of on stand-in
-rank. Each fold also prints ``stand_in_work``, the linear stand-ins' multiply-adds per token over
-the kept experts' (a dropped pair costs 2 r H, a kept one an expert's parameter count).
+rank. Each fold also prints ``stand_in_work``, the stand-ins' multiply-adds per token over the kept
+experts', counted as docs/results.md counts it (make_results.stand_in_overhead).
 
 Run:  python scripts/cv_stand_in_fit.py bundled:ref-dsv2 --weights ramp,uniform
       (one thread; per weighting about 2.5 minutes for ref-dsv2, 1.5 for ref-olmoe and 4 for ref-qwen3
@@ -43,6 +43,7 @@ from allocplan.planner.compile import compile_model
 from allocplan.planner.windows import pack_windows
 from allocplan.runtime.apply import apply_plan
 from allocplan.runtime.layers import find_moe_layers
+from make_results import stand_in_overhead
 
 SEQ_LEN, HELD_OUT, STRIDE, BUDGET = 256, 32, 66, 0.5
 RAMP = treatments.drop_weights
@@ -66,17 +67,6 @@ def prefill_nll(model, target, windows: torch.Tensor) -> float:
     finally:
         if handle is not None:
             handle.remove()
-
-
-def stand_in_work(model, ks: list[float], share: float) -> float:
-    """Linear stand-ins' multiply-adds per token over the kept experts' under per-layer ``ks``."""
-    hidden = model.config.hidden_size
-    stand_ins = kept = 0.0
-    for layer, k in zip(find_moe_layers(model), ks):
-        per_expert = sum(p.numel() for p in layer.experts.parameters()) / layer.experts.num_experts
-        stand_ins += (layer.top_k - k) * 2 * treatments.stand_in_rank(layer, hidden, share) * hidden
-        kept += k * per_expert
-    return stand_ins / kept
 
 
 def main() -> None:
@@ -117,8 +107,8 @@ def main() -> None:
             closed.append((uniform - planned) / (uniform - full))
             print(json.dumps({"model": args.model, "weights": name, "fold": fold, "full": round(full, 6),
                               "uniform": round(uniform, 6), "plan": round(planned, 6),
-                              "gap_closed": round(closed[-1], 4), "stand_in_work": round(stand_in_work(
-                                  model, [layer.planned_k for layer in plan.allocation.layers], args.stand_in_share), 4),
+                              "gap_closed": round(closed[-1], 4),
+                              "stand_in_work": round(stand_in_overhead(model, plan.allocation), 4),
                               "seconds": round(time.time() - started)}),
                   flush=True)
         means[name] = sum(closed) / len(closed)

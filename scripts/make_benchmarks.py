@@ -36,6 +36,7 @@ from allocplan.bench.timing import (  # noqa: E402
     bench, median_spread, profile_cost, solver_cost, uniform_budget_allocation)
 from allocplan.bundled import BUNDLED_DIR, DEFAULT_CALIBRATION  # noqa: E402
 from allocplan.evaluation.compare import paired_bootstrap  # noqa: E402
+from allocplan.formats.config import STAND_IN_SHARE  # noqa: E402
 from allocplan.runtime.layers import find_moe_layers  # noqa: E402
 from allocplan.planner.windows import pack_windows  # noqa: E402
 
@@ -75,7 +76,7 @@ def breakdown_lines(breakdown: dict) -> list[str]:
 # family that does not renormalise carry gains; one that does carries normaliser widths, the same cost).
 # label: (kind, --compensation-share); the last is the cheaper setting for batch-1 latency.
 LOW_SHARE = 0.05
-COMPENSATION_KINDS = {"expert": ("expert", None), "linear": ("linear", None),
+COMPENSATION_KINDS = {"expert": ("expert", STAND_IN_SHARE), "linear": ("linear", STAND_IN_SHARE),
                       f"linear (share {LOW_SHARE:g})": ("linear", LOW_SHARE)}
 GAINS = "gains"
 # The gain given to every layer (its value does not change the time).

@@ -7,6 +7,7 @@ from typing import Any
 
 from ..bundled import DEFAULT_CALIBRATION
 from ..errors import AllocplanError
+from ..formats.config import STAND_IN_SHARE
 from ..formats.plan import load_plan
 from ..loading import load_model
 from .breakdown import time_breakdown
@@ -18,14 +19,13 @@ from .timing import bench, profile_cost, solver_cost, uniform_budget_allocation
 PROFILE_COST_TOKENS, PROFILE_COST_SEQ_LEN, PRESET_PROFILE_WINDOWS = 2048, 256, 4
 
 
-def with_compensation(model: Any, allocation: Any, kind: str, share: float | None = None) -> Any:
+def with_compensation(model: Any, allocation: Any, kind: str, share: float = STAND_IN_SHARE) -> Any:
     """``allocation`` with stand-ins of ``kind`` for its dropped experts, fitted on random token windows;
-    ``share``: the cost cap of linear stand-ins (``--compensation-share``; None: the default)."""
+    ``share``: the cost cap of linear stand-ins (``--compensation-share``)."""
     import dataclasses
 
     import torch
 
-    from ..formats.config import STAND_IN_SHARE
     from ..formats.sidecar import COMPENSATION_KINDS
     from ..planner.treatments import compensation_tables, encode_tables
 
@@ -33,8 +33,7 @@ def with_compensation(model: Any, allocation: Any, kind: str, share: float | Non
         raise AllocplanError(f"compensation {kind!r} is not one of {', '.join(COMPENSATION_KINDS)}")
     generator = torch.Generator().manual_seed(0)
     windows = torch.randint(0, model.get_input_embeddings().num_embeddings, (2, 128), generator=generator)
-    tables = compensation_tables(model, windows, kind, batch_size=2, share=STAND_IN_SHARE if share is None else share)
-    record, data = encode_tables(tables, kind)
+    record, data = encode_tables(compensation_tables(model, windows, kind, batch_size=2, share=share), kind)
     return dataclasses.replace(allocation, compensation=record, compensation_data=data)
 
 

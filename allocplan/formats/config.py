@@ -81,14 +81,13 @@ def check_settings(config: Any) -> None:
         if value is None:
             continue
         name = f"{item.name} ({flag_of(item).split('/')[0]})"
-        choices, minimum = item.metadata.get("choices"), item.metadata.get("minimum")
+        choices, minimum, maximum = (item.metadata.get(key) for key in ("choices", "minimum", "maximum"))
         if isinstance(value, float) and not math.isfinite(value):
             raise AllocplanError(f"{name} must be a finite number, got {value!r}")
         if choices is not None and value not in choices:
             raise AllocplanError(f"{name} is {value!r}; choose one of {', '.join(map(str, choices))}")
         if minimum is not None and value < minimum:
             raise AllocplanError(f"{name} must be at least {minimum}, got {value!r}")
-        maximum = item.metadata.get("maximum")
         if maximum is not None and value > maximum:
             raise AllocplanError(f"{name} must be at most {maximum}, got {value!r}")
 
