@@ -168,8 +168,8 @@ def test_docs_cli_names_every_command_and_option():
 
 def test_docs_state_the_defaults_and_constants_they_name():
     """Values docs/cli.md and docs/runtime.md write by hand: each on/off flag row's default (the option
-    tables of compile, solve and recipe) is the option's, and the drop order's power is
-    planner.treatments.DROP_ORDER_POWER."""
+    tables of compile, solve and recipe) is the option's, the stand-ins' share is ProfileConfig's, and
+    the drop order's power is planner.treatments.DROP_ORDER_POWER."""
     import re
     from pathlib import Path
 
@@ -188,5 +188,8 @@ def test_docs_state_the_defaults_and_constants_they_name():
     assert stated.keys() == rows.keys()
     for flag, defaults in stated.items():
         assert defaults == {rows[flag] == "on"}, (flag, defaults, rows[flag])
+    share = re.search(r"^\| `--compensation-share S` \| ([0-9.]+) \|", (docs / "cli.md").read_text(encoding="utf-8"),
+                      re.MULTILINE)
+    assert share is not None and float(share.group(1)) == ProfileConfig().compensation_share
     runtime = (docs / "runtime.md").read_text(encoding="utf-8")
     assert f"(m_e / mean m) ** {DROP_ORDER_POWER}," in runtime
