@@ -63,7 +63,7 @@ from ..runtime.apply import apply_plan
 from ..runtime.layers import MoELayer, find_moe_layers, input_device, model_family, model_identity
 from .losses import kl_sum, next_token_logprobs, token_nll
 from .replay import Replay, ReplayLayerAtK, block_change_is_additive, record_outputs, replayed
-from .treatments import compensation_tables, encode_tables, fit_treatments
+from .treatments import compensation_tables, encode_tables, fit_treatments, sidecar_dtype
 from .windows import calibration_source, check_token_ids, pack_windows
 
 logger = logging.getLogger("allocplan")
@@ -296,7 +296,7 @@ def profile_model(
     if compensation != "off":
         tables = compensation_tables(model, windows, compensation, config.batch_size, config.compensation_rank,
                                      config.drop_order, share=config.compensation_share)
-        sidecar = encode_tables(tables, compensation)
+        sidecar = encode_tables(tables, compensation, sidecar_dtype(model))
     grid = {layer.path: k_grid(config.k_min, layer.top_k, config.k_step) for layer in layers}
     treatments = None
     if weight_fit == "fitted":

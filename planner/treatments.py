@@ -303,17 +303,37 @@ def drop_order_factors(squared_miss: torch.Tensor, count: torch.Tensor) -> torch
     return torch.tensor([float(f"{f:.{_DIGITS}g}") for f in factors.tolist()], dtype=torch.float32)
 
 
-def encode_tables(tables: dict[str, StandIns], kind: str) -> tuple[CompensationRecord, bytes]:
-    """The sidecar's bytes (safetensors, float32, layers in path order) and the record naming them."""
+# The precisions a sidecar stores its stand-ins in (the drop order is always float32).
+SIDECAR_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def sidecar_dtype(model: Any) -> torch.dtype:
+    """The precision of a model's stand-ins in its sidecar: its experts' when that is a 16-bit float (the
+    runtime casts stand-ins to the experts' dtype anyway, so float32 would only double the file), else
+    float32 (a float64 model's stand-ins are fitted in float32 to begin with)."""
+    layers = find_moe_layers(model)
+    dtype = next(layers[0].experts.parameters()).dtype if layers else torch.float32
+    return dtype if dtype in SIDECAR_DTYPES else torch.float32
+
+
+def encode_tables(tables: dict[str, StandIns], kind: str, dtype: torch.dtype = torch.float32
+                  ) -> tuple[CompensationRecord, bytes]:
+    """The sidecar's bytes (safetensors, layers in path order) and the record naming them.
+
+    ``dtype``: the stand-ins' precision, one of ``SIDECAR_DTYPES`` (:func:`sidecar_dtype` of the
+    model they were fitted on); the drop order stays float32, as the selection scores it multiplies.
+    """
     from safetensors.torch import save
 
+    if dtype not in SIDECAR_DTYPES:
+        raise ValueError(f"sidecar dtype {dtype} is not one of {', '.join(map(str, SIDECAR_DTYPES))}")
     tensors = {}
     for path in sorted(tables):
         stand_ins = tables[path]
-        tensors[path] = stand_ins.bias.float().contiguous()
+        tensors[path] = stand_ins.bias.to(dtype).contiguous()
         if stand_ins.down is not None:
-            tensors[f"{path}.down"] = stand_ins.down.float().contiguous()
-            tensors[f"{path}.up"] = stand_ins.up.float().contiguous()
+            tensors[f"{path}.down"] = stand_ins.down.to(dtype).contiguous()
+            tensors[f"{path}.up"] = stand_ins.up.to(dtype).contiguous()
         if stand_ins.order is not None:
             tensors[f"{path}.order"] = stand_ins.order.float().clone()  # own storage: safetensors refuses shared
     data = save(tensors)

@@ -547,6 +547,9 @@ def load_compensation(allocation: Allocation, layers: list[MoELayer], model: Any
             want = tuple("r" if w is None else w for w in shape)
             raise AllocplanError(f"compensation file {record.file!r} holds {got} for {name}, which needs shape"
                                  f" {want}; the sidecar belongs to another model: recompile")
+        if not found.is_floating_point():
+            raise AllocplanError(f"compensation file {record.file!r} holds {found.dtype} values for {name}, which"
+                                 " needs floating-point values; the sidecar is not allocplan's: recompile")
         # Each layer's stand-ins live where its experts compute (layers may sit on different devices).
         dtype = dtype or next(layer.experts.parameters()).dtype
         return found.to(device=module_device(layer.experts), dtype=dtype)

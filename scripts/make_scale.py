@@ -30,7 +30,7 @@ from allocplan.bench.cost_model import module_flops  # noqa: E402
 from allocplan.bench.presets import build_preset  # noqa: E402
 from allocplan.formats.config import ProfileConfig, RoutingConfig  # noqa: E402
 from allocplan.planner.profiling import Deployment, measure_sensitivity  # noqa: E402
-from allocplan.planner.treatments import compensation_tables, encode_tables, fit_treatments  # noqa: E402
+from allocplan.planner.treatments import compensation_tables, encode_tables, fit_treatments, sidecar_dtype  # noqa: E402
 from allocplan.runtime.layers import find_moe_layers, model_family  # noqa: E402
 
 CALIB_TOKENS, SEQ_LEN, BATCH = 16384, 256, 8  # ProfileConfig's defaults
@@ -169,7 +169,7 @@ def measure_preset(name: str) -> dict:
     def fitting() -> None:
         layers = find_moe_layers(model)
         tables = compensation_tables(model, windows, "linear", batch, None)
-        encode_tables(tables, "linear")
+        encode_tables(tables, "linear", sidecar_dtype(model))
         grid = {layer.path: list(range(1, layer.top_k + 1)) for layer in layers}
         fit_treatments(model, windows, grid, RoutingConfig(token_level=False), tables, batch)
 

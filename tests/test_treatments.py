@@ -362,6 +362,42 @@ def test_sidecar_mismatch_missing_and_wrong_shape(tmp_path):
     assert record_for(data, "expert") == record  # content-addressed: the same bytes, the same name
 
 
+def test_sidecar_holds_a_16_bit_models_stand_ins_in_its_precision(windows):
+    """A bfloat16 model's sidecar stores its stand-ins in bfloat16 (half the bytes of float32) and routes
+    exactly as the same stand-ins stored in float32, which apply casts to bfloat16; the drop order stays
+    float32. A sidecar of integers is a one-line error."""
+    from safetensors.torch import load, save
+
+    from allocplan.formats.sidecar import record_for
+    from allocplan.planner.treatments import sidecar_dtype
+
+    model = build_tiny_model("olmoe")
+    assert sidecar_dtype(model) == torch.float32
+    model = model.to(torch.bfloat16)
+    assert sidecar_dtype(model) == torch.bfloat16
+    tables = compensation_tables(model, windows, "linear", batch_size=2, rank=3)
+    (record16, data16), (record32, data32) = (encode_tables(tables, "linear", dtype) for dtype in
+                                              (torch.bfloat16, torch.float32))
+    tensors = load(data16)
+    layers = find_moe_layers(model)
+    for layer in layers:
+        assert [tensors[layer.path + suffix].dtype for suffix in ("", ".down", ".up", ".order")] == [
+            torch.bfloat16, torch.bfloat16, torch.bfloat16, torch.float32]
+    assert len(data16) < 0.6 * len(data32)
+    logits = []
+    for compensation in ((record16, data16), (record32, data32)):
+        with allocplan.apply_plan(model, allocation_for(model, 2, compensation=compensation)), torch.inference_mode():
+            logits.append(model(input_ids=IDS).logits)
+    assert torch.equal(logits[0], logits[1])
+    integers = save({layer.path: torch.zeros(8, 32, dtype=torch.int64) for layer in layers})
+    with pytest.raises(AllocplanError, match="holds torch.int64 values for model.layers.0.mlp, which needs"
+                                             " floating-point values") as info:
+        allocplan.apply_plan(model, allocation_for(model, 2, compensation=(record_for(integers, "expert"), integers)))
+    assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="sidecar dtype torch.int8"):
+        encode_tables(tables, "linear", torch.int8)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_full_budget_plan_with_every_element_is_bit_identical(family, windows):
     """Alloc-T, weight treatments, compensation and a refinement record: at full k nothing changes."""

@@ -27,13 +27,14 @@ def with_compensation(model: Any, allocation: Any, kind: str, share: float = STA
     import torch
 
     from ..formats.sidecar import COMPENSATION_KINDS
-    from ..planner.treatments import compensation_tables, encode_tables
+    from ..planner.treatments import compensation_tables, encode_tables, sidecar_dtype
 
     if kind not in COMPENSATION_KINDS:
         raise AllocplanError(f"compensation {kind!r} is not one of {', '.join(COMPENSATION_KINDS)}")
     generator = torch.Generator().manual_seed(0)
     windows = torch.randint(0, model.get_input_embeddings().num_embeddings, (2, 128), generator=generator)
-    record, data = encode_tables(compensation_tables(model, windows, kind, batch_size=2, share=share), kind)
+    tables = compensation_tables(model, windows, kind, batch_size=2, share=share)
+    record, data = encode_tables(tables, kind, sidecar_dtype(model))
     return dataclasses.replace(allocation, compensation=record, compensation_data=data)
 
 
