@@ -113,3 +113,40 @@ def test_bench_counts_distinct_experts_per_batched_decode_step():
     assert top_k <= distinct["untouched"] <= min(4 * top_k, experts)
     assert top_k // 2 <= distinct["planned"] <= min(4 * (top_k // 2), experts)
     assert distinct["planned"] < distinct["untouched"]
+
+
+def test_decode_alternates_steps_between_weight_sharing_copies_that_keep_their_own_plans():
+    """Decode timing takes turns between copies that share the weights: each copy generates the tokens it
+    would generate alone (its own plan, its own cache), and the model passed in comes back untouched."""
+    import torch
+
+    from allocplan.runtime.apply import apply_plan
+
+    def greedy(model, ids, steps):
+        with torch.inference_mode():
+            out = model(input_ids=ids, use_cache=True)
+            tokens = [out.logits[:, -1:].argmax(-1)]
+            for _ in range(steps - 1):
+                out = model(input_ids=tokens[-1], cache=out.cache, use_cache=True)
+                tokens.append(out.logits[:, -1:].argmax(-1))
+        return torch.cat(tokens, dim=1)
+
+    model = build_tiny_model("olmoe")
+    plan = timing.uniform_budget_allocation(model, 0.25, token_level=False)  # k 1 of 4: other tokens
+    ids = torch.randint(1, 100, (2, 6), generator=torch.Generator().manual_seed(3))
+    copy = timing.sharing_copy(model)
+    assert all(a.data_ptr() == b.data_ptr() for a, b in zip(model.parameters(), copy.parameters()))
+    alone = {"untouched": greedy(model, ids, 5)}
+    with apply_plan(model, plan):
+        alone["planned"] = greedy(model, ids, 5)
+    assert not torch.equal(alone["untouched"], alone["planned"])
+    with apply_plan(copy, plan):
+        seconds, tokens = timing.interleaved_decode({"untouched": model, "planned": copy}, ids, 5)
+    assert set(seconds) == {"untouched", "planned"} and min(seconds.values()) > 0
+    for label in alone:
+        assert torch.equal(tokens[label], alone[label])
+    implementation = model.config._experts_implementation
+    timing.bench(model, plan, prompt_len=8, new_tokens=2, repeat=1,
+                 variants={"again": timing.uniform_budget_allocation(model, 0.5, token_level=False)})
+    assert not hasattr(model, "_allocplan_handle") and model.config._experts_implementation == implementation
+    assert torch.equal(greedy(model, ids, 5), alone["untouched"])
