@@ -455,8 +455,6 @@ def main() -> None:
         " Three models alternate in one process after a warm-up: *untouched* (as loaded: transformers'"
         " stock experts path, full k), *full k, lean* (full k through allocplan's experts path) and *planned*"
         f" (`apply_plan`); median of {runs[0]['repeat']} rounds with [min, max] of the per-round speed-up."
-        " Prefill rounds run one forward per model in turn; decode rounds alternate step by step between"
-        " copies of the model that share its weights, each with its own plan and cache (`allocplan bench`)."
         " *speed-up* is untouched /"
         " planned, what a user gets; *same path* is full k, lean / planned, what the smaller activation"
         " count alone buys. Decode b1 is ms per token at batch 1, decode b8 ms per step at batch 8"

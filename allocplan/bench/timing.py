@@ -2,12 +2,7 @@
 
 Timings alternate between the two models (untouched, planned, untouched, ...)
 after a warm-up, so slow drift of the machine hits both; each figure is the
-median of ``repeat`` runs with its min-max spread. Decode alternates step by
-step: every model being compared (the untouched one, the planned one, any
-variants) is a copy sharing the same weight tensors, each with its plan applied
-and its own cache, and each greedy step runs once on each of them in turn
-(the order reversed every step), so a round's ratio pairs steps taken
-milliseconds apart rather than runs taken a second apart. Reported:
+median of ``repeat`` runs with its min-max spread. Reported:
 
 * prefill: one forward over batch x prompt_len tokens, no cache;
 * decode: tokens per second over ``new_tokens`` greedy cached steps at batch 1
@@ -34,7 +29,6 @@ trained weights needed) and plans it uniformly at ``--budget``.
 from __future__ import annotations
 
 import contextlib
-import copy
 import statistics
 import time
 from typing import Any, Callable
@@ -87,38 +81,6 @@ def greedy_decode(model: Any, ids: torch.Tensor, new_tokens: int, *, count: bool
 def time_decode(model: Any, ids: torch.Tensor, new_tokens: int) -> float:
     """Seconds per generated token over ``new_tokens`` cached greedy steps (prefill excluded)."""
     return greedy_decode(model, ids, new_tokens)[0] / new_tokens
-
-
-def sharing_copy(model: Any) -> Any:
-    """A copy of ``model`` that shares its parameter and buffer tensors (no weight memory) but not its
-    modules, so a plan applied to the copy (instance-level edits) leaves ``model`` untouched."""
-    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
-    return copy.deepcopy(model, memo=shared)
-
-
-def interleaved_decode(models: dict[str, Any], ids: torch.Tensor, new_tokens: int
-                       ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-    """Prefill ``ids`` [B, P] on each model, then ``new_tokens`` cached greedy steps with the models
-    taking turns at every step (in order, then reversed, and so on): (seconds per step of each,
-    the tokens each generated [B, new_tokens]). Each model keeps its own cache, so its tokens are
-    those it would generate alone."""
-    spent = dict.fromkeys(models, 0.0)
-    state, generated = {}, {label: [] for label in models}
-    with torch.inference_mode():
-        for label, model in models.items():
-            out = model(input_ids=ids, use_cache=True)
-            state[label] = (out.cache, out.logits[:, -1:].argmax(-1))  # token [B, 1]
-        labels = list(models)
-        for step in range(new_tokens):
-            for label in labels if step % 2 == 0 else reversed(labels):
-                cache, token = state[label]
-                start = now(ids.device)
-                out = models[label](input_ids=token, cache=cache, use_cache=True)
-                spent[label] += now(ids.device) - start
-                state[label] = (out.cache, out.logits[:, -1:].argmax(-1))
-                generated[label].append(token)
-    return ({label: seconds / new_tokens for label, seconds in spent.items()},
-            {label: torch.cat(tokens, dim=1) for label, tokens in generated.items()})
 
 
 def decode_counts(model: Any, allocation: Allocation | None, prompts: torch.Tensor, new_tokens: int) -> dict:
@@ -196,36 +158,41 @@ def bench(
                 return fn()
         return run
 
+    planned = under(plan)
+    others = {label: under(allocation) for label, allocation in (variants or {}).items()}
+
     lean = _lean_full_k(model)
-    # Prefill: one forward per model in turn, each plan applied around its forward.
-    prefill_paths = {"untouched": lambda fn: fn(), **({"full_lean": lean} if lean is not None else {}),
-                     "planned": under(plan), **{label: under(a) for label, a in (variants or {}).items()}}
 
-    def prefill_round() -> dict[str, float]:
-        return {label: path(lambda: time_prefill(model, prefill_ids)) for label, path in prefill_paths.items()}
-
+    measures = {
+        "prefill_s": lambda: time_prefill(model, prefill_ids),
+        "decode_b1_s_per_token": lambda: time_decode(model, decode_prompt, new_tokens),
+        f"decode_b{decode_batch_size}_s_per_step": lambda: time_decode(model, decode_batch, new_tokens),
+    }
     results: dict[str, Any] = {}
-    with _live_models(model, plan, variants or {}, lean is not None) as live:
-        rounds = {
-            "prefill_s": prefill_round,
-            "decode_b1_s_per_token": lambda: interleaved_decode(live, decode_prompt, new_tokens)[0],
-            f"decode_b{decode_batch_size}_s_per_step": lambda: interleaved_decode(live, decode_batch, new_tokens)[0],
-        }
-        for name, one_round in progress(rounds.items(), desc="timing"):
-            one_round()  # warm-up every path
-            timed = [one_round() for _ in range(repeat)]
-            base, fast = [t["untouched"] for t in timed], [t["planned"] for t in timed]
-            full_lean = [t["full_lean"] for t in timed] if lean is not None else []
-            varied = {label: [t[label] for t in timed] for label in variants or {}}
-            results[name] = {"untouched": median_spread(base), "planned": median_spread(fast),
-                             "speedup": median_spread([b / f for b, f in zip(base, fast)])}
-            if varied:
-                results[name]["variants"] = {
-                    label: {"time": median_spread(times), "over_planned": median_spread(
-                        [v / f for v, f in zip(times, fast)]), "rounds": times} for label, times in varied.items()}
+    for name, measure in progress(measures.items(), desc="timing"):
+        measure(), planned(measure)  # warm-up every path
+        if lean is not None:
+            lean(measure)
+        for other in others.values():
+            other(measure)
+        base, fast, full_lean = [], [], []
+        varied: dict[str, list[float]] = {label: [] for label in others}
+        for _ in range(repeat):
+            base.append(measure())
             if lean is not None:
-                results[name]["full_lean"] = median_spread(full_lean)
-                results[name]["speedup_same_path"] = median_spread([b / f for b, f in zip(full_lean, fast)])
+                full_lean.append(lean(measure))
+            fast.append(planned(measure))
+            for label, other in others.items():
+                varied[label].append(other(measure))
+        results[name] = {"untouched": median_spread(base), "planned": median_spread(fast),
+                         "speedup": median_spread([b / f for b, f in zip(base, fast)])}
+        if others:
+            results[name]["variants"] = {
+                label: {"time": median_spread(times), "over_planned": median_spread(
+                    [v / f for v, f in zip(times, fast)]), "rounds": times} for label, times in varied.items()}
+        if lean is not None:
+            results[name]["full_lean"] = median_spread(full_lean)
+            results[name]["speedup_same_path"] = median_spread([b / f for b, f in zip(full_lean, fast)])
 
     # What a batched decode step reads: the distinct experts its tokens use (on real text these
     # differ more between tokens than on random ids; docs/benchmarks.md's batch-aware section).
@@ -259,27 +226,6 @@ def bench(
         "decode_batch_size": decode_batch_size,
         **results,
     }
-
-
-@contextlib.contextmanager
-def _live_models(model: Any, plan: Allocation, variants: dict[str, Allocation], lean: bool):
-    """The models decode alternates between, by label: ``model`` itself (untouched), and weight-sharing
-    copies (:func:`sharing_copy`) running full k through allocplan's experts path (``full_lean``, with
-    ``lean``), with ``plan`` applied (planned) and with each variant applied. The plans come off on exit."""
-    from ..runtime.experts import register
-
-    live, handles = {"untouched": model}, []
-    try:
-        if lean:
-            live["full_lean"] = sharing_copy(model)
-            live["full_lean"].set_experts_implementation(register())
-        for label, allocation in {"planned": plan, **variants}.items():
-            live[label] = sharing_copy(model)
-            handles.append(apply_plan(live[label], allocation))
-        yield live
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _lean_full_k(model: Any) -> Callable[[Callable[[], float]], float] | None:
