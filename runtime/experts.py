@@ -149,7 +149,6 @@ class StandIns:
             result.add_(as_dtype(acc, result.dtype))
         return result
 
-
     def rows(self, inputs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Stand-in outputs [D, H] for inputs [D, H] of experts [D]."""
         # index_select rather than advanced indexing: the same copy at about half the cost, which
