@@ -11,11 +11,39 @@ from typing import Any
 import torch
 
 
-def next_token_logprobs(model: Any, batch: torch.Tensor) -> torch.Tensor:
-    """Log-probabilities [B, S-1, V] (float32) of each next token, from one forward over ``batch`` [B, S]."""
-    logits = model(input_ids=batch, use_cache=False).logits  # [B, S, V]
+class Scratch:
+    """Reusable output buffers for scoring many forwards of one batch shape.
+
+    A probe's log-probabilities and its KL terms are [B, S, V] float32 tensors, tens of MB
+    for a batch of calibration windows. Allocated afresh, each costs the operating system's
+    page faults and zeroing on every probe. Written into the same buffers, the same ops in
+    the same order give bit-identical sums, and ``allocplan compile --model bundled:ref-dsv2
+    --budget 0.5`` took 22 s instead of 27 s on a 2-core CPU (two runs each).
+
+    What :func:`next_token_logprobs` returns with a scratch is valid until the next call
+    with the same scratch.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def buffer(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """An uninitialised float32 tensor of ``like``'s shape and device, reused across calls."""
+        found = self._buffers.get(name)
+        if found is None or found.shape != like.shape or found.device != like.device:
+            found = self._buffers[name] = torch.empty(like.shape, dtype=torch.float32, device=like.device)
+        return found
+
+
+def next_token_logprobs(model: Any, batch: torch.Tensor, scratch: Scratch | None = None) -> torch.Tensor:
+    """Log-probabilities [B, S-1, V] (float32) of each next token, from one forward over ``batch`` [B, S].
+
+    ``scratch``: write them into its buffer (valid until its next use) instead of a new tensor.
+    """
+    logits = model(input_ids=batch, use_cache=False).logits.float()  # [B, S, V]
+    out = scratch.buffer("logprobs", logits) if scratch is not None else None
     # log_softmax over the contiguous logits, then drop the last position (no copy of a strided slice).
-    return torch.log_softmax(logits.float(), dim=-1)[:, :-1]
+    return torch.log_softmax(logits, dim=-1, out=out)[:, :-1]
 
 
 def token_nll(logprobs: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
@@ -23,13 +51,18 @@ def token_nll(logprobs: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
     return -logprobs.gather(-1, batch[:, 1:].unsqueeze(-1)).squeeze(-1)
 
 
-def kl_sum(reference_logprobs: torch.Tensor, reference_probs: torch.Tensor, logprobs: torch.Tensor) -> float:
+def kl_sum(reference_logprobs: torch.Tensor, reference_probs: torch.Tensor, logprobs: torch.Tensor,
+           scratch: Scratch | None = None) -> float:
     """Sum over positions of KL(reference || model) of the next-token distributions (float64).
 
     ``reference_probs`` is ``reference_logprobs.exp()``, passed in so that a caller scoring
-    many candidates against one reference computes it once.
+    many candidates against one reference computes it once. ``scratch``: hold the [B, S-1, V]
+    terms in its buffer rather than in two new tensors (the same values).
     """
-    return (reference_probs * (reference_logprobs - logprobs)).sum(-1).double().sum().item()
+    if scratch is None:
+        return (reference_probs * (reference_logprobs - logprobs)).sum(-1).double().sum().item()
+    terms = torch.sub(reference_logprobs, logprobs, out=scratch.buffer("kl", logprobs))  # [B, S-1, V]
+    return terms.mul_(reference_probs).sum(-1).double().sum().item()
 
 
 class Reference:
@@ -51,8 +84,8 @@ class Reference:
 
     def mean_kl(self, model: Any) -> float:
         """Mean KL(reference || model as it is now) per scored position."""
-        total = 0.0
+        total, scratch = 0.0, Scratch()
         with torch.inference_mode():
             for batch, ref_logp, ref_probs in zip(self.batches, self.logprobs, self.probs):
-                total += kl_sum(ref_logp, ref_probs, next_token_logprobs(model, batch))
+                total += kl_sum(ref_logp, ref_probs, next_token_logprobs(model, batch, scratch), scratch)
         return total / self.positions

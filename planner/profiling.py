@@ -61,7 +61,7 @@ from ..formats.sidecar import CompensationRecord
 from ..runtime.allocations import allocation_for
 from ..runtime.apply import apply_plan
 from ..runtime.layers import MoELayer, find_moe_layers, input_device, model_family, model_identity
-from .losses import kl_sum, next_token_logprobs, token_nll
+from .losses import Scratch, kl_sum, next_token_logprobs, token_nll
 from .replay import Replay, ReplayLayerAtK, block_change_is_additive, record_outputs, replayed
 from .treatments import compensation_tables, encode_tables, fit_treatments, sidecar_dtype
 from .windows import calibration_source, check_token_ids, pack_windows
@@ -139,13 +139,14 @@ def _probe(model: Any, layers: list[MoELayer], ks: list[float], deployment: Depl
         yield
 
 
-def _scorer(metric: str, reference: torch.Tensor, batch: torch.Tensor) -> Callable[[torch.Tensor], float]:
+def _scorer(metric: str, reference: torch.Tensor, batch: torch.Tensor, scratch: Scratch
+            ) -> Callable[[torch.Tensor], float]:
     """Summed loss increase of a probe's log-probabilities over the reference's, in ``metric``."""
     if metric == "nll":
         reference_nll = token_nll(reference, batch).double()  # [B, S-1]
         return lambda logprobs: (token_nll(logprobs, batch).double() - reference_nll).sum().item()
     reference_probs = reference.exp()  # [B, S-1, V], once per batch
-    return lambda logprobs: kl_sum(reference, reference_probs, logprobs)
+    return lambda logprobs: kl_sum(reference, reference_probs, logprobs, scratch)
 
 
 class _LayerReplay:
@@ -167,8 +168,9 @@ class _LayerReplay:
             for hook in hooks:
                 hook.remove()
 
-    def probe(self, batch: torch.Tensor, position: int) -> torch.Tensor:
-        """Log-probabilities with the probe's k set, re-running only what layer ``position``'s k changes."""
+    def probe(self, batch: torch.Tensor, position: int, scratch: Scratch) -> torch.Tensor:
+        """Log-probabilities with the probe's k set, re-running only what layer ``position``'s k changes
+        (in ``scratch``'s buffer)."""
         index = self.layers[position].index
         replacements: dict[int, torch.nn.Module] = {j: Replay(self.outputs[j]) for j in range(index)}
         block_input, block_output = self.block_io[position]
@@ -181,7 +183,7 @@ class _LayerReplay:
         if self.additive[position]:
             replacements[index] = shortcut
         with replayed(self.decoder_layers, replacements):
-            return next_token_logprobs(self.model, batch)
+            return next_token_logprobs(self.model, batch, scratch)
 
 
 def check_k_min(k_min: int, originals: list[int]) -> None:
@@ -231,6 +233,7 @@ def measure_sensitivity(
     increase = [{k: 0.0 for k in k_grid(config.k_min, original, config.k_step)} for original in originals]
     reference_sum, scored = 0.0, 0
     replay = _LayerReplay(model, decoder_layers, layers)
+    scratch = Scratch()  # every probe's log-probabilities and KL terms, in the same memory
     batches = windows.to(device).split(config.batch_size)
     with torch.inference_mode(), top_ks(layers, originals):
         for batch in progress(batches, desc="profiling S[l, k]"):
@@ -238,7 +241,7 @@ def measure_sensitivity(
             reference_nll = token_nll(reference, batch)  # [B, S-1]
             reference_sum += reference_nll.double().sum().item()
             scored += reference_nll.numel()
-            score = _scorer(config.metric, reference, batch)
+            score = _scorer(config.metric, reference, batch, scratch)
             for position in reversed(range(len(layers))):  # deepest first, as the paper profiles
                 for k in sorted(increase[position], reverse=True):
                     if cells is not None and (position, k) not in cells:
@@ -247,7 +250,8 @@ def measure_sensitivity(
                         continue  # identical to the reference configuration: S = 0 exactly
                     ks = layer_ks(config.strategy, originals, position, k, config.k_min)
                     with _probe(model, layers, ks, deployment):
-                        logprobs = replay.probe(batch, position) if reuse_prefix else next_token_logprobs(model, batch)
+                        logprobs = (replay.probe(batch, position, scratch) if reuse_prefix
+                                    else next_token_logprobs(model, batch, scratch))
                     increase[position][k] += score(logprobs)
             logger.info("profiled batch of %d windows", batch.shape[0])
 

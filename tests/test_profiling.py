@@ -8,6 +8,7 @@ from tiny_models import build_tiny_model, tiny_tokenizer
 
 from allocplan.errors import AllocplanError
 from allocplan import ProfileConfig
+from allocplan.planner.losses import Scratch, kl_sum, next_token_logprobs
 from allocplan.planner.profiling import layer_ks, measure_sensitivity
 from allocplan.planner.windows import pack_windows
 
@@ -58,6 +59,29 @@ def test_isolated_full_k_is_exactly_zero(windows):
 def test_kl_is_nonnegative(windows):
     rows, _ = measure_sensitivity(build_tiny_model("olmoe"), windows, ProfileConfig(metric="kl"))
     assert all(v >= -1e-7 for row in rows for v in row.values())
+
+
+def test_scratch_reuses_its_memory_and_changes_no_value(windows):
+    """Profiling probes write their log-probabilities and KL terms into a Scratch's buffers instead of
+    new [B, S, V] tensors: the same memory every probe, and the fresh tensors' values bit for bit."""
+    model = build_tiny_model("olmoe")
+    scratch = Scratch()
+    with torch.inference_mode():
+        reference = next_token_logprobs(model, windows[:3])  # [3, 47, V], its own tensor
+        probs = reference.exp()
+        seen = None
+        for batch in (windows[3:6], windows[5:8]):  # two probes of one shape
+            fresh = next_token_logprobs(model, batch)
+            written = next_token_logprobs(model, batch, scratch)
+            assert torch.equal(written, fresh)
+            assert kl_sum(reference, probs, written, scratch) == kl_sum(reference, probs, fresh)
+            pointers = (written.data_ptr(), scratch.buffer("kl", written).data_ptr())
+            assert seen in (None, pointers)  # the second probe reused the first one's memory
+            seen = pointers
+        # Another shape gets buffers of its own shape.
+        short = next_token_logprobs(model, windows[:2], scratch)
+        assert short.shape == (2, 47, reference.shape[-1])
+        assert torch.equal(short, reference[:2])
 
 
 def test_layer_ks_strategies():
