@@ -212,13 +212,19 @@ def _positive(total: torch.Tensor) -> torch.Tensor:
     return torch.where(total > 0, total, 1.0)
 
 
-def stand_in_rank(layer: MoELayer, hidden_size: int, share: float = STAND_IN_SHARE) -> int:
-    """The largest rank r whose stand-in (2 r H multiply-adds) costs at most ``share`` of one expert's.
+def expert_multiply_adds(layer: MoELayer) -> float:
+    """One expert's multiply-adds per token: its parameter count (every weight is used once)."""
+    return sum(p.numel() for p in layer.experts.parameters()) / layer.experts.num_experts
 
-    An expert's multiply-adds per token are its parameter count (every weight is used once).
-    """
-    per_expert = sum(p.numel() for p in layer.experts.parameters()) / layer.experts.num_experts
-    return max(1, int(share * per_expert // (2 * hidden_size)))
+
+def linear_map_multiply_adds(rank: int, hidden_size: int) -> int:
+    """A linear stand-in's map per (token, dropped candidate): x @ down [H, r], then @ up [r, H]."""
+    return 2 * rank * hidden_size
+
+
+def stand_in_rank(layer: MoELayer, hidden_size: int, share: float = STAND_IN_SHARE) -> int:
+    """The largest rank r whose stand-in map costs at most ``share`` of one expert's multiply-adds."""
+    return max(1, int(share * expert_multiply_adds(layer) // linear_map_multiply_adds(1, hidden_size)))
 
 
 def drop_weights(scores: torch.Tensor) -> torch.Tensor:

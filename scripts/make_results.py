@@ -154,18 +154,18 @@ def stand_in_overhead(model, allocation) -> float | None:
         return None
     from safetensors.torch import load
 
+    from allocplan.planner.treatments import expert_multiply_adds, linear_map_multiply_adds
     from allocplan.runtime.layers import find_moe_layers
 
     tensors = load(allocation.compensation_data)
     hidden = model.get_input_embeddings().embedding_dim
     kept = extra = 0.0
     for layer, entry in zip(find_moe_layers(model), allocation.layers):
-        per_expert = sum(p.numel() for p in layer.experts.parameters()) / layer.experts.num_experts
         down = tensors.get(f"{layer.path}.down")
         rank = down.shape[-1] if down is not None else 0
         dropped = (entry.original_k - entry.planned_k) if entry.planned_k < entry.original_k else 0
-        kept += entry.planned_k * per_expert
-        extra += dropped * (2 * rank * hidden + hidden)
+        kept += entry.planned_k * expert_multiply_adds(layer)
+        extra += dropped * (linear_map_multiply_adds(rank, hidden) + hidden)  # + the constant's add
     return extra / kept
 
 
