@@ -15,6 +15,9 @@ Two ways to multiply the grouped rows, chosen per call:
   empty group still costs a matmul call: with 64 experts and 3 active ones that
   fixed cost is about as large as the useful work, and it does not shrink with k.
 
+One token on CPU (batch-1 decode) skips the grouping and the scatter as well
+(``_one_token_experts``): the same loop, the same sums, without their small ops.
+
 Registered under the name ``allocplan_ragged``; ``apply_plan`` selects it with
 ``model.set_experts_implementation`` and restores the previous choice on remove.
 """
@@ -312,6 +315,9 @@ def _add_compensation_one_token(result: torch.Tensor, stand_ins: StandIns, hidde
 
 # Tests switch the one-token form off to compare it with the general one.
 ONE_TOKEN_FAST = True
+# One token's experts on CPU without the general form's bookkeeping (_one_token_experts); tests switch
+# it off to compare.
+ONE_TOKEN_EXPERTS = True
 # Linear stand-ins' one-token form on CPU: slot by slot (StandIns.add_dropped_one_token) rather than
 # batched over copies of all K slots' factors (StandIns.one_token_rows); tests switch it to compare.
 ONE_TOKEN_LOOP = True
@@ -324,6 +330,11 @@ def ragged_experts_forward(
     top_k_weights: torch.Tensor,
 ) -> torch.Tensor:
     """Experts forward over only the non-sentinel pairs (same result as ``eager``)."""
+    # (Without autograd: decoding runs under no_grad or inference_mode, and the short form multiplies the
+    # input itself where the general form multiplies a gathered copy.)
+    if (hidden_states.shape[0] == 1 and hidden_states.device.type == "cpu" and not torch.is_grad_enabled()
+            and ONE_TOKEN_EXPERTS):
+        return _one_token_experts(self, hidden_states, top_k_index, top_k_weights)
     pairs = active_pairs(top_k_index, top_k_weights, self.num_experts)
     rows = hidden_states[pairs.tokens]  # [P, H]
     if pairs.use_loop():
@@ -342,28 +353,58 @@ def _project(rows: torch.Tensor, weight: torch.Tensor, transposed: bool) -> torc
     return rows.to(weight.dtype) @ (weight if transposed else weight.t())  # [n, out]
 
 
+def _expert_mlp(self: torch.nn.Module, x: torch.Tensor, expert: int) -> torch.Tensor:
+    """Expert ``expert``'s output [n, H] for its rows ``x`` [n, H]."""
+    if self.has_gate:
+        up = _project(x, self.gate_up_proj[expert], self.is_transposed)  # [n, 2I]
+        if self.has_bias:
+            up = up + self.gate_up_proj_bias[expert]
+        inner = self._apply_gate(up)  # [n, I]
+    else:
+        up = _project(x, self.up_proj[expert], self.is_transposed)  # [n, I]
+        if self.has_bias:
+            up = up + self.up_proj_bias[expert]
+        inner = self.act_fn(up)
+    y = _project(inner, self.down_proj[expert], self.is_transposed)  # [n, H]
+    if self.has_bias:
+        y = y + self.down_proj_bias[expert]
+    return y
+
+
 def _looped_experts(self: torch.nn.Module, rows: torch.Tensor, pairs: ActivePairs) -> torch.Tensor:
     """[P, H] outputs, one small MLP per expert that has rows."""
     down = self.down_proj  # [E, H, I], or [E, I, H] when transposed
     out_dim = down.shape[-1] if self.is_transposed else down.shape[-2]
     out = rows.new_empty(rows.shape[0], out_dim, dtype=down.dtype)  # [P, H]
     for expert, start, end in pairs.groups():
-        x = rows[start:end]  # [n, H]
-        if self.has_gate:
-            up = _project(x, self.gate_up_proj[expert], self.is_transposed)  # [n, 2I]
-            if self.has_bias:
-                up = up + self.gate_up_proj_bias[expert]
-            inner = self._apply_gate(up)  # [n, I]
-        else:
-            up = _project(x, self.up_proj[expert], self.is_transposed)  # [n, I]
-            if self.has_bias:
-                up = up + self.up_proj_bias[expert]
-            inner = self.act_fn(up)
-        y = _project(inner, self.down_proj[expert], self.is_transposed)  # [n, H]
-        if self.has_bias:
-            y = y + self.down_proj_bias[expert]
-        out[start:end] = y
+        out[start:end] = _expert_mlp(self, rows[start:end], expert)
     return out
+
+
+def _one_token_experts(self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                       top_k_weights: torch.Tensor) -> torch.Tensor:
+    """``ragged_experts_forward`` for one token on CPU (batch-1 decode), bit for bit.
+
+    The general form spends about twenty small ops per layer on bookkeeping (``active_pairs``:
+    nonzero, sort, bincount, cumsum, gathers; ``combine``: a weighting and an ``index_add_``)
+    before and after the one or few matmuls a token needs, and at batch 1 each op costs its
+    fixed dispatch time. Here the token's K slots are read back once (free on CPU) and its
+    experts run in expert order, each output weighted and added to the sum as ``combine`` does.
+    """
+    down = self.down_proj  # [E, H, I], or [E, I, H] when transposed
+    experts = top_k_index.tolist()[0]
+    # Weighted in the experts' dtype, as combine weights them (a Python float of that dtype's value).
+    weights = as_dtype(top_k_weights, down.dtype).tolist()[0]
+    out_dim = down.shape[-1] if self.is_transposed else down.shape[-2]
+    result = hidden_states.new_zeros(1, out_dim, dtype=down.dtype)  # [1, H]
+    # combine sums the pairs in expert order (active_pairs sorts them), so this does too.
+    for expert, weight in sorted((e, w) for e, w in zip(experts, weights) if e < self.num_experts):
+        y = _expert_mlp(self, hidden_states, expert)  # [1, H]
+        if self.has_post_expert_norm:
+            y = self.post_expert_norm(y)
+        result.add_(y.mul_(weight))
+    return add_compensation(result, self, hidden_states, top_k_index, top_k_weights,
+                            self.num_experts).to(hidden_states.dtype)
 
 
 def _grouped_experts(self: torch.nn.Module, rows: torch.Tensor, pairs: ActivePairs) -> torch.Tensor:

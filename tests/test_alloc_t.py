@@ -319,6 +319,61 @@ def test_fast_experts_path_equals_eager(family, drop, looped, monkeypatch):
     torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in ("jetmoe", "dbrx")])
+def test_one_token_experts_equal_the_general_form(family, monkeypatch):
+    """One token on CPU skips active_pairs and combine (experts._one_token_experts): the general
+    form's result bit for bit (its loop over experts), and eager's within float tolerance, with and
+    without dropped slots; a greedy decode under an Alloc-T plan gives the same logits both ways."""
+    from allocplan.runtime.experts import ragged_experts_forward
+
+    model = build_tiny_model(family)
+    layer = find_moe_layers(model)[0]
+    generator = torch.Generator().manual_seed(7)
+    num_experts, k = layer.experts.num_experts, layer.top_k
+    hidden = torch.randn(1, model.get_input_embeddings().embedding_dim, generator=generator)  # [1, H]
+    index = torch.randperm(num_experts, generator=generator)[:k][None]  # [1, K], not in expert order
+    weights = torch.rand(1, k, generator=generator)
+    calls = {"general": 0}
+    general_pairs = experts_module.active_pairs
+
+    def counted(*args):
+        calls["general"] += 1
+        return general_pairs(*args)
+
+    monkeypatch.setattr(experts_module, "active_pairs", counted)
+    monkeypatch.setattr(experts_module.ActivePairs, "use_loop", lambda self: True)
+    for dropped in (0, k // 2):
+        slots = index.clone()
+        slots[0, :dropped] = num_experts  # sentinel slots first: the kept ones still sum in expert order
+        runs = {}
+        for fast in (True, False):
+            monkeypatch.setattr(experts_module, "ONE_TOKEN_EXPERTS", fast)
+            before = calls["general"]
+            with torch.inference_mode():  # decoding's mode; with autograd on, the general form runs
+                runs[fast] = ragged_experts_forward(layer.experts, hidden, slots, weights)
+            assert calls["general"] - before == (0 if fast else 1)
+        assert torch.equal(runs[True], runs[False])
+        monkeypatch.setattr(experts_module, "ONE_TOKEN_EXPERTS", True)
+        with torch.enable_grad():  # autograd on: the general form, even with the short one switched on
+            before = calls["general"]
+            ragged_experts_forward(layer.experts, hidden, slots, weights)
+            assert calls["general"] == before + 1
+        model.set_experts_implementation("eager")
+        eager_slots = slots.clamp(max=num_experts - 1) if family == "gpt_oss" else slots
+        eager_weights = weights.masked_fill(slots == num_experts, 0.0)
+        with torch.inference_mode():
+            reference = layer.experts(hidden, eager_slots, eager_weights)
+        model.set_experts_implementation(None)
+        torch.testing.assert_close(runs[True], reference, rtol=1e-5, atol=1e-5)
+    plan = plan_for(model, [min(2.5, l.top_k) for l in find_moe_layers(model)], token_level=True)
+    decoded = {}
+    for fast in (True, False):
+        monkeypatch.setattr(experts_module, "ONE_TOKEN_EXPERTS", fast)
+        with apply_plan(model, plan):
+            decoded[fast] = greedy_step_logits(model, BATCH[:1, :6], 5)
+    assert torch.equal(decoded[True], decoded[False])
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_batch1_decode_shortcut_equals_rewrite(family, monkeypatch):
     """Single-token forwards through the family's native top-n route like the general Alloc-T rewrite."""
