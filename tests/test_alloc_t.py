@@ -342,9 +342,9 @@ def test_one_token_experts_equal_the_general_form(family, monkeypatch):
 
     monkeypatch.setattr(experts_module, "active_pairs", counted)
     monkeypatch.setattr(experts_module.ActivePairs, "use_loop", lambda self: True)
-    for dropped in (0, k // 2):
+    for dropped in (0, k // 2, k):  # none, some, every slot dropped
         slots = index.clone()
-        slots[0, :dropped] = num_experts  # sentinel slots first: the kept ones still sum in expert order
+        slots[0, :dropped] = num_experts  # sentinel slots first; the kept ones still sum in expert order
         runs = {}
         for fast in (True, False):
             monkeypatch.setattr(experts_module, "ONE_TOKEN_EXPERTS", fast)
