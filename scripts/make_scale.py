@@ -8,7 +8,7 @@ FLOPs counted by torch's FlopCounterMode and against measured profiling time on 
 bench presets; the measured overheads then scale the FLOP counts of the real models
 (built on the meta device from their transformers configs: no weights, no hub).
 
-Run:  python scripts/make_scale.py        (about 5 minutes on one CPU core)
+Run:  python scripts/make_scale.py        (about 6 minutes on 2 CPU cores)
       python scripts/make_scale.py --render-only   (keep the measurements, recompute the estimates)
 """
 
@@ -136,10 +136,12 @@ def streamed_bytes(costs: dict, weight_bytes: float) -> float:
 
 def activation_bytes(costs: dict, batch: int, seq_len: int) -> float:
     """Profiling's memory beyond the weights, per batch: every decoder layer's output and every MoE block's
-    input and output (bf16), and the reference and one probe's log-probabilities (float32)."""
+    input and output (bf16), and five [B, S, V] float32 tensors: the reference's log-probabilities and
+    probabilities, and a probe's logits, log-probabilities and KL terms (the last two in
+    losses.Scratch's buffers)."""
     layers = len(costs["layers"])
     moe = sum(r["moe"] for r in costs["layers"])
-    return (layers + 2 * moe) * batch * seq_len * costs["hidden"] * 2 + 2 * batch * seq_len * costs["vocab"] * 4
+    return (layers + 2 * moe) * batch * seq_len * costs["hidden"] * 2 + 5 * batch * seq_len * costs["vocab"] * 4
 
 
 def median_time(fn, repeat: int = 3) -> float:
@@ -164,7 +166,7 @@ def measure_preset(name: str) -> dict:
         forward_s = median_time(lambda: [model(input_ids=b, use_cache=False) for b in windows.split(batch)])
     config = ProfileConfig(batch_size=batch, calib_tokens=windows.numel(), seq_len=windows.shape[1])
     plain = Deployment(RoutingConfig(token_level=False))
-    probes_s = median_time(lambda: measure_sensitivity(model, windows, config, plain), repeat=1)
+    probes_s = median_time(lambda: measure_sensitivity(model, windows, config, plain))
 
     def fitting() -> None:
         layers = find_moe_layers(model)
@@ -173,7 +175,7 @@ def measure_preset(name: str) -> dict:
         grid = {layer.path: list(range(1, layer.top_k + 1)) for layer in layers}
         fit_treatments(model, windows, grid, RoutingConfig(token_level=False), tables, batch)
 
-    fitting_s = median_time(fitting, repeat=1)
+    fitting_s = median_time(fitting)
     per_forward = forward_flops(costs)
     return {
         "preset": name, "flops_counted": counted, "flops_model": predicted,
@@ -260,8 +262,9 @@ def render(data: dict) -> str:
              "loaded whole, and runs a compensated plan on one.", "",
              "Memory bound of profiling, beyond the weights: per calibration batch it holds every decoder layer's",
              "output and every MoE block's input and output (the prefix activations that let a probe re-run only",
-             "the layers after it), and the reference and one probe's log-probabilities:",
-             "(L + 2·L_moe) · B · S · H · 2 bytes + 2 · B · S · V · 4 bytes. Lower `--batch-size` to shrink it.", "",
+             "the layers after it), the reference's log-probabilities and probabilities, and one probe's logits,",
+             "log-probabilities and KL terms: (L + 2·L_moe) · B · S · H · 2 bytes + 5 · B · S · V · 4 bytes.",
+             "Lower `--batch-size` to shrink it.", "",
              "## The cost model, checked on CPU", "",
              "Per calibration batch: one reference forward; for each MoE layer and each k below its K, the layer's",
              "routed experts at k plus every later decoder layer and the head; the compensation"
