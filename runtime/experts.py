@@ -397,16 +397,20 @@ def _one_token_experts(self: torch.nn.Module, hidden_states: torch.Tensor, top_k
     experts = top_k_index.tolist()[0]
     # Weighted in the experts' dtype, as combine weights them (a Python float of that dtype's value).
     weights = as_dtype(top_k_weights, down.dtype).tolist()[0]
+    # combine's index_add_ sums a 16-bit dtype's rows in float32 and rounds once, so this does too.
+    reduced = down.dtype in (torch.bfloat16, torch.float16)
     result = None  # [1, H]: the first weighted output itself (0 + a is a), then the others added
     # combine sums the pairs in expert order (active_pairs sorts them), so this does too.
     for expert, weight in sorted((e, w) for e, w in zip(experts, weights) if e < self.num_experts):
         y = _expert_mlp(self, hidden_states, expert)  # [1, H]
         if self.has_post_expert_norm:
             y = self.post_expert_norm(y)
-        result = y.mul_(weight) if result is None else result.add_(y.mul_(weight))
+        y = y.mul_(weight).float() if reduced else y.mul_(weight)
+        result = y if result is None else result.add_(y)
     if result is None:  # every slot dropped
         out_dim = down.shape[-1] if self.is_transposed else down.shape[-2]
         result = hidden_states.new_zeros(1, out_dim, dtype=down.dtype)
+    result = as_dtype(result, down.dtype)
     return add_compensation(result, self, hidden_states, top_k_index, top_k_weights,
                             self.num_experts).to(hidden_states.dtype)
 
