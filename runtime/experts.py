@@ -147,7 +147,7 @@ class StandIns:
                 continue
             bias, down, up = views[slot - num_experts]  # [H], [H, r'], [r', H]
             acc.add_(bias, alpha=weight)
-            acc.addmm_(x @ down, up, alpha=weight)  # [1, r'] @ [r', H]
+            acc.addmm_(torch.mm(x, down), up, alpha=weight)  # [1, r'] @ [r', H] (mm: one dispatch fewer than @)
         if acc is not result:
             result.add_(as_dtype(acc, result.dtype))
         return result
