@@ -385,7 +385,7 @@ def _looped_experts(self: torch.nn.Module, rows: torch.Tensor, pairs: ActivePair
 
 def _one_token_experts(self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                        top_k_weights: torch.Tensor) -> torch.Tensor:
-    """``ragged_experts_forward`` for one token on CPU (batch-1 decode), bit for bit.
+    """``ragged_experts_forward``'s loop over experts for one token on CPU (batch-1 decode), bit for bit.
 
     The general form spends about twenty small ops per layer on bookkeeping (``active_pairs``:
     nonzero, sort, bincount, cumsum, gathers; ``combine``: a weighting and an ``index_add_``)
