@@ -145,5 +145,26 @@ def load_model(name: str, load: LoadConfig | None = None) -> tuple[Any, Any]:
         except (RuntimeError, AssertionError) as exc:
             raise AllocplanError(f"cannot move the model to device {load.device!r}: {str(exc).splitlines()[0]}") from None
     model.eval()
+    _check_forward(name, model)
     record_revision(model, loaded_revision(name, source, load.revision))
     return model, tokenizer
+
+
+def _check_forward(name: str, model: Any) -> None:
+    """Two tokens through the model as loaded, before any plan touches it.
+
+    A checkpoint transformers loads but cannot run (a config its modelling code does not support,
+    such as an odd rotary head size) would otherwise fail deep inside profiling or generation with
+    a traceback that reads like allocplan's; this names the model as the cause, in one line.
+    """
+    import torch
+
+    ids = torch.zeros(1, 2, dtype=torch.long, device=model.device)  # [1, 2]
+    try:
+        with torch.inference_mode():
+            model(input_ids=ids, use_cache=False)
+    except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise AllocplanError(
+            f"model {name!r} loads but its own forward pass fails before any plan is applied"
+            f" ({type(exc).__name__}: {first}); check that transformers can run this checkpoint") from None

@@ -93,6 +93,14 @@ def build_workspace(root: Path) -> Workspace:
         bos_token_id=None))
     small_vocab.save_pretrained(root / "small-vocab")
     tiny_tokenizer().save_pretrained(root / "small-vocab")
+    # A checkpoint that loads but cannot run: a rotary head size of 9 (odd) fails in transformers' own forward.
+    from transformers import MixtralConfig
+
+    odd_heads = AutoModelForCausalLM.from_config(MixtralConfig(
+        vocab_size=128, hidden_size=36, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, num_local_experts=4, num_experts_per_tok=2))
+    odd_heads.save_pretrained(root / "odd-heads")
+    tiny_tokenizer().save_pretrained(root / "odd-heads")
     return work
 
 
@@ -233,6 +241,9 @@ CASES: list[Case] = [
                                                               model="bundled:nope"), "no bundled model"),
     Case("input", "model directory without config.json", lambda w: _compile(
         w, "--budget", "0.5", "-o", str(w.path("c.yaml")), model=_empty_dir(w)), "has no config.json"),
+    Case("input", "model whose own forward fails", lambda w: _compile(
+        w, "--budget", "0.5", "-o", str(w.path("f.yaml")), model=str(w.path("odd-heads"))),
+        "its own forward pass fails before any plan is applied"),
 ]
 
 
