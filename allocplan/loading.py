@@ -159,7 +159,9 @@ def _check_forward(name: str, model: Any) -> None:
     """
     import torch
 
-    ids = torch.zeros(1, 2, dtype=torch.long, device=model.device)  # [1, 2]
+    from .runtime.layers import input_device
+
+    ids = torch.zeros(1, 2, dtype=torch.long, device=input_device(model))  # [1, 2]
     try:
         with torch.inference_mode():
             model(input_ids=ids, use_cache=False)

@@ -12,7 +12,7 @@ from ..formats.profile import SensitivityProfile
 from ..runtime.allocations import allocation_for
 from ..runtime.layers import find_moe_layers
 from .losses import Reference
-from .profiling import check_k_min, profile_model
+from .profiling import check_k_max_for_profiling, check_k_min, profile_model
 from .refine import refine_by_exchange
 from .solve import allocation_from_profile, solve_profile
 from .windows import calibration_source, pack_windows
@@ -46,6 +46,7 @@ def compile_model(
     originals = [layer.top_k for layer in find_moe_layers(model)]
     check_k_min(profile.k_min, originals)
     request.resolve(sum(originals), profile.k_min * len(originals))
+    check_k_max_for_profiling(routing.k_max, originals)
     allocation_for(model, originals, routing)  # raises if the routing settings do not fit the model
     measured = profile_model(model, tokenizer, profile, routing, model_name=model_name)
     plan = solve_profile(measured, request, routing)

@@ -192,6 +192,19 @@ def check_k_min(k_min: int, originals: list[int]) -> None:
         raise AllocplanError(f"k_min {k_min} must be between 1 and the smallest original top-k {min(originals)}")
 
 
+def check_k_max_for_profiling(k_max: int | None, originals: list[int]) -> None:
+    """Raise if ``k_max`` (Alloc-T's cap on one token's experts) is below a layer's original top-k.
+
+    Profiling probes each layer up to its original top-k with the others at theirs, which such a
+    cap forbids; a stored profile can be solved under the cap instead (``solve_profile``).
+    """
+    if k_max is not None and k_max < max(originals):
+        raise AllocplanError(
+            f"profiling runs every MoE layer up to its original top-k ({max(originals)}), which --k-max {k_max}"
+            f" forbids; profile without --k-max (compile --profile-out FILE), then allocplan solve FILE"
+            f" --k-max {k_max}")
+
+
 def measure_sensitivity(
     model: Any,
     windows: torch.Tensor,
@@ -292,6 +305,7 @@ def profile_model(
     identity = model_identity(model, model_name or getattr(model, "name_or_path", "") or "in-process")
     layers = find_moe_layers(model)
     check_k_min(config.k_min, [layer.top_k for layer in layers])
+    check_k_max_for_profiling(routing.k_max, [layer.top_k for layer in layers])
     weight_fit, compensation = resolve_treatments(model, config)
     windows, record = pack_windows(tokenizer, calibration_source(config, config.calib_tokens),
                                    max_tokens=config.calib_tokens, seq_len=config.seq_len)

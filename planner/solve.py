@@ -7,6 +7,7 @@ so ``allocplan solve`` runs anywhere.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from .._version import __version__
@@ -51,6 +52,27 @@ def allocation_from_profile(profile: SensitivityProfile, ks: list[int | float],
     )
 
 
+def check_k_max(routing: RoutingConfig, originals: list[int], k_min: int, total: int) -> None:
+    """Raise unless a budget of ``total`` activations fits under ``routing.k_max`` (when set): no layer
+    may plan more experts per token than one token can run.
+
+    Raises:
+        AllocplanError: k_max below k_min, or too small for the budget (the message names the largest
+            budget it allows).
+    """
+    k_max = routing.k_max
+    if k_max is None:
+        return
+    if k_max < k_min:
+        raise AllocplanError(f"--k-max {k_max} is below --k-min {k_min}; raise --k-max or lower --k-min")
+    most = sum(min(k_max, k) for k in originals)
+    if total > most:
+        raise AllocplanError(
+            f"--k-max {k_max} lets the MoE layers run at most {most} activations per token, fewer than the"
+            f" budget's {total}; raise --k-max or use --budget-activations {most} or less"
+        )
+
+
 def solve_profile(
     profile: SensitivityProfile,
     budget: float | BudgetRequest,
@@ -75,6 +97,9 @@ def solve_profile(
     k_min = profile.measurement.k_min
     original = sum(layer.original_k for layer in profile.layers)
     total = request.resolve(original, k_min * len(profile.layers))
+    check_k_max(routing, [layer.original_k for layer in profile.layers], k_min, total)
+    # A layer cannot plan more experts per token than a token may run (Alloc-T's k_max).
+    k_cap = routing.k_max if routing.k_max is not None else math.inf
     # The solvers work in whole units: a half-expert grid is solved in half-experts.
     units = int(round(1 / profile.measurement.k_step))
     if units != 1 and not routing.token_level:
@@ -83,8 +108,9 @@ def solve_profile(
             " solve with --token-level"
         )
     problem = AllocationProblem(
-        choices=tuple(tuple(int(round(k * units)) for k in layer.sensitivity) for layer in profile.layers),
-        costs=tuple(tuple(layer.sensitivity.values()) for layer in profile.layers),
+        choices=tuple(tuple(int(round(k * units)) for k in layer.sensitivity if k <= k_cap)
+                      for layer in profile.layers),
+        costs=tuple(tuple(cost for k, cost in layer.sensitivity.items() if k <= k_cap) for layer in profile.layers),
         budget=total * units,
     )
     checked = solve_and_check(problem)

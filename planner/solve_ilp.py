@@ -7,7 +7,8 @@ Formulation. Binary x[l, k] = 1 iff layer l gets k experts:
                 sum_{l, k in C_l} k * x[l, k] <= B
                 x[l, k] in {0, 1}
 
-It exists to cross-check the dynamic programme on every compile: an
+SCIP is handed the costs shifted and scaled to [0, 1] (``normalized_costs``), which
+changes no optimum. It exists to cross-check the dynamic programme on every compile: an
 independent formulation and solver must reach the same optimum. A status other
 than OPTIMAL raises. The returned objective is recomputed from the chosen k
 with AllocationProblem.objective, so it is comparable float for float with
@@ -28,6 +29,20 @@ class IlpResult:
 
     solution: Solution
     status: str
+
+
+def normalized_costs(costs: tuple[tuple[float, ...], ...]) -> list[list[float]]:
+    """The costs SCIP is given: each layer's less its smallest, over the largest of those.
+
+    SCIP's tolerances are absolute (dual feasibility 1e-7), so the sensitivities of a nearly
+    untrained model, about 1e-7, all looked alike to it, and it stopped "optimal" well above the
+    optimum. Each layer takes exactly one choice, so subtracting a constant per layer and
+    dividing every cost by one positive number change no optimum; the objective reported is
+    recomputed from the original costs.
+    """
+    shifted = [[cost - min(row) for cost in row] for row in costs]
+    span = max((cost for row in shifted for cost in row), default=0.0)
+    return [[cost / span for cost in row] for row in shifted] if span > 0 else shifted
 
 
 def solve_ilp(problem: AllocationProblem, *, time_limit_s: float = 60.0) -> IlpResult:
@@ -58,7 +73,7 @@ def solve_ilp(problem: AllocationProblem, *, time_limit_s: float = 60.0) -> IlpR
         sum(k * var for ks, row in zip(problem.choices, x) for k, var in zip(ks, row)) <= problem.budget
     )
     solver.Minimize(
-        sum(cost * var for cs, row in zip(problem.costs, x) for cost, var in zip(cs, row))
+        sum(cost * var for cs, row in zip(normalized_costs(problem.costs), x) for cost, var in zip(cs, row))
     )
     status = solver.Solve()
     names = {

@@ -241,6 +241,14 @@ CASES: list[Case] = [
                                                               model="bundled:nope"), "no bundled model"),
     Case("input", "model directory without config.json", lambda w: _compile(
         w, "--budget", "0.5", "-o", str(w.path("c.yaml")), model=_empty_dir(w)), "has no config.json"),
+    Case("input", "compile with --k-max below the original top-k", lambda w: _compile(
+        w, "--budget", "0.5", "--k-max", "2", "-o", str(w.path("m.yaml"))), "which --k-max 2 forbids"),
+    Case("input", "profile with --k-max below the original top-k", lambda w: [
+        "profile", "--model", str(w.path("ckpt")), "--calib", str(w.path("calib.txt")), *ROUTING_OPTS, "--k-max", "3",
+        "-o", str(w.path("kp.yaml"))], "which --k-max 3 forbids"),
+    Case("input", "budget above what --k-max allows", lambda w: ["solve", str(w.path("profile.yaml")), "--budget",
+                                                                 "0.75", "--k-max", "1", "-o", str(w.path("k.yaml"))],
+         "--k-max 1 lets the MoE layers run at most"),
     Case("input", "model whose own forward fails", lambda w: _compile(
         w, "--budget", "0.5", "-o", str(w.path("f.yaml")), model=str(w.path("odd-heads"))),
         "its own forward pass fails before any plan is applied"),

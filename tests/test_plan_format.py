@@ -11,6 +11,7 @@ import yaml
 
 from allocplan import RoutingConfig
 from allocplan.errors import AllocplanError
+from allocplan.formats.budget import BudgetRequest
 from allocplan.formats.plan import Plan, load_plan, plan_from_data, save_plan
 from allocplan.formats.profile import (
     LayerSensitivity,
@@ -67,6 +68,20 @@ def test_plan_round_trip_and_bytes(tmp_path, plan):
     again = tmp_path / "again.yaml"
     save_plan(loaded, again)
     assert path.read_bytes() == again.read_bytes()
+
+
+def test_solve_keeps_every_layer_within_k_max():
+    # make_profile's rows, 8 activations. Uncapped, by hand: layer 0 keeps 4 (0.0), layer 1 takes 1
+    # (0.05), layer 2 keeps 3 (1e-5) = 0.05001. With k_max 3 layer 0 cannot keep 4: (3, 2, 3) =
+    # 0.1 + 0.02 + 1e-5 = 0.12001 beats (3, 1, 3) at 7 and (2, 3, 3) = 0.41001.
+    budget = BudgetRequest(activations=8)
+    assert [layer.planned_k for layer in solve_profile(make_profile(), budget).allocation.layers] == [4, 1, 3]
+    capped = solve_profile(make_profile(), budget, RoutingConfig(k_max=3))
+    assert [layer.planned_k for layer in capped.allocation.layers] == [3, 2, 3]
+    assert capped.solver.dp_objective == pytest.approx(0.12001)
+    with pytest.raises(AllocplanError, match="--k-max 2 lets the MoE layers run at most 6 activations per token,"
+                                             " fewer than the budget's 8"):
+        solve_profile(make_profile(), budget, RoutingConfig(k_max=2))
 
 
 def test_plan_is_deterministic(plan):

@@ -40,6 +40,28 @@ def test_dp_matches_ilp_on_random_instances():
         assert objectives_agree(dp.objective, ilp.solution.objective), (problem, dp, ilp)
 
 
+# A random-init tiny model's profile (qwen3_moe, 8 of 8 experts, 4 layers): KLs of about 1e-7.
+TINY_PROFILE = (
+    (3.75586198e-07, 2.56235435e-07, 1.8246469e-07, 1.37107086e-07, 8.78464735e-08, 5.76983825e-08, 3.45555305e-08, 0.0),
+    (3.75873611e-07, 2.69227624e-07, 2.10572071e-07, 1.63370452e-07, 1.10481686e-07, 8.07634337e-08, 2.99835564e-08, 0.0),
+    (3.58847302e-07, 2.65955239e-07, 1.99824326e-07, 1.5041142e-07, 1.02046691e-07, 6.38914608e-08, 3.18476506e-08, 0.0),
+    (3.30702482e-07, 2.39425918e-07, 1.85571085e-07, 1.33577996e-07, 8.88008543e-08, 6.59510927e-08, 3.29284287e-08, 0.0),
+)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-3, 1e3])
+def test_ilp_agrees_on_sensitivities_of_any_magnitude(scale):
+    # SCIP's tolerances are absolute (1e-7 and below): unscaled, costs of 1e-7 all looked alike to it
+    # and it stopped "OPTIMAL" at k=(2, 8, 2, 2), 7.6e-7, where the optimum is 6.8e-7.
+    for budget in range(4, 33):
+        problem = AllocationProblem(choices=tuple(tuple(range(1, 9)) for _ in TINY_PROFILE),
+                                    costs=tuple(tuple(c * scale for c in row) for row in TINY_PROFILE), budget=budget)
+        dp, ilp = solve_dp(problem), solve_ilp(problem)
+        assert objectives_agree(dp.objective, ilp.solution.objective), (budget, dp, ilp)
+        best = min(problem.objective(ks) for ks in itertools.product(*problem.choices) if sum(ks) <= budget)
+        assert dp.objective == pytest.approx(best, rel=1e-12, abs=0)
+
+
 def test_dp_matches_brute_force_on_small_instances():
     rng = random.Random(7)
     for _ in range(150):
