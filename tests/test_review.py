@@ -191,3 +191,27 @@ def test_report_names_the_drop_order_of_a_plan_that_has_one():
     assert "drop order" not in report_markdown(dataclasses.replace(plan, compensation_data=without))
     with pytest.raises(AllocplanError, match="not a safetensors file"):
         sidecar_tensor_names(b"\x05\x00\x00\x00\x00\x00\x00\x00[1, 2")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_diff_reads_stand_ins_in_every_sidecar_dtype(dtype):
+    # Models loaded in bf16 write bf16 sidecars, which safetensors.numpy cannot read: diff used to crash.
+    import dataclasses
+
+    import torch
+    from safetensors.torch import save
+
+    from allocplan.formats.diff import diff_plans
+    from allocplan.formats.sidecar import record_for, sidecar_arrays
+
+    def with_vectors(values):
+        data = save({"model.layers.0.mlp": torch.tensor(values, dtype=getattr(torch, dtype))})
+        return dataclasses.replace(solve_profile(make_profile(), 0.5), compensation=record_for(data, "expert"),
+                                   compensation_data=data)
+
+    # Exact in all three dtypes: 1.5, -2.25, 3.125 and 0.5 need at most 5 significant bits.
+    a, b = with_vectors([[1.5, -2.25], [3.125, 0.0]]), with_vectors([[1.5, -2.25], [3.125, 0.5]])
+    assert sidecar_arrays(a.compensation_data)["model.layers.0.mlp"].tolist() == [[1.5, -2.25], [3.125, 0.0]]
+    found = {d.field: d for d in diff_plans(a, b).differences}
+    assert found["compensation[model.layers.0.mlp]"].b == "max |difference| 0.5"
+    assert "compensation[model.layers.0.mlp]" not in {d.field for d in diff_plans(a, a).differences}

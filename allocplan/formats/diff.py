@@ -25,6 +25,7 @@ from typing import Any
 
 from .plan import Plan
 from .records import to_data
+from .sidecar import sidecar_arrays
 
 KINDS = ("behaviour", "budget", "record")
 
@@ -89,9 +90,8 @@ def _stand_in_differences(a: Plan, b: Plan, rtol: float, atol: float) -> list[Di
         out.append(Difference("compensation (stand-ins)", "sidecar not loaded", "sidecar not loaded", "behaviour"))
         return out
     import numpy as np
-    from safetensors.numpy import load
 
-    ta, tb = load(a.compensation_data), load(b.compensation_data)
+    ta, tb = sidecar_arrays(a.compensation_data), sidecar_arrays(b.compensation_data)
     for name in sorted(set(ta) | set(tb)):
         x, y = ta.get(name), tb.get(name)
         if x is None or y is None or x.shape != y.shape:

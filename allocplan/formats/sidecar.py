@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import AllocplanError
 from .records import atomic_write_bytes, sha256_bytes
@@ -50,8 +51,8 @@ class CompensationRecord:
             raise AllocplanError(f"compensation.kind {self.kind!r} is not one of {', '.join(COMPENSATION_KINDS)}")
 
 
-def sidecar_tensor_names(data: bytes) -> list[str]:
-    """The tensor names in a sidecar's safetensors header, read without torch (sorted).
+def _header(data: bytes) -> tuple[dict, int]:
+    """A safetensors file's header and where its data begin.
 
     Raises:
         AllocplanError: the bytes do not start with a safetensors header.
@@ -65,7 +66,45 @@ def sidecar_tensor_names(data: bytes) -> list[str]:
         header = None
     if not isinstance(header, dict):
         raise AllocplanError("the compensation sidecar is not a safetensors file; recompile the plan")
-    return sorted(name for name in header if name != "__metadata__")
+    return header, 8 + size
+
+
+def sidecar_tensor_names(data: bytes) -> list[str]:
+    """The tensor names in a sidecar's safetensors header, read without torch (sorted).
+
+    Raises:
+        AllocplanError: the bytes do not start with a safetensors header.
+    """
+    return sorted(name for name in _header(data)[0] if name != "__metadata__")
+
+
+def sidecar_arrays(data: bytes) -> dict[str, Any]:
+    """A sidecar's tensors as numpy arrays, read without torch: float32 and float16 as stored,
+    bfloat16 widened to float32 exactly (numpy has no bfloat16, and ``safetensors.numpy`` refuses it).
+
+    Raises:
+        AllocplanError: not a safetensors file, or a tensor of another dtype or outside the data.
+    """
+    import numpy as np
+
+    header, start = _header(data)
+    arrays = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], [int(n) for n in entry["shape"]], entry["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            raise AllocplanError(f"the compensation sidecar's entry {name!r} is malformed; recompile the plan") from None
+        stored = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}.get(dtype)
+        raw = data[start + begin:start + end] if 0 <= begin <= end <= len(data) - start else None
+        if stored is None or raw is None or len(raw) != np.dtype(stored).itemsize * int(np.prod(shape)):
+            raise AllocplanError(f"the compensation sidecar's tensor {name!r} ({dtype}) cannot be read as"
+                                 " float32, float16 or bfloat16; recompile the plan")
+        values = np.frombuffer(raw, dtype=np.dtype(stored).newbyteorder("<")).reshape(shape)
+        # bfloat16 is the top half of a float32: shifted back, the same value exactly.
+        arrays[name] = (values.astype(np.uint32) << 16).view(np.float32) if dtype == "BF16" else values
+    return arrays
 
 
 def record_for(data: bytes, kind: str) -> CompensationRecord:
