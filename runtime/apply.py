@@ -633,8 +633,11 @@ def apply_plan(
         allocation = plan.allocation
     elif isinstance(plan, Allocation):
         allocation = plan
-    else:
+    elif isinstance(plan, (str, os.PathLike)):
         allocation = load_plan(plan).allocation
+    else:
+        raise AllocplanError(f"apply_plan takes a Plan, an Allocation or a plan file's path, not {type(plan).__name__};"
+                             " load one with allocplan.load_plan")
     if getattr(model, _HANDLE_ATTR, None) is not None:
         raise AllocplanError("a plan is already applied to this model; call handle.remove() first")
     layers = check_allocation_matches(allocation, model)

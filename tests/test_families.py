@@ -114,6 +114,8 @@ def test_compile_apply_counts_and_restores(family, compiled):
         apply_plan(model, plan)
 
     handle.remove()
+    with pytest.raises(AllocplanError, match="takes a Plan, an Allocation or a plan file's path, not NoneType"):
+        apply_plan(model, None)
     assert torch.equal(logits(model), before)
     assert experts_per_token(model) == originals
 
