@@ -10,13 +10,16 @@ is asked for, and never runs a dataset's own code.
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import AllocplanError
 from ..formats.config import parse_dataset_spec
 from ..formats.strict_yaml import read_text_bounded
+from ..loading import hub_reachable
 
 DOCUMENT_SEPARATOR = "\n\n"
 # A dataset is read row by row until its text is this many characters per token wanted:
@@ -77,6 +80,24 @@ def read_jsonl(path: str | Path, text_field: str, what: str = "calibration") -> 
     return SourceText(DOCUMENT_SEPARATOR.join(documents), "jsonl", _name(path), text_field)
 
 
+@contextlib.contextmanager
+def _hub_offline(offline: bool) -> Iterator[None]:
+    """With ``offline``, datasets and huggingface_hub in offline mode (their own switch, read at each
+    call; the environment variables are read only at import), restored afterwards."""
+    if not offline:
+        yield
+        return
+    import datasets
+    import huggingface_hub
+
+    saved = datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = saved
+
+
 def read_dataset(spec: str, text_field: str, max_tokens: int, what: str = "calibration") -> SourceText:
     """Documents from a ``datasets`` dataset's ``text_field``, read in order until there is enough text.
 
@@ -92,9 +113,17 @@ def read_dataset(spec: str, text_field: str, max_tokens: int, what: str = "calib
         import datasets
     except ImportError:
         raise AllocplanError("--calib-dataset needs the datasets package; pip install 'allocplan[datasets]'") from None
+    # A hub name while the hub cannot be reached: the local cache only, at once, where datasets
+    # would retry the hub for half a minute, logging every try.
+    offline = not Path(name).expanduser().exists() and not hub_reachable()
     try:
-        data = datasets.load_dataset(name, config, split=split)
+        with _hub_offline(offline):
+            data = datasets.load_dataset(name, config, split=split)
     except Exception as exc:  # datasets raises many types (FileNotFoundError, ValueError, its own, hub errors)
+        if offline:
+            raise AllocplanError(
+                f"dataset {spec!r} is not in the local datasets cache and the hub cannot be reached (offline?);"
+                " download it where the hub is reachable, or give a local text file with --calib") from None
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise AllocplanError(f"cannot load dataset {spec!r}: {first}") from None
     columns = list(getattr(data, "column_names", None) or [])

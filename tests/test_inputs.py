@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -70,6 +71,23 @@ def test_a_dataset_from_a_local_directory_is_read_in_order_up_to_what_is_needed(
         read_source(dataset=spec, max_tokens=10)
     with pytest.raises(AllocplanError, match="cannot load dataset"):
         read_source(dataset=f"{folder}:test", text_field="content", max_tokens=10)
+
+
+def test_an_uncached_hub_dataset_offline_is_one_line_at_once(monkeypatch):
+    # datasets alone retries an unreachable hub for about 25 s, logging every try.
+    datasets = pytest.importorskip("datasets")
+    import huggingface_hub
+
+    import allocplan.planner.texts as texts
+
+    monkeypatch.setattr(texts, "hub_reachable", lambda: False)
+    before = datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE
+    started = time.monotonic()
+    with pytest.raises(AllocplanError, match="'nobody/no-such-dataset:train' is not in the local datasets cache and"
+                                             " the hub cannot be reached"):
+        read_source(dataset="nobody/no-such-dataset:train", max_tokens=10)
+    assert time.monotonic() - started < 10
+    assert (datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE) == before  # restored
 
 
 def test_without_datasets_the_error_names_the_extra(monkeypatch):
