@@ -64,7 +64,8 @@ def check_k_max(routing: RoutingConfig, originals: list[int], k_min: int, total:
     if k_max is None:
         return
     if k_max < k_min:
-        raise AllocplanError(f"--k-max {k_max} is below --k-min {k_min}; raise --k-max or lower --k-min")
+        raise AllocplanError(f"--k-max {k_max} is below the profile's k_min {k_min}; raise --k-max, or profile"
+                             f" again with --k-min {k_max}")
     most = sum(min(k_max, k) for k in originals)
     if total > most:
         raise AllocplanError(
