@@ -63,6 +63,8 @@ def bench_lines(result: dict[str, Any]) -> list[str]:
             + (f", {same['median']:.2f}x against full k on the same experts path" if same else "")
             + f"; bound {result['ideal_speedup'][name]:.2f}x, {result['achieved_fraction'][name]:.0%} of it"
             + "".join(f"; {label} {v['over_planned']['median']:.3f}x the plan's time"
+                      + (f" (95% interval {v['over_planned_interval']['low']:.3f}-{v['over_planned_interval']['high']:.3f}"
+                         f" over {len(v['rounds'])} rounds)" if "over_planned_interval" in v else "")
                       for label, v in r.get("variants", {}).items())
         )
     for name, counts in result.items():

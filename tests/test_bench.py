@@ -23,6 +23,17 @@ def test_ideal_speedup_by_hand():
     assert ideal_speedup(0.5, 1.0) == 1.0
 
 
+def test_ratio_interval_by_hand():
+    # Every round 5% slower: the ratio and both ends are 1.05.
+    steady = timing.ratio_interval([1.05, 2.1, 0.525], [1.0, 2.0, 0.5])
+    assert all(abs(steady[key] - 1.05) < 1e-12 for key in ("geomean", "low", "high"))
+    # Ratios 1 and 4: geometric mean 2. A resample of two rounds is (1, 1), (1, 4) or (4, 4), each
+    # pair a quarter, half, quarter of the time, so the 2.5th and 97.5th percentiles are 1 and 4.
+    spread = timing.ratio_interval([1.0, 4.0], [1.0, 1.0])
+    assert abs(spread["geomean"] - 2.0) < 1e-12 and abs(spread["low"] - 1.0) < 1e-12
+    assert abs(spread["high"] - 4.0) < 1e-12
+
+
 def test_bench_reports_both_models_and_the_bound():
     model = build_tiny_model("olmoe")
     plan = timing.uniform_budget_allocation(model, 0.5, token_level=True)

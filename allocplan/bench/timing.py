@@ -29,6 +29,7 @@ trained weights needed) and plans it uniformly at ``--budget``.
 from __future__ import annotations
 
 import contextlib
+import math
 import statistics
 import time
 from typing import Any, Callable
@@ -46,6 +47,15 @@ from .cost_model import ideal_speedup, profiling_flop_floor, routed_flop_share, 
 def median_spread(values: list[float]) -> dict[str, float]:
     """Median, min and max of per-round values (how every timing here is reported)."""
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def ratio_interval(numerators: list[float], denominators: list[float]) -> dict[str, float]:
+    """Paired ratio of two timings taken in the same rounds: the geometric mean of the per-round
+    ratios, with a 95% bootstrap interval over rounds (2000 resamples, seeded)."""
+    from ..evaluation.compare import paired_bootstrap
+
+    logs = paired_bootstrap([math.log(n) for n in numerators], [math.log(d) for d in denominators], 1)
+    return {"geomean": math.exp(logs["mean"]), "low": math.exp(logs["low"]), "high": math.exp(logs["high"])}
 
 
 def now(device: torch.device) -> float:
@@ -136,8 +146,9 @@ def bench(
     Runs where the model's input embedding is (on CUDA, every reading waits for the queued
     kernels). ``variants``: other allocations timed in the same rounds (e.g. the plan with
     compensation), each reported under ``variants[label]`` with its time over the plan's,
-    round by round (``over_planned``), and its time in each round (``rounds``, for ratios between
-    variants). ``decode_batch_size``: the batched decode measure's batch.
+    round by round (``over_planned``, and ``over_planned_interval``: the geometric mean with a 95%
+    interval), and its time in each round (``rounds``, for ratios between variants; the plan's are
+    ``planned_rounds``). ``decode_batch_size``: the batched decode measure's batch.
     """
     from ..runtime.layers import input_device
 
@@ -189,7 +200,9 @@ def bench(
         if others:
             results[name]["variants"] = {
                 label: {"time": median_spread(times), "over_planned": median_spread(
-                    [v / f for v, f in zip(times, fast)]), "rounds": times} for label, times in varied.items()}
+                    [v / f for v, f in zip(times, fast)]), "over_planned_interval": ratio_interval(times, fast),
+                    "rounds": times} for label, times in varied.items()}
+            results[name]["planned_rounds"] = fast
         if lean is not None:
             results[name]["full_lean"] = median_spread(full_lean)
             results[name]["speedup_same_path"] = median_spread([b / f for b, f in zip(full_lean, fast)])
