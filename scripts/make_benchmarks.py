@@ -405,7 +405,9 @@ def breakdown_findings(runs: list[dict]) -> list[str]:
             + ", the ".join(f"{kind} stand-ins add {value:+.1%}" for kind, value in added.items()) + "."
             " Per layer the rewrite runs a handful of small ops (selection scores, the sort of the token's"
             " candidates, the dropped slots' offsets) and the stand-ins a few more; at batch 1 each such op"
-            " costs its fixed dispatch time, not its arithmetic."
+            " costs its fixed dispatch time, not its arithmetic. The linear stand-ins also read each dropped"
+            " pair's two low-rank factors from memory, which no other variant reads and which grows with their"
+            " rank (`--compensation-share`)."
         )
     return lines + ([""] if lines else [])
 
