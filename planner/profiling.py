@@ -306,6 +306,9 @@ def profile_model(
     layers = find_moe_layers(model)
     check_k_min(config.k_min, [layer.top_k for layer in layers])
     check_k_max_for_profiling(routing.k_max, [layer.top_k for layer in layers])
+    if config.k_step != 1 and not routing.token_level:
+        raise AllocplanError(f"--k-step {config.k_step:g} profiles fractional k, which only token-level allocation"
+                             " (Alloc-T) can run; drop --no-token-level or use --k-step 1")
     weight_fit, compensation = resolve_treatments(model, config)
     windows, record = pack_windows(tokenizer, calibration_source(config, config.calib_tokens),
                                    max_tokens=config.calib_tokens, seq_len=config.seq_len)

@@ -249,6 +249,13 @@ CASES: list[Case] = [
     Case("input", "budget above what --k-max allows", lambda w: ["solve", str(w.path("profile.yaml")), "--budget",
                                                                  "0.75", "--k-max", "1", "-o", str(w.path("k.yaml"))],
          "--k-max 1 lets the MoE layers run at most"),
+    Case("input", "half-expert grid without token-level allocation", lambda w: _compile(
+        w, "--budget", "0.5", "--k-step", "0.5", "--no-token-level", "-o", str(w.path("h.yaml"))),
+        "--k-step 0.5 profiles fractional k, which only token-level allocation"),
+    Case("input", "eval with another model's profile", lambda w: [
+        "eval", "--model", str(w.path("other")), "--method", "alloc-l", "--budget", "0.5", "--profile",
+        str(w.path("profile.yaml")), "--data", str(w.path("calib.txt")), "--seq-len", "64", "--max-tokens", "256"],
+        "was measured on"),
     Case("input", "model whose own forward fails", lambda w: _compile(
         w, "--budget", "0.5", "-o", str(w.path("f.yaml")), model=str(w.path("odd-heads"))),
         "its own forward pass fails before any plan is applied"),

@@ -18,6 +18,18 @@ from .metrics import evaluate
 THRESHOLD_CALIBRATION_TOKENS = 4096
 
 
+def check_profile_matches(measured: Any, model: Any, path: Any) -> None:
+    """Raise unless the profile ``measured`` (read from ``path``) was measured on ``model``'s architecture."""
+    from ..runtime.layers import model_identity
+
+    identity = model_identity(model, "model")
+    if measured.model.fingerprint != identity.fingerprint:
+        raise AllocplanError(
+            f"profile {str(path)!r} was measured on {measured.model.name!r} ({measured.model.model_type},"
+            f" {measured.model.fingerprint}) but the model is {identity.model_type} with fingerprint"
+            f" {identity.fingerprint}; profile this model (allocplan profile --model ...)")
+
+
 def run_eval(
     model_name: str,
     *,
@@ -65,6 +77,7 @@ def run_eval(
 
             measured = load_profile(profile) if profile else profile_model(
                 model, tokenizer, ProfileConfig(calib=str(calib)), model_name=model_name)
+            check_profile_matches(measured, model, profile)
         windows = None
         if registered.needs_calibration:
             from ..planner.windows import pack_windows
