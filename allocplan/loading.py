@@ -54,10 +54,11 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _from_hub(name: str, source: str, load: Any) -> Any:
+def from_cache_or_hub(name: str, source: str, load: Any, unreachable: str | None = None) -> Any:
     """``load(local_files_only)`` for a hub id: the local cache first, then the hub if it answers.
 
-    transformers would retry an unreachable hub for half a minute; this fails in a few seconds.
+    transformers and datasets would retry an unreachable hub for half a minute; this fails in a few
+    seconds, with ``unreachable`` as the message (default: a model's).
     """
     if source != name or Path(source).is_dir():  # a local directory or a bundled model
         return load(False)
@@ -65,10 +66,10 @@ def _from_hub(name: str, source: str, load: Any) -> Any:
         return load(True)
     except (OSError, ValueError):
         if not hub_reachable():
-            raise AllocplanError(
+            raise AllocplanError(unreachable or (
                 f"{name!r} is not a local directory, not in the Hugging Face cache, and the hub cannot be reached"
                 " (offline?); download it where the hub is reachable, or pass a local checkpoint directory"
-            ) from None
+            )) from None
     return load(False)
 
 
@@ -84,7 +85,7 @@ def load_config(name: str, load: LoadConfig | None = None) -> Any:
     load = load or LoadConfig()
     source = resolve_model_source(name)
     try:
-        return _from_hub(name, source, lambda local: AutoConfig.from_pretrained(
+        return from_cache_or_hub(name, source, lambda local: AutoConfig.from_pretrained(
             source, trust_remote_code=load.trust_remote_code, revision=load.revision, local_files_only=local))
     except AllocplanError:
         raise
@@ -130,7 +131,7 @@ def load_model(name: str, load: LoadConfig | None = None) -> tuple[Any, Any]:
     if kwargs["dtype"] != "auto":
         kwargs["dtype"] = getattr(torch, kwargs["dtype"])
     try:
-        tokenizer = _from_hub(name, source, lambda local: AutoTokenizer.from_pretrained(
+        tokenizer = from_cache_or_hub(name, source, lambda local: AutoTokenizer.from_pretrained(
             source, trust_remote_code=load.trust_remote_code, revision=load.revision, local_files_only=local))
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except AllocplanError:

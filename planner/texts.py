@@ -15,11 +15,12 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import AllocplanError
 from ..formats.config import parse_dataset_spec
 from ..formats.strict_yaml import read_text_bounded
-from ..loading import hub_reachable
+from ..loading import from_cache_or_hub
 
 DOCUMENT_SEPARATOR = "\n\n"
 # A dataset is read row by row until its text is this many characters per token wanted:
@@ -83,7 +84,8 @@ def read_jsonl(path: str | Path, text_field: str, what: str = "calibration") -> 
 @contextlib.contextmanager
 def _hub_offline(offline: bool) -> Iterator[None]:
     """With ``offline``, datasets and huggingface_hub in offline mode (their own switch, read at each
-    call; the environment variables are read only at import), restored afterwards."""
+    call; the environment variables are read only at import), restored afterwards: how
+    ``from_cache_or_hub`` asks datasets for its local cache only."""
     if not offline:
         yield
         return
@@ -113,17 +115,19 @@ def read_dataset(spec: str, text_field: str, max_tokens: int, what: str = "calib
         import datasets
     except ImportError:
         raise AllocplanError("--calib-dataset needs the datasets package; pip install 'allocplan[datasets]'") from None
-    # A hub name while the hub cannot be reached: the local cache only, at once, where datasets
-    # would retry the hub for half a minute, logging every try.
-    offline = not Path(name).expanduser().exists() and not hub_reachable()
+
+    def load(local: bool) -> Any:
+        with _hub_offline(local):
+            return datasets.load_dataset(name, config, split=split)
+
     try:
-        with _hub_offline(offline):
-            data = datasets.load_dataset(name, config, split=split)
+        # The local cache first, the hub only if that misses and it answers, as for models.
+        data = from_cache_or_hub(name, name, load, unreachable=(
+            f"dataset {spec!r} is not in the local datasets cache and the hub cannot be reached (offline?);"
+            " download it where the hub is reachable, or give a local text file with --calib"))
+    except AllocplanError:
+        raise
     except Exception as exc:  # datasets raises many types (FileNotFoundError, ValueError, its own, hub errors)
-        if offline:
-            raise AllocplanError(
-                f"dataset {spec!r} is not in the local datasets cache and the hub cannot be reached (offline?);"
-                " download it where the hub is reachable, or give a local text file with --calib") from None
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise AllocplanError(f"cannot load dataset {spec!r}: {first}") from None
     columns = list(getattr(data, "column_names", None) or [])

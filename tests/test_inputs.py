@@ -78,9 +78,9 @@ def test_an_uncached_hub_dataset_offline_is_one_line_at_once(monkeypatch):
     datasets = pytest.importorskip("datasets")
     import huggingface_hub
 
-    import allocplan.planner.texts as texts
+    import allocplan.loading as loading
 
-    monkeypatch.setattr(texts, "hub_reachable", lambda: False)
+    monkeypatch.setattr(loading, "hub_reachable", lambda: False)
     before = datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE
     started = time.monotonic()
     with pytest.raises(AllocplanError, match="'nobody/no-such-dataset:train' is not in the local datasets cache and"
