@@ -48,8 +48,8 @@ from ..errors import AllocplanError
 from ..formats.allocation import Allocation, LayerAllocation
 from ..formats.plan import Plan, load_plan
 from . import routing
-from .families import MoEFamily, model_fingerprint
-from .layers import MoELayer, find_moe_layers, model_family, module_device
+from .families import MoEFamily
+from .layers import MoELayer, find_moe_layers, identity_mismatch, model_family, module_device
 from .router_formats import ROUTER_FORMATS
 from .scores import NORMALIZATION_RULES, SELECTION_SCORES, SIGNED_SELECTIONS
 
@@ -579,15 +579,9 @@ def check_allocation_matches(allocation: Allocation, model: Any) -> list[MoELaye
     Raises:
         AllocplanError: different family or fingerprint, or layer paths / original k that differ.
     """
-    family = model_family(model)
-    fingerprint = model_fingerprint(model.config.to_dict())
-    identity = allocation.model
-    if family.model_type != identity.model_type or fingerprint != identity.fingerprint:
-        raise AllocplanError(
-            f"plan was compiled for {identity.name!r} ({identity.model_type}, {identity.fingerprint})"
-            f" but the model is {family.model_type} with fingerprint {fingerprint};"
-            " compile a plan for this model"
-        )
+    mismatch = identity_mismatch(allocation.model, model)
+    if mismatch is not None:
+        raise AllocplanError(f"plan was compiled for {mismatch}; compile a plan for this model")
     layers = find_moe_layers(model)
     model_paths = [layer.path for layer in layers]
     plan_paths = [entry.path for entry in allocation.layers]

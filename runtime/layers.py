@@ -150,6 +150,17 @@ def record_revision(model: Any, revision: str | None) -> None:
         _REVISIONS[model] = revision
 
 
+def identity_mismatch(identity: ModelIdentity, model: Any) -> str | None:
+    """None when ``identity`` (a plan's or profile's model record) describes ``model``'s architecture,
+    else "'<name>' (<family>, <fingerprint>) but the model is <family> with fingerprint <fingerprint>"."""
+    model_type = model_family(model).model_type
+    fingerprint = model_fingerprint(model.config.to_dict())
+    if model_type == identity.model_type and fingerprint == identity.fingerprint:
+        return None
+    return (f"{identity.name!r} ({identity.model_type}, {identity.fingerprint}) but the model is {model_type}"
+            f" with fingerprint {fingerprint}")
+
+
 def model_identity(model: Any, name: str) -> ModelIdentity:
     """Identity record (name, revision, family, fingerprint, sizes) of a loaded model."""
     family = model_family(model)

@@ -20,14 +20,12 @@ THRESHOLD_CALIBRATION_TOKENS = 4096
 
 def check_profile_matches(measured: Any, model: Any, path: Any) -> None:
     """Raise unless the profile ``measured`` (read from ``path``) was measured on ``model``'s architecture."""
-    from ..runtime.layers import model_identity
+    from ..runtime.layers import identity_mismatch
 
-    identity = model_identity(model, "model")
-    if measured.model.fingerprint != identity.fingerprint:
-        raise AllocplanError(
-            f"profile {str(path)!r} was measured on {measured.model.name!r} ({measured.model.model_type},"
-            f" {measured.model.fingerprint}) but the model is {identity.model_type} with fingerprint"
-            f" {identity.fingerprint}; profile this model (allocplan profile --model ...)")
+    mismatch = identity_mismatch(measured.model, model)
+    if mismatch is not None:
+        raise AllocplanError(f"profile {str(path)!r} was measured on {mismatch}; profile this model"
+                             " (allocplan profile --model ...)")
 
 
 def run_eval(
