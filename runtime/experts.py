@@ -373,11 +373,14 @@ def _expert_mlp(self: torch.nn.Module, x: torch.Tensor, expert: int) -> torch.Te
     return y
 
 
+def _out_dim(self: torch.nn.Module) -> int:
+    """The experts' output width H (down_proj is [E, H, I], or [E, I, H] when transposed)."""
+    return self.down_proj.shape[-1] if self.is_transposed else self.down_proj.shape[-2]
+
+
 def _looped_experts(self: torch.nn.Module, rows: torch.Tensor, pairs: ActivePairs) -> torch.Tensor:
     """[P, H] outputs, one small MLP per expert that has rows."""
-    down = self.down_proj  # [E, H, I], or [E, I, H] when transposed
-    out_dim = down.shape[-1] if self.is_transposed else down.shape[-2]
-    out = rows.new_empty(rows.shape[0], out_dim, dtype=down.dtype)  # [P, H]
+    out = rows.new_empty(rows.shape[0], _out_dim(self), dtype=self.down_proj.dtype)  # [P, H]
     for expert, start, end in pairs.groups():
         out[start:end] = _expert_mlp(self, rows[start:end], expert)
     return out
@@ -408,8 +411,7 @@ def _one_token_experts(self: torch.nn.Module, hidden_states: torch.Tensor, top_k
         y = y.mul_(weight).float() if reduced else y.mul_(weight)
         result = y if result is None else result.add_(y)
     if result is None:  # every slot dropped
-        out_dim = down.shape[-1] if self.is_transposed else down.shape[-2]
-        result = hidden_states.new_zeros(1, out_dim, dtype=down.dtype)
+        result = hidden_states.new_zeros(1, _out_dim(self), dtype=down.dtype)
     result = as_dtype(result, down.dtype)
     return add_compensation(result, self, hidden_states, top_k_index, top_k_weights,
                             self.num_experts).to(hidden_states.dtype)
