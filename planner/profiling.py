@@ -309,6 +309,7 @@ def profile_model(
     if config.k_step != 1 and not routing.token_level:
         raise AllocplanError(f"--k-step {config.k_step:g} profiles fractional k, which only token-level allocation"
                              " (Alloc-T) can run; drop --no-token-level or use --k-step 1")
+    check_routing_runs(model, routing)
     weight_fit, compensation = resolve_treatments(model, config)
     windows, record = pack_windows(tokenizer, calibration_source(config, config.calib_tokens),
                                    max_tokens=config.calib_tokens, seq_len=config.seq_len)
@@ -347,6 +348,22 @@ def profile_part(model: Any, tokenizer: Any, shard: Shard, config: ProfileConfig
     """
     profile = profile_model(model, tokenizer, config, routing, model_name=model_name, shard=shard)
     return ProfilePart(PART_SCHEMA_VERSION, PART_KIND, shard, profile)
+
+
+def check_routing_runs(model: Any, routing: RoutingConfig) -> None:
+    """Raise, before any calibration work, if the family cannot run ``routing`` (naming the options to change).
+
+    Weight treatments and compensation need no check here: ``auto`` resolves them for the family
+    (:func:`resolve_treatments`).
+    """
+    family = model_family(model)
+    if family.rewrite_unsupported is None:
+        return
+    fixes = [flag for flag, needed in (("--no-token-level", routing.token_level),
+                                       ("--renormalize model", routing.renormalize != "model")) if needed]
+    if fixes:
+        raise AllocplanError(f"{family.model_type} runs plain per-layer top-k only ({family.rewrite_unsupported});"
+                             f" add {' '.join(fixes)}")
 
 
 def resolve_treatments(model: Any, config: ProfileConfig) -> tuple[str, str]:

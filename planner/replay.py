@@ -53,7 +53,9 @@ class ReplayLayerAtK(torch.nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         args_in, kwargs_in = self.block_input
         change = hidden_of(self.block(*args_in, **kwargs_in)) - self.block_output
-        return _with_hidden(self.layer_output, hidden_of(self.layer_output) + change)
+        hidden = hidden_of(self.layer_output)
+        # Some blocks return their tokens flattened ([B*S, H], llama4) and the layer restores the shape.
+        return _with_hidden(self.layer_output, hidden + change.view(hidden.shape))
 
 
 @contextmanager

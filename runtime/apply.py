@@ -640,21 +640,20 @@ def apply_plan(
     if rewrite and family.rewrite_unsupported:
         raise AllocplanError(
             f"{family.model_type} cannot run token-level allocation, weight treatments or compensation"
-            f" ({family.rewrite_unsupported}); compile with --no-token-level --renormalize model"
-            " --weight-fit off --compensation off"
+            f" ({family.rewrite_unsupported}); {_plain_top_k_fix(allocation)}"
         )
     if family.treatments_unsupported and (allocation.compensation is not None
                                           or any(entry.treated for entry in allocation.layers)):
         raise AllocplanError(f"{family.model_type} cannot run weight treatments or compensation"
                              f" ({family.treatments_unsupported}); compile with --weight-fit off --compensation off")
     tables = load_compensation(allocation, layers, model) if allocation.compensation is not None else {}
-    if family.warning:
-        warnings.warn(f"allocplan: {family.warning}", stacklevel=2)
-    handle = PlanHandle(allocation=allocation, layers=layers, _model=model,
-                        _saved=[layer.snapshot() for layer in layers])
     # Layers the allocation leaves exactly as they are get no hooks at all, so a full-budget plan
     # changes nothing, not even the float rounding.
     touched = [not _untouched(entry, allocation, token_selector) for entry in allocation.layers]
+    if family.warning and any(touched):  # a plan that changes nothing has nothing to warn about
+        warnings.warn(f"allocplan: {family.warning}", stacklevel=2)
+    handle = PlanHandle(allocation=allocation, layers=layers, _model=model,
+                        _saved=[layer.snapshot() for layer in layers])
     if family.experts_swap is None and any(touched):
         from .experts import register
 
@@ -695,6 +694,18 @@ def apply_plan(
     handle._warn_on_save()
     setattr(model, _HANDLE_ATTR, handle)
     return handle
+
+
+def _plain_top_k_fix(allocation: Allocation) -> str:
+    """What to compile with instead, naming only the options this allocation sets."""
+    fixes = [flag for flag, needed in (
+        ("--no-token-level", allocation.token_level.enabled),
+        ("--renormalize model", allocation.weights.renormalize != "model"),
+        ("--weight-fit off", any(entry.treated for entry in allocation.layers)),
+        ("--compensation off", allocation.compensation is not None)) if needed]
+    if not fixes:  # the allocation is plain; a token selector (a threshold baseline) asked for the rewrite
+        return "only plain per-layer top-k runs on it"
+    return "compile with " + " ".join(fixes)
 
 
 def plan_handle(model: Any) -> PlanHandle | None:

@@ -190,11 +190,12 @@ FAMILIES: dict[str, MoEFamily] = {
             block_attr="feed_forward",
             router_attr="router",
             has_shared_experts=True,
+            router_format="dense_scores",
             rewrite_unsupported="its router returns dense [T, E] scores that scale every expert's input,"
             " with no per-slot expert index to mark as dropped",
             warning="llama4 runs every expert on every token (dense bmm): a smaller top-k changes the routing"
             " but saves no compute",
-            notes="per-layer top-k only; no speed-up, see the warning",
+            notes="per-layer top-k only (compile with --no-token-level); no speed-up, see the warning",
         ),
     )
 }

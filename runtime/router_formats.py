@@ -10,6 +10,9 @@ family whose router returns another layout names a format here, which says:
 * ``watch``: how to observe the (token, expert) pairs that really run, as a
   [T, k] index with the ``num_experts`` sentinel in slots that do not, whatever
   the layout (activation counting, tests).
+
+A format whose routing allocplan cannot rewrite (the family's ``rewrite_unsupported``)
+has no ``to_candidates`` or ``from_candidates``, only ``watch``.
 """
 
 from __future__ import annotations
@@ -27,8 +30,8 @@ IndexCallback = Callable[[torch.Tensor, int], None]
 class RouterFormat:
     """One router output layout (see the module docstring)."""
 
-    to_candidates: Callable[[Any, tuple[Any, ...]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-    from_candidates: Callable[[Any, tuple[Any, ...], torch.Tensor, torch.Tensor], tuple]
+    to_candidates: Callable[[Any, tuple[Any, ...]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None
+    from_candidates: Callable[[Any, tuple[Any, ...], torch.Tensor, torch.Tensor], tuple] | None
     watch: Callable[[Any, IndexCallback], Any]  # (MoELayer, callback) -> removable hook
 
 
@@ -80,7 +83,16 @@ def _watch_jetmoe_router(layer: Any, callback: IndexCallback) -> Any:
         lambda router, _args, output: callback(jetmoe_routed_index(router, output), router.num_experts))
 
 
+def _watch_dense_router(layer: Any, callback: IndexCallback) -> Any:
+    # llama4's router returns (scores [T, E], logits [T, E]): the sigmoid of its top-k logits and zeros
+    # elsewhere, which scale every expert's input (all experts run on every token). The routed pairs are
+    # the router's own top-k of its logits, taken here by the same call on the same tensor.
+    return layer.router.register_forward_hook(
+        lambda router, _args, output: callback(output[1].topk(router.top_k, dim=1).indices, router.num_experts))
+
+
 ROUTER_FORMATS: dict[str, RouterFormat] = {
     "topk": RouterFormat(_topk_to, _topk_from, _watch_experts_input),
     "jetmoe": RouterFormat(_jetmoe_to, _jetmoe_from, _watch_jetmoe_router),
+    "dense_scores": RouterFormat(None, None, _watch_dense_router),
 }

@@ -8,7 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import FAMILIES
-from tiny_models import PairRecorder
+from tiny_models import DENSE_FAMILIES, PairRecorder
 
 from allocplan.cli import cli
 from allocplan.errors import AllocplanError
@@ -94,7 +94,8 @@ def compiled(checkpoints, calib_file, tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+# Dense families (llama4) run plain per-layer top-k, which is what this module compiles.
+@pytest.mark.parametrize("family", sorted([*FAMILIES, *DENSE_FAMILIES]))
 def test_compile_apply_counts_and_restores(family, compiled):
     ckpt, plan_path = compiled(family)
     plan = load_plan(plan_path)
@@ -120,7 +121,7 @@ def test_compile_apply_counts_and_restores(family, compiled):
     assert experts_per_token(model) == originals
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", sorted([*FAMILIES, *DENSE_FAMILIES]))
 def test_full_budget_plan_is_bit_identical(family, compiled):
     ckpt, plan_path = compiled(family)
     plan = load_plan(plan_path)
