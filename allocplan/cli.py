@@ -243,9 +243,11 @@ def solve_command(profile_path: Path, budget_ratio: float | None, budget_activat
     _no_json_on_stdout(as_json, output)
     allocplan.check_outputs({"-o": output}, {"PROFILE": profile_path, "--recipe": recipe_path})
     recipe = allocplan.load_recipe(recipe_path) if recipe_path else None
-    routing = build_config(RoutingConfig, options, recipe.routing if recipe else None)
-    plan = allocplan.solve_profile(allocplan.load_profile(profile_path),
-                                   _budget(budget_ratio, budget_activations, recipe), routing)
+    profile = allocplan.load_profile(profile_path)
+    # Without --token-level/--no-token-level (here or in a recipe), the plan routes as the profile was measured.
+    measured = RoutingConfig(token_level=profile.measurement.token_level)
+    routing = build_config(RoutingConfig, options, recipe.routing if recipe else measured)
+    plan = allocplan.solve_profile(profile, _budget(budget_ratio, budget_activations, recipe), routing)
     allocplan.save_plan(plan, output)
     if as_json:
         click.echo(_plan_json(plan, output))

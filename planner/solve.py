@@ -86,7 +86,8 @@ def solve_profile(
         budget: a ratio of the model's total original top-k in (0, 1], or a
             :class:`~allocplan.formats.budget.BudgetRequest` (ratio or absolute count).
         routing: runtime routing settings recorded in the plan (default:
-            :class:`~allocplan.formats.config.RoutingConfig`'s).
+            :class:`~allocplan.formats.config.RoutingConfig`'s, with Alloc-T on or off as the
+            profile was measured, so that the plan runs what was profiled).
 
     Raises:
         AllocplanError: invalid or infeasible budget (the message names the smallest feasible
@@ -94,7 +95,7 @@ def solve_profile(
         SolverDisagreement / RuntimeError: the ILP did not confirm the DP optimum.
     """
     request = BudgetRequest.of(budget)
-    routing = routing or RoutingConfig()
+    routing = routing or RoutingConfig(token_level=profile.measurement.token_level)
     k_min = profile.measurement.k_min
     original = sum(layer.original_k for layer in profile.layers)
     total = request.resolve(original, k_min * len(profile.layers))

@@ -57,7 +57,7 @@ def make_profile(rows=((0.9, 0.4, 0.1, 0.0), (0.05, 0.02, 0.01, 0.0), (2.0, 0.7,
 
 @pytest.fixture
 def plan() -> Plan:
-    return solve_profile(make_profile(), 0.5)
+    return solve_profile(make_profile(), 0.5, RoutingConfig())  # Alloc-T on, as compile's default
 
 
 def test_plan_round_trip_and_bytes(tmp_path, plan):
@@ -85,7 +85,18 @@ def test_solve_keeps_every_layer_within_k_max():
 
 
 def test_plan_is_deterministic(plan):
-    assert solve_profile(make_profile(), 0.5).to_yaml() == plan.to_yaml()
+    assert solve_profile(make_profile(), 0.5, RoutingConfig()).to_yaml() == plan.to_yaml()
+
+
+def test_solve_routes_as_the_profile_was_measured_unless_told():
+    """A profile measured with plain top-k (make_profile's) gives a plain top-k plan by default, one measured
+    with Alloc-T an Alloc-T plan; routing given explicitly wins."""
+    plain = make_profile()
+    assert plain.measurement.token_level is False
+    assert solve_profile(plain, 0.5).allocation.token_level.enabled is False
+    with_alloc_t = dataclasses.replace(plain, measurement=dataclasses.replace(plain.measurement, token_level=True))
+    assert solve_profile(with_alloc_t, 0.5).allocation.token_level.enabled is True
+    assert solve_profile(plain, 0.5, RoutingConfig(token_level=True)).allocation.token_level.enabled is True
 
 
 def test_fractional_k_allowed_with_token_level(plan):
