@@ -135,6 +135,14 @@ def write_report(plan: Plan, directory: str | os.PathLike[str], profile: Sensiti
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise AllocplanError(f"report directory {str(directory)!r} is a file; give a directory")
+    if profile is not None and (profile.model.model_type, profile.model.fingerprint) != (
+            plan.model.model_type, plan.model.fingerprint):
+        # Another profile of the same model is worth a report (it says it is not the plan's own); another
+        # model's sensitivities drawn beside this plan's layers are not.
+        raise AllocplanError(
+            f"the profile is of {profile.model.name!r} ({profile.model.model_type}, {profile.model.fingerprint}) but"
+            f" the plan is for {plan.model.name!r} ({plan.model.model_type}, {plan.model.fingerprint}); give the"
+            " profile the plan was solved from, or leave --profile out")
     if pictures:
         _pyplot()  # a missing matplotlib fails before anything is written
     try:

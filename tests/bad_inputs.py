@@ -256,10 +256,22 @@ CASES: list[Case] = [
         "eval", "--model", str(w.path("other")), "--method", "alloc-l", "--budget", "0.5", "--profile",
         str(w.path("profile.yaml")), "--data", str(w.path("calib.txt")), "--seq-len", "64", "--max-tokens", "256"],
         "was measured on"),
+    Case("input", "report with another model's profile", lambda w: [
+        "report", str(w.path("plan.yaml")), "--profile", _other_models_profile(w), "-o", str(w.path("report"))],
+        "give the profile the plan was solved from"),
     Case("input", "model whose own forward fails", lambda w: _compile(
         w, "--budget", "0.5", "-o", str(w.path("f.yaml")), model=str(w.path("odd-heads"))),
         "its own forward pass fails before any plan is applied"),
 ]
+
+
+def _other_models_profile(w: Workspace) -> str:
+    """The workspace's profile as if measured on another checkpoint of the family (another fingerprint)."""
+    import re
+
+    text = re.sub(r"fingerprint: sha256:[0-9a-f]+", "fingerprint: sha256:" + "0" * 16, w.profile_text(), count=1)
+    assert text != w.profile_text()
+    return w.write("other-profile.yaml", text)
 
 
 def _sidecar_copy(w: Workspace, name: str) -> Path:

@@ -215,3 +215,24 @@ def test_diff_reads_stand_ins_in_every_sidecar_dtype(dtype):
     found = {d.field: d for d in diff_plans(a, b).differences}
     assert found["compensation[model.layers.0.mlp]"].b == "max |difference| 0.5"
     assert "compensation[model.layers.0.mlp]" not in {d.field for d in diff_plans(a, a).differences}
+
+
+def test_report_refuses_another_models_profile_and_flags_another_profile_of_this_model(tmp_path):
+    """A profile of another checkpoint (other fingerprint) is refused before anything is written; another
+    profile of the plan's own model is reported, with the note that it is not the one the plan was solved from."""
+    import dataclasses
+
+    from allocplan.errors import AllocplanError
+    from allocplan.report import write_report
+
+    profile = make_profile()
+    plan = solve_profile(profile, 0.5)
+    other_model = dataclasses.replace(profile, model=dataclasses.replace(profile.model, fingerprint="sha256:" + "0" * 16))
+    with pytest.raises(AllocplanError, match="give the profile the plan was solved from, or leave --profile out"):
+        write_report(plan, tmp_path / "refused", other_model, pictures=False)
+    assert not (tmp_path / "refused").exists()
+    remeasured = dataclasses.replace(profile, measurement=dataclasses.replace(profile.measurement, reference_nll=9.0))
+    write_report(plan, tmp_path / "other", remeasured, pictures=False)
+    assert "is not the one this plan was solved from" in (tmp_path / "other" / "report.md").read_text(encoding="utf-8")
+    write_report(plan, tmp_path / "own", profile, pictures=False)
+    assert "is not the one" not in (tmp_path / "own" / "report.md").read_text(encoding="utf-8")
