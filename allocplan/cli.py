@@ -335,7 +335,8 @@ def validate_command(plan_path: Path, model_name: str | None, as_json: bool, **o
 @click.option("--calib", type=_existing_file, default=None,
               help="Calibration text for methods that need it [default: the bundled calibration text].")
 @click.option("--profile", "profile_path", type=_existing_file, default=None,
-              help="Sensitivity profile for alloc-l / alloc-lt [default: profile --calib now].")
+              help="Sensitivity profile for alloc-l / alloc-lt [default: profile --calib now, plain top-k with no"
+                   " treatment or compensation, as the paper does].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of --method random.")
 @click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True)
 @click.option("--max-tokens", type=click.IntRange(min=2), default=16384, show_default=True,

@@ -45,7 +45,7 @@ from allocplan import (  # noqa: E402
 )
 from allocplan.bundled import DEFAULT_CALIBRATION  # noqa: E402
 from allocplan.evaluation.compare import gap_closed, paired_bootstrap  # noqa: E402
-from allocplan.evaluation.methods import METHODS, build_policy  # noqa: E402
+from allocplan.evaluation.methods import METHODS, PAPER_PROFILE, PLAIN, build_policy  # noqa: E402
 from allocplan.evaluation.metrics import EVAL_MODES, arithmetic_accuracy, nll_and_activations, read_arithmetic  # noqa: E402
 from allocplan.planner.compile import refined  # noqa: E402
 from allocplan.planner.solve import allocation_from_profile  # noqa: E402
@@ -188,9 +188,9 @@ def evaluate_model(name: str, budgets: list[float], quick: bool) -> dict:
 
     profiles = {key: profiled(config) for key, config in PROFILE_VARIANTS.items()}
     # The paper's Alloc-L profile: plain top-k probes, no treatment, no compensation.
-    profiles["plain"] = profiled(ProfileConfig(weight_fit="off", compensation="off"), RoutingConfig(token_level=False))
+    profiles["plain"] = profiled(PAPER_PROFILE, PLAIN)
     # Measured without the treatments in place, but deployed with them (element 4's ablation).
-    plain_deploy = profiled(ProfileConfig(weight_fit="off", compensation="off"))
+    plain_deploy = profiled(PAPER_PROFILE)
     default_profile = profiles["default"]
     profiles["deploy-less"] = dataclasses.replace(default_profile, layers=tuple(
         dataclasses.replace(row, sensitivity=plain.sensitivity) for row, plain in zip(default_profile.layers,

@@ -146,3 +146,27 @@ def test_mean_over_seeds_by_hand():
     mean = mean_over_seeds(runs)
     assert mean["nll"] == pytest.approx(3.1) and mean["arith_accuracy"] == pytest.approx(0.4)
     assert mean["seeds"] == 2 and mean["activations_per_layer"] == {"a": 2.0}
+
+
+def test_paper_methods_profile_as_the_paper_and_run_per_layer_k_only(checkpoints, calib_file, tmp_path):
+    """eval --method alloc-l without --profile measures plain top-k with no treatment or compensation
+    (what docs/results.md's paper rows use): the same NLL as with that profile made by hand. Given
+    allocplan's default profile instead, the paper's methods still run per-layer k only."""
+    ckpt = checkpoints("olmoe")
+    made = CliRunner().invoke(cli, ["profile", "--model", str(ckpt), "--calib", str(calib_file), "--weight-fit", "off",
+                                    "--compensation", "off", "--no-token-level", "-o", str(tmp_path / "plain.yaml")])
+    assert made.exit_code == 0, made.output
+    common = ["--model", ckpt, "--method", "alloc-l", "--budget", "0.5", "--data", calib_file, "--max-tokens", "512",
+              "--seq-len", "64", "--calib", calib_file]
+    assert run_eval(*common)["nll"] == run_eval(*common, "--profile", tmp_path / "plain.yaml")["nll"]
+
+    from allocplan import ProfileConfig
+    from allocplan.planner.profiling import profile_model
+
+    model = build_tiny_model("olmoe")
+    compensated = profile_model(model, tiny_tokenizer(), ProfileConfig(calib=str(calib_file), calib_tokens=512,
+                                                                      seq_len=64))
+    assert compensated.compensation is not None and compensated.layers[0].gain is not None
+    for method in ("alloc-l", "alloc-lt"):
+        allocation = build_policy(model, method, 0.5, profile=compensated).allocation
+        assert allocation.compensation is None and not any(entry.treated for entry in allocation.layers)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import AllocplanError
 from ..formats.budget import BudgetRequest
-from ..formats.config import RoutingConfig
+from ..formats.config import ProfileConfig, RoutingConfig
 
 if TYPE_CHECKING:
     import torch
@@ -117,6 +117,10 @@ def get_method(name: str) -> Method:
 
 # Methods route plainly (each token its top-k) unless they say otherwise.
 PLAIN = RoutingConfig(token_level=False)
+# How the paper's methods (alloc-l, alloc-lt) have their sensitivities measured when no profile is given:
+# plain top-k probes (PLAIN), no weight treatment, no compensation, as Alloc-MoE profiles. `allocplan eval`
+# and scripts/make_results.py both profile with these, so the CLI reproduces the page's paper rows.
+PAPER_PROFILE = ProfileConfig(weight_fit="off", compensation="off")
 
 
 def _allocation(model: Any, ks: list[float], routing: RoutingConfig = PLAIN) -> "Allocation":
@@ -277,8 +281,11 @@ def _solved(name: str, token_level: bool, data_free: bool = False) -> Callable:
             profile = profile_data_free(inputs.model, seed=inputs.seed)
         if profile is None:
             raise AllocplanError(f"method {name} needs a sensitivity profile")
-        plan = solve_profile(profile, inputs.budget_ratio, replace(inputs.routing, token_level=token_level))
-        return Policy(name, plan.allocation, inputs.total)
+        routing = replace(inputs.routing, token_level=token_level)
+        plan = solve_profile(profile, inputs.budget_ratio, routing)
+        # Per-layer k only: weight treatments or stand-ins a given profile carries are allocplan's, not the paper's.
+        return Policy(name, _allocation(inputs.model, [entry.planned_k for entry in plan.allocation.layers], routing),
+                      inputs.total)
 
     return build
 
@@ -316,7 +323,7 @@ register_method("lexi", "LExI-style data-free allocation: Gaussian-input sensiti
     _solved("lexi", token_level=False, data_free=True))
 register_method("alloc-l", "layer-level only: the DP's allocation, Alloc-T off", needs_profile=True)(
     _solved("alloc-l", token_level=False))
-register_method("alloc-lt", "Alloc-L + Alloc-T (the paper's method; allocplan's default plan)", needs_profile=True)(
+register_method("alloc-lt", "Alloc-L + Alloc-T (the paper's method)", needs_profile=True)(
     _solved("alloc-lt", token_level=True))
 
 

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from ..bundled import DEFAULT_CALIBRATION
 from ..errors import AllocplanError
-from ..formats.config import LoadConfig, ProfileConfig
+from ..formats.config import LoadConfig
 from ..formats.plan import load_plan
 from ..formats.profile import load_profile
 from ..loading import load_model
-from .methods import build_policy, get_method
+from .methods import PAPER_PROFILE, PLAIN, build_policy, get_method
 from .metrics import evaluate
 
 # Calibration tokens that threshold methods are calibrated on (never the eval data).
@@ -74,7 +75,7 @@ def run_eval(
             from ..planner.profiling import profile_model
 
             measured = load_profile(profile) if profile else profile_model(
-                model, tokenizer, ProfileConfig(calib=str(calib)), model_name=model_name)
+                model, tokenizer, replace(PAPER_PROFILE, calib=str(calib)), PLAIN, model_name=model_name)
             check_profile_matches(measured, model, profile)
         windows = None
         if registered.needs_calibration:
