@@ -23,10 +23,21 @@ def run_lm_eval(args: list[str]) -> None:
     except ImportError:
         raise AllocplanError("allocplan lm-eval needs lm-evaluation-harness; pip install 'allocplan[lm-eval]'") from None
     from . import lm_eval_model  # noqa: F401  (registers the model type)
+    from .loading import hub_offline, hub_reachable
 
+    # Without a hub, task data comes from the local datasets cache only: a miss is one line in seconds,
+    # not a traceback after half a minute of retries per dataset.
+    offline = "-h" not in args and "--help" not in args and not hub_reachable()
     saved = sys.argv
     sys.argv = ["lm-eval", *args]  # lm-eval's parser reads sys.argv itself
     try:
-        cli_evaluate()
+        with hub_offline(offline):
+            cli_evaluate()
+    except ConnectionError as exc:
+        if not offline:
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise AllocplanError(f"lm-eval needs task data that is not in the local datasets cache, and the hub cannot be"
+                             f" reached (offline?): {first}; run the task once where the hub is reachable") from None
     finally:
         sys.argv = saved

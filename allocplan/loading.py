@@ -7,6 +7,8 @@ unless the caller asks for it (:class:`~allocplan.formats.config.LoadConfig`).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,26 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return True
     except OSError:
         return False
+
+
+@contextlib.contextmanager
+def hub_offline(offline: bool = True) -> Iterator[None]:
+    """With ``offline``, datasets and huggingface_hub in offline mode (their own switches, read at each
+    call; the environment variables are read only at import), restored afterwards: how
+    ``from_cache_or_hub`` asks datasets for its local cache only, and how ``allocplan lm-eval`` keeps
+    an unreachable hub from costing half a minute of retries per dataset."""
+    if not offline:
+        yield
+        return
+    import datasets
+    import huggingface_hub
+
+    saved = datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = saved
 
 
 def from_cache_or_hub(name: str, source: str, load: Any, unreachable: str | None = None) -> Any:

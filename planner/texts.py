@@ -10,9 +10,7 @@ is asked for, and never runs a dataset's own code.
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,7 @@ from typing import Any
 from ..errors import AllocplanError
 from ..formats.config import parse_dataset_spec
 from ..formats.strict_yaml import read_text_bounded
-from ..loading import from_cache_or_hub
+from ..loading import from_cache_or_hub, hub_offline
 
 DOCUMENT_SEPARATOR = "\n\n"
 # A dataset is read row by row until its text is this many characters per token wanted:
@@ -81,25 +79,6 @@ def read_jsonl(path: str | Path, text_field: str, what: str = "calibration") -> 
     return SourceText(DOCUMENT_SEPARATOR.join(documents), "jsonl", _name(path), text_field)
 
 
-@contextlib.contextmanager
-def _hub_offline(offline: bool) -> Iterator[None]:
-    """With ``offline``, datasets and huggingface_hub in offline mode (their own switch, read at each
-    call; the environment variables are read only at import), restored afterwards: how
-    ``from_cache_or_hub`` asks datasets for its local cache only."""
-    if not offline:
-        yield
-        return
-    import datasets
-    import huggingface_hub
-
-    saved = datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE
-    datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = saved
-
-
 def read_dataset(spec: str, text_field: str, max_tokens: int, what: str = "calibration") -> SourceText:
     """Documents from a ``datasets`` dataset's ``text_field``, read in order until there is enough text.
 
@@ -117,7 +96,7 @@ def read_dataset(spec: str, text_field: str, max_tokens: int, what: str = "calib
         raise AllocplanError("--calib-dataset needs the datasets package; pip install 'allocplan[datasets]'") from None
 
     def load(local: bool) -> Any:
-        with _hub_offline(local):
+        with hub_offline(local):
             return datasets.load_dataset(name, config, split=split)
 
     try:

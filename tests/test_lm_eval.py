@@ -98,3 +98,32 @@ def test_a_batch_scoped_token_level_plan_warns_at_batch_size_above_one(tmp_path)
         warnings.simplefilter("error", UserWarning)
         AllocplanLM("bundled:ref-olmoe", plan=str(tmp_path / "sequence.yaml"), device="cpu", batch_size=4)
         AllocplanLM("bundled:ref-olmoe", plan=str(tmp_path / "batch.yaml"), device="cpu", batch_size=1)
+
+
+def test_a_hub_task_without_a_hub_is_one_line_within_seconds(tmp_path, checkpoints):
+    """A task whose data is on the hub, with no hub: lm-eval runs with the datasets cache only, so the miss
+    is one line, exit 2, at once (it was a traceback, exit 1, after half a minute of retries)."""
+    import time
+
+    (tmp_path / "hub.yaml").write_text("""task: allocplan_hub_task
+dataset_path: allocplan-test/no-such-dataset
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{question}}"
+doc_to_choice: "{{choices}}"
+doc_to_target: "{{answer}}"
+metric_list:
+  - metric: acc
+""", encoding="utf-8")
+    env = {key: value for key, value in os.environ.items() if key not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env["HF_ENDPOINT"] = "https://hub.invalid"  # unreachable, whatever network this machine has
+    started = time.monotonic()
+    done = subprocess.run(
+        [*console_script(), "-q", "lm-eval", "--model", "allocplan", "--model_args",
+         f"pretrained={checkpoints('olmoe')}", "--tasks", "allocplan_hub_task", "--include_path", str(tmp_path),
+         "--device", "cpu"], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("allocplan: error: ")]
+    assert len(errors) == 1 and "allocplan-test/no-such-dataset" in errors[0], done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert time.monotonic() - started < 60
