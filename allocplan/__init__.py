@@ -68,6 +68,7 @@ _LAZY = {
     "METHODS": "allocplan.evaluation.methods",
     "build_policy": "allocplan.evaluation.methods",
     "evaluate": "allocplan.evaluation.metrics",
+    "EVAL_MODES": "allocplan.evaluation.modes",
     "run_eval": "allocplan.evaluation.run",
     "run_bench": "allocplan.bench.run",
     "BENCH_PRESETS": "allocplan.bench.presets",

@@ -341,15 +341,22 @@ def validate_command(plan_path: Path, model_name: str | None, as_json: bool, **o
 @click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True)
 @click.option("--max-tokens", type=click.IntRange(min=2), default=16384, show_default=True,
               help="Tokens of --data to score.")
+@click.option("--mode", type=click.Choice(list(allocplan.EVAL_MODES)), default="prefill", show_default=True,
+              help="How --data is scored: windows in batches of 8, one forward each (prefill), or token by token"
+                   " through the KV cache at batch 1 or 8 (decode-b1, decode-b8: the tokens Alloc-T pools in"
+                   " generation).")
+@click.option("--exact-decode", is_flag=True,
+              help="Decode modes: run one forward per token instead of the equivalent forward per window.")
 @config_options(LoadConfig)
 def eval_command(model_name: str, plan_path: Path | None, method: str | None, budget_ratio: float | None,
                  data: Path, arith: Path | None, calib: Path | None, profile_path: Path | None, seed: int,
-                 seq_len: int, max_tokens: int, **options: Any) -> None:
+                 seq_len: int, max_tokens: int, mode: str, exact_decode: bool, **options: Any) -> None:
     """Measure NLL, arithmetic accuracy and activations under a plan or a method (JSON on stdout)."""
     _quiet_transformers()
     result = allocplan.run_eval(model_name, data=data, plan=plan_path, method=method, budget_ratio=budget_ratio,
                                 arith=arith, calib=calib, profile=profile_path, seed=seed, seq_len=seq_len,
-                                max_tokens=max_tokens, load=build_config(LoadConfig, options))
+                                max_tokens=max_tokens, load=build_config(LoadConfig, options), mode=mode,
+                                exact_decode=exact_decode)
     click.echo(display.to_json(result))
     _echo(display.eval_lines(result), err=True)
 

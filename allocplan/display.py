@@ -44,8 +44,8 @@ def plan_lines(plan: Plan) -> list[str]:
 def eval_lines(result: dict[str, Any]) -> list[str]:
     """NLL, arithmetic and activations of an ``allocplan eval`` result, then activations per layer."""
     arith = f", arithmetic {result['arith_accuracy']:.3f}" if "arith_accuracy" in result else ""
-    lines = [f"{result['policy']}: NLL {result['nll']:.4f} (ppl {result['perplexity']:.2f}){arith},"
-             f" {result['activations_per_token']:.3f} activations per token"]
+    lines = [f"{result['policy']}: {result.get('mode', 'prefill')} NLL {result['nll']:.4f}"
+             f" (ppl {result['perplexity']:.2f}){arith}, {result['activations_per_token']:.3f} activations per token"]
     lines += [f"  {path}: {value:.3f}" for path, value in result["activations_per_layer"].items()]
     return lines
 

@@ -170,3 +170,20 @@ def test_paper_methods_profile_as_the_paper_and_run_per_layer_k_only(checkpoints
     for method in ("alloc-l", "alloc-lt"):
         allocation = build_policy(model, method, 0.5, profile=compensated).allocation
         assert allocation.compensation is None and not any(entry.treated for entry in allocation.layers)
+
+
+def test_eval_decode_modes_through_the_cli(checkpoints, calib_file):
+    """--mode decode-b1 scores token by token: plain top-k scores as in prefill (up to float rounding),
+    Alloc-T loses its pooling there (another NLL), and the pooled forward equals real decoding."""
+    ckpt = checkpoints("olmoe")
+    common = ["--model", ckpt, "--budget", "0.5", "--data", calib_file, "--max-tokens", "256", "--seq-len", "32"]
+    uniform = {mode: run_eval(*common, "--method", "uniform", "--mode", mode) for mode in ("prefill", "decode-b1")}
+    assert uniform["decode-b1"]["mode"] == "decode-b1"
+    assert uniform["decode-b1"]["nll"] == pytest.approx(uniform["prefill"]["nll"], rel=1e-5)
+    alloc_t = {mode: run_eval(*common, "--method", "alloc-t", "--mode", mode) for mode in ("prefill", "decode-b1")}
+    exact = run_eval(*common, "--method", "alloc-t", "--mode", "decode-b1", "--exact-decode")
+    assert alloc_t["decode-b1"]["nll"] != pytest.approx(alloc_t["prefill"]["nll"], rel=1e-4)
+    assert exact["nll"] == pytest.approx(alloc_t["decode-b1"]["nll"], rel=1e-5)
+    assert exact["activations_per_token"] == pytest.approx(8.0) == alloc_t["decode-b1"]["activations_per_token"]
+    bad = CliRunner().invoke(cli, ["eval", *map(str, common), "--method", "uniform", "--mode", "decode-b2"])
+    assert bad.exit_code == 2 and "decode-b2" in bad.stderr

@@ -60,6 +60,7 @@ PURE = sorted(
        "allocplan.cli_options", "allocplan.planner.problem", "allocplan.planner.solve_dp",
        "allocplan.planner.solve_ilp", "allocplan.planner.crosscheck", "allocplan.planner.solve",
        "allocplan.runtime.families", "allocplan.evaluation.methods", "allocplan.evaluation.compare",
+       "allocplan.evaluation.modes",
        "allocplan.bench.presets"]
 )
 

@@ -38,10 +38,7 @@ from ..planner.losses import next_token_logprobs, token_nll
 from ..formats.strict_yaml import read_text_bounded
 from ..planner.windows import check_token_ids, pack_windows
 from ..runtime.measure import count_activations
-
-
-# Mode -> sequences per forward; prefill runs them whole, the decode modes token by token.
-EVAL_MODES: dict[str, int] = {"prefill": 8, "decode-b1": 1, "decode-b8": 8}
+from .modes import EVAL_MODES
 
 
 def _prefill_nll(model: Any, group: torch.Tensor) -> torch.Tensor:

@@ -43,11 +43,16 @@ def run_eval(
     seq_len: int = 256,
     max_tokens: int = 16384,
     load: LoadConfig | None = None,
+    mode: str = "prefill",
+    exact_decode: bool = False,
 ) -> dict[str, Any]:
     """Evaluate ``model_name`` under a plan file or a registered method at a budget.
 
     Methods that need a sensitivity profile use ``profile`` or profile ``calib`` now;
-    threshold methods are calibrated on ``calib``; neither ever sees ``data``.
+    threshold methods are calibrated on ``calib``; neither ever sees ``data``. The NLL is
+    measured in ``mode`` (:data:`~allocplan.evaluation.metrics.EVAL_MODES`: prefill, or decoding
+    token by token at batch 1 or 8, where Alloc-T has one or eight tokens to pool);
+    ``exact_decode`` decodes for real rather than by the equivalent pooled forward.
 
     Returns:
         The JSON-ready result: NLL, perplexity, arithmetic, activations, and what was evaluated.
@@ -88,7 +93,7 @@ def run_eval(
         label, target = registered.name, policy.target
     try:
         result = evaluate(model, tokenizer, data=data, arith=arith, handle=handle, seq_len=seq_len,
-                          max_tokens=max_tokens)
+                          max_tokens=max_tokens, mode=mode, exact_decode=exact_decode)
     finally:
         if handle is not None:
             handle.remove()
