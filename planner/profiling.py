@@ -64,7 +64,7 @@ from ..runtime.layers import MoELayer, find_moe_layers, input_device, model_fami
 from .losses import Scratch, kl_sum, next_token_logprobs, token_nll
 from .replay import Replay, ReplayLayerAtK, block_change_is_additive, record_outputs, replayed
 from .treatments import compensation_tables, encode_tables, fit_treatments, sidecar_dtype
-from .windows import calibration_source, check_token_ids, pack_windows
+from .windows import calibration_source, check_token_ids, check_window_length, pack_windows
 
 logger = logging.getLogger("allocplan")
 
@@ -314,6 +314,7 @@ def profile_model(
     windows, record = pack_windows(tokenizer, calibration_source(config, config.calib_tokens),
                                    max_tokens=config.calib_tokens, seq_len=config.seq_len)
     check_token_ids(windows, model)
+    check_window_length(windows, model)
     sidecar = tables = None
     if compensation != "off":
         tables = compensation_tables(model, windows, compensation, config.batch_size, config.compensation_rank,

@@ -256,6 +256,9 @@ CASES: list[Case] = [
         "eval", "--model", str(w.path("other")), "--method", "alloc-l", "--budget", "0.5", "--profile",
         str(w.path("profile.yaml")), "--data", str(w.path("calib.txt")), "--seq-len", "64", "--max-tokens", "256"],
         "was measured on"),
+    Case("input", "windows longer than the model's positions", lambda w: _compile(
+        w, "--budget", "0.5", "--seq-len", "256", "--calib-tokens", "512", "-o", str(w.path("long.yaml"))),
+        "--seq-len 256 is longer than the model's max_position_embeddings 128; use --seq-len 128 or less"),
     Case("input", "report with another model's profile", lambda w: [
         "report", str(w.path("plan.yaml")), "--profile", _other_models_profile(w), "-o", str(w.path("report"))],
         "give the profile the plan was solved from"),

@@ -82,6 +82,6 @@ def test_llama4_compiles_solves_and_counts_with_plain_top_k(checkpoints, calib_f
     assert not solved.token_level.enabled
     assert (tmp_path / "solved.yaml").read_bytes() == (tmp_path / "plan.yaml").read_bytes()
     result = run("eval", "--model", ckpt, "--plan", tmp_path / "plan.yaml", "--data", calib_file,
-                 "--max-tokens", "256")
+                 "--max-tokens", "256", "--seq-len", "64")
     assert result.exit_code == 0, result.output
     assert '"activations_per_token": 4.0,' in result.output, result.output  # 2 + 2 of the original 4 + 4

@@ -154,7 +154,8 @@ def test_paper_methods_profile_as_the_paper_and_run_per_layer_k_only(checkpoints
     allocplan's default profile instead, the paper's methods still run per-layer k only."""
     ckpt = checkpoints("olmoe")
     made = CliRunner().invoke(cli, ["profile", "--model", str(ckpt), "--calib", str(calib_file), "--weight-fit", "off",
-                                    "--compensation", "off", "--no-token-level", "-o", str(tmp_path / "plain.yaml")])
+                                    "--compensation", "off", "--no-token-level", "--seq-len", "64",
+                                    "-o", str(tmp_path / "plain.yaml")])
     assert made.exit_code == 0, made.output
     common = ["--model", ckpt, "--method", "alloc-l", "--budget", "0.5", "--data", calib_file, "--max-tokens", "512",
               "--seq-len", "64", "--calib", calib_file]

@@ -214,3 +214,23 @@ def test_an_unreachable_hub_id_fails_fast_in_one_line(tmp_path, offline_flag):
     assert done.returncode == 2 and time.monotonic() - start < 25, done.stderr
     assert done.stderr.count("\n") == 1 and "'no-org/no-model'" in done.stderr, done.stderr
     assert not (tmp_path / "p.yaml").exists()
+
+
+def test_windows_longer_than_the_models_positions_are_refused_before_any_work(calib_file):
+    """Tiny models have 128 positions: 128-token windows are scored, 129 are refused in one line naming
+    both lengths; eval checks the same."""
+    from tiny_models import build_tiny_model
+
+    from allocplan.evaluation.metrics import evaluate
+    from allocplan.planner.windows import check_window_length
+
+    model = build_tiny_model("qwen3_moe")
+    assert model.config.max_position_embeddings == 128
+    check_window_length(torch.zeros(2, 128, dtype=torch.long), model)
+    with pytest.raises(AllocplanError, match=r"^--seq-len 129 is longer than the model's max_position_embeddings"
+                                             r" 128; use --seq-len 128 or less$"):
+        check_window_length(torch.zeros(2, 129, dtype=torch.long), model)
+    with pytest.raises(AllocplanError, match="--seq-len 200 is longer"):
+        evaluate(model, tiny_tokenizer(), data=calib_file, seq_len=200, max_tokens=400)
+    with pytest.raises(AllocplanError, match="--seq-len 256 is longer"):
+        allocplan.profile_model(model, tiny_tokenizer(), ProfileConfig(calib=str(calib_file), calib_tokens=512))

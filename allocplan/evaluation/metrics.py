@@ -36,7 +36,7 @@ from ..errors import AllocplanError
 from ..progress import progress
 from ..planner.losses import next_token_logprobs, token_nll
 from ..formats.strict_yaml import read_text_bounded
-from ..planner.windows import check_token_ids, pack_windows
+from ..planner.windows import check_token_ids, check_window_length, pack_windows
 from ..runtime.measure import count_activations
 from .modes import EVAL_MODES
 
@@ -160,6 +160,7 @@ def evaluate(
     """
     windows, record = pack_windows(tokenizer, data, max_tokens=max_tokens, seq_len=seq_len, what="eval")
     check_token_ids(windows, model)
+    check_window_length(windows, model)
     problems = read_arithmetic(arith) if arith is not None else None  # read (and checked) before any work
     result = nll_and_activations(model, windows, handle, mode, exact_decode)
     result["mode"] = mode
