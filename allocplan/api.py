@@ -129,5 +129,5 @@ def generate(model: Any, tokenizer: Any, prompt: str, *, max_new_tokens: int = 3
     check_token_ids(inputs["input_ids"], model)
     with torch.inference_mode():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+                             pad_token_id=next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), None))
     return tokenizer.decode(out[0], skip_special_tokens=True)

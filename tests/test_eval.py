@@ -188,3 +188,30 @@ def test_eval_decode_modes_through_the_cli(checkpoints, calib_file):
     assert exact["activations_per_token"] == pytest.approx(8.0) == alloc_t["decode-b1"]["activations_per_token"]
     bad = CliRunner().invoke(cli, ["eval", *map(str, common), "--method", "uniform", "--mode", "decode-b2"])
     assert bad.exit_code == 2 and "decode-b2" in bad.stderr
+
+
+def test_arithmetic_without_a_pad_token_generates_as_with_one():
+    """A Llama-style tokenizer has no pad token (some have no eos either); the arithmetic batches are
+    left-padded by hand, so each prompt's greedy answer is what it is alone, with or without a pad token.
+    It was a transformers ValueError traceback."""
+    from transformers import PreTrainedTokenizerFast
+
+    from allocplan.evaluation.metrics import arithmetic_accuracy
+
+    model = build_tiny_model("olmoe")
+    with_pad = tiny_tokenizer()
+    prompts = ["1+2=", "10+25=", "7+7=", "123+456="]  # different lengths: the batch is padded
+    answers = []
+    for prompt in prompts:  # each alone: no padding at all
+        ids = torch.tensor([with_pad(prompt, add_special_tokens=False)["input_ids"]])
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                                 pad_token_id=0, eos_token_id=None)
+        answers.append(with_pad.decode(out[0, ids.shape[1]:], skip_special_tokens=True).split("\n")[0].strip())
+    problems = list(zip(prompts, answers))
+    backend = with_pad.backend_tokenizer
+    no_pad = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<unk>")
+    nothing = PreTrainedTokenizerFast(tokenizer_object=backend)
+    assert no_pad.pad_token is None and nothing.pad_token is None and nothing.eos_token is None
+    for tokenizer in (with_pad, no_pad, nothing):
+        assert arithmetic_accuracy(model, tokenizer, problems) == 1.0

@@ -37,6 +37,7 @@ from ..progress import progress
 from ..planner.losses import next_token_logprobs, token_nll
 from ..formats.strict_yaml import read_text_bounded
 from ..planner.windows import check_token_ids, check_window_length, pack_windows
+from ..runtime.layers import input_device
 from ..runtime.measure import count_activations
 from .modes import EVAL_MODES
 
@@ -123,22 +124,25 @@ def read_arithmetic(path: str | Path) -> list[tuple[str, str]]:
 def arithmetic_accuracy(model: Any, tokenizer: Any, problems: list[tuple[str, str]], handle: Any = None,
                         batch_size: int = 50, max_new_tokens: int = 6) -> float:
     """Exact-match accuracy of greedy answers."""
+    # Left padding built here rather than by the tokenizer, which refuses to pad without a pad token
+    # (Llama-style tokenizers have none). Padded positions are masked out, so any embedding row serves.
+    pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
     correct = 0
-    padding_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        for start in range(0, len(problems), batch_size):
-            chunk = problems[start : start + batch_size]
-            if handle is not None:
-                handle.reset()
-            inputs = tokenizer([p for p, _ in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
-            with torch.inference_mode():
-                out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
-            texts = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-            correct += sum(text.split("\n")[0].strip() == answer for text, (_, answer) in zip(texts, chunk))
-    finally:
-        tokenizer.padding_side = padding_side
+    for start in range(0, len(problems), batch_size):
+        chunk = problems[start : start + batch_size]
+        if handle is not None:
+            handle.reset()
+        encoded = [tokenizer(prompt, add_special_tokens=False)["input_ids"] for prompt, _ in chunk]
+        width = max(len(ids) for ids in encoded)
+        device = input_device(model)
+        input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in encoded], device=device)  # [B, W]
+        attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded],
+                                      device=device)  # [B, W]
+        with torch.inference_mode():
+            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=pad_id, eos_token_id=None)
+        texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+        correct += sum(text.split("\n")[0].strip() == answer for text, (_, answer) in zip(texts, chunk))
     return correct / len(problems)
 
 
