@@ -124,10 +124,11 @@ def generate(model: Any, tokenizer: Any, prompt: str, *, max_new_tokens: int = 3
     inputs = tokenizer(prompt, return_tensors="pt").to(input_device(model))
     if inputs["input_ids"].numel() == 0:
         raise AllocplanError("--prompt gives no tokens with this tokenizer; give other text")
+    from .loading import pad_token_id
     from .planner.windows import check_token_ids
 
     check_token_ids(inputs["input_ids"], model)
     with torch.inference_mode():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), None))
+                             pad_token_id=pad_token_id(tokenizer))
     return tokenizer.decode(out[0], skip_special_tokens=True)

@@ -76,6 +76,12 @@ def hub_offline(offline: bool = True) -> Iterator[None]:
         datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = saved
 
 
+def pad_token_id(tokenizer: Any) -> int | None:
+    """The id to pad a batch with: the tokenizer's pad token, else its eos (Llama-style tokenizers have no
+    pad token), else None."""
+    return next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), None)
+
+
 def from_cache_or_hub(name: str, source: str, load: Any, unreachable: str | None = None) -> Any:
     """``load(local_files_only)`` for a hub id: the local cache first, then the hub if it answers.
 

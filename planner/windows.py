@@ -67,17 +67,17 @@ def calibration_source(config: Any, max_tokens: int) -> SourceText:
     return read_source(config.calib or DEFAULT_CALIBRATION, text_field=config.text_field, max_tokens=max_tokens)
 
 
-def check_window_length(windows: torch.Tensor, model: Any, option: str = "--seq-len") -> None:
+def check_window_length(windows: torch.Tensor, model: Any) -> None:
     """Refuse windows longer than the model's ``max_position_embeddings``: it would score positions it was
     never trained on (most rotary models run there without complaint, so nothing else says so).
 
     Raises:
-        AllocplanError: before any forward, naming both lengths and the option to lower.
+        AllocplanError: before any forward, naming both lengths and --seq-len, which sets them.
     """
     limit = getattr(model.config, "max_position_embeddings", None)
     if isinstance(limit, int) and windows.shape[-1] > limit:
-        raise AllocplanError(f"{option} {windows.shape[-1]} is longer than the model's max_position_embeddings"
-                             f" {limit}; use {option} {limit} or less")
+        raise AllocplanError(f"--seq-len {windows.shape[-1]} is longer than the model's max_position_embeddings"
+                             f" {limit}; use --seq-len {limit} or less")
 
 
 def check_token_ids(windows: torch.Tensor, model: Any) -> None:

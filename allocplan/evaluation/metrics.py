@@ -36,6 +36,7 @@ from ..errors import AllocplanError
 from ..progress import progress
 from ..planner.losses import next_token_logprobs, token_nll
 from ..formats.strict_yaml import read_text_bounded
+from ..loading import pad_token_id
 from ..planner.windows import check_token_ids, check_window_length, pack_windows
 from ..runtime.layers import input_device
 from ..runtime.measure import count_activations
@@ -126,7 +127,9 @@ def arithmetic_accuracy(model: Any, tokenizer: Any, problems: list[tuple[str, st
     """Exact-match accuracy of greedy answers."""
     # Left padding built here rather than by the tokenizer, which refuses to pad without a pad token
     # (Llama-style tokenizers have none). Padded positions are masked out, so any embedding row serves.
-    pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+    pad_id = pad_token_id(tokenizer)
+    pad_id = 0 if pad_id is None else pad_id
+    device = input_device(model)
     correct = 0
     for start in range(0, len(problems), batch_size):
         chunk = problems[start : start + batch_size]
@@ -134,7 +137,6 @@ def arithmetic_accuracy(model: Any, tokenizer: Any, problems: list[tuple[str, st
             handle.reset()
         encoded = [tokenizer(prompt, add_special_tokens=False)["input_ids"] for prompt, _ in chunk]
         width = max(len(ids) for ids in encoded)
-        device = input_device(model)
         input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in encoded], device=device)  # [B, W]
         attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded],
                                       device=device)  # [B, W]
