@@ -167,6 +167,11 @@ def load_model(name: str, load: LoadConfig | None = None) -> tuple[Any, Any]:
     except ImportError as exc:  # e.g. device_map without accelerate, an attention kernel not installed
         raise _load_error(name, exc) from None
     except (OSError, ValueError, KeyError) as exc:
+        if not load.pickle_weights and "model.safetensors" in str(exc):
+            raise AllocplanError(
+                f"{name!r} has no safetensors weights, and allocplan does not unpickle checkpoint files unless asked;"
+                " convert its weights to safetensors, or pass --pickle-weights (torch's weights-only unpickler)"
+            ) from None
         raise _load_error(name, exc) from None
     if load.device_map is None:
         try:

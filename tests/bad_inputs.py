@@ -256,6 +256,9 @@ CASES: list[Case] = [
         "eval", "--model", str(w.path("other")), "--method", "alloc-l", "--budget", "0.5", "--profile",
         str(w.path("profile.yaml")), "--data", str(w.path("calib.txt")), "--seq-len", "64", "--max-tokens", "256"],
         "was measured on"),
+    Case("input", "weights only as pickle", lambda w: _compile(
+        w, "--budget", "0.5", "-o", str(w.path("pk.yaml")), model=_pickled_checkpoint(w)),
+        "has no safetensors weights, and allocplan does not unpickle checkpoint files unless asked"),
     Case("input", "windows longer than the model's positions", lambda w: _compile(
         w, "--budget", "0.5", "--seq-len", "256", "--calib-tokens", "512", "-o", str(w.path("long.yaml"))),
         "--seq-len 256 is longer than the model's max_position_embeddings 128; use --seq-len 128 or less"),
@@ -266,6 +269,23 @@ CASES: list[Case] = [
         w, "--budget", "0.5", "-o", str(w.path("f.yaml")), model=str(w.path("odd-heads"))),
         "its own forward pass fails before any plan is applied"),
 ]
+
+
+def _pickled_checkpoint(w: Workspace) -> str:
+    """The workspace's checkpoint with its weights saved as pytorch_model.bin (pickle) instead of safetensors."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    target = w.path("pickled")
+    if not target.exists():
+        target.mkdir()
+        for item in w.path("ckpt").iterdir():
+            if item.suffix != ".safetensors":
+                shutil.copy(item, target / item.name)
+        torch.save(load_file(w.path("ckpt") / "model.safetensors"), target / "pytorch_model.bin")
+    return str(target)
 
 
 def _other_models_profile(w: Workspace) -> str:

@@ -234,3 +234,27 @@ def test_windows_longer_than_the_models_positions_are_refused_before_any_work(ca
         evaluate(model, tiny_tokenizer(), data=calib_file, seq_len=200, max_tokens=400)
     with pytest.raises(AllocplanError, match="--seq-len 256 is longer"):
         allocplan.profile_model(model, tiny_tokenizer(), ProfileConfig(calib=str(calib_file), calib_tokens=512))
+
+
+def test_pickle_weights_load_only_when_asked(tmp_path, checkpoints):
+    """A checkpoint whose weights are only pytorch_model.bin (pickle) is refused in one line by default, since
+    transformers would unpickle it; with pickle_weights it loads, through torch's weights-only unpickler, the same
+    model as from safetensors."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    source = checkpoints("olmoe")
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    for item in source.iterdir():
+        if item.suffix != ".safetensors":
+            shutil.copy(item, pickled / item.name)
+    torch.save(load_file(source / "model.safetensors"), pickled / "pytorch_model.bin")
+    with pytest.raises(AllocplanError, match=r"has no safetensors weights.*pass --pickle-weights"):
+        allocplan.load_model(str(pickled))
+    model, _ = allocplan.load_model(str(pickled), LoadConfig(pickle_weights=True))
+    reference, _ = allocplan.load_model(str(source))
+    ids = torch.tensor([[5, 17, 42, 8]])
+    with torch.inference_mode():
+        assert torch.equal(model(input_ids=ids).logits, reference(input_ids=ids).logits)

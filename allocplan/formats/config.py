@@ -280,6 +280,9 @@ class LoadConfig:
         attn_implementation: transformers' attention implementation (``eager``, ``sdpa``,
             ``flash_attention_2``, ...); None lets transformers choose.
         trust_remote_code: allow a checkpoint's own Python code (off unless asked).
+        pickle_weights: also load weights stored as pickle (``pytorch_model.bin``), through
+            torch's weights-only unpickler; off: safetensors only, so no checkpoint file is
+            unpickled unless asked.
     """
 
     device: str = setting("cpu", "torch device to run the model on (ignored with --device-map).")
@@ -292,6 +295,8 @@ class LoadConfig:
     attn_implementation: str | None = setting(None, "transformers attention implementation: eager, sdpa,"
                                                     " flash_attention_2, ... [default: transformers' choice].")
     trust_remote_code: bool = setting(False, "Allow a checkpoint's own Python code (off by default).")
+    pickle_weights: bool = setting(False, "Also load weights stored as pickle (pytorch_model.bin) through torch's"
+                                          " weights-only unpickler [default: safetensors only].")
 
     def __post_init__(self) -> None:
         check_settings(self)
@@ -324,6 +329,8 @@ class LoadConfig:
         """The keyword arguments for transformers' ``from_pretrained`` (dtype as its name; the
         loader turns it into a torch dtype)."""
         kwargs: dict[str, Any] = {"dtype": self.dtype, "trust_remote_code": self.trust_remote_code}
+        if not self.pickle_weights:
+            kwargs["use_safetensors"] = True  # transformers would otherwise fall back to pytorch_model.bin
         for name in ("device_map", "revision", "attn_implementation", "offload_folder"):
             if getattr(self, name) is not None:
                 kwargs[name] = getattr(self, name)
