@@ -308,12 +308,17 @@ def apply_command(plan_path: Path, model_name: str | None, prompt: str | None, m
 @config_options(LoadConfig, exclude=("device", "dtype", "device_map", "attn_implementation"))
 def validate_command(plan_path: Path, model_name: str | None, as_json: bool, **options: Any) -> None:
     """Check a plan's schema and budget arithmetic, and optionally that it fits a model (config only)."""
-    plan = allocplan.load_plan(plan_path)
-    message = f"{plan_path}: valid plan for {plan.model.name} ({plan.model.model_type}, {plan.model.fingerprint})"
-    if model_name is not None:
-        _quiet_transformers()
-        allocplan.check_plan_for_model(plan, model_name, build_config(LoadConfig, options))
-        message += f"; matches {model_name}"
+    try:
+        plan = allocplan.load_plan(plan_path)
+        message = f"{plan_path}: valid plan for {plan.model.name} ({plan.model.model_type}, {plan.model.fingerprint})"
+        if model_name is not None:
+            _quiet_transformers()
+            allocplan.check_plan_for_model(plan, model_name, build_config(LoadConfig, options))
+            message += f"; matches {model_name}"
+    except allocplan.AllocplanError as exc:
+        if as_json:  # CI reads the verdict from stdout; the one-line error and exit 2 follow as for any error
+            click.echo(display.to_json({"valid": False, "plan": str(plan_path), "error": " ".join(str(exc).split())}))
+        raise
     if as_json:
         click.echo(display.to_json({"valid": True, "plan": str(plan_path), "model": plan.model.name,
                                     "fingerprint": plan.model.fingerprint, "matches": model_name}))

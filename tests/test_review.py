@@ -124,6 +124,13 @@ def test_json_on_solve_and_validate(plans):
     assert [layer["planned_k"] for layer in data["plan"]["layers"]] == [2, 1, 3]  # by hand: see test_diff_exit_codes
     valid = run("validate", str(out), "--json")
     assert valid.returncode == 0 and json.loads(valid.stdout)["valid"] is True
+    # An invalid plan: the verdict on stdout for CI to read, the same error as one line on stderr, exit 2.
+    broken = plans / "broken.yaml"
+    broken.write_text(out.read_text().replace("planned_k: 2", "planned_k: 3", 1))
+    invalid = run("validate", str(broken), "--json")
+    verdict = json.loads(invalid.stdout)
+    assert invalid.returncode == 2 and verdict["valid"] is False and verdict["plan"] == str(broken)
+    assert invalid.stderr == f"allocplan: error: {verdict['error']}\n" and "planned_activations" in verdict["error"]
     refused = run("solve", str(plans / "profile.yaml"), "--budget", "0.5", "-o", "-", "--json")
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1
 
