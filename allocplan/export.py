@@ -153,13 +153,23 @@ def _exported_plan(path_or_id: str | os.PathLike[str], block: dict, hf_kwargs: d
     from transformers.utils import cached_file
 
     def fetch(name: str) -> Path:
+        if Path(path_or_id).is_dir():  # a local checkpoint: say so plainly (transformers' message points at the hub)
+            if not (Path(path_or_id) / name).is_file():
+                raise AllocplanError(f"{str(path_or_id)!r} names {name!r} in config.json, but the checkpoint has no"
+                                     " such file; re-export the checkpoint")
+            return Path(path_or_id) / name
         try:
             return Path(cached_file(str(path_or_id), name, revision=hf_kwargs.get("revision")))
         except OSError as exc:
             raise AllocplanError(f"{str(path_or_id)!r} names {name!r} in config.json but it cannot be read:"
                                  f" {str(exc).splitlines()[0][:120]}") from None
 
-    plan_path = fetch(block.get("plan", PLAN_FILE))
+    name = block.get("plan", PLAN_FILE)
+    # A file of the checkpoint itself: no directory part, so config.json cannot point outside it.
+    if not isinstance(name, str) or not name.endswith(".yaml") or Path(name).name != name:
+        raise AllocplanError(f"{str(path_or_id)!r}: config.json's {CONFIG_KEY}.plan {str(name)[:80]!r} must be a plain"
+                             " *.yaml file name inside the checkpoint; re-export the checkpoint")
+    plan_path = fetch(name)
     if sha256_bytes(plan_path.read_bytes()) != block.get("sha256"):
         raise AllocplanError(f"{plan_path.name} in {str(path_or_id)!r} does not match the sha256 its config.json"
                              " records; re-export the checkpoint")

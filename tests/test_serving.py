@@ -45,6 +45,33 @@ def test_export_then_from_pretrained_equals_apply(family, make, form, keys, chec
     assert (allocplan.plan_handle(loaded) is not None) == (form == "plan")
 
 
+def test_an_exported_config_names_its_plan_only_inside_the_checkpoint(checkpoints, tmp_path):
+    """config.json's allocplan.plan is a file name inside the checkpoint: a path out of it is refused even
+    when the file it reaches has the recorded sha256, a missing file is named, a changed one refused."""
+    model, _ = allocplan.load_model(str(checkpoints("olmoe")))
+    plan = plan_of(plan_for(model, [3, 2, 1.5, 1.5], token_level=True))
+    exported = tmp_path / "exported"
+    allocplan.export_plan(plan, str(checkpoints("olmoe")), exported)
+    (tmp_path / "outside.yaml").write_bytes((exported / "allocplan-plan.yaml").read_bytes())  # same sha256
+    config_path = exported / "config.json"
+    config = json.loads(config_path.read_text())
+
+    def load_naming(name):
+        config["allocplan"]["plan"] = name
+        config_path.write_text(json.dumps(config))
+        return allocplan.from_pretrained(exported)
+
+    for name in ("../outside.yaml", str(tmp_path / "outside.yaml"), "plan.txt"):
+        with pytest.raises(allocplan.AllocplanError, match="must be a plain \\*.yaml file name inside the checkpoint"):
+            load_naming(name)
+    with pytest.raises(allocplan.AllocplanError, match="names 'other.yaml' in config.json, but the checkpoint has no"):
+        load_naming("other.yaml")
+    (exported / "other.yaml").write_text((exported / "allocplan-plan.yaml").read_text() + "# changed\n")
+    with pytest.raises(allocplan.AllocplanError, match="does not match the sha256"):
+        load_naming("other.yaml")
+    assert allocplan.plan_handle(load_naming("allocplan-plan.yaml")) is not None
+
+
 def test_export_refuses_a_plan_for_another_model_and_a_used_directory(checkpoints, tmp_path):
     model, _ = allocplan.load_model(str(checkpoints("olmoe")))
     plan = plan_of(plan_for(model, 2))
