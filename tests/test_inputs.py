@@ -122,9 +122,11 @@ def test_profile_records_its_jsonl_calibration(tmp_path, calib_file):
 
 def test_load_config_passes_through_to_from_pretrained(checkpoints):
     load = LoadConfig(dtype="auto", attn_implementation="eager", revision="v1", device_map="cpu")
-    assert load.from_pretrained_kwargs() == {"dtype": "auto", "trust_remote_code": False, "device_map": "cpu",
-                                             "revision": "v1", "attn_implementation": "eager"}
-    assert LoadConfig().from_pretrained_kwargs() == {"dtype": "auto", "trust_remote_code": False}
+    assert load.from_pretrained_kwargs() == {"dtype": "auto", "trust_remote_code": False, "use_safetensors": True,
+                                             "device_map": "cpu", "revision": "v1", "attn_implementation": "eager"}
+    assert LoadConfig().from_pretrained_kwargs() == {"dtype": "auto", "trust_remote_code": False,
+                                                     "use_safetensors": True}
+    assert LoadConfig(pickle_weights=True).from_pretrained_kwargs() == {"dtype": "auto", "trust_remote_code": False}
     model, _ = allocplan.load_model(str(checkpoints("olmoe")), LoadConfig(dtype="bfloat16", attn_implementation="eager"))
     assert model.dtype == torch.bfloat16 and model.config._attn_implementation == "eager"
     with pytest.raises(AllocplanError, match="cannot load model .*attn_implementation"):
