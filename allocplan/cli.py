@@ -305,7 +305,8 @@ def apply_command(plan_path: Path, model_name: str | None, prompt: str | None, m
 @click.argument("plan_path", type=_existing_file, metavar="PLAN")
 @click.option("--model", "model_name", default=None,
               help="Also check the plan's fingerprint against this model's config (no weights loaded).")
-@config_options(LoadConfig, exclude=("device", "dtype", "device_map", "attn_implementation"))
+@config_options(LoadConfig, exclude=("device", "dtype", "device_map", "attn_implementation", "max_memory",
+                                       "offload_folder", "pickle_weights"))
 def validate_command(plan_path: Path, model_name: str | None, as_json: bool, **options: Any) -> None:
     """Check a plan's schema and budget arithmetic, and optionally that it fits a model (config only)."""
     try:
