@@ -40,3 +40,23 @@ def test_absolute_budget():
 def test_budget_errors(kwargs, message):
     with pytest.raises(AllocplanError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         BudgetRequest(**kwargs).resolve(156, 26)
+
+
+def test_a_ratio_only_command_is_not_told_to_use_budget_activations():
+    """eval --method and bench --config take --budget only: the infeasible-budget message then suggests the
+    ratio alone (26 of 156 is 0.1667, rounded up to 0.167)."""
+    with pytest.raises(AllocplanError) as told:
+        BudgetRequest(ratio=0.1).resolve(156, 26)
+    assert str(told.value).endswith("use --budget-activations 26 or --budget 0.167 or more")
+    with pytest.raises(AllocplanError) as ratio_only:
+        BudgetRequest(ratio=0.1).resolve(156, 26, count_option=False)
+    assert str(ratio_only.value).endswith("(k_min in every MoE layer); use --budget 0.167 or more")
+
+
+def test_eval_method_budget_message_names_only_its_own_option():
+    from tiny_models import build_tiny_model
+
+    from allocplan.evaluation.methods import build_policy
+
+    with pytest.raises(AllocplanError, match=r"use --budget 0\.25 or more$"):
+        build_policy(build_tiny_model("olmoe"), "uniform", 0.01)

@@ -73,7 +73,8 @@ def run_bench(
     if threads:
         torch.set_num_threads(threads)
     if (preset is None) == (plan is None):
-        raise AllocplanError("give --plan PLAN (with --model or the plan's model) or --config PRESET")
+        raise AllocplanError("give --plan PLAN (with --model or the plan's model) or --config PRESET"
+                             + (", not both" if preset is not None else ""))
     tokenizer = None
     if preset is not None:
         try:

@@ -346,7 +346,8 @@ def build_policy(
 
     registered = get_method(method)
     originals = [layer.top_k for layer in find_moe_layers(model)]
-    total = BudgetRequest(ratio=budget_ratio).resolve(sum(originals), len(originals))
+    # eval --method and bench --config take a ratio only: the message must not suggest --budget-activations.
+    total = BudgetRequest(ratio=budget_ratio).resolve(sum(originals), len(originals), count_option=False)
     inputs = MethodInputs(model, budget_ratio, total, originals, profile, calib_windows, seed,
                           routing or RoutingConfig())
     return registered.build(inputs)

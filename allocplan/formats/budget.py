@@ -55,12 +55,14 @@ class BudgetRequest:
             raise AllocplanError(f"budget {budget!r} is neither a ratio nor a BudgetRequest; pass e.g. 0.5")
         return cls(ratio=float(budget))
 
-    def resolve(self, original_activations: int, min_activations: int) -> int:
+    def resolve(self, original_activations: int, min_activations: int, *, count_option: bool = True) -> int:
         """Total activations B this request allows.
 
         Args:
             original_activations: sum of the model's original top-k over MoE layers.
             min_activations: smallest feasible total (sum of per-layer k_min).
+            count_option: whether the command has ``--budget-activations`` for the message to suggest
+                (``eval --method`` and ``bench --config`` take a ratio only).
 
         Raises:
             AllocplanError: above the model's own total, or infeasible; the message
@@ -79,9 +81,9 @@ class BudgetRequest:
                 )
         if total < min_activations:
             smallest_ratio = min_activations / original_activations
+            count = f"--budget-activations {min_activations} or " if count_option else ""
             raise AllocplanError(
                 f"{given}, below the smallest feasible budget of {min_activations} activations"
-                f" (k_min in every MoE layer); use --budget-activations {min_activations}"
-                f" or --budget {math.ceil(smallest_ratio * 1000) / 1000:g} or more"
+                f" (k_min in every MoE layer); use {count}--budget {math.ceil(smallest_ratio * 1000) / 1000:g} or more"
             )
         return total
