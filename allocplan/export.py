@@ -111,7 +111,9 @@ def from_pretrained(path_or_id: str | os.PathLike[str], plan: Plan | str | os.Pa
     """Load a causal LM with transformers and apply its exported plan (or ``plan``).
 
     ``hf_kwargs`` go to ``AutoModelForCausalLM.from_pretrained`` unchanged (``dtype``,
-    ``device_map``, ``revision``, ...). A checkpoint written by ``export`` names its plan in
+    ``device_map``, ``revision``, ...), with ``use_safetensors=True`` unless given: as the CLI
+    does without ``--pickle-weights``, no checkpoint file is unpickled unless asked
+    (``use_safetensors=False``). A checkpoint written by ``export`` names its plan in
     config.json: a ``plan``-form export gets it applied; a ``uniform`` or ``per-layer``
     export already routes at its k and runs through allocplan's experts path, which is what
     ``apply_plan`` on the original runs. ``allocplan.plan_handle(model)`` gives the handle.
@@ -121,7 +123,7 @@ def from_pretrained(path_or_id: str | os.PathLike[str], plan: Plan | str | os.Pa
     """
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path_or_id, **hf_kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path_or_id, **{"use_safetensors": True, **hf_kwargs})
     attach_plan(model, path_or_id, plan, revision=hf_kwargs.get("revision"))
     model.eval()
     return model

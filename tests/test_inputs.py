@@ -260,3 +260,7 @@ def test_pickle_weights_load_only_when_asked(tmp_path, checkpoints):
     ids = torch.tensor([[5, 17, 42, 8]])
     with torch.inference_mode():
         assert torch.equal(model(input_ids=ids).logits, reference(input_ids=ids).logits)
+    # allocplan.from_pretrained (for code that loads exported checkpoints) keeps the same rule.
+    with pytest.raises(OSError, match="model.safetensors"):
+        allocplan.from_pretrained(pickled)
+    assert allocplan.from_pretrained(pickled, use_safetensors=False) is not None
