@@ -29,7 +29,7 @@ def _option(item: dataclasses.Field, hint: Any) -> Callable:
         if "/" not in flag:
             kwargs.update(is_flag=True, show_default=False)
     elif meta.get("path"):
-        kwargs["type"] = click.Path(exists=True, dir_okay=False, path_type=Path)
+        kwargs["type"] = click.Path(exists=True, dir_okay=False, allow_dash=True, path_type=Path)  # -: stdin
     elif meta.get("choices") is not None:
         choices = [str(c) if not isinstance(c, float) else f"{c:g}" for c in meta["choices"]]
         kwargs["type"] = click.Choice(choices)

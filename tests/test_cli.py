@@ -237,3 +237,24 @@ def test_compensation_share_sets_the_stand_in_rank(olmoe, calib_file, tmp_path):
     assert_user_error(run("profile", "--model", ckpt, "-o", tmp_path / "p.yaml", "--calib", calib_file,
                           "--compensation-share", "1.5"), "--compensation-share")
     assert not (tmp_path / "p.yaml").exists()
+
+
+def test_calibration_from_standard_input_is_read_once_for_profiling_and_refinement(checkpoints, calib_file, tmp_path):
+    """compile --calib - reads standard input once, though refinement reads the calibration text again after
+    profiling (the second read found the stream empty): the plan equals the one from the same text as a file,
+    but for the text's name. eval refuses --data - with --calib -: a method would calibrate on the eval text."""
+    ckpt = checkpoints("olmoe")
+    text = calib_file.read_text(encoding="utf-8")
+    args = ["compile", "--model", str(ckpt), "--budget", "0.5", *SMALL, "--refine", "--refine-tokens", "128", "-q"]
+    piped = subprocess.run([*_console_script(), *args, "--calib", "-", "-o", str(tmp_path / "piped.yaml")],
+                           input=text, capture_output=True, text=True, timeout=600)
+    assert piped.returncode == 0, piped.stderr
+    subprocess.run([*_console_script(), *args, "--calib", str(calib_file), "-o", str(tmp_path / "file.yaml")],
+                   check=True, capture_output=True, timeout=600)
+    from_pipe, from_file = (load_plan(tmp_path / name) for name in ("piped.yaml", "file.yaml"))
+    assert from_pipe.solver.refinement is not None and from_pipe.solver == from_file.solver
+    assert from_pipe.allocation == from_file.allocation
+    assert from_pipe.provenance.calibration.sha256 == from_file.provenance.calibration.sha256
+    refused = subprocess.run([*_console_script(), "eval", "--model", str(ckpt), "--method", "naee", "--budget", "0.5",
+                              "--data", "-", "--calib", "-"], input=text, capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2 and "both standard input" in refused.stderr

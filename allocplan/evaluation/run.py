@@ -62,6 +62,9 @@ def run_eval(
     """
     if (plan is None) == (method is None):
         raise AllocplanError("give exactly one of --plan PLAN or --method NAME")
+    if str(data) == "-" and calib is not None and str(calib) == "-":
+        raise AllocplanError("--data and --calib are both standard input, so a method would calibrate on the eval"
+                             " text; give one of them as a file")
     registered = get_method(method) if method is not None else None
     if registered is not None and registered.name != "full" and budget_ratio is None:
         raise AllocplanError(f"--method {method} needs --budget RATIO")

@@ -115,12 +115,21 @@ StrictLoader.add_constructor("tag:yaml.org,2002:int", StrictLoader.construct_yam
 StrictLoader.add_constructor("tag:yaml.org,2002:float", StrictLoader.construct_yaml_float)
 
 
+# Standard input as first read, with the stream it came from: one command may read ``-`` more than once
+# (compile --refine reads its calibration text again after profiling), and a second read of the stream
+# would find it empty. A new stream (a test runner's) is read afresh.
+_stdin: tuple[object, bytes] | None = None
+
+
 def read_text_bounded(path: str | Path, what: str) -> str:
-    """A UTF-8 text file (``-``: standard input), refused when over MAX_BYTES."""
+    """A UTF-8 text file (``-``: standard input, read once per process), refused when over MAX_BYTES."""
+    global _stdin
     label = "standard input" if str(path) == "-" else repr(str(path))
     try:
         if str(path) == "-":
-            data = sys.stdin.buffer.read(MAX_BYTES + 1)
+            if _stdin is None or _stdin[0] is not sys.stdin:
+                _stdin = (sys.stdin, sys.stdin.buffer.read(MAX_BYTES + 1))
+            data = _stdin[1]
         else:
             with open(path, "rb") as handle:
                 data = handle.read(MAX_BYTES + 1)
