@@ -12,3 +12,9 @@ class AllocplanError(ValueError):
 
 class SolverDisagreement(RuntimeError):
     """The DP and ILP optima differ: a bug in one of them, never a user error."""
+
+
+def first_line(exc: BaseException, limit: int | None = None) -> str:
+    """The first line of an exception's message (its type's name if it has none), cut at ``limit``
+    characters: what a one-line error quotes of an error raised by another library."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from .errors import AllocplanError
+from .errors import AllocplanError, first_line
 
 
 def run_lm_eval(args: list[str]) -> None:
@@ -36,8 +36,8 @@ def run_lm_eval(args: list[str]) -> None:
     except ConnectionError as exc:
         if not offline:
             raise
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise AllocplanError(f"lm-eval needs task data that is not in the local datasets cache, and the hub cannot be"
-                             f" reached (offline?): {first}; run the task once where the hub is reachable") from None
+                             f" reached (offline?): {first_line(exc, 200)}; run the task once where the hub is"
+                             " reachable") from None
     finally:
         sys.argv = saved

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .bundled import BUNDLED_DIR, BUNDLED_PREFIX, bundled_model_names
-from .errors import AllocplanError
+from .errors import AllocplanError, first_line
 from .formats.config import LoadConfig
 
 
@@ -102,8 +102,7 @@ def from_cache_or_hub(name: str, source: str, load: Any, unreachable: str | None
 
 
 def _load_error(name: str, exc: Exception) -> AllocplanError:
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return AllocplanError(f"cannot load model {name!r}: {first}")
+    return AllocplanError(f"cannot load model {name!r}: {first_line(exc)}")
 
 
 def load_config(name: str, load: LoadConfig | None = None) -> Any:

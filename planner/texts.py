@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import AllocplanError
+from ..errors import AllocplanError, first_line
 from ..formats.config import parse_dataset_spec
 from ..formats.strict_yaml import read_text_bounded
 from ..loading import from_cache_or_hub, hub_offline
@@ -107,8 +107,7 @@ def read_dataset(spec: str, text_field: str, max_tokens: int, what: str = "calib
     except AllocplanError:
         raise
     except Exception as exc:  # datasets raises many types (FileNotFoundError, ValueError, its own, hub errors)
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise AllocplanError(f"cannot load dataset {spec!r}: {first}") from None
+        raise AllocplanError(f"cannot load dataset {spec!r}: {first_line(exc, 200)}") from None
     columns = list(getattr(data, "column_names", None) or [])
     if columns and text_field not in columns:
         raise AllocplanError(f"dataset {spec!r} has no field {text_field!r} (fields: {', '.join(columns[:8])});"
