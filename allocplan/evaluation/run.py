@@ -82,12 +82,14 @@ def run_eval(
         if registered.needs_profile:
             from ..planner.profiling import profile_model
 
-            # Calibration windows as long as the eval's (make_results' profiles and eval windows are both 256).
-            config = replace(PAPER_PROFILE, calib=str(calib), seq_len=seq_len,
-                             calib_tokens=max(PAPER_PROFILE.calib_tokens, seq_len))
-            measured = load_profile(profile) if profile else profile_model(
-                model, tokenizer, config, PLAIN, model_name=model_name)
-            check_profile_matches(measured, model, profile)
+            if profile:  # a stored profile may be another model's; one measured here is this model's
+                measured = load_profile(profile)
+                check_profile_matches(measured, model, profile)
+            else:
+                # Calibration windows as long as the eval's (make_results' profiles and eval windows are both 256).
+                config = replace(PAPER_PROFILE, calib=str(calib), seq_len=seq_len,
+                                 calib_tokens=max(PAPER_PROFILE.calib_tokens, seq_len))
+                measured = profile_model(model, tokenizer, config, PLAIN, model_name=model_name)
         windows = None
         if registered.needs_calibration:
             from ..planner.windows import pack_windows
