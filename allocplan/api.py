@@ -109,6 +109,16 @@ def check_plan_for_model(plan: Plan, model_name: str, load: LoadConfig | None = 
         load_compensation(plan.allocation, layers, skeleton)
 
 
+def check_prompt(prompt: str) -> None:
+    """Refuse an empty prompt (before any model is loaded for it).
+
+    Raises:
+        AllocplanError: the prompt is empty or only white space.
+    """
+    if not prompt.strip():
+        raise AllocplanError("--prompt is empty; give some text to continue")
+
+
 def generate(model: Any, tokenizer: Any, prompt: str, *, max_new_tokens: int = 32) -> str:
     """Greedy continuation of ``prompt`` by the model as it is now (with any plan applied), decoded.
 
@@ -117,8 +127,7 @@ def generate(model: Any, tokenizer: Any, prompt: str, *, max_new_tokens: int = 3
     """
     import torch
 
-    if not prompt.strip():
-        raise AllocplanError("--prompt is empty; give some text to continue")
+    check_prompt(prompt)
     from .runtime.layers import input_device
 
     inputs = tokenizer(prompt, return_tensors="pt").to(input_device(model))

@@ -60,3 +60,11 @@ def test_written_files_follow_the_umask(workspace):
     finally:
         os.umask(previous)
     assert stat.S_IMODE(target.stat().st_mode) == 0o640  # 0666 under umask 027, not mkstemp's 0600
+
+
+def test_empty_prompt_is_refused_before_the_model_loads(workspace):
+    """apply shows nothing of the plan when its --prompt is refused: the check comes before any work."""
+    refused = run(workspace, "apply", str(workspace.path("plan.yaml")), "--model", str(workspace.path("ckpt")),
+                  "--prompt", " \n")
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr.strip() == "allocplan: error: --prompt is empty; give some text to continue"
