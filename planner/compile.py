@@ -46,7 +46,7 @@ def compile_model(
     originals = [layer.top_k for layer in find_moe_layers(model)]
     check_k_min(profile.k_min, originals)
     request.resolve(sum(originals), profile.k_min * len(originals))
-    check_k_max_for_profiling(routing.k_max, originals)
+    check_k_max_for_profiling(routing, originals)
     allocation_for(model, originals, routing)  # raises if the routing settings do not fit the model
     measured = profile_model(model, tokenizer, profile, routing, model_name=model_name)
     plan = solve_profile(measured, request, routing)

@@ -192,12 +192,15 @@ def check_k_min(k_min: int, originals: list[int]) -> None:
         raise AllocplanError(f"k_min {k_min} must be between 1 and the smallest original top-k {min(originals)}")
 
 
-def check_k_max_for_profiling(k_max: int | None, originals: list[int]) -> None:
-    """Raise if ``k_max`` (Alloc-T's cap on one token's experts) is below a layer's original top-k.
+def check_k_max_for_profiling(routing: RoutingConfig, originals: list[int]) -> None:
+    """Raise if ``routing`` does not fit the layers' original top-k (``RoutingConfig.check_fits``) or its
+    ``k_max`` (Alloc-T's cap on one token's experts) is below a layer's original top-k.
 
     Profiling probes each layer up to its original top-k with the others at theirs, which such a
     cap forbids; a stored profile can be solved under the cap instead (``solve_profile``).
     """
+    routing.check_fits(originals)
+    k_max = routing.k_max
     if k_max is not None and k_max < max(originals):
         raise AllocplanError(
             f"profiling runs every MoE layer up to its original top-k ({max(originals)}), which --k-max {k_max}"
@@ -305,7 +308,7 @@ def profile_model(
     identity = model_identity(model, model_name or getattr(model, "name_or_path", "") or "in-process")
     layers = find_moe_layers(model)
     check_k_min(config.k_min, [layer.top_k for layer in layers])
-    check_k_max_for_profiling(routing.k_max, [layer.top_k for layer in layers])
+    check_k_max_for_profiling(routing, [layer.top_k for layer in layers])
     if config.k_step != 1 and not routing.token_level:
         raise AllocplanError(f"--k-step {config.k_step:g} profiles fractional k, which only token-level allocation"
                              " (Alloc-T) can run; drop --no-token-level or use --k-step 1")

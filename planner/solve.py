@@ -57,9 +57,10 @@ def check_k_max(routing: RoutingConfig, originals: list[int], k_min: int, total:
     may plan more experts per token than one token can run.
 
     Raises:
-        AllocplanError: k_max below k_min, or too small for the budget (the message names the largest
-            budget it allows).
+        AllocplanError: k_max below k_min or above a layer's original k, or too small for the budget (the
+            message names the largest budget it allows).
     """
+    routing.check_fits(originals)
     k_max = routing.k_max
     if k_max is None:
         return

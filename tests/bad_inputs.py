@@ -214,6 +214,9 @@ CASES: list[Case] = [
     Case("output", "two outputs on stdout", lambda w: _compile(w, "--budget", "0.5", "-o", "-", "--profile-out", "-"),
          "both write to standard output"),
     # --- other inputs ------------------------------------------------------------------------------------
+    Case("input", "--reference-k above every layer's top-k", lambda w: [
+        "solve", str(w.path("profile.yaml")), "--budget", "0.5", "--renormalize", "decoupled", "--reference-k", "99",
+        "-o", str(w.path("rk.yaml"))], "--reference-k 99 is above the smallest original top-k"),
     Case("input", "empty --prompt", lambda w: ["apply", str(w.path("plan.yaml")), "--model", str(w.path("ckpt")),
                                                "--prompt", ""], "--prompt is empty"),
     Case("input", "non-UTF-8 --arith", lambda w: ["eval", "--model", str(w.path("ckpt")), "--plan",

@@ -82,6 +82,10 @@ def test_solve_keeps_every_layer_within_k_max():
     with pytest.raises(AllocplanError, match="--k-max 2 lets the MoE layers run at most 6 activations per token,"
                                              " fewer than the budget's 8"):
         solve_profile(make_profile(), budget, RoutingConfig(k_max=2))
+    # Every layer of make_profile routes top-4; a cap of 5 is named with the flag, not the plan field.
+    with pytest.raises(AllocplanError, match="--k-max 5 is above the smallest original top-k of the model's MoE"
+                                             " layers, 4; give at most 4"):
+        solve_profile(make_profile(), budget, RoutingConfig(k_max=5))
 
 
 def test_plan_is_deterministic(plan):

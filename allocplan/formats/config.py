@@ -229,6 +229,19 @@ class RoutingConfig:
         if self.reference_k is not None and self.renormalize != "decoupled":
             raise AllocplanError("--reference-k is only used with --renormalize decoupled; leave it out")
 
+    def check_fits(self, originals: list[int]) -> None:
+        """Refuse a ``k_max`` or ``reference_k`` above the smallest original top-k of a model's MoE layers
+        (``originals``), in the flags' words (a plan would refuse the same in its fields').
+
+        Raises:
+            AllocplanError: naming the flag and the largest value the model allows.
+        """
+        smallest = min(originals, default=None)
+        for flag, value in (("--k-max", self.k_max), ("--reference-k", self.reference_k)):
+            if value is not None and smallest is not None and value > smallest:
+                raise AllocplanError(f"{flag} {value} is above the smallest original top-k of the model's MoE"
+                                     f" layers, {smallest}; give at most {smallest}, or leave {flag} out")
+
     def token_level_record(self) -> TokenLevel:
         """The plan's ``token_level`` record."""
         return TokenLevel(enabled=self.token_level, k_base=self.k_base, k_max=self.k_max, scope=self.scope,
