@@ -53,6 +53,7 @@ _LAZY = {
     "write_report": "allocplan.report",
     "check_plan_for_model": "allocplan.api",
     "generate": "allocplan.api",
+    "check_prompt": "allocplan.api",
     "load_model": "allocplan.loading",
     "load_config": "allocplan.loading",
     "solve_profile": "allocplan.planner.solve",

@@ -290,9 +290,7 @@ def apply_command(plan_path: Path, model_name: str | None, prompt: str | None, m
     """Load a model, apply a plan and show it (optionally generate from a prompt)."""
     _quiet_transformers()
     if prompt is not None:  # before the model loads and the plan is shown
-        from allocplan.api import check_prompt
-
-        check_prompt(prompt)
+        allocplan.check_prompt(prompt)
     plan = allocplan.load_plan(plan_path)
     name = model_name or plan.model.name
     model, tokenizer = allocplan.load_model(name, build_config(LoadConfig, options))
