@@ -217,6 +217,9 @@ CASES: list[Case] = [
     Case("input", "--reference-k above every layer's top-k", lambda w: [
         "solve", str(w.path("profile.yaml")), "--budget", "0.5", "--renormalize", "decoupled", "--reference-k", "99",
         "-o", str(w.path("rk.yaml"))], "--reference-k 99 is above the smallest original top-k"),
+    Case("input", "--exact-decode in prefill mode", lambda w: [
+        "eval", "--model", str(w.path("ckpt")), "--plan", str(w.path("plan.yaml")), "--data", str(w.path("calib.txt")),
+        "--exact-decode"], "--exact-decode applies to the decode modes only"),
     Case("input", "empty --prompt", lambda w: ["apply", str(w.path("plan.yaml")), "--model", str(w.path("ckpt")),
                                                "--prompt", ""], "--prompt is empty"),
     Case("input", "non-UTF-8 --arith", lambda w: ["eval", "--model", str(w.path("ckpt")), "--plan",

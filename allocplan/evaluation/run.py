@@ -58,13 +58,17 @@ def run_eval(
         The JSON-ready result: NLL, perplexity, arithmetic, activations, and what was evaluated.
 
     Raises:
-        AllocplanError: neither or both of plan and method, a method without a budget, or bad inputs.
+        AllocplanError: neither or both of plan and method, a method without a budget, ``exact_decode`` in
+            prefill mode, or bad inputs.
     """
     if (plan is None) == (method is None):
         raise AllocplanError("give exactly one of --plan PLAN or --method NAME")
     if str(data) == "-" and calib is not None and str(calib) == "-":
         raise AllocplanError("--data and --calib are both standard input, so a method would calibrate on the eval"
                              " text; give one of them as a file")
+    if exact_decode and mode == "prefill":
+        raise AllocplanError("--exact-decode applies to the decode modes only; add --mode decode-b1 or decode-b8,"
+                             " or leave it out")
     registered = get_method(method) if method is not None else None
     if registered is not None and registered.name != "full" and budget_ratio is None:
         raise AllocplanError(f"--method {method} needs --budget RATIO")
