@@ -220,6 +220,15 @@ CASES: list[Case] = [
     Case("input", "--exact-decode in prefill mode", lambda w: [
         "eval", "--model", str(w.path("ckpt")), "--plan", str(w.path("plan.yaml")), "--data", str(w.path("calib.txt")),
         "--exact-decode"], "--exact-decode applies to the decode modes only"),
+    Case("input", "eval --profile with a plan", lambda w: [
+        "eval", "--model", str(w.path("ckpt")), "--plan", str(w.path("plan.yaml")), "--data", str(w.path("calib.txt")),
+        "--profile", str(w.path("profile.yaml"))], "a plan reads no --profile"),
+    Case("input", "eval --budget with --method full", lambda w: [
+        "eval", "--model", str(w.path("ckpt")), "--method", "full", "--budget", "0.5", "--data",
+        str(w.path("calib.txt"))], "--method full takes no --budget"),
+    Case("input", "eval --calib for a method that calibrates nothing", lambda w: [
+        "eval", "--model", str(w.path("ckpt")), "--method", "uniform", "--budget", "0.5", "--data",
+        str(w.path("calib.txt")), "--calib", str(w.path("calib.txt"))], "--method uniform reads no --calib"),
     Case("input", "empty --prompt", lambda w: ["apply", str(w.path("plan.yaml")), "--model", str(w.path("ckpt")),
                                                "--prompt", ""], "--prompt is empty"),
     Case("input", "non-UTF-8 --arith", lambda w: ["eval", "--model", str(w.path("ckpt")), "--plan",

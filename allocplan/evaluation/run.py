@@ -12,7 +12,7 @@ from ..formats.config import LoadConfig
 from ..formats.plan import load_plan
 from ..formats.profile import load_profile
 from ..loading import load_model
-from .methods import PAPER_PROFILE, PLAIN, build_policy, get_method
+from .methods import METHODS, PAPER_PROFILE, PLAIN, build_policy, get_method
 from .metrics import evaluate
 
 # Calibration tokens that threshold methods are calibrated on (never the eval data).
@@ -27,6 +27,24 @@ def check_profile_matches(measured: Any, model: Any, path: Any) -> None:
     if mismatch is not None:
         raise AllocplanError(f"profile {str(path)!r} was measured on {mismatch}; profile this model"
                              " (allocplan profile --model ...)")
+
+
+def _check_unused_inputs(registered: Any, budget_ratio: float | None, calib: Any, profile: Any) -> None:
+    """Refuse an input the evaluation would not read, so that nobody believes it was used.
+
+    Raises:
+        AllocplanError: ``--budget`` with a plan or ``full``; ``--profile`` for a method that solves no
+            profile; ``--calib`` for one that neither profiles nor calibrates (or with a plan).
+    """
+    what = f"--method {registered.name}" if registered is not None else "a plan"
+    if budget_ratio is not None and (registered is None or registered.name == "full"):
+        reason = "it runs every expert" if registered is not None else "it carries its own"
+        raise AllocplanError(f"{what} takes no --budget ({reason}); leave --budget out")
+    if profile is not None and not (registered is not None and registered.needs_profile):
+        users = ", ".join(name for name, m in METHODS.items() if m.needs_profile)
+        raise AllocplanError(f"{what} reads no --profile (only --method {users} do); leave --profile out")
+    if calib is not None and not (registered is not None and (registered.needs_profile or registered.needs_calibration)):
+        raise AllocplanError(f"{what} reads no --calib (it calibrates nothing); leave --calib out")
 
 
 def run_eval(
@@ -72,6 +90,7 @@ def run_eval(
     registered = get_method(method) if method is not None else None
     if registered is not None and registered.name != "full" and budget_ratio is None:
         raise AllocplanError(f"--method {method} needs --budget RATIO")
+    _check_unused_inputs(registered, budget_ratio, calib, profile)
     model, tokenizer = load_model(model_name, load)
     calib = calib or DEFAULT_CALIBRATION
     parameter = None
