@@ -73,12 +73,13 @@ _LAZY = {
     "run_eval": "allocplan.evaluation.run",
     "run_bench": "allocplan.bench.run",
     "BENCH_PRESETS": "allocplan.bench.presets",
+    "BENCH_PRESET_BUDGET": "allocplan.bench.presets",
     "show_progress": "allocplan.progress",
     "run_lm_eval": "allocplan.harness",
     "profile_shard": "allocplan.sharding",
     "merge_profile_parts": "allocplan.sharding",
 }
-_RENAMED = {"BENCH_PRESETS": "PRESETS", "show_progress": "enable"}
+_RENAMED = {"BENCH_PRESETS": "PRESETS", "BENCH_PRESET_BUDGET": "PRESET_BUDGET", "show_progress": "enable"}
 
 __all__ = [
     "COMPENSATION_KINDS", "Allocation", "AllocplanError", "BudgetRequest", "LoadConfig", "Plan", "ProfileConfig", "Recipe",

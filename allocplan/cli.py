@@ -375,10 +375,10 @@ def eval_command(model_name: str, plan_path: Path | None, method: str | None, bu
 @click.option("--plan", "plan_path", type=_existing_file, default=None, help="Plan to time against the untouched model.")
 @click.option("--config", "preset", type=click.Choice(list(allocplan.BENCH_PRESETS)), default=None,
               help="Time a randomly initialised model of this shape, planned uniformly at --budget.")
-@click.option("--budget", "budget_ratio", type=click.FloatRange(0, 1, min_open=True), default=0.5, show_default=True,
-              help="Budget of the uniform plan for --config.")
-@click.option("--token-level/--no-token-level", default=False, show_default=True,
-              help="Alloc-T for the --config plan (fractional budgets always use it).")
+@click.option("--budget", "budget_ratio", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help=f"Budget of the uniform plan for --config [default: {allocplan.BENCH_PRESET_BUDGET:g}].")
+@click.option("--token-level/--no-token-level", default=None,
+              help="Alloc-T for the --config plan (fractional budgets always use it) [default: off].")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Prefill batch size.")
 @click.option("--prompt-len", type=click.IntRange(min=2), default=256, show_default=True)
 @click.option("--new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
@@ -397,8 +397,8 @@ def eval_command(model_name: str, plan_path: Path | None, method: str | None, bu
               help="dtype to run the model in.")
 @click.option("--decode-batch", type=click.IntRange(min=2), default=8, show_default=True,
               help="Batch of the batched decode measure.")
-def bench_command(model_name: str | None, plan_path: Path | None, preset: str | None, budget_ratio: float,
-                  token_level: bool, batch: int, prompt_len: int, new_tokens: int, repeat: int,
+def bench_command(model_name: str | None, plan_path: Path | None, preset: str | None, budget_ratio: float | None,
+                  token_level: bool | None, batch: int, prompt_len: int, new_tokens: int, repeat: int,
                   profile_cost: bool, solver_cost: bool, breakdown: bool, threads: int | None,
                   compensation: str | None, device: str, dtype: str, decode_batch: int) -> None:
     """Time prefill and decode without and with a plan, side by side (JSON on stdout)."""

@@ -229,6 +229,11 @@ CASES: list[Case] = [
     Case("input", "eval --calib for a method that calibrates nothing", lambda w: [
         "eval", "--model", str(w.path("ckpt")), "--method", "uniform", "--budget", "0.5", "--data",
         str(w.path("calib.txt")), "--calib", str(w.path("calib.txt"))], "--method uniform reads no --calib"),
+    Case("input", "bench --budget with a plan", lambda w: [
+        "bench", "--plan", str(w.path("plan.yaml")), "--model", str(w.path("ckpt")), "--budget", "0.3"],
+         "--budget sets the uniform plan a --config preset is timed with"),
+    Case("input", "bench --model with a preset", lambda w: ["bench", "--config", "mixtral-small", "--model",
+                                                             str(w.path("ckpt"))], "--config builds its own"),
     Case("input", "empty --prompt", lambda w: ["apply", str(w.path("plan.yaml")), "--model", str(w.path("ckpt")),
                                                "--prompt", ""], "--prompt is empty"),
     Case("input", "non-UTF-8 --arith", lambda w: ["eval", "--model", str(w.path("ckpt")), "--plan",

@@ -36,6 +36,9 @@ def _mixtral_small() -> Any:
     )
 
 
+# The budget of a preset's uniform plan in ``allocplan bench --config`` when none is given.
+PRESET_BUDGET = 0.5
+
 PRESETS: dict[str, Callable[[], Any]] = {
     "dsv2-lite-small": _dsv2_lite_small,
     "mixtral-small": _mixtral_small,

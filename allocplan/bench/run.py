@@ -11,7 +11,7 @@ from ..formats.config import STAND_IN_SHARE
 from ..formats.plan import load_plan
 from ..loading import load_model
 from .breakdown import time_breakdown
-from .presets import build_preset
+from .presets import PRESET_BUDGET, build_preset
 from .timing import bench, profile_cost, solver_cost, uniform_budget_allocation
 
 # --profile-cost measures on 2048 tokens of calibration text in windows of 256 (a preset, which has
@@ -43,8 +43,8 @@ def run_bench(
     plan: str | Path | None = None,
     model_name: str | None = None,
     preset: str | None = None,
-    budget_ratio: float = 0.5,
-    token_level: bool = False,
+    budget_ratio: float | None = None,
+    token_level: bool | None = None,
     batch: int = 1,
     prompt_len: int = 256,
     new_tokens: int = 32,
@@ -60,28 +60,42 @@ def run_bench(
 ) -> dict[str, Any]:
     """Time prefill and decode without and with a plan (or a preset's uniform budget), side by side.
 
-    ``compensation`` (with ``preset``): also time the same allocation with stand-ins of that kind
-    for its dropped experts (fitted on random tokens: their values do not change the time).
+    ``budget_ratio`` and ``token_level`` (with ``preset``): its uniform plan, by default
+    ``PRESET_BUDGET`` without Alloc-T. ``compensation`` (with ``preset``): also time the same
+    allocation with stand-ins of that kind for its dropped experts (fitted on random tokens: their
+    values do not change the time).
     ``device`` and ``dtype``: where and in what the model runs (a preset is built on the CPU
     and moved; a named model is loaded there).
 
     Raises:
-        AllocplanError: neither or both of ``plan`` and ``preset``, or bad inputs.
+        AllocplanError: neither or both of ``plan`` and ``preset``, a setting of the other one's, or
+            bad inputs.
     """
     import torch
 
-    if threads:
-        torch.set_num_threads(threads)
     if (preset is None) == (plan is None):
         raise AllocplanError("give --plan PLAN (with --model or the plan's model) or --config PRESET"
                              + (", not both" if preset is not None else ""))
+    # Settings of the other kind of run are refused rather than ignored, so nobody believes they were timed.
+    if preset is not None and model_name is not None:
+        raise AllocplanError("--model names the trained model a --plan is timed on; --config builds its own: leave"
+                             " --model out")
+    if plan is not None:
+        given = [flag for flag, value in (("--budget", budget_ratio), ("--token-level/--no-token-level", token_level),
+                                          ("--compensation", compensation)) if value is not None]
+        if given:
+            raise AllocplanError(f"{given[0]} sets the uniform plan a --config preset is timed with; a --plan carries"
+                                 f" its own budget, routing and compensation: leave {given[0]} out")
+    if threads:
+        torch.set_num_threads(threads)
     tokenizer = None
     if preset is not None:
         try:
             model = build_preset(preset).to(device=device, dtype=getattr(torch, dtype))
         except (RuntimeError, AssertionError) as exc:
             raise AllocplanError(f"cannot run on device {device!r}: {str(exc).splitlines()[0]}") from None
-        allocation = uniform_budget_allocation(model, budget_ratio, token_level)
+        budget_ratio = PRESET_BUDGET if budget_ratio is None else budget_ratio
+        allocation = uniform_budget_allocation(model, budget_ratio, bool(token_level))
         label = f"{preset} (random init), uniform budget {budget_ratio:g}"
     else:
         from ..formats.config import LoadConfig
@@ -93,9 +107,6 @@ def run_bench(
     label += f" on {device} in {dtype}"
     variants = None
     if compensation is not None:
-        if preset is None:
-            raise AllocplanError("--compensation times a --config preset's plan with stand-ins; a compiled plan"
-                                 " carries its own compensation")
         variants = {f"{compensation} compensation": with_compensation(model, allocation, compensation)}
     result = {"label": label, **bench(model, allocation, batch=batch, prompt_len=prompt_len,
                                       new_tokens=new_tokens, repeat=repeat, variants=variants,
