@@ -115,6 +115,19 @@ def test_recipe_rejects(data, message):
     (lambda: ProfileConfig(compensation_share=1.5), "compensation_share (--compensation-share) must be at most 1.0"),
     (lambda: RoutingConfig(scope="request"), "choose one of batch, sequence"),
     (lambda: RefineConfig(refine_steps=0), "refine_steps (--refine-steps) must be at least 1"),
+    # Settings nothing would read.
+    (lambda: RoutingConfig(token_level=False, k_base=2), "--k-base 2 applies to token-level allocation (Alloc-T)"),
+    (lambda: RoutingConfig(token_level=False, scope="sequence"), "--scope sequence applies to token-level"),
+    (lambda: RoutingConfig(token_level=False, prefer="active"), "--prefer active applies to token-level"),
+    (lambda: ProfileConfig(compensation="expert", compensation_rank=4),
+     "--compensation-rank shapes linear stand-ins, which --compensation expert does not fit"),
+    (lambda: ProfileConfig(compensation="off", compensation_share=0.2),
+     "--compensation-share shapes linear stand-ins, which --compensation off does not fit"),
+    (lambda: ProfileConfig(compensation_rank=4, compensation_share=0.2),
+     "--compensation-share chooses the rank that --compensation-rank gives; give one"),
+    (lambda: ProfileConfig(compensation="off", drop_order=False), "--no-drop-order changes the order of stand-ins"),
+    (lambda: ProfileConfig(text_field="body"), "--text-field body names the field of a .jsonl --calib"),
+    (lambda: ProfileConfig(calib="notes.txt", text_field="body"), "plain calibration text has none"),
 ])
 def test_config_validation(build, message):
     with pytest.raises(AllocplanError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -122,9 +135,9 @@ def test_config_validation(build, message):
 
 
 def test_routing_config_gives_the_plan_records():
-    routing = RoutingConfig(token_level=False, k_base=2, k_max=3, renormalize="decoupled", reference_k=4)
+    routing = RoutingConfig(token_level=True, k_base=2, k_max=3, renormalize="decoupled", reference_k=4)
     assert (routing.token_level_record().enabled, routing.token_level_record().k_base,
-            routing.token_level_record().k_max) == (False, 2, 3)
+            routing.token_level_record().k_max) == (True, 2, 3)
     assert (routing.weights_record().renormalize, routing.weights_record().reference_k) == ("decoupled", 4)
 
 

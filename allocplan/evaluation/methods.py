@@ -306,8 +306,8 @@ def _k2_peer(inputs: MethodInputs) -> Policy:
     for width in range(math.ceil(max(ks)), min(inputs.originals) + 1):
         # Fractional k: every token keeps floor(k) experts and Alloc-T places the rest; candidates
         # stay the full top-K, whose mass the normaliser needs.
-        routing = RoutingConfig(token_level=fractional, k_base=max(1, int(min(ks))), renormalize="decoupled",
-                                reference_k=width)
+        routing = RoutingConfig(token_level=fractional, k_base=max(1, int(min(ks))) if fractional else 1,
+                                renormalize="decoupled", reference_k=width)
         policy = Policy("k2-peer", _allocation(inputs.model, ks, routing), inputs.total, parameter=float(width))
         handle = policy.apply(inputs.model)
         try:

@@ -185,6 +185,20 @@ class ProfileConfig:
             parse_dataset_spec(self.calib_dataset)
         if not self.text_field or len(self.text_field) > 200:
             raise AllocplanError("--text-field must be a field name of 1 to 200 characters")
+        # Settings that nothing would read are refused rather than ignored, so nobody believes they were used.
+        if self.text_field != "text" and self.calib_dataset is None and not str(self.calib).lower().endswith(".jsonl"):
+            raise AllocplanError(f"--text-field {self.text_field} names the field of a .jsonl --calib or a"
+                                 " --calib-dataset; plain calibration text has none: leave it out")
+        if self.compensation in ("off", "expert", "layer"):
+            if self.compensation_rank is not None or self.compensation_share != STAND_IN_SHARE:
+                flag = "--compensation-rank" if self.compensation_rank is not None else "--compensation-share"
+                raise AllocplanError(f"{flag} shapes linear stand-ins, which --compensation {self.compensation} does"
+                                     f" not fit; leave it out or use --compensation linear")
+            if not self.drop_order and self.compensation == "off":
+                raise AllocplanError("--no-drop-order changes the order of stand-ins, which --compensation off does"
+                                     " not fit; leave it out")
+        elif self.compensation_rank is not None and self.compensation_share != STAND_IN_SHARE:
+            raise AllocplanError("--compensation-share chooses the rank that --compensation-rank gives; give one")
 
 
 @dataclass(frozen=True)
@@ -228,6 +242,13 @@ class RoutingConfig:
             raise AllocplanError(f"--k-max {self.k_max} is below --k-base {self.k_base}")
         if self.reference_k is not None and self.renormalize != "decoupled":
             raise AllocplanError("--reference-k is only used with --renormalize decoupled; leave it out")
+        if not self.token_level:
+            defaults = RoutingConfig.__dataclass_fields__
+            for name in ("k_base", "scope", "prefer"):
+                if getattr(self, name) != defaults[name].default:
+                    raise AllocplanError(f"{flag_of(defaults[name])} {getattr(self, name)} applies to token-level"
+                                         " allocation (Alloc-T), which is off here (--no-token-level, or a profile"
+                                         " measured with plain top-k); leave it out or add --token-level")
 
     def check_fits(self, originals: list[int]) -> None:
         """Refuse a ``k_max`` or ``reference_k`` above the smallest original top-k of a model's MoE layers
