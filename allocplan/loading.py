@@ -137,6 +137,13 @@ def loaded_revision(name: str, source: str, revision: str | None) -> str | None:
     return revision
 
 
+def _may_hold_pickle(source: str) -> bool:
+    """Whether ``source`` may hold pickled weights: a hub id (unknown until asked), or a local folder that
+    holds a ``*.bin`` or ``*.pt`` file."""
+    folder = Path(source)
+    return not folder.is_dir() or any(folder.glob("*.bin")) or any(folder.glob("*.pt"))
+
+
 def load_model(name: str, load: LoadConfig | None = None) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` in eval mode as ``load`` says (device or device_map, dtype,
     revision, attention implementation, remote code).
@@ -148,6 +155,7 @@ def load_model(name: str, load: LoadConfig | None = None) -> tuple[Any, Any]:
         AllocplanError: missing model, or a checkpoint transformers cannot read.
     """
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .runtime.layers import record_revision
@@ -165,8 +173,11 @@ def load_model(name: str, load: LoadConfig | None = None) -> tuple[Any, Any]:
         raise
     except ImportError as exc:  # e.g. device_map without accelerate, an attention kernel not installed
         raise _load_error(name, exc) from None
+    except SafetensorError as exc:  # a truncated or damaged weights file
+        raise AllocplanError(f"cannot load model {name!r}: a safetensors weights file is damaged ({first_line(exc)});"
+                             " download or convert the checkpoint again") from None
     except (OSError, ValueError, KeyError) as exc:
-        if not load.pickle_weights and "model.safetensors" in str(exc):
+        if not load.pickle_weights and "model.safetensors" in str(exc) and _may_hold_pickle(source):
             raise AllocplanError(
                 f"{name!r} has no safetensors weights, and allocplan does not unpickle checkpoint files unless asked;"
                 " convert its weights to safetensors, or pass --pickle-weights (torch's weights-only unpickler)"

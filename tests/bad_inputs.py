@@ -285,6 +285,12 @@ CASES: list[Case] = [
     Case("input", "report with another model's profile", lambda w: [
         "report", str(w.path("plan.yaml")), "--profile", _other_models_profile(w), "-o", str(w.path("report"))],
         "give the profile the plan was solved from"),
+    Case("input", "damaged safetensors weights", lambda w: _compile(
+        w, "--budget", "0.5", "-o", str(w.path("dmg.yaml")), model=_damaged_checkpoint(w)),
+        "a safetensors weights file is damaged"),
+    Case("input", "checkpoint without weights", lambda w: _compile(
+        w, "--budget", "0.5", "-o", str(w.path("nw.yaml")), model=_checkpoint_without_weights(w)),
+        "no file named model.safetensors"),
     Case("input", "model whose own forward fails", lambda w: _compile(
         w, "--budget", "0.5", "-o", str(w.path("f.yaml")), model=str(w.path("odd-heads"))),
         "its own forward pass fails before any plan is applied"),
@@ -306,6 +312,33 @@ def _pickled_checkpoint(w: Workspace) -> str:
                 shutil.copy(item, target / item.name)
         torch.save(load_file(w.path("ckpt") / "model.safetensors"), target / "pytorch_model.bin")
     return str(target)
+
+
+def _checkpoint_copy(w: Workspace, name: str, weights: bool) -> Path:
+    """The workspace's checkpoint copied to ``name``, with or without its weights file."""
+    import shutil
+
+    target = w.path(name)
+    if not target.exists():
+        target.mkdir()
+        for item in w.path("ckpt").iterdir():
+            if weights or item.suffix != ".safetensors":
+                shutil.copy(item, target / item.name)
+    return target
+
+
+def _damaged_checkpoint(w: Workspace) -> str:
+    """The workspace's checkpoint with the header of its safetensors file garbled (as a bad download leaves it)."""
+    target = _checkpoint_copy(w, "damaged", weights=True)
+    weights = target / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:8] + b"{garbage" + data[16:])
+    return str(target)
+
+
+def _checkpoint_without_weights(w: Workspace) -> str:
+    """The workspace's checkpoint without any weights file (a download that stopped after the config)."""
+    return str(_checkpoint_copy(w, "no-weights", weights=False))
 
 
 def _other_models_profile(w: Workspace) -> str:
