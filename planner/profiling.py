@@ -188,8 +188,12 @@ class _LayerReplay:
 
 def check_k_min(k_min: int, originals: list[int]) -> None:
     """Raise unless every layer can be profiled down to ``k_min``."""
+    if min(originals) < 1:
+        raise AllocplanError(f"the model's MoE layers route each token to as few as {min(originals)} experts (its"
+                             " config's top-k), so there is nothing to plan; check the checkpoint's config")
     if k_min > min(originals):
-        raise AllocplanError(f"k_min {k_min} must be between 1 and the smallest original top-k {min(originals)}")
+        raise AllocplanError(f"--k-min {k_min} is above the smallest original top-k {min(originals)}; give at most"
+                             f" {min(originals)}")
 
 
 def check_k_max_for_profiling(routing: RoutingConfig, originals: list[int]) -> None:

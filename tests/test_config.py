@@ -206,3 +206,13 @@ def test_docs_state_the_defaults_and_constants_they_name():
     assert share is not None and float(share.group(1)) == ProfileConfig().compensation_share
     runtime = (docs / "runtime.md").read_text(encoding="utf-8")
     assert f"(m_e / mean m) ** {DROP_ORDER_POWER}," in runtime
+
+
+def test_k_min_checks_name_the_flag_and_a_broken_config():
+    from allocplan.planner.profiling import check_k_min
+
+    check_k_min(2, [2, 4])  # down to 2 in every layer: fine
+    with pytest.raises(AllocplanError, match="--k-min 3 is above the smallest original top-k 2; give at most 2"):
+        check_k_min(3, [2, 4])
+    with pytest.raises(AllocplanError, match="route each token to as few as 0 experts"):
+        check_k_min(1, [4, 0])
