@@ -550,6 +550,9 @@ def load_compensation(allocation: Allocation, layers: list[MoELayer], model: Any
         if not found.is_floating_point():
             raise AllocplanError(f"compensation file {record.file!r} holds {found.dtype} values for {name}, which"
                                  " needs floating-point values; the sidecar is not allocplan's: recompile")
+        if not bool(torch.isfinite(found).all()):  # NaN or inf stand-ins would silently poison every output
+            raise AllocplanError(f"compensation file {record.file!r} holds NaN or infinite values for {name}; the"
+                                 " stand-ins were fitted on a diverging model or edited: recompile")
         # Each layer's stand-ins live where its experts compute (layers may sit on different devices).
         dtype = dtype or next(layer.experts.parameters()).dtype
         return found.to(device=module_device(layer.experts), dtype=dtype)

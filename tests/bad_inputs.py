@@ -248,6 +248,8 @@ CASES: list[Case] = [
         "--budget", "0.5", "-o", str(w.path("vocab.yaml"))], "the tokenizer gives token id"),
     Case("input", "missing sidecar", lambda w: ["validate", _without_sidecar(w)], "not beside it"),
     Case("input", "changed sidecar", lambda w: ["validate", _changed_sidecar(w)], "does not match the sha256"),
+    Case("input", "sidecar holding NaN under a matching sha256", lambda w: [
+        "validate", _nan_sidecar(w), "--model", str(w.path("ckpt"))], "holds NaN or infinite values"),
     Case("input", "recipe with an unknown key", lambda w: ["solve", str(w.path("profile.yaml")), "--recipe",
                                                            w.write("bad-recipe.yaml", "kind: allocplan-recipe\n"
                                                                    "schema_version: 1\nrouting:\n  k_bse: 2\n"),
@@ -372,6 +374,28 @@ def _changed_sidecar(w: Workspace) -> str:
         data[-1] ^= 1
         sidecar.write_bytes(bytes(data))
     return str(target / "plan.yaml")
+
+
+def _nan_sidecar(w: Workspace) -> str:
+    """The plan with a sidecar whose first stand-in value is NaN, renamed and re-hashed as a compile would."""
+    import hashlib
+
+    from safetensors.torch import load_file, save
+
+    target = _sidecar_copy(w, "nan-sidecar")
+    plan = target / "plan.yaml"
+    old = next(target.glob("compensation-*.safetensors"))
+    tensors = load_file(old)
+    tensors[sorted(tensors)[0]].view(-1)[0] = float("nan")
+    data = save(tensors)
+    digest = hashlib.sha256(data).hexdigest()
+    name = f"compensation-{digest[:16]}.safetensors"
+    (target / name).write_bytes(data)
+    old_digest = hashlib.sha256(old.read_bytes()).hexdigest()
+    text = plan.read_text()
+    assert old.name in text and old_digest in text
+    plan.write_text(text.replace(old.name, name).replace(old_digest, digest))
+    return str(plan)
 
 
 def _empty_dir(w: Workspace) -> str:
