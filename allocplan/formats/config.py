@@ -123,7 +123,9 @@ class ProfileConfig:
         metric: ``kl`` (KL divergence from the full model) or ``nll`` (NLL increase).
         k_min: smallest top-k a layer may be given.
         k_step: candidate grid: 1.0 (whole experts) or 0.5 (halves, realised by Alloc-T).
-        batch_size: calibration windows per forward pass.
+        batch_size: calibration windows per forward pass. Under token-level allocation (batch
+            scope) a forward's tokens pool each layer's budget, so the measured sensitivities,
+            fitted gains and stand-ins depend on it slightly; plans do not record it.
         weight_fit: ``auto``: for every (layer, k), fit the layer's weight treatment on
             calibration tokens (the normaliser width k2 of decoupled renormalisation for a
             family that renormalises, a gain on the routed output for one that does not)
@@ -158,7 +160,9 @@ class ProfileConfig:
     k_min: int = setting(1, "Smallest top-k a layer may be given.", minimum=1)
     k_step: float = setting(1.0, "Candidate grid: whole experts, or halves realised by token-level allocation.",
                             choices=K_STEPS)
-    batch_size: int = setting(8, "Calibration windows per forward pass.", minimum=1)
+    batch_size: int = setting(8, "Calibration windows per forward pass; with token-level allocation also the"
+                                 " tokens that pool a layer's budget while measuring, so it moves the plan"
+                                 " slightly (keep it fixed to reproduce a plan).", minimum=1)
     weight_fit: str = setting("auto", "Fit each layer's weight treatment (normaliser width or gain) per k on"
                                       " calibration text, and profile with it.", choices=WEIGHT_FITS)
     compensation: str = setting("auto", "Compensate dropped experts with stand-ins fitted on calibration text"
