@@ -115,7 +115,7 @@ def test_compile_bad_inputs(checkpoints, calib_file, tmp_path):
         (["--model", "bundled:nope", "--budget", "0.5"], ["no bundled model 'nope'"]),
         (["--model", ckpt, "--budget", "0.5", "--calib", tmp_path / "missing.txt"], ["missing.txt"]),
         (["--model", ckpt, "--budget", "0.2", "--k-min", "2", "--calib", calib_file], ["smallest feasible"]),
-        (["--model", ckpt, "--budget", "0.5", "--k-min", "5", "--calib", calib_file], ["k_min 5"]),
+        (["--model", ckpt, "--budget", "0.5", "--k-min", "5", "--calib", calib_file], ["--k-min 5 is above"]),
         (["--model", ckpt, "--budget", "0.5", "--calib", calib_file, "--seq-len", "100000"],
          ["smaller than --seq-len"]),
         (["--model", ckpt, "--budget", "0.5", "--calib", calib_file, "--seq-len", "50000", "--calib-tokens", "99999"],

@@ -106,7 +106,7 @@ def test_calibration_is_deterministic_and_checked(calib_file, tmp_path):
 
 
 def test_k_min_bounds(windows):
-    with pytest.raises(AllocplanError, match="k_min 5"):
+    with pytest.raises(AllocplanError, match="--k-min 5 is above the smallest original top-k 4"):
         measure_sensitivity(build_tiny_model("olmoe"), windows, ProfileConfig(k_min=5))
 
 
