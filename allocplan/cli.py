@@ -311,6 +311,12 @@ def apply_command(plan_path: Path, model_name: str | None, prompt: str | None, m
                                        "offload_folder", "pickle_weights"))
 def validate_command(plan_path: Path, model_name: str | None, as_json: bool, **options: Any) -> None:
     """Check a plan's schema and budget arithmetic, and optionally that it fits a model (config only)."""
+    # A usage error, not a verdict on the plan: raised before the JSON verdict can be written.
+    given = [flag for flag, value in (("--revision", options.get("revision")),
+                                      ("--trust-remote-code", options.get("trust_remote_code"))) if value]
+    if given and model_name is None:
+        raise allocplan.AllocplanError(f"{given[0]} says how to load --model, which is not given; add --model or"
+                                       f" leave {given[0]} out")
     try:
         plan = allocplan.load_plan(plan_path)
         message = f"{plan_path}: valid plan for {plan.model.name} ({plan.model.model_type}, {plan.model.fingerprint})"

@@ -234,6 +234,8 @@ CASES: list[Case] = [
          "--budget sets the uniform plan a --config preset is timed with"),
     Case("input", "bench --model with a preset", lambda w: ["bench", "--config", "mixtral-small", "--model",
                                                              str(w.path("ckpt"))], "--config builds its own"),
+    Case("input", "validate --revision without --model", lambda w: [
+        "validate", str(w.path("plan.yaml")), "--revision", "main"], "--revision says how to load --model"),
     Case("input", "empty --prompt", lambda w: ["apply", str(w.path("plan.yaml")), "--model", str(w.path("ckpt")),
                                                "--prompt", ""], "--prompt is empty"),
     Case("input", "non-UTF-8 --arith", lambda w: ["eval", "--model", str(w.path("ckpt")), "--plan",
