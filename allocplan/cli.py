@@ -351,7 +351,8 @@ def validate_command(plan_path: Path, model_name: str | None, as_json: bool, **o
 @click.option("--profile", "profile_path", type=_existing_file, default=None,
               help="Sensitivity profile for alloc-l / alloc-lt [default: profile --calib now, plain top-k with no"
                    " treatment or compensation, as the paper does].")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --method random.")
+@click.option("--seed", type=int, default=None,
+              help="Seed of --method random and of lexi's Gaussian inputs [default: 0].")
 @click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True)
 @click.option("--max-tokens", type=click.IntRange(min=2), default=16384, show_default=True,
               help="Tokens of --data to score.")
@@ -363,7 +364,7 @@ def validate_command(plan_path: Path, model_name: str | None, as_json: bool, **o
               help="Decode modes: run one forward per token instead of the equivalent forward per window.")
 @config_options(LoadConfig)
 def eval_command(model_name: str, plan_path: Path | None, method: str | None, budget_ratio: float | None,
-                 data: Path, arith: Path | None, calib: Path | None, profile_path: Path | None, seed: int,
+                 data: Path, arith: Path | None, calib: Path | None, profile_path: Path | None, seed: int | None,
                  seq_len: int, max_tokens: int, mode: str, exact_decode: bool, **options: Any) -> None:
     """Measure NLL, arithmetic accuracy and activations under a plan or a method (JSON on stdout)."""
     _quiet_transformers()

@@ -236,6 +236,9 @@ CASES: list[Case] = [
                                                              str(w.path("ckpt"))], "--config builds its own"),
     Case("input", "validate --revision without --model", lambda w: [
         "validate", str(w.path("plan.yaml")), "--revision", "main"], "--revision says how to load --model"),
+    Case("input", "eval --seed for a method that draws nothing at random", lambda w: [
+        "eval", "--model", str(w.path("ckpt")), "--method", "uniform", "--budget", "0.5", "--data",
+        str(w.path("calib.txt")), "--seed", "3"], "--method uniform draws nothing at random"),
     Case("input", "empty --prompt", lambda w: ["apply", str(w.path("plan.yaml")), "--model", str(w.path("ckpt")),
                                                "--prompt", ""], "--prompt is empty"),
     Case("input", "non-UTF-8 --arith", lambda w: ["eval", "--model", str(w.path("ckpt")), "--plan",

@@ -86,19 +86,21 @@ class Method:
     summary: str
     needs_profile: bool = False
     needs_calibration: bool = False
+    seeded: bool = False
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register_method(name: str, summary: str, *, needs_profile: bool = False,
-                    needs_calibration: bool = False) -> Callable[[Callable[[MethodInputs], Policy]], Callable]:
-    """Decorator that registers a policy builder under ``name``."""
+def register_method(name: str, summary: str, *, needs_profile: bool = False, needs_calibration: bool = False,
+                    seeded: bool = False) -> Callable[[Callable[[MethodInputs], Policy]], Callable]:
+    """Decorator that registers a policy builder under ``name`` (``seeded``: it draws at random from
+    ``MethodInputs.seed``)."""
 
     def register(build: Callable[[MethodInputs], Policy]) -> Callable[[MethodInputs], Policy]:
         if name in METHODS:
             raise ValueError(f"method {name!r} is registered twice")
-        METHODS[name] = Method(name, build, summary, needs_profile, needs_calibration)
+        METHODS[name] = Method(name, build, summary, needs_profile, needs_calibration, seeded)
         return build
 
     return register
@@ -237,7 +239,7 @@ def _uniform(inputs: MethodInputs) -> Policy:
     return Policy("uniform", uniform_allocation(inputs.model, inputs.total), inputs.total)
 
 
-@register_method("random", "a random integer allocation summing to B (one seed per call)")
+@register_method("random", "a random integer allocation summing to B (one seed per call)", seeded=True)
 def _random(inputs: MethodInputs) -> Policy:
     return Policy("random", random_allocation(inputs.model, inputs.total, inputs.seed), inputs.total,
                   parameter=float(inputs.seed))
@@ -319,7 +321,7 @@ def _k2_peer(inputs: MethodInputs) -> Policy:
     return best[1]
 
 
-register_method("lexi", "LExI-style data-free allocation: Gaussian-input sensitivities, same DP")(
+register_method("lexi", "LExI-style data-free allocation: Gaussian-input sensitivities, same DP", seeded=True)(
     _solved("lexi", token_level=False, data_free=True))
 register_method("alloc-l", "layer-level only: the DP's allocation, Alloc-T off", needs_profile=True)(
     _solved("alloc-l", token_level=False))

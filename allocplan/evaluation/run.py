@@ -29,12 +29,14 @@ def check_profile_matches(measured: Any, model: Any, path: Any) -> None:
                              " (allocplan profile --model ...)")
 
 
-def _check_unused_inputs(registered: Any, budget_ratio: float | None, calib: Any, profile: Any) -> None:
+def _check_unused_inputs(registered: Any, budget_ratio: float | None, calib: Any, profile: Any,
+                         seed: int | None) -> None:
     """Refuse an input the evaluation would not read, so that nobody believes it was used.
 
     Raises:
         AllocplanError: ``--budget`` with a plan or ``full``; ``--profile`` for a method that solves no
-            profile; ``--calib`` for one that neither profiles nor calibrates (or with a plan).
+            profile; ``--calib`` for one that neither profiles nor calibrates (or with a plan); ``--seed``
+            for one that draws nothing at random.
     """
     what = f"--method {registered.name}" if registered is not None else "a plan"
     if budget_ratio is not None and (registered is None or registered.name == "full"):
@@ -45,6 +47,9 @@ def _check_unused_inputs(registered: Any, budget_ratio: float | None, calib: Any
         raise AllocplanError(f"{what} reads no --profile (only --method {users} do); leave --profile out")
     if calib is not None and not (registered is not None and (registered.needs_profile or registered.needs_calibration)):
         raise AllocplanError(f"{what} reads no --calib (it calibrates nothing); leave --calib out")
+    if seed is not None and not (registered is not None and registered.seeded):
+        users = ", ".join(name for name, m in METHODS.items() if m.seeded)
+        raise AllocplanError(f"{what} draws nothing at random (--seed seeds --method {users}); leave --seed out")
 
 
 def run_eval(
@@ -57,7 +62,7 @@ def run_eval(
     arith: str | Path | None = None,
     calib: str | Path | None = None,
     profile: str | Path | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     seq_len: int = 256,
     max_tokens: int = 16384,
     load: LoadConfig | None = None,
@@ -90,7 +95,7 @@ def run_eval(
     registered = get_method(method) if method is not None else None
     if registered is not None and registered.name != "full" and budget_ratio is None:
         raise AllocplanError(f"--method {method} needs --budget RATIO")
-    _check_unused_inputs(registered, budget_ratio, calib, profile)
+    _check_unused_inputs(registered, budget_ratio, calib, profile, seed)
     model, tokenizer = load_model(model_name, load)
     calib = calib or DEFAULT_CALIBRATION
     parameter = None
@@ -119,7 +124,7 @@ def run_eval(
 
             windows, _ = pack_windows(tokenizer, calib, max_tokens=THRESHOLD_CALIBRATION_TOKENS, seq_len=seq_len)
         policy = build_policy(model, registered.name, budget_ratio or 1.0, profile=measured, calib_windows=windows,
-                              seed=seed)
+                              seed=0 if seed is None else seed)
         handle, parameter = policy.apply(model), policy.parameter
         label, target = registered.name, policy.target
     try:
