@@ -291,6 +291,9 @@ def apply_command(plan_path: Path, model_name: str | None, prompt: str | None, m
     _quiet_transformers()
     if prompt is not None:  # before the model loads and the plan is shown
         allocplan.check_prompt(prompt)
+    elif click.get_current_context().get_parameter_source("max_new_tokens") == click.core.ParameterSource.COMMANDLINE:
+        raise allocplan.AllocplanError("--max-new-tokens sets how much --prompt generates, and no --prompt is given;"
+                                       " add --prompt TEXT or leave it out")
     plan = allocplan.load_plan(plan_path)
     name = model_name or plan.model.name
     model, tokenizer = allocplan.load_model(name, build_config(LoadConfig, options))

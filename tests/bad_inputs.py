@@ -239,6 +239,9 @@ CASES: list[Case] = [
     Case("input", "eval --seed for a method that draws nothing at random", lambda w: [
         "eval", "--model", str(w.path("ckpt")), "--method", "uniform", "--budget", "0.5", "--data",
         str(w.path("calib.txt")), "--seed", "3"], "--method uniform draws nothing at random"),
+    Case("input", "apply --max-new-tokens without --prompt", lambda w: [
+        "apply", str(w.path("plan.yaml")), "--model", str(w.path("ckpt")), "--max-new-tokens", "4"],
+        "--max-new-tokens sets how much --prompt generates"),
     Case("input", "empty --prompt", lambda w: ["apply", str(w.path("plan.yaml")), "--model", str(w.path("ckpt")),
                                                "--prompt", ""], "--prompt is empty"),
     Case("input", "non-UTF-8 --arith", lambda w: ["eval", "--model", str(w.path("ckpt")), "--plan",
