@@ -99,6 +99,15 @@ def test_recipe_rejects(data, message):
         recipe_from_data(data)
 
 
+def test_recipe_setting_errors_name_the_file(tmp_path):
+    """A setting's own check speaks in flags; from a recipe file the one line names the file first."""
+    path = tmp_path / "r.yaml"
+    path.write_text("kind: allocplan-recipe\nschema_version: 1\nprofile:\n  compensation: expert\n"
+                    "  compensation_rank: 4\n")
+    with pytest.raises(AllocplanError, match=f"^recipe '{path}': --compensation-rank shapes linear stand-ins"):
+        load_recipe(path)
+
+
 @pytest.mark.parametrize("build, message", [
     (lambda: ProfileConfig(metric="banana"), "metric (--metric) is 'banana'; choose one of kl, nll"),
     (lambda: ProfileConfig(k_min=0), "k_min (--k-min) must be at least 1, got 0"),

@@ -408,7 +408,12 @@ def recipe_from_data(data: object, where: str = "recipe") -> Recipe:
         raise AllocplanError(f"{where}: schema_version {data.get('schema_version')!r} is not supported (this"
                              f" allocplan reads version {RECIPE_SCHEMA_VERSION})")
     body = {key: value for key, value in data.items() if key not in ("kind", "schema_version")}
-    return from_data(Recipe, body, where, defaults=True)
+    try:
+        return from_data(Recipe, body, where, defaults=True)
+    except AllocplanError as exc:
+        # A setting's own check speaks in flags (--metric ...); in a recipe, name the file as well.
+        message = str(exc)
+        raise AllocplanError(message if message.startswith(where) else f"{where}: {message}") from None
 
 
 def load_recipe(path: str | os.PathLike[str]) -> Recipe:
