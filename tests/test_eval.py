@@ -121,6 +121,11 @@ def test_read_arithmetic_rejects_bad_lines(tmp_path):
     bad.write_text("1+2=3\nnonsense\n")
     with pytest.raises(AllocplanError, match="bad.txt:2"):
         read_arithmetic(bad)
+    bad.write_text("1+2=3\n\n4+5=9=10\n")  # a second '=' would make '9=10' the answer
+    with pytest.raises(AllocplanError, match="bad.txt:3: expected a line like 12"):
+        read_arithmetic(bad)
+    bad.write_text("12+30=42\n\n 7+8 = 15 \n")
+    assert read_arithmetic(bad) == [("12+30=", "42"), (" 7+8 =", "15")]
 
 
 def test_unknown_method():

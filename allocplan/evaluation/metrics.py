@@ -114,7 +114,7 @@ def read_arithmetic(path: str | Path) -> list[tuple[str, str]]:
         if not line.strip():
             continue
         prompt, sep, answer = line.partition("=")
-        if not sep or not answer.strip():
+        if not sep or not answer.strip() or "=" in answer:  # one '=', an answer after it
             raise AllocplanError(f"{path}:{number}: expected a line like 12+30=42, got {line[:40]!r}")
         problems.append((prompt + "=", answer.strip()))
     if not problems:
