@@ -21,8 +21,10 @@ def resolve_model_source(name: str) -> str:
     """Local directory path or hub id that transformers should load for ``name``.
 
     Raises:
-        AllocplanError: unknown bundled name, or a path-like name that is not a directory.
+        AllocplanError: an empty name, an unknown bundled name, or a path-like name that is not a directory.
     """
+    if not name.strip():  # Path("") is the current directory, which would be blamed instead
+        raise AllocplanError("the model name is empty; give a checkpoint directory, a hub id or bundled:<name>")
     if name.startswith(BUNDLED_PREFIX):
         short = name[len(BUNDLED_PREFIX) :]
         if short not in bundled_model_names():

@@ -242,6 +242,8 @@ CASES: list[Case] = [
     Case("input", "apply --max-new-tokens without --prompt", lambda w: [
         "apply", str(w.path("plan.yaml")), "--model", str(w.path("ckpt")), "--max-new-tokens", "4"],
         "--max-new-tokens sets how much --prompt generates"),
+    Case("input", "empty --model", lambda w: ["compile", "--model", "", "--calib", str(w.path("calib.txt")), "--budget",
+                                               "0.5", "-o", str(w.path("em.yaml"))], "the model name is empty"),
     Case("input", "empty --prompt", lambda w: ["apply", str(w.path("plan.yaml")), "--model", str(w.path("ckpt")),
                                                "--prompt", ""], "--prompt is empty"),
     Case("input", "non-UTF-8 --arith", lambda w: ["eval", "--model", str(w.path("ckpt")), "--plan",
