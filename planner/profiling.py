@@ -36,6 +36,7 @@ calibration batch for every (layer, k), k = K_l included.
 from __future__ import annotations
 
 import logging
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -320,6 +321,12 @@ def profile_model(
     weight_fit, compensation = resolve_treatments(model, config)
     windows, record = pack_windows(tokenizer, calibration_source(config, config.calib_tokens),
                                    max_tokens=config.calib_tokens, seq_len=config.seq_len)
+    if record.tokens < config.calib_tokens // config.seq_len * config.seq_len:
+        # Not an error (the plan records the tokens it used), but far from what was asked.
+        warnings.warn(f"allocplan: warning: the calibration text gives {record.tokens} tokens ({record.windows}"
+                      f" windows of {config.seq_len}), fewer than --calib-tokens {config.calib_tokens}; sensitivities"
+                      " and stand-ins fitted on less text are noisier, so give more text for a plan you ship",
+                      stacklevel=2)
     check_token_ids(windows, model)
     check_window_length(windows, model)
     sidecar = tables = None

@@ -133,3 +133,23 @@ def test_within_layer_reuse_checks_the_residual_form(family, additive, windows, 
     assert checks == [additive] * len(fast)  # checked once per layer, on the first batch
     for row_fast, row_naive in zip(fast, naive):
         assert row_fast == pytest.approx(row_naive, abs=1e-5)
+
+
+def test_short_calibration_text_warns_with_the_tokens_it_gives(tmp_path):
+    """Text for 2 windows of 64 under --calib-tokens 512 still profiles (the plan records 128 tokens) but warns."""
+    from tiny_models import tiny_tokenizer
+
+    from allocplan.planner.profiling import profile_model
+
+    tokenizer = tiny_tokenizer()
+    ids = list(range(5, 5 + 140))
+    text = tmp_path / "short.txt"
+    text.write_text(tokenizer.decode(ids))
+    count = len(tokenizer(text.read_text(), add_special_tokens=False)["input_ids"])
+    windows = count // 64
+    assert 1 <= windows < 512 // 64
+    with pytest.warns(UserWarning, match=f"gives {windows * 64} tokens \\({windows} windows of 64\\), fewer than"
+                                         " --calib-tokens 512"):
+        profile = profile_model(build_tiny_model("olmoe"), tokenizer,
+                                ProfileConfig(calib=str(text), calib_tokens=512, seq_len=64, compensation="off"))
+    assert profile.measurement.calibration.tokens == windows * 64
