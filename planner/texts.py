@@ -17,6 +17,7 @@ from typing import Any
 
 from ..errors import AllocplanError, first_line
 from ..formats.config import parse_dataset_spec
+from ..formats.provenance import is_jsonl
 from ..formats.strict_yaml import read_text_bounded
 from ..loading import from_cache_or_hub, hub_offline
 
@@ -136,7 +137,7 @@ def read_source(path: str | Path | None = None, *, dataset: str | None = None, t
         raise AllocplanError(f"give {what} text as a file or as a dataset, not {'both' if path else 'neither'}")
     if dataset is not None:
         return read_dataset(dataset, text_field, max_tokens, what)
-    if str(path).lower().endswith(".jsonl"):
+    if is_jsonl(path):
         return read_jsonl(path, text_field, what)
     return SourceText(read_text_bounded(path, what), "text", _name(path), None)
 

@@ -27,6 +27,7 @@ from typing import Any
 from ..errors import AllocplanError
 from .allocation import RENORMALIZE_MODES, TOKEN_PREFERENCES, TOKEN_SCOPES, TokenLevel, Weights
 from .budget import BudgetRequest
+from .provenance import is_jsonl
 from .sidecar import COMPENSATION_KINDS
 from .records import atomic_write_text, dump_yaml, from_data, load_yaml_file, to_data
 
@@ -190,7 +191,7 @@ class ProfileConfig:
         if not self.text_field or len(self.text_field) > 200:
             raise AllocplanError("--text-field must be a field name of 1 to 200 characters")
         # Settings that nothing would read are refused rather than ignored, so nobody believes they were used.
-        if self.text_field != "text" and self.calib_dataset is None and not str(self.calib).lower().endswith(".jsonl"):
+        if self.text_field != "text" and self.calib_dataset is None and not is_jsonl(self.calib):
             raise AllocplanError(f"--text-field {self.text_field} names the field of a .jsonl --calib or a"
                                  " --calib-dataset; plain calibration text has none: leave it out")
         if self.compensation in ("off", "expert", "layer"):

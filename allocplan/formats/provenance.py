@@ -66,6 +66,11 @@ class ModelIdentity:
 CALIBRATION_SOURCES = ("text", "jsonl", "dataset", "gaussian")
 
 
+def is_jsonl(path: object) -> bool:
+    """Whether a calibration file is read as JSON lines (one object per line): by its ``.jsonl`` suffix."""
+    return str(path).lower().endswith(".jsonl")
+
+
 @dataclass(frozen=True)
 class CalibrationRecord:
     """The calibration text a sensitivity was measured on.
