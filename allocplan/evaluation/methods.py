@@ -52,6 +52,10 @@ class Policy:
         return apply_plan(model, self.allocation, token_selector=self.selector)
 
 
+# The seed of the seeded methods (random, lexi) when none is given.
+DEFAULT_SEED = 0
+
+
 @dataclass(frozen=True)
 class MethodInputs:
     """What a method may use to build its policy.
@@ -73,7 +77,7 @@ class MethodInputs:
     originals: list[int]
     profile: "SensitivityProfile | None" = None
     calib_windows: "torch.Tensor | None" = None
-    seed: int = 0
+    seed: int = DEFAULT_SEED
     routing: RoutingConfig = RoutingConfig()
 
 
@@ -336,7 +340,7 @@ def build_policy(
     *,
     profile: "SensitivityProfile | None" = None,
     calib_windows: "torch.Tensor | None" = None,
-    seed: int = 0,
+    seed: int = DEFAULT_SEED,
     routing: RoutingConfig | None = None,
 ) -> Policy:
     """The routing policy of ``method`` at ``budget_ratio`` for ``model``.

@@ -12,7 +12,7 @@ from ..formats.config import LoadConfig
 from ..formats.plan import load_plan
 from ..formats.profile import load_profile
 from ..loading import load_model
-from .methods import METHODS, PAPER_PROFILE, PLAIN, build_policy, get_method
+from .methods import DEFAULT_SEED, METHODS, PAPER_PROFILE, PLAIN, build_policy, get_method
 from .metrics import evaluate
 
 # Calibration tokens that threshold methods are calibrated on (never the eval data).
@@ -124,7 +124,7 @@ def run_eval(
 
             windows, _ = pack_windows(tokenizer, calib, max_tokens=THRESHOLD_CALIBRATION_TOKENS, seq_len=seq_len)
         policy = build_policy(model, registered.name, budget_ratio or 1.0, profile=measured, calib_windows=windows,
-                              seed=0 if seed is None else seed)
+                              seed=DEFAULT_SEED if seed is None else seed)
         handle, parameter = policy.apply(model), policy.parameter
         label, target = registered.name, policy.target
     try:
