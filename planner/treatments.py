@@ -22,7 +22,11 @@ close to its output at full k. Two per-layer numbers and a set of stand-ins help
   (``layer``); or c_e plus a rank-r linear map of the input (``linear``), the
   reduced-rank least-squares fit of e's output on its input over those tokens (ridge
   ``RIDGE`` of the mean input variance, projected on the r output directions the fit
-  explains most). The stand-ins go in the plan's sidecar.
+  explains most). The stand-ins go in the plan's sidecar. Each expert's two factors are
+  scaled by a power of two (which leaves their product unchanged) and rounded to half
+  precision (:func:`on_half_grid`); the constant is fitted after, against the rounded map.
+  Batch-1 decode on CPU then reads them in half precision (runtime/native.py) and every
+  path multiplies by the same values.
 * **What the stand-ins are fitted on**: a stand-in only ever replaces a candidate a plan
   drops, and plans drop each token's lowest-ranked candidates, so the means and fits are
   weighted by :func:`drop_weights`: the candidate a token ranks r-th of K by selection
@@ -201,10 +205,30 @@ class _ExpertMoments:
             # (top eigenvectors of the fitted outputs' covariance W^T C_xx W), the least-squares rank-r map.
             fitted = weight.T @ cov_xx @ weight  # [H, H]
             directions = torch.linalg.eigh((fitted + fitted.T) / 2).eigenvectors[:, -rank:]  # [H, r]
-            down[e] = weight @ directions  # [H, r]
-            up[e] = directions.T  # [r, H]
+            down[e], up[e] = on_half_grid(weight @ directions, directions.T)  # [H, r], [r, H]
             bias[e] = mean_y[e] - mean_x[e] @ down[e] @ up[e]
         return StandIns(bias.float(), down.float(), up.float())
+
+
+def on_half_grid(down: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One expert's factors down [H, r] and up [r, H] with every value exactly a half-precision number,
+    so that the half-precision decode kernel and the float32 paths multiply by the same values.
+
+    down carries the map's scale and up (orthonormal directions) has entries of at most 1, so both
+    are first scaled by a power of two, down / s and up * s (exact in binary floats, and the product
+    is unchanged), to bring their largest values level: a very small or very large map then keeps
+    half's relative precision instead of meeting its subnormals or its overflow. Factors that still
+    do not fit half's range come back as they were; the float32 paths serve them.
+    """
+    top_down, top_up = float(down.abs().max()), float(up.abs().max())
+    if top_down == 0.0 or top_up == 0.0:
+        return down, up
+    scale = 2.0 ** round(math.log2(top_down / top_up) / 2)
+    down, up = down / scale, up * scale
+    rounded = down.half().to(down.dtype), up.half().to(up.dtype)
+    if not all(bool(torch.isfinite(factor).all()) for factor in rounded):
+        return down, up
+    return rounded
 
 
 def _positive(total: torch.Tensor) -> torch.Tensor:

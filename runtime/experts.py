@@ -31,6 +31,7 @@ from typing import Iterator
 import torch
 from transformers.integrations.moe import ExpertsInterface
 
+from .native import standins_kernel
 from .routing import as_dtype
 
 IMPLEMENTATION_NAME = "allocplan_ragged"
@@ -69,6 +70,8 @@ class StandIns:
     # grouped_mm needs. ``down`` and ``up`` become views of rows 1.. and the first r columns, so their
     # values (and every product with them) are unchanged; batch-1 decode maps a kept slot to row 0.
     _padded: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False, compare=False)
+    # The native kernel's tables (``_native_tables``), or None where it cannot serve these stand-ins.
+    _native: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.down is None:
@@ -87,6 +90,7 @@ class StandIns:
         # 0.13 ms per layer of 64 experts on CPU).
         self._views.extend((self.bias[e if self.bias.shape[0] > 1 else 0], down[1 + e], up[1 + e])
                            for e in range(experts))
+        object.__setattr__(self, "_native", self._native_tables())
 
     def one_token_table(self, num_experts: int) -> torch.Tensor:
         """[2E, H] for a layer of E experts: zeros for indices below E (kept slots), then the constant
@@ -151,6 +155,58 @@ class StandIns:
         if acc is not result:
             result.add_(as_dtype(acc, result.dtype))
         return result
+
+    def add_dropped_native(self, result: torch.Tensor, hidden: torch.Tensor, slots: torch.Tensor,
+                           weights: torch.Tensor, num_experts: int) -> bool:
+        """``add_dropped_one_token`` through the native kernel (runtime/native.py), reading the factors in
+        half precision; False, with ``result`` untouched, where the kernel cannot serve this call.
+
+        It serves float32 tensors on CPU outside autograd, and only stand-ins whose factors lie exactly
+        on the half grid (planner.treatments fits them there): the kernel then multiplies by the
+        very values the float32 forms use, and its sum differs from theirs only in float order.
+
+        Args:
+            result: [1, H] the kept experts' sum for the token, added to in place.
+            hidden: [1, H] the token's input.
+            slots: [1, K] int64 slot indices (kept e, dropped E + e).
+            weights: [1, K] their float32 weights.
+        """
+        tables = self._native
+        if tables is None:
+            return False
+        kernel, down, up, bias = tables  # [E, H, r] and [E, r, H] half, [E, H] float32
+        float32 = torch.float32
+        if (result.dtype != float32 or hidden.dtype != float32 or weights.dtype != float32
+                or slots.dtype != torch.int64 or result.requires_grad or hidden.requires_grad
+                or result.numel() != down.shape[1] or hidden.numel() != down.shape[1]
+                or slots.numel() != weights.numel() or not (result.is_contiguous() and hidden.is_contiguous()
+                                                            and slots.is_contiguous() and weights.is_contiguous())):
+            return False
+        added = kernel(slots.numel(), slots.data_ptr(), weights.data_ptr(), num_experts, hidden.data_ptr(),
+                       result.data_ptr(), down.data_ptr(), up.data_ptr(), bias.data_ptr(), *down.shape)
+        if added == -1:
+            raise RuntimeError(f"native stand-in kernel: a dropped slot in {slots.tolist()} names no expert of"
+                               f" {down.shape[0]} (slots {num_experts}.. are dropped experts 0..)")
+        if added < 0:
+            raise MemoryError("native stand-in kernel: no memory for its scratch")
+        return True
+
+    def _native_tables(self) -> tuple | None:
+        """(kernel, down [E, H, r] half, up [E, r, H] half, bias [E, H] float32), or None where the kernel
+        is unavailable or the stand-ins are not float32 CPU factors exactly on the half grid. Built with
+        the stand-ins (about 2 ms for 64 experts of [512, 56]), like ``_views``: the first decode step
+        would otherwise pay for it."""
+        if not (self.down.dtype == self.bias.dtype == torch.float32 and self.down.device.type == "cpu"
+                and self.bias.shape[0] == self.down.shape[0]):
+            return None
+        kernel = standins_kernel()
+        if kernel is None:
+            return None
+        down, up = self.down.half().contiguous(), self.up.half().contiguous()
+        # Exactly on the half grid (a value beyond half's range would come back infinite).
+        if not (torch.equal(down.float(), self.down) and torch.equal(up.float(), self.up)):
+            return None
+        return kernel, down, up, self.bias.contiguous()
 
     def rows(self, inputs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Stand-in outputs [D, H] for inputs [D, H] of experts [D]."""
@@ -304,6 +360,9 @@ def _add_compensation_one_token(result: torch.Tensor, stand_ins: StandIns, hidde
     one row on CPU). The sum is the general form's up to the order of its float additions.
     """
     if stand_ins.down is not None and result.device.type == "cpu" and ONE_TOKEN_LOOP:
+        if ONE_TOKEN_NATIVE and stand_ins.add_dropped_native(result, hidden_states, top_k_index, top_k_weights,
+                                                             num_experts):
+            return result
         return stand_ins.add_dropped_one_token(result, hidden_states, top_k_index.tolist()[0],
                                                top_k_weights.tolist()[0], num_experts)
     rows = stand_ins.one_token_rows(hidden_states, top_k_index.reshape(-1), num_experts)  # [K, H]
@@ -321,6 +380,9 @@ ONE_TOKEN_EXPERTS = True
 # Linear stand-ins' one-token form on CPU: slot by slot (StandIns.add_dropped_one_token) rather than
 # batched over copies of all K slots' factors (StandIns.one_token_rows); tests switch it to compare.
 ONE_TOKEN_LOOP = True
+# That form through the native kernel (StandIns.add_dropped_native) where it can run; tests switch it
+# off to compare.
+ONE_TOKEN_NATIVE = True
 
 
 def ragged_experts_forward(

@@ -407,7 +407,10 @@ def breakdown_findings(runs: list[dict]) -> list[str]:
             " candidates, the dropped slots' offsets) and the stand-ins a few more; at batch 1 each such op"
             " costs its fixed dispatch time, not its arithmetic. The linear stand-ins also read each dropped"
             " pair's two low-rank factors from memory, which no other variant reads and which grows with their"
-            " rank (`--compensation-share`)."
+            " rank (`--compensation-share`); "
+            + ("here the native kernel (runtime/native.py) read them in half precision, every dropped pair's at"
+               " once." if run.get("native_stand_in_kernel") else
+               "the native kernel could not run here, so the torch loop read them in float32.")
         )
     return lines + ([""] if lines else [])
 

@@ -20,6 +20,7 @@ from allocplan.runtime.allocations import allocation_for
 from allocplan.runtime.experts import COMPENSATION_ATTR, StandIns, ragged_experts_forward
 from allocplan.runtime.families import FAMILIES as REGISTRY
 from allocplan.runtime.layers import find_moe_layers
+from allocplan.runtime.native import standins_kernel
 
 IDS = torch.randint(1, 100, (2, 12), generator=torch.Generator().manual_seed(4))
 
@@ -181,9 +182,11 @@ def test_expert_stand_ins_are_the_weighted_mean_over_droppable_pairs(windows):
 def test_linear_stand_in_is_the_weighted_least_squares_fit(monkeypatch):
     # Full rank and no ridge: the stand-in is the weighted least-squares affine fit, which torch's
     # lstsq gives on rows scaled by sqrt(weight). Expert 1 has too few pairs for a map: its mean alone.
+    # The factors' rounding to half precision is left out here (test_fitted_factors_on_the_half_grid).
     from allocplan.planner import treatments
 
     monkeypatch.setattr(treatments, "RIDGE", 0.0)
+    monkeypatch.setattr(treatments, "on_half_grid", lambda down, up: (down, up))
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(40, 3, generator=generator, dtype=torch.float64)
     y = torch.sin(2 * x) @ torch.randn(3, 3, generator=generator, dtype=torch.float64) + 0.5  # not affine in x
@@ -202,6 +205,41 @@ def test_linear_stand_in_is_the_weighted_least_squares_fit(monkeypatch):
     mean = (w[36:, None] * y[36:]).sum(0) / w[36:].sum()
     torch.testing.assert_close(stand_ins.bias[1].double(), mean, rtol=1e-5, atol=1e-6)
     assert not stand_ins.down[1].any()
+
+
+def test_fitted_factors_on_the_half_grid():
+    """Fitted linear stand-ins hold only half-precision values in their factors (what batch-1 decode's
+    kernel reads), and the map stays the least-squares one to half's precision: the constant is refitted
+    against the rounded map, so the stand-in's mean over the fitted inputs is still the outputs' mean."""
+    from allocplan.planner import treatments
+
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 16, generator=generator, dtype=torch.float64) * 3e-3
+    y = x @ torch.randn(16, 16, generator=generator, dtype=torch.float64) * 50 + 0.25
+    moments = treatments._ExpertMoments(1, linear=True)
+    moments.add(x, y, torch.zeros(64, dtype=torch.long), torch.ones(64, dtype=torch.float64))
+    stand_ins = moments.stand_ins("linear", rank=8)
+    for factor in (stand_ins.down, stand_ins.up):
+        assert torch.equal(factor.half().float(), factor)
+    fitted = stand_ins.bias[0].double() + x @ stand_ins.down[0].double() @ stand_ins.up[0].double()  # [64, 16]
+    torch.testing.assert_close(fitted.mean(0), y.mean(0), rtol=0, atol=1e-5)
+
+
+def test_on_half_grid_by_hand():
+    """Both factors are scaled by a power of two towards the same size, then rounded to half: down [[3e-3]]
+    and up [[1]] meet at 2^-4 (log2(3e-3) / 2 = -4.19 rounds to -4): 3e-3 * 16 = 0.048 is 1572.86 steps
+    of 2^-15 and becomes 1573 * 2^-15, and 1 / 16 is a half exactly. A map beyond half's range keeps its
+    float values (scaled, product unchanged); a zero map is left alone."""
+    from allocplan.planner.treatments import on_half_grid
+
+    down, up = on_half_grid(torch.tensor([[3e-3]], dtype=torch.float64), torch.tensor([[1.0]], dtype=torch.float64))
+    assert down.item() == 1573 * 2.0 ** -15 and up.item() == 2.0 ** -4
+    huge_down, huge_up = on_half_grid(torch.tensor([[1e12, 3.0]], dtype=torch.float64),
+                                      torch.tensor([[1.0], [0.5]], dtype=torch.float64))
+    assert (huge_down @ huge_up).item() == 1e12 + 1.5  # exact: scaled by powers of two, not rounded
+    assert not torch.isfinite(huge_down.half()).all()
+    zero = torch.zeros(2, 1, dtype=torch.float64)
+    assert on_half_grid(zero, torch.ones(1, 2, dtype=torch.float64))[0] is zero
 
 
 def test_closed_form_gain_equals_a_brute_force_fit(windows):
@@ -257,16 +295,20 @@ def test_one_token_table_by_hand():
 
 
 @pytest.mark.parametrize("model_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("loop", [False, True], ids=["batched", "slot-by-slot"])
-def test_one_token_linear_rows_and_sum_by_hand(loop, model_dtype, monkeypatch):
+@pytest.mark.parametrize("form", ["batched", "slot-by-slot", "native"])
+def test_one_token_linear_rows_and_sum_by_hand(form, model_dtype, monkeypatch):
     """Batch-1 linear stand-ins: a kept slot gives an exact zero row (the all-zero expert row), a dropped
     slot E + e gives bias[e] + (x down[e]) up[e], and the weighted rows are added to the token, batched
-    (one addmm over all K slots' rows) or slot by slot (CPU's form), into a float32 or a bfloat16 model.
+    (one addmm over all K slots' rows), slot by slot (CPU's torch form) or by the native kernel (CPU,
+    float32 only: a bfloat16 model falls back to slot by slot), into a float32 or a bfloat16 model.
     Small integers and halves keep every sum exact, whatever its order."""
     from allocplan.runtime import experts as experts_module
     from allocplan.runtime.experts import _add_compensation_one_token
 
-    monkeypatch.setattr(experts_module, "ONE_TOKEN_LOOP", loop)
+    if form == "native" and standins_kernel() is None:
+        pytest.skip("the native stand-in kernel cannot run here (test_native_kernel_runs_where_it_should)")
+    monkeypatch.setattr(experts_module, "ONE_TOKEN_LOOP", form != "batched")
+    monkeypatch.setattr(experts_module, "ONE_TOKEN_NATIVE", form == "native")
 
     bias = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 1.0]])  # [E=3, H=2]
     down = torch.tensor([[[1.0], [0.0]], [[0.0], [1.0]], [[1.0], [1.0]]])  # [3, 2, r=1]
@@ -284,6 +326,8 @@ def test_one_token_linear_rows_and_sum_by_hand(loop, model_dtype, monkeypatch):
     _add_compensation_one_token(result, stand_ins, x.to(model_dtype), slots[None], weights.to(model_dtype), 3)
     assert torch.equal(result, torch.tensor([[15.25, 8.0]], dtype=model_dtype))
     assert torch.equal(stand_ins.down, down) and torch.equal(stand_ins.up, up)  # views of the padded factors
+    # The kernel's tables are built with float32 stand-ins on the half grid, whichever form runs.
+    assert (stand_ins._native is not None) == (standins_kernel() is not None)
 
 
 @pytest.mark.parametrize("one_token", [False, True], ids=["batch", "one-token"])
@@ -555,6 +599,7 @@ def test_batch1_decode_fast_path_matches_the_general_rewrite(family, windows, mo
                    for compensation in compensations.values()]
     allocations.append(allocation_for(model, ks, RoutingConfig(), treatments=treatments))  # treated, no stand-ins
     taken = {"keep": 0, "stand-ins": 0}
+    native_used = []
 
     def counted(name, function):
         def wrapper(*args, **kwargs):
@@ -563,32 +608,40 @@ def test_batch1_decode_fast_path_matches_the_general_rewrite(family, windows, mo
         return wrapper
 
     monkeypatch.setattr(LayerRouting, "_single_token_keep", counted("keep", LayerRouting._single_token_keep))
+    native_add = StandIns.add_dropped_native
+    monkeypatch.setattr(StandIns, "add_dropped_native",
+                        lambda *args: native_used.append(native_add(*args)) or native_used[-1])
     monkeypatch.setattr(experts_module, "_add_compensation_one_token",
                         counted("stand-ins", experts_module._add_compensation_one_token))
-    # (routing's short form, stand-ins' one-token form, linear ones slot by slot): both general, the
-    # routing alone short, both short (batched and slot by slot).
-    forms = ((False, False, False), (True, False, False), (True, True, False), (True, True, True))
+    # (routing's short form, stand-ins' one-token form, its linear form: "batched", "loop" slot by slot
+    # in torch, or "native", the kernel where it can run): both general, the routing alone short, both short.
+    forms = ((False, False, "batched"), (True, False, "batched"), (True, True, "batched"), (True, True, "loop"),
+             (True, True, "native"))
     runs = {}
-    for (fast_routing, fast_stand_ins, loop), allocation in itertools.product(forms, allocations):
+    for (fast_routing, fast_stand_ins, linear_form), allocation in itertools.product(forms, allocations):
         monkeypatch.setattr(LayerRouting, "single_token_fast", fast_routing)
         monkeypatch.setattr(experts_module, "ONE_TOKEN_FAST", fast_stand_ins)
-        monkeypatch.setattr(experts_module, "ONE_TOKEN_LOOP", loop)
+        monkeypatch.setattr(experts_module, "ONE_TOKEN_LOOP", linear_form != "batched")
+        monkeypatch.setattr(experts_module, "ONE_TOKEN_NATIVE", linear_form == "native")
         with allocplan.apply_plan(model, allocation) as handle:
             logits = greedy_step_logits(model, IDS[:1, :6], 5)
             counts = {p: (c.pairs, c.tokens) for p, c in handle.counters().items()}
         kind = allocation.compensation and allocation.compensation.kind
-        runs[fast_routing, fast_stand_ins, loop, kind] = (logits, counts)
+        runs[fast_routing, fast_stand_ins, linear_form, kind] = (logits, counts)
     # Each short form ran in every layer at each of the five single-token steps, and only where switched
     # on (the stand-ins' form only where there are stand-ins).
-    assert taken == {"keep": 3 * 3 * 5 * len(layers), "stand-ins": 2 * 2 * 5 * len(layers)}
+    assert taken == {"keep": 4 * 3 * 5 * len(layers), "stand-ins": 3 * 2 * 5 * len(layers)}
+    # The fitted linear stand-ins are on the half grid, so where the kernel can run it served every layer
+    # at every step of the native form (and was asked nowhere else).
+    assert native_used == [standins_kernel() is not None] * (5 * len(layers))
     for compensation in (*compensations, None):
-        general = runs[False, False, False, compensation]
+        general = runs[False, False, "batched", compensation]
         # The routing's short form decides exactly as the general rewrite: same logits bit for bit.
-        assert torch.equal(runs[True, False, False, compensation][0], general[0])
-        for loop in (False, True):
-            short = runs[True, True, loop, compensation]
-            assert runs[True, False, False, compensation][1] == general[1] == short[1]
+        assert torch.equal(runs[True, False, "batched", compensation][0], general[0])
+        for linear_form in ("batched", "loop", "native"):
+            short = runs[True, True, linear_form, compensation]
+            assert runs[True, False, "batched", compensation][1] == general[1] == short[1]
             # The stand-ins' one-token forms sum the same rows in another float order (not a scatter).
             torch.testing.assert_close(short[0], general[0], rtol=1e-5, atol=1e-5)
     # No stand-ins: nothing to sum.
-    assert torch.equal(runs[True, True, True, None][0], runs[False, False, False, None][0])
+    assert torch.equal(runs[True, True, "native", None][0], runs[False, False, "batched", None][0])

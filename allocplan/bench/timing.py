@@ -151,6 +151,7 @@ def bench(
     ``planned_rounds``). ``decode_batch_size``: the batched decode measure's batch.
     """
     from ..runtime.layers import input_device
+    from ..runtime.native import standins_kernel
 
     device = input_device(model)
     generator = torch.Generator().manual_seed(seed)
@@ -237,6 +238,8 @@ def bench(
         "threads": torch.get_num_threads(),
         "device": str(device),
         "decode_batch_size": decode_batch_size,
+        # Whether batch-1 decode's linear stand-ins can run through the native kernel here (runtime/native.py).
+        "native_stand_in_kernel": standins_kernel() is not None,
         **results,
     }
 

@@ -1,0 +1,116 @@
+"""A small C kernel for batch-1 decode's linear stand-ins, compiled on first use.
+
+At batch 1 on CPU, a layer's linear stand-ins cost what reading each dropped slot's two low-rank
+factors from memory costs (about 20 us per slot of [512, 56] and [56, 512] float32 factors), and
+stock torch has no op that reads fewer bytes at the same rate: its half-precision matrix-vector
+forms are slower than float32 for one of the two shapes, and its gathers stream at a fraction of
+the rate. ``native/standins_f16.c`` reads the factors in half precision, every dropped slot's
+together, and adds the weighted stand-ins in one call (``StandIns.add_dropped_native``).
+
+The kernel is an optimisation, never a requirement. It is built with the system C compiler into a
+per-user cache, once per source and compiler, and used only on x86-64 Linux CPUs with AVX2, FMA and
+F16C. Anywhere else, or when the build fails, or with ``ALLOCPLAN_NATIVE=0``, the torch loop
+(``StandIns.add_dropped_one_token``) runs instead: the same sums up to the order of float additions.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Callable
+
+SOURCE = Path(__file__).with_name("native") / "standins_f16.c"
+# Only the instruction sets the kernel uses, not -march=native: the cached library must run on any CPU
+# that passes _cpu_supported, whichever machine built it.
+FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-shared")
+_CPU_FLAGS = frozenset({"avx2", "fma", "f16c"})
+# ALLOCPLAN_NATIVE=0 switches the kernel off (the torch loop runs); ALLOCPLAN_CACHE_DIR moves the cache.
+ENV_SWITCH = "ALLOCPLAN_NATIVE"
+ENV_CACHE = "ALLOCPLAN_CACHE_DIR"
+_BUILD_TIMEOUT_S = 120
+
+
+def _cpu_supported() -> bool:
+    """x86-64 Linux with the instruction sets FLAGS names (read from /proc/cpuinfo)."""
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    return _CPU_FLAGS <= set(line.split(":", 1)[1].split())
+    except OSError:
+        return False
+    return False
+
+
+def _compiler() -> str | None:
+    """The C compiler: $CC, else cc or gcc on PATH."""
+    for name in (os.environ.get("CC"), "cc", "gcc"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cache_dir() -> Path:
+    if os.environ.get(ENV_CACHE):
+        return Path(os.environ[ENV_CACHE])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "allocplan"
+
+
+def _build(compiler: str) -> Path:
+    """The compiled library, from the cache when this source was built with this compiler before."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256(SOURCE.read_bytes() + "\0".join((compiler, version, *FLAGS)).encode()).hexdigest()[:16]
+    try:
+        folder = _cache_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:  # no writable cache: build into a private temporary folder, once per process
+        folder = Path(tempfile.mkdtemp(prefix="allocplan-native-"))
+    library = folder / f"standins_f16-{key}.so"
+    if library.exists():
+        return library
+    # Built under a temporary name and renamed: a concurrent process never loads a half-written file.
+    handle, partial = tempfile.mkstemp(dir=folder, prefix=".building-", suffix=".so")
+    os.close(handle)
+    try:
+        done = subprocess.run([compiler, *FLAGS, "-o", partial, str(SOURCE)], capture_output=True, text=True,
+                              timeout=_BUILD_TIMEOUT_S)
+        if done.returncode != 0:
+            raise OSError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "compiler failed")
+        os.replace(partial, library)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    return library
+
+
+@functools.lru_cache(maxsize=None)
+def standins_kernel() -> Callable[..., int] | None:
+    """The kernel's entry point (``allocplan_add_dropped_f16``, arguments as in the C source), or None
+    where it cannot run here (module docstring). Built and loaded once per process."""
+    if os.environ.get(ENV_SWITCH, "1") == "0" or not SOURCE.exists() or not _cpu_supported():
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        return None
+    try:
+        library = ctypes.CDLL(str(_build(compiler)))
+    except (OSError, subprocess.SubprocessError) as error:
+        warnings.warn(f"allocplan: the native stand-in kernel did not build ({error}); batch-1 decode uses the"
+                      " torch loop instead", RuntimeWarning, stacklevel=2)
+        return None
+    function = library.allocplan_add_dropped_f16
+    i64, pointer = ctypes.c_int64, ctypes.c_void_p
+    function.argtypes = [i64, pointer, pointer, i64, pointer, pointer, pointer, pointer, pointer, i64, i64, i64]
+    function.restype = i64
+    return function

@@ -1,0 +1,119 @@
+"""The native stand-in kernel (runtime/native.py): where it runs, what it adds, how it is built and cached."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import torch
+
+from allocplan.runtime import native
+from allocplan.runtime.experts import StandIns
+from allocplan.runtime.native import standins_kernel
+
+needs_kernel = pytest.mark.skipif(standins_kernel() is None, reason="the native kernel cannot run here")
+
+
+def half_grid_stand_ins(experts: int, hidden: int, rank: int, seed: int = 0) -> StandIns:
+    """Random linear stand-ins whose factors are half-precision values (as fitted ones are)."""
+    generator = torch.Generator().manual_seed(seed)
+    down = (torch.randn(experts, hidden, rank, generator=generator) * 0.05).half().float()
+    up = (torch.randn(experts, rank, hidden, generator=generator) * 0.05).half().float()
+    return StandIns(torch.randn(experts, hidden, generator=generator), down, up)
+
+
+def loop_sum(stand_ins: StandIns, result, hidden, slots, weights, experts):
+    """The torch loop's sum (StandIns.add_dropped_one_token), the reference the kernel must match."""
+    return stand_ins.add_dropped_one_token(result.clone(), hidden, slots[0].tolist(), weights[0].tolist(), experts)
+
+
+def test_native_kernel_runs_where_it_should():
+    """On x86-64 Linux with AVX2, FMA and F16C and a C compiler (CI's machine), the kernel builds and loads."""
+    if not native._cpu_supported() or native._compiler() is None:
+        pytest.skip("this machine has no AVX2/FMA/F16C x86-64 Linux CPU or no C compiler")
+    assert standins_kernel() is not None
+
+
+@needs_kernel
+@pytest.mark.parametrize("hidden,rank", [(512, 56), (37, 5), (8, 8), (3, 1)])
+def test_kernel_adds_what_the_torch_loop_adds(hidden, rank):
+    """Any hidden size and rank (the kernel's 8-wide body and its scalar tails), kept slots, dropped ones,
+    the plain sentinel (weight 0) and a dropped slot listed twice: the loop's sum up to float order."""
+    experts = 6
+    stand_ins = half_grid_stand_ins(experts, hidden, rank)
+    generator = torch.Generator().manual_seed(1)
+    hidden_state = torch.randn(1, hidden, generator=generator)
+    slots = torch.tensor([[2, experts + 4, experts + 0, 5, experts, experts + 4, experts + 5]])
+    weights = torch.tensor([[0.3, 0.2, 0.1, 0.25, 0.0, 0.05, 0.125]])
+    start = torch.randn(1, hidden, generator=generator)
+    result = start.clone()
+    assert stand_ins.add_dropped_native(result, hidden_state, slots, weights, experts)
+    expected = loop_sum(stand_ins, start, hidden_state, slots, weights, experts)
+    torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(result, start)
+    nothing_dropped = start.clone()
+    assert stand_ins.add_dropped_native(nothing_dropped, hidden_state, torch.tensor([[1, 3]]),
+                                        torch.tensor([[0.5, 0.5]]), experts)
+    assert torch.equal(nothing_dropped, start)
+
+
+@needs_kernel
+def test_kernel_refuses_a_slot_beyond_its_tables():
+    """A dropped slot naming expert E or beyond would read past the tables: an error, and nothing added."""
+    stand_ins = half_grid_stand_ins(4, 16, 4)
+    result = torch.zeros(1, 16)
+    with pytest.raises(RuntimeError, match="names no expert of 4"):
+        stand_ins.add_dropped_native(result, torch.ones(1, 16), torch.tensor([[4 + 1, 4 + 4]]),
+                                     torch.tensor([[0.5, 0.5]]), 4)
+    assert not result.any()
+
+
+@needs_kernel
+def test_kernel_serves_only_what_it_reads_exactly():
+    """Factors off the half grid, other dtypes, autograd: the kernel declines (False, nothing added), so
+    the torch forms run with the float32 values themselves."""
+    off_grid = half_grid_stand_ins(4, 16, 4)
+    off_grid = StandIns(off_grid.bias, off_grid.down + 1e-6, off_grid.up)
+    result, hidden = torch.zeros(1, 16), torch.ones(1, 16)
+    slots, weights = torch.tensor([[4 + 1]]), torch.tensor([[0.5]])
+    assert not off_grid.add_dropped_native(result, hidden, slots, weights, 4)
+    assert off_grid._native is None and not result.any()
+    on_grid = half_grid_stand_ins(4, 16, 4)
+    assert not on_grid.add_dropped_native(result.double(), hidden.double(), slots, weights.double(), 4)
+    assert not on_grid.add_dropped_native(result, hidden.requires_grad_(), slots, weights, 4)
+    assert not on_grid.add_dropped_native(result, torch.ones(1, 16), slots.int(), weights, 4)
+    assert not result.any()
+
+
+def test_switched_off_by_the_environment(monkeypatch):
+    monkeypatch.setenv(native.ENV_SWITCH, "0")
+    assert native.standins_kernel.__wrapped__() is None
+
+
+def test_build_is_cached_and_atomic(tmp_path, monkeypatch):
+    """A second build of the same source with the same compiler compiles nothing; a failed build warns,
+    leaves no partial file, and the torch loop serves instead (None)."""
+    compiler = native._compiler()
+    if compiler is None or not native._cpu_supported():
+        pytest.skip("no C compiler or no AVX2/FMA/F16C x86-64 Linux CPU here")
+    monkeypatch.setenv(native.ENV_CACHE, str(tmp_path / "cache"))
+    first = native._build(compiler)
+    calls, run = [], subprocess.run
+    monkeypatch.setattr(native.subprocess, "run", lambda command, **kw: calls.append(command) or run(command, **kw))
+    assert native._build(compiler) == first and calls == [[compiler, "--version"]]
+    failing = tmp_path / "failing-cc"
+    failing.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo failing 1.0 && exit 0\necho 'cc: error: no' >&2\nexit 1\n")
+    failing.chmod(0o755)
+    monkeypatch.setenv("CC", str(failing))
+    with pytest.warns(RuntimeWarning, match="did not build .cc: error: no.; batch-1 decode uses the torch loop"):
+        assert native.standins_kernel.__wrapped__() is None
+    assert sorted(path.name for path in (tmp_path / "cache").iterdir()) == [first.name]
+
+
+@pytest.mark.slow
+def test_installed_package_ships_the_kernel_source():
+    """CI runs the slow checks against the wheel: its runtime package must carry the C source (package
+    data), or the kernel silently never runs for pip users."""
+    assert native.SOURCE.is_file() and native.SOURCE.read_text().count("allocplan_add_dropped_f16") == 1
+    if native._cpu_supported() and native._compiler() is not None:
+        assert standins_kernel() is not None
