@@ -67,15 +67,20 @@ def _cache_dir() -> Path:
     return Path(base) / "allocplan"
 
 
-def _build(compiler: str) -> Path:
-    """The compiled library, from the cache when this source was built with this compiler before."""
+def _writable_cache() -> Path | None:
+    """The cache folder, created if need be, or None where it cannot be written."""
+    folder = _cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    return folder if os.access(folder, os.W_OK) else None
+
+
+def _build(compiler: str, folder: Path) -> Path:
+    """The compiled library in ``folder``, from there when this source was built with this compiler before."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256(SOURCE.read_bytes() + "\0".join((compiler, version, *FLAGS)).encode()).hexdigest()[:16]
-    try:
-        folder = _cache_dir()
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError:  # no writable cache: build into a private temporary folder, once per process
-        folder = Path(tempfile.mkdtemp(prefix="allocplan-native-"))
     library = folder / f"standins_f16-{key}.so"
     if library.exists():
         return library
@@ -103,12 +108,19 @@ def standins_kernel() -> Callable[..., int] | None:
     compiler = _compiler()
     if compiler is None:
         return None
+    cache = _writable_cache()
+    # No writable cache: build in a private temporary folder, removed once the library is loaded (the
+    # loaded copy stays mapped), so each such process builds once and leaves nothing behind.
+    folder = cache or Path(tempfile.mkdtemp(prefix="allocplan-native-"))
     try:
-        library = ctypes.CDLL(str(_build(compiler)))
+        library = ctypes.CDLL(str(_build(compiler, folder)))
     except (OSError, subprocess.SubprocessError) as error:
         warnings.warn(f"allocplan: the native stand-in kernel did not build ({error}); batch-1 decode uses the"
                       " torch loop instead", RuntimeWarning, stacklevel=2)
         return None
+    finally:
+        if cache is None:
+            shutil.rmtree(folder, ignore_errors=True)
     function = library.allocplan_add_dropped_f16
     i64, pointer = ctypes.c_int64, ctypes.c_void_p
     function.argtypes = [i64, pointer, pointer, i64, pointer, pointer, pointer, pointer, pointer, i64, i64, i64]

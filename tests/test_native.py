@@ -97,10 +97,12 @@ def test_build_is_cached_and_atomic(tmp_path, monkeypatch):
     if compiler is None or not native._cpu_supported():
         pytest.skip("no C compiler or no AVX2/FMA/F16C x86-64 Linux CPU here")
     monkeypatch.setenv(native.ENV_CACHE, str(tmp_path / "cache"))
-    first = native._build(compiler)
+    folder = native._writable_cache()
+    assert folder == tmp_path / "cache"
+    first = native._build(compiler, folder)
     calls, run = [], subprocess.run
     monkeypatch.setattr(native.subprocess, "run", lambda command, **kw: calls.append(command) or run(command, **kw))
-    assert native._build(compiler) == first and calls == [[compiler, "--version"]]
+    assert native._build(compiler, folder) == first and calls == [[compiler, "--version"]]
     failing = tmp_path / "failing-cc"
     failing.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo failing 1.0 && exit 0\necho 'cc: error: no' >&2\nexit 1\n")
     failing.chmod(0o755)
@@ -108,6 +110,20 @@ def test_build_is_cached_and_atomic(tmp_path, monkeypatch):
     with pytest.warns(RuntimeWarning, match="did not build .cc: error: no.; batch-1 decode uses the torch loop"):
         assert native.standins_kernel.__wrapped__() is None
     assert sorted(path.name for path in (tmp_path / "cache").iterdir()) == [first.name]
+
+
+def test_unwritable_cache_builds_in_a_temporary_folder_and_removes_it(tmp_path, monkeypatch):
+    """A cache that cannot be written (here: a path under a file) still gives a working kernel, built in a
+    private temporary folder that is gone once the library is loaded."""
+    if native._compiler() is None or not native._cpu_supported():
+        pytest.skip("no C compiler or no AVX2/FMA/F16C x86-64 Linux CPU here")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv(native.ENV_CACHE, str(blocker / "cache"))
+    monkeypatch.setattr(native.tempfile, "tempdir", str(tmp_path))  # where mkdtemp puts its folder
+    assert native._writable_cache() is None
+    assert native.standins_kernel.__wrapped__() is not None
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["file"]
 
 
 @pytest.mark.slow
