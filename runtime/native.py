@@ -115,7 +115,7 @@ def standins_kernel() -> Callable[..., int] | None:
     try:
         library = ctypes.CDLL(str(_build(compiler, folder)))
     except (OSError, subprocess.SubprocessError) as error:
-        warnings.warn(f"allocplan: the native stand-in kernel did not build ({error}); batch-1 decode uses the"
+        warnings.warn(f"the native stand-in kernel did not build ({error}); batch-1 decode uses the"
                       " torch loop instead", RuntimeWarning, stacklevel=2)
         return None
     finally:
