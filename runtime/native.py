@@ -55,12 +55,14 @@ def _cpu_supported() -> bool:
 def _compiler() -> str | None:
     """The C compiler: $CC, else cc or gcc on PATH."""
     for name in (os.environ.get("CC"), "cc", "gcc"):
-        if name and shutil.which(name):
-            return shutil.which(name)
+        found = shutil.which(name) if name else None
+        if found:
+            return found
     return None
 
 
 def _cache_dir() -> Path:
+    """$ALLOCPLAN_CACHE_DIR, else $XDG_CACHE_HOME/allocplan, else ~/.cache/allocplan."""
     if os.environ.get(ENV_CACHE):
         return Path(os.environ[ENV_CACHE])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
@@ -109,17 +111,18 @@ def standins_kernel() -> Callable[..., int] | None:
     if compiler is None:
         return None
     cache = _writable_cache()
-    # No writable cache: build in a private temporary folder, removed once the library is loaded (the
-    # loaded copy stays mapped), so each such process builds once and leaves nothing behind.
-    folder = cache or Path(tempfile.mkdtemp(prefix="allocplan-native-"))
+    folder = None
     try:
+        # No writable cache: build in a private temporary folder, removed once the library is loaded (the
+        # loaded copy stays mapped), so each such process builds once and leaves nothing behind.
+        folder = cache or Path(tempfile.mkdtemp(prefix="allocplan-native-"))
         library = ctypes.CDLL(str(_build(compiler, folder)))
     except (OSError, subprocess.SubprocessError) as error:
         warnings.warn(f"the native stand-in kernel did not build ({error}); batch-1 decode uses the"
                       " torch loop instead", RuntimeWarning, stacklevel=2)
         return None
     finally:
-        if cache is None:
+        if cache is None and folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
     function = library.allocplan_add_dropped_f16
     i64, pointer = ctypes.c_int64, ctypes.c_void_p

@@ -133,3 +133,16 @@ def test_installed_package_ships_the_kernel_source():
     assert native.SOURCE.is_file() and native.SOURCE.read_text().count("allocplan_add_dropped_f16") == 1
     if native._cpu_supported() and native._compiler() is not None:
         assert standins_kernel() is not None
+
+
+def test_no_cache_and_no_temporary_folder_means_the_torch_loop(tmp_path, monkeypatch):
+    """Nowhere to build (the cache unwritable and no temporary folder to be had): one warning, no kernel,
+    and no exception escapes into apply_plan."""
+    if native._compiler() is None or not native._cpu_supported():
+        pytest.skip("no C compiler or no AVX2/FMA/F16C x86-64 Linux CPU here")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv(native.ENV_CACHE, str(blocker / "cache"))
+    monkeypatch.setattr(native.tempfile, "tempdir", str(blocker / "tmp"))  # mkdtemp fails under a file
+    with pytest.warns(RuntimeWarning, match="did not build"):
+        assert native.standins_kernel.__wrapped__() is None
