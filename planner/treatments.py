@@ -218,7 +218,7 @@ def on_half_grid(down: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, to
     are first scaled by a power of two, down / s and up * s (exact in binary floats, and the product
     is unchanged), to bring their largest values level: a very small or very large map then keeps
     half's relative precision instead of meeting its subnormals or its overflow. Factors that still
-    do not fit half's range come back as they were; the float32 paths serve them.
+    do not fit half's range come back scaled but not rounded; the float32 paths serve them.
     """
     top_down, top_up = float(down.abs().max()), float(up.abs().max())
     if top_down == 0.0 or top_up == 0.0:
