@@ -12,6 +12,9 @@ from allocplan.runtime.experts import StandIns
 from allocplan.runtime.native import standins_kernel
 
 needs_kernel = pytest.mark.skipif(standins_kernel() is None, reason="the native kernel cannot run here")
+# Where the kernel should build: x86-64 Linux with AVX2, FMA and F16C, and a C compiler (CI's machine).
+CAN_BUILD = native._cpu_supported() and native._compiler() is not None
+needs_build = pytest.mark.skipif(not CAN_BUILD, reason="no AVX2/FMA/F16C x86-64 Linux CPU or no C compiler here")
 
 
 def half_grid_stand_ins(experts: int, hidden: int, rank: int, seed: int = 0) -> StandIns:
@@ -27,10 +30,9 @@ def loop_sum(stand_ins: StandIns, result, hidden, slots, weights, experts):
     return stand_ins.add_dropped_one_token(result.clone(), hidden, slots[0].tolist(), weights[0].tolist(), experts)
 
 
+@needs_build
 def test_native_kernel_runs_where_it_should():
     """On x86-64 Linux with AVX2, FMA and F16C and a C compiler (CI's machine), the kernel builds and loads."""
-    if not native._cpu_supported() or native._compiler() is None:
-        pytest.skip("this machine has no AVX2/FMA/F16C x86-64 Linux CPU or no C compiler")
     assert standins_kernel() is not None
 
 
@@ -90,12 +92,11 @@ def test_switched_off_by_the_environment(monkeypatch):
     assert native.standins_kernel.__wrapped__() is None
 
 
+@needs_build
 def test_build_is_cached_and_atomic(tmp_path, monkeypatch):
     """A second build of the same source with the same compiler compiles nothing; a failed build warns,
     leaves no partial file, and the torch loop serves instead (None)."""
     compiler = native._compiler()
-    if compiler is None or not native._cpu_supported():
-        pytest.skip("no C compiler or no AVX2/FMA/F16C x86-64 Linux CPU here")
     monkeypatch.setenv(native.ENV_CACHE, str(tmp_path / "cache"))
     folder = native._writable_cache()
     assert folder == tmp_path / "cache"
@@ -112,11 +113,10 @@ def test_build_is_cached_and_atomic(tmp_path, monkeypatch):
     assert sorted(path.name for path in (tmp_path / "cache").iterdir()) == [first.name]
 
 
+@needs_build
 def test_unwritable_cache_builds_in_a_temporary_folder_and_removes_it(tmp_path, monkeypatch):
     """A cache that cannot be written (here: a path under a file) still gives a working kernel, built in a
     private temporary folder that is gone once the library is loaded."""
-    if native._compiler() is None or not native._cpu_supported():
-        pytest.skip("no C compiler or no AVX2/FMA/F16C x86-64 Linux CPU here")
     blocker = tmp_path / "file"
     blocker.write_text("")
     monkeypatch.setenv(native.ENV_CACHE, str(blocker / "cache"))
@@ -131,15 +131,14 @@ def test_installed_package_ships_the_kernel_source():
     """CI runs the slow checks against the wheel: its runtime package must carry the C source (package
     data), or the kernel silently never runs for pip users."""
     assert native.SOURCE.is_file() and native.SOURCE.read_text().count("allocplan_add_dropped_f16") == 1
-    if native._cpu_supported() and native._compiler() is not None:
+    if CAN_BUILD:
         assert standins_kernel() is not None
 
 
+@needs_build
 def test_no_cache_and_no_temporary_folder_means_the_torch_loop(tmp_path, monkeypatch):
     """Nowhere to build (the cache unwritable and no temporary folder to be had): one warning, no kernel,
     and no exception escapes into apply_plan."""
-    if native._compiler() is None or not native._cpu_supported():
-        pytest.skip("no C compiler or no AVX2/FMA/F16C x86-64 Linux CPU here")
     blocker = tmp_path / "file"
     blocker.write_text("")
     monkeypatch.setenv(native.ENV_CACHE, str(blocker / "cache"))
