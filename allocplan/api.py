@@ -51,7 +51,7 @@ def compile_plan(
     Raises:
         AllocplanError: any input problem, with a one-line reason.
     """
-    from .planner.compile import compile_model
+    from allocplan.planner.compile import compile_model
 
     request = BudgetRequest.of(budget)  # a typo in the budget fails before the model loads
     if isinstance(model, (str, os.PathLike)):
@@ -78,7 +78,7 @@ def check_plan_for_model(plan: Plan, model_name: str, load: LoadConfig | None = 
         AllocplanError: an unsupported family, or a fingerprint, layer, k or sidecar shape
             other than the model's.
     """
-    from .runtime.families import get_family, model_fingerprint
+    from allocplan.runtime.families import get_family, model_fingerprint
 
     load = load or LoadConfig()
     # A multimodal checkpoint loads as its text model under AutoModelForCausalLM.
@@ -100,7 +100,7 @@ def check_plan_for_model(plan: Plan, model_name: str, load: LoadConfig | None = 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .runtime.apply import check_allocation_matches, load_compensation
+    from allocplan.runtime.apply import check_allocation_matches, load_compensation
 
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=load.trust_remote_code)
@@ -128,13 +128,13 @@ def generate(model: Any, tokenizer: Any, prompt: str, *, max_new_tokens: int = 3
     import torch
 
     check_prompt(prompt)
-    from .runtime.layers import input_device
+    from allocplan.runtime.layers import input_device
 
     inputs = tokenizer(prompt, return_tensors="pt").to(input_device(model))
     if inputs["input_ids"].numel() == 0:
         raise AllocplanError("--prompt gives no tokens with this tokenizer; give other text")
     from .loading import pad_token_id
-    from .planner.windows import check_token_ids
+    from allocplan.planner.windows import check_token_ids
 
     check_token_ids(inputs["input_ids"], model)
     with torch.inference_mode():

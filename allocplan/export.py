@@ -64,8 +64,8 @@ def export_plan(plan: Plan | str | os.PathLike[str], model: str, output_dir: str
         AllocplanError: the plan does not fit the model, or the directory is not empty.
     """
     from .loading import load_model
-    from .runtime.apply import check_allocation_matches
-    from .runtime.layers import model_family
+    from allocplan.runtime.apply import check_allocation_matches
+    from allocplan.runtime.layers import model_family
 
     plan = plan if isinstance(plan, Plan) else load_plan(plan)
     out = Path(output_dir)
@@ -137,8 +137,8 @@ def attach_plan(model: Any, path_or_id: str | os.PathLike[str], plan: Plan | str
     own way (lm-evaluation-harness, a serving wrapper). Returns the plan's handle, or None
     where nothing is applied at runtime.
     """
-    from .runtime.apply import apply_plan
-    from .runtime.experts import register
+    from allocplan.runtime.apply import apply_plan
+    from allocplan.runtime.experts import register
 
     block = getattr(model.config, CONFIG_KEY, None)
     if plan is None and isinstance(block, dict) and not block.get("applied_in_config"):

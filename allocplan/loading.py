@@ -160,7 +160,7 @@ def load_model(name: str, load: LoadConfig | None = None) -> tuple[Any, Any]:
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .runtime.layers import record_revision
+    from allocplan.runtime.layers import record_revision
 
     load = load or LoadConfig()
     source = resolve_model_source(name)
@@ -205,7 +205,7 @@ def _check_forward(name: str, model: Any) -> None:
     """
     import torch
 
-    from .runtime.layers import input_device
+    from allocplan.runtime.layers import input_device
 
     ids = torch.zeros(1, 2, dtype=torch.long, device=input_device(model))  # [1, 2]
     try:

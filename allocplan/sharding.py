@@ -73,7 +73,7 @@ def profile_shard(model_name: str, output: str | os.PathLike[str], shard: str, *
         What was written, as lines for the user.
     """
     from .loading import load_model
-    from .planner.profiling import profile_part
+    from allocplan.planner.profiling import profile_part
 
     automatic = shard == "auto"
     chosen = shard_from_environment() if automatic else parse_shard(shard)

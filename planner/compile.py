@@ -5,10 +5,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from ..formats.budget import BudgetRequest
-from ..formats.config import ProfileConfig, RefineConfig, RoutingConfig
-from ..formats.plan import Plan, RefinementRecord, RefinementStep
-from ..formats.profile import SensitivityProfile
+from allocplan.formats.budget import BudgetRequest
+from allocplan.formats.config import ProfileConfig, RefineConfig, RoutingConfig
+from allocplan.formats.plan import Plan, RefinementRecord, RefinementStep
+from allocplan.formats.profile import SensitivityProfile
 from ..runtime.allocations import allocation_for
 from ..runtime.layers import find_moe_layers
 from .losses import Reference

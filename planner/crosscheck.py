@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import SolverDisagreement
-from ..formats.plan import objectives_agree
+from allocplan.errors import SolverDisagreement
+from allocplan.formats.plan import objectives_agree
 from .problem import AllocationProblem, Solution
 from .solve_dp import solve_dp
 from .solve_ilp import solve_ilp

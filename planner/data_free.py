@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from ..formats.profile import SensitivityProfile
-from ..formats.provenance import CalibrationRecord
+from allocplan.formats.profile import SensitivityProfile
+from allocplan.formats.provenance import CalibrationRecord
 from ..runtime.layers import MoELayer, find_moe_layers, model_identity, module_device
 from .profiling import build_profile, rounded, top_ks
 from .replay import hidden_of

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..errors import AllocplanError
+from allocplan.errors import AllocplanError
 
 
 @dataclass(frozen=True)

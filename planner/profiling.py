@@ -43,11 +43,11 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .._version import __version__
-from ..progress import progress
-from ..errors import AllocplanError
-from ..formats.config import ProfileConfig, RoutingConfig
-from ..formats.profile import (
+from allocplan._version import __version__
+from allocplan.progress import progress
+from allocplan.errors import AllocplanError
+from allocplan.formats.config import ProfileConfig, RoutingConfig
+from allocplan.formats.profile import (
     PROFILE_KIND,
     PROFILE_SCHEMA_VERSION,
     LayerSensitivity,
@@ -56,9 +56,9 @@ from ..formats.profile import (
     SensitivityProfile,
     k_grid,
 )
-from ..formats.profile_part import PART_KIND, PART_SCHEMA_VERSION, ProfilePart, Shard, owned_cells
-from ..formats.provenance import package_version
-from ..formats.sidecar import CompensationRecord
+from allocplan.formats.profile_part import PART_KIND, PART_SCHEMA_VERSION, ProfilePart, Shard, owned_cells
+from allocplan.formats.provenance import package_version
+from allocplan.formats.sidecar import CompensationRecord
 from ..runtime.allocations import allocation_for
 from ..runtime.apply import apply_plan
 from ..runtime.layers import MoELayer, find_moe_layers, input_device, model_family, model_identity

@@ -20,8 +20,8 @@ import itertools
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from ..formats.allocation import Allocation
-from ..progress import progress
+from allocplan.formats.allocation import Allocation
+from allocplan.progress import progress
 from ..runtime.apply import apply_plan
 from ..runtime.layers import find_moe_layers
 from .losses import Reference

@@ -10,13 +10,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .._version import __version__
-from ..errors import AllocplanError
-from ..formats.allocation import Allocation, LayerAllocation
-from ..formats.budget import BudgetRequest
-from ..formats.config import RoutingConfig
-from ..formats.plan import Budget, Plan, PlanProvenance, SolverRecord
-from ..formats.profile import SensitivityProfile
+from allocplan._version import __version__
+from allocplan.errors import AllocplanError
+from allocplan.formats.allocation import Allocation, LayerAllocation
+from allocplan.formats.budget import BudgetRequest
+from allocplan.formats.config import RoutingConfig
+from allocplan.formats.plan import Budget, Plan, PlanProvenance, SolverRecord
+from allocplan.formats.profile import SensitivityProfile
 from .crosscheck import objectives_agree, solve_and_check
 from .problem import AllocationProblem
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import AllocplanError
+from allocplan.errors import AllocplanError
 from .problem import AllocationProblem, Solution, solution_for
 
 

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import AllocplanError, first_line
-from ..formats.config import parse_dataset_spec
-from ..formats.provenance import is_jsonl
-from ..formats.strict_yaml import read_text_bounded
-from ..loading import from_cache_or_hub, hub_offline
+from allocplan.errors import AllocplanError, first_line
+from allocplan.formats.config import parse_dataset_spec
+from allocplan.formats.provenance import is_jsonl
+from allocplan.formats.strict_yaml import read_text_bounded
+from allocplan.loading import from_cache_or_hub, hub_offline
 
 DOCUMENT_SEPARATOR = "\n\n"
 # A dataset is read row by row until its text is this many characters per token wanted:

@@ -73,12 +73,12 @@ from typing import Any
 
 import torch
 
-from ..formats.config import STAND_IN_SHARE, ProfileConfig, RoutingConfig
-from ..formats.profile import k_grid
-from ..formats.sidecar import CompensationRecord, record_for
-from ..progress import progress
+from allocplan.formats.config import STAND_IN_SHARE, ProfileConfig, RoutingConfig
+from allocplan.formats.profile import k_grid
+from allocplan.formats.sidecar import CompensationRecord, record_for
+from allocplan.progress import progress
 from ..runtime.allocations import allocation_for
-from ..formats.allocation import MAX_GAIN
+from allocplan.formats.allocation import MAX_GAIN
 from ..runtime.apply import ForwardContext, LayerRouting, RoutingDecision
 from ..runtime.experts import StandIns, candidate_outputs
 from ..runtime.families import MoEFamily

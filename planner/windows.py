@@ -7,10 +7,10 @@ from typing import Any
 
 import torch
 
-from ..bundled import DEFAULT_CALIBRATION
-from ..errors import AllocplanError
-from ..formats.provenance import CalibrationRecord
-from ..formats.records import sha256_bytes
+from allocplan.bundled import DEFAULT_CALIBRATION
+from allocplan.errors import AllocplanError
+from allocplan.formats.provenance import CalibrationRecord
+from allocplan.formats.records import sha256_bytes
 from .texts import SourceText, read_source
 
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from ..errors import AllocplanError
-from ..formats.allocation import Allocation, LayerAllocation
-from ..formats.config import RoutingConfig
-from ..formats.sidecar import CompensationRecord
+from allocplan.errors import AllocplanError
+from allocplan.formats.allocation import Allocation, LayerAllocation
+from allocplan.formats.config import RoutingConfig
+from allocplan.formats.sidecar import CompensationRecord
 from .layers import find_moe_layers, model_identity
 
 

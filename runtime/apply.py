@@ -44,9 +44,9 @@ from typing import Any, Callable
 
 import torch
 
-from ..errors import AllocplanError
-from ..formats.allocation import Allocation, LayerAllocation
-from ..formats.plan import Plan, load_plan
+from allocplan.errors import AllocplanError
+from allocplan.formats.allocation import Allocation, LayerAllocation
+from allocplan.formats.plan import Plan, load_plan
 from . import routing
 from .families import MoEFamily
 from .layers import MoELayer, find_moe_layers, identity_mismatch, model_family, module_device
@@ -504,7 +504,7 @@ def _decoded_sidecar(sha256: str, name: str, data: bytes) -> dict[str, torch.Ten
     applies the same sidecar for every probe)."""
     from safetensors.torch import load
 
-    from ..formats.records import sha256_bytes
+    from allocplan.formats.records import sha256_bytes
 
     if sha256_bytes(data) != sha256:
         raise AllocplanError(f"the compensation vectors do not match the sha256 the plan records for {name!r};"

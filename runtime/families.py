@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import AllocplanError
+from allocplan.errors import AllocplanError
 
 
 @dataclass(frozen=True)
@@ -307,7 +307,7 @@ def families_markdown() -> str:
     lines = [
         "# Model families",
         "",
-        "Generated from `runtime/families.py` (installed as `allocplan/runtime/families.py`) by",
+        "Generated from `runtime/families.py` by",
         "`allocplan families --markdown > docs/families.md`;",
         "a test checks that this file matches the registry.",
         "",

@@ -7,8 +7,8 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import AllocplanError
-from ..formats.provenance import ModelIdentity
+from allocplan.errors import AllocplanError
+from allocplan.formats.provenance import ModelIdentity
 from .families import MoEFamily, config_value, get_family, model_fingerprint
 
 

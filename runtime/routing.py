@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from ..formats.budget import round_half_up
+from allocplan.formats.budget import round_half_up
 
 
 def as_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -83,16 +83,155 @@ def test_formats_import_neither_side(module):
     assert not bad, f"{module} imports {sorted(bad)}"
 
 
-@pytest.mark.parametrize("module", sorted(m for m in ALL if m.startswith(("allocplan.planner", "allocplan.runtime"))))
-def test_planner_and_runtime_use_relative_imports(module):
-    # The installed name appears only in pyproject.toml: inside these packages every import
-    # of allocplan's own code is relative.
-    tree = ast.parse(ALL[module].read_text(encoding="utf-8"))
-    absolute = [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
-                and not node.level and node.module and node.module.startswith("allocplan")]
-    absolute += [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
-                 for alias in node.names if alias.name.startswith("allocplan")]
-    assert not absolute, f"{module}: {absolute}"
+CHECKOUT = Path(__file__).resolve().parent.parent
+# Where each installed package's files lie in the repository (pyproject.toml's package-dir).
+REPO_DIRS = {"allocplan": CHECKOUT / "allocplan", "allocplan.planner": CHECKOUT / "planner",
+             "allocplan.runtime": CHECKOUT / "runtime"}
+
+
+def repository_file(module: str) -> Path:
+    """The file of ``module`` in the repository (runtime.apply -> runtime/apply.py)."""
+    for package in sorted(REPO_DIRS, key=len, reverse=True):
+        if module == package or module.startswith(package + "."):
+            rest = module[len(package):].lstrip(".").split(".") if module != package else []
+            return REPO_DIRS[package].joinpath(*rest)
+    raise AssertionError(module)
+
+
+def relative_targets(path: Path) -> list[tuple[int, str]]:
+    """(level, module) of every relative ``from`` import in ``path``."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return [(node.level, node.module or "") for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level]
+
+
+def unresolved_relative_imports(path: Path) -> list[str]:
+    """Relative imports of the repository file ``path`` that name no file or folder beside it in the
+    repository: what a reviewer, or a tool reading the tree, could not follow."""
+    bad = []
+    for level, module in relative_targets(path):
+        base = path.parent
+        for _ in range(level - 1):
+            base = base.parent
+        target = base.joinpath(*module.split(".")) if module else base
+        if not (target.with_suffix(".py").is_file() or (target / "__init__.py").is_file()):
+            bad.append("." * level + module)
+    return bad
+
+
+@pytest.mark.parametrize("module", sorted(ALL))
+def test_every_import_resolves_in_the_repository(module):
+    # planner/ and runtime/ name allocplan's own modules absolutely and each other relatively, so that
+    # ..formats (which would point to a formats/ beside planner/ that does not exist) never appears.
+    source = repository_file(module) / "__init__.py" if ALL[module].stem == "__init__" else \
+        repository_file(module).with_suffix(".py")
+    if not source.is_file():
+        pytest.skip("not run from a checkout")
+    assert not unresolved_relative_imports(source), f"{source}: {unresolved_relative_imports(source)}"
+
+
+def test_an_unresolvable_relative_import_is_caught(tmp_path):
+    (tmp_path / "planner").mkdir()
+    (tmp_path / "runtime").mkdir()
+    (tmp_path / "planner" / "__init__.py").write_text("")
+    (tmp_path / "runtime" / "layers.py").write_text("")
+    bad = tmp_path / "planner" / "bad.py"
+    bad.write_text("from ..runtime.layers import x\nfrom ..formats.plan import Plan\nfrom . import bad\n")
+    assert unresolved_relative_imports(bad) == ["..formats.plan"]
+
+
+# ---------------------------------------------------------------- the documented layer table
+
+ARCHITECTURE = CHECKOUT / "docs" / "architecture.md"
+
+
+def documented_layers(text: str) -> tuple[dict[str, list[str]], dict[str, set[str]]]:
+    """From docs/architecture.md's table: layer -> its module paths, and layer -> the layers it may import."""
+    body = text.split("<!-- layers: begin -->", 1)[1].split("<!-- layers: end -->", 1)[0]
+    rows = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in body.strip().splitlines()[2:]]
+    paths = {row[0]: [p.strip().strip("`") for p in row[1].split(",")] for row in rows}
+    allowed = {row[0]: {name.strip() for name in row[3].split(",") if name.strip() in paths} for row in rows}
+    return paths, allowed
+
+
+def module_of_path(path: str) -> str:
+    """``planner/`` -> allocplan.planner; ``allocplan/api.py`` -> allocplan.api."""
+    parts = path.rstrip("/").removesuffix(".py").split("/")
+    if parts[0] in ("planner", "runtime"):
+        parts = ["allocplan", *parts]
+    name = ".".join(parts)
+    return "allocplan" if name == "allocplan.__init__" else name
+
+
+def layer_of(module: str, paths: dict[str, list[str]]) -> str | None:
+    """The layer of ``module`` (the most specific documented path that holds it)."""
+    best = None
+    for layer, items in paths.items():
+        for item in items:
+            name = module_of_path(item)
+            holds = module == name or (item.endswith("/") and module.startswith(name + "."))
+            if holds and (best is None or len(name) > len(best[1])):
+                best = (layer, name)
+    return best[0] if best else None
+
+
+def back_edges(modules: dict[str, Path], paths: dict[str, list[str]], allowed: dict[str, set[str]]) -> list[str]:
+    """Every import of an allocplan module from a layer the importer's row does not name."""
+    found = []
+    for module, path in modules.items():
+        own = layer_of(module, paths)
+        for name in imports_of(module, path):
+            target = layer_of(name, paths) if name.startswith("allocplan") else None
+            if target is None and name.startswith("allocplan."):
+                # "from allocplan.formats.plan import Plan" also yields "allocplan.formats.plan.Plan"
+                target = layer_of(name.rsplit(".", 1)[0], paths)
+            if target is not None and target != own and target not in allowed[own]:
+                found.append(f"{module} ({own}) imports {name} ({target})")
+    return found
+
+
+PATHS, ALLOWED = documented_layers(ARCHITECTURE.read_text(encoding="utf-8")) if ARCHITECTURE.is_file() else ({}, {})
+needs_docs = pytest.mark.skipif(not PATHS, reason="docs/architecture.md is not beside the tests")
+
+
+@needs_docs
+def test_every_module_has_a_documented_layer():
+    assert {module: layer_of(module, PATHS) for module in ALL if layer_of(module, PATHS) is None} == {}
+    # Every documented path names something real.
+    assert all(layer_of(name, PATHS) for name in ("allocplan.loading", "allocplan.bundled", "allocplan.progress"))
+
+
+@needs_docs
+def test_no_module_imports_a_layer_its_row_does_not_name():
+    assert back_edges(ALL, PATHS, ALLOWED) == []
+
+
+@needs_docs
+@pytest.mark.parametrize("source", [
+    "from allocplan.planner.solve import solve_profile\n",   # formats -> planner
+    "import allocplan.loading\n",                             # formats -> loading
+    "from allocplan.evaluation.methods import METHODS\n",    # formats -> evaluation
+])
+def test_a_back_edge_from_formats_is_caught(tmp_path, source):
+    bad = tmp_path / "bad.py"
+    bad.write_text(source)
+    assert len(back_edges({"allocplan.formats.bad": bad}, PATHS, ALLOWED)) >= 1
+
+
+@needs_docs
+def test_back_edges_of_every_layer_are_caught(tmp_path):
+    # The loading layer must not reach the planner, the planner not evaluation, runtime not loading.
+    cases = {"allocplan.loading": "from allocplan.planner.windows import pack_windows\n",
+             "allocplan.planner.bad": "from allocplan.evaluation.metrics import evaluate\n",
+             "allocplan.runtime.bad": "from allocplan.loading import load_model\n",
+             "allocplan.bench.bad": "from allocplan.api import compile_plan\n",
+             "allocplan.errors": "from allocplan.formats.plan import Plan\n"}
+    for module, source in cases.items():
+        bad = tmp_path / f"{module}.py"
+        bad.write_text(source)
+        assert back_edges({module: bad}, PATHS, ALLOWED), module
+    fine = tmp_path / "fine.py"
+    fine.write_text("from ..runtime.layers import find_moe_layers\nfrom allocplan.loading import load_model\n")
+    assert back_edges({"allocplan.planner.fine": fine}, PATHS, ALLOWED) == []
 
 
 def test_cli_imports_only_public_verbs():

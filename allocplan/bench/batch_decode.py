@@ -22,7 +22,7 @@ import torch
 
 from ..evaluation.metrics import nll_and_activations
 from ..formats.allocation import Allocation
-from ..runtime.apply import apply_plan
+from allocplan.runtime.apply import apply_plan
 from .timing import decode_counts, time_decode
 
 

@@ -7,8 +7,8 @@ from typing import Any, Callable
 
 import torch
 
-from ..runtime.apply import apply_plan
-from ..runtime.layers import find_moe_layers
+from allocplan.runtime.apply import apply_plan
+from allocplan.runtime.layers import find_moe_layers
 from .timing import time_decode, time_prefill
 
 _MATMUL_OPS = {"aten::mm", "aten::_grouped_mm", "aten::bmm", "aten::addmm", "aten::matmul", "aten::linear"}

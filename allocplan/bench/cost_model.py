@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..runtime.layers import find_moe_layers, model_family
+from allocplan.runtime.layers import find_moe_layers, model_family
 
 
 def ideal_speedup(f: float, budget: float) -> float:

@@ -95,8 +95,8 @@ def side_by_side(model: Any, gguf: str | Path, allocations: dict[str, Any], toke
     """
     import llama_cpp  # the optional ``llama`` extra
 
-    from ..runtime.apply import apply_plan
-    from ..runtime.layers import find_moe_layers
+    from allocplan.runtime.apply import apply_plan
+    from allocplan.runtime.layers import find_moe_layers
     from .timing import median_spread, time_decode
 
     Llama = llama_cpp.Llama

@@ -27,7 +27,7 @@ def with_compensation(model: Any, allocation: Any, kind: str, share: float = STA
     import torch
 
     from ..formats.sidecar import COMPENSATION_KINDS
-    from ..planner.treatments import compensation_tables, encode_tables, sidecar_dtype
+    from allocplan.planner.treatments import compensation_tables, encode_tables, sidecar_dtype
 
     if kind not in COMPENSATION_KINDS:
         raise AllocplanError(f"compensation {kind!r} is not one of {', '.join(COMPENSATION_KINDS)}")
@@ -117,7 +117,7 @@ def run_bench(
             windows = torch.randint(0, model.get_input_embeddings().num_embeddings,
                                     (PRESET_PROFILE_WINDOWS, PROFILE_COST_SEQ_LEN), generator=generator)
         else:
-            from ..planner.windows import pack_windows
+            from allocplan.planner.windows import pack_windows
 
             windows, _ = pack_windows(tokenizer, DEFAULT_CALIBRATION, seq_len=PROFILE_COST_SEQ_LEN,
                                       max_tokens=PROFILE_COST_TOKENS)

@@ -38,9 +38,9 @@ import torch
 
 from ..formats.allocation import Allocation
 from ..progress import progress
-from ..runtime.apply import apply_plan
-from ..runtime.measure import count_activations
-from ..runtime.layers import find_moe_layers, model_family
+from allocplan.runtime.apply import apply_plan
+from allocplan.runtime.measure import count_activations
+from allocplan.runtime.layers import find_moe_layers, model_family
 from .cost_model import ideal_speedup, profiling_flop_floor, routed_flop_share, routed_weight_share
 
 
@@ -150,8 +150,8 @@ def bench(
     interval), and its time in each round (``rounds``, for ratios between variants; the plan's are
     ``planned_rounds``). ``decode_batch_size``: the batched decode measure's batch.
     """
-    from ..runtime.layers import input_device
-    from ..runtime.native import standins_kernel
+    from allocplan.runtime.layers import input_device
+    from allocplan.runtime.native import standins_kernel
 
     device = input_device(model)
     generator = torch.Generator().manual_seed(seed)
@@ -246,7 +246,7 @@ def bench(
 
 def _lean_full_k(model: Any) -> Callable[[Callable[[], float]], float] | None:
     """Runs a measure at full k through allocplan's experts path, or None where it does not apply."""
-    from ..runtime.experts import register
+    from allocplan.runtime.experts import register
 
     if model_family(model).experts_swap is not None:
         return None
@@ -271,7 +271,7 @@ def uniform_budget_allocation(model: Any, budget: float, token_level: bool) -> A
 
 def profile_cost(model: Any, windows: torch.Tensor) -> dict:
     """Seconds to profile every (layer, k) with allocplan's reuse and naively (one full forward each)."""
-    from ..planner.profiling import measure_sensitivity
+    from allocplan.planner.profiling import measure_sensitivity
 
     timings = {}
     for label, reuse in (("reuse", True), ("naive", False)):
@@ -287,9 +287,9 @@ def solver_cost(num_layers: int = 60, k_max: int = 16, repeat: int = 3, seed: in
     """DP and ILP time on a DeepSeek-V3-sized instance (60 layers, k in 1..16, budget half)."""
     import random
 
-    from ..planner.problem import AllocationProblem
-    from ..planner.solve_dp import solve_dp
-    from ..planner.solve_ilp import solve_ilp
+    from allocplan.planner.problem import AllocationProblem
+    from allocplan.planner.solve_dp import solve_dp
+    from allocplan.planner.solve_ilp import solve_ilp
 
     rng = random.Random(seed)
     choices = tuple(tuple(range(1, k_max + 1)) for _ in range(num_layers))

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
     from ..formats.allocation import Allocation
     from ..formats.profile import SensitivityProfile
-    from ..runtime.apply import PlanHandle, TokenSelector
+    from allocplan.runtime.apply import PlanHandle, TokenSelector
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class Policy:
         """Apply to ``model`` (None for the untouched model); remove the handle afterwards."""
         if self.allocation is None:
             return None
-        from ..runtime.apply import apply_plan
+        from allocplan.runtime.apply import apply_plan
 
         return apply_plan(model, self.allocation, token_selector=self.selector)
 
@@ -130,14 +130,14 @@ PAPER_PROFILE = ProfileConfig(weight_fit="off", compensation="off")
 
 
 def _allocation(model: Any, ks: list[float], routing: RoutingConfig = PLAIN) -> "Allocation":
-    from ..runtime.allocations import allocation_for
+    from allocplan.runtime.allocations import allocation_for
 
     return allocation_for(model, ks, routing)
 
 
 def uniform_allocation(model: Any, total: int) -> "Allocation":
     """Same share of every layer's K; fractional k realised by Alloc-T rounding."""
-    from ..runtime.layers import find_moe_layers
+    from allocplan.runtime.layers import find_moe_layers
 
     originals = [layer.top_k for layer in find_moe_layers(model)]
     ks = [total * k / sum(originals) for k in originals]
@@ -150,7 +150,7 @@ def uniform_allocation(model: Any, total: int) -> "Allocation":
 
 def random_allocation(model: Any, total: int, seed: int) -> "Allocation":
     """Integer k per layer summing to ``total``: each unit above k=1 goes to a random layer with room."""
-    from ..runtime.layers import find_moe_layers
+    from allocplan.runtime.layers import find_moe_layers
 
     originals = [layer.top_k for layer in find_moe_layers(model)]
     ks = [1] * len(originals)
@@ -189,7 +189,7 @@ def measured_total(model: Any, policy: Policy, windows: "torch.Tensor", batch_si
     """Routed experts per token summed over layers, measured on ``windows``."""
     import torch
 
-    from ..runtime.measure import count_activations
+    from allocplan.runtime.measure import count_activations
 
     handle = policy.apply(model)
     try:
@@ -216,7 +216,7 @@ def calibrate_threshold(
     ``increasing``: activations grow with the parameter (top-p) or fall (NAEE's beta).
     Returns (parameter, measured activations per token).
     """
-    from ..runtime.layers import find_moe_layers
+    from allocplan.runtime.layers import find_moe_layers
 
     full = _allocation(model, [layer.top_k for layer in find_moe_layers(model)])
     lo, hi = 0.0, 1.0
@@ -278,11 +278,11 @@ def _solved(name: str, token_level: bool, data_free: bool = False) -> Callable:
     def build(inputs: MethodInputs) -> Policy:
         from dataclasses import replace
 
-        from ..planner.solve import solve_profile
+        from allocplan.planner.solve import solve_profile
 
         profile = inputs.profile
         if data_free:
-            from ..planner.data_free import profile_data_free
+            from allocplan.planner.data_free import profile_data_free
 
             profile = profile_data_free(inputs.model, seed=inputs.seed)
         if profile is None:
@@ -348,7 +348,7 @@ def build_policy(
     Raises:
         AllocplanError: unknown method, or a missing profile / calibration windows it needs.
     """
-    from ..runtime.layers import find_moe_layers
+    from allocplan.runtime.layers import find_moe_layers
 
     registered = get_method(method)
     originals = [layer.top_k for layer in find_moe_layers(model)]

@@ -34,12 +34,12 @@ import torch
 
 from ..errors import AllocplanError
 from ..progress import progress
-from ..planner.losses import next_token_logprobs, token_nll
+from allocplan.planner.losses import next_token_logprobs, token_nll
 from ..formats.strict_yaml import read_text_bounded
 from ..loading import pad_token_id
-from ..planner.windows import check_token_ids, check_window_length, pack_windows
-from ..runtime.layers import input_device
-from ..runtime.measure import count_activations
+from allocplan.planner.windows import check_token_ids, check_window_length, pack_windows
+from allocplan.runtime.layers import input_device
+from allocplan.runtime.measure import count_activations
 from .modes import EVAL_MODES
 
 

@@ -21,7 +21,7 @@ THRESHOLD_CALIBRATION_TOKENS = 4096
 
 def check_profile_matches(measured: Any, model: Any, path: Any) -> None:
     """Raise unless the profile ``measured`` (read from ``path``) was measured on ``model``'s architecture."""
-    from ..runtime.layers import identity_mismatch
+    from allocplan.runtime.layers import identity_mismatch
 
     mismatch = identity_mismatch(measured.model, model)
     if mismatch is not None:
@@ -101,14 +101,14 @@ def run_eval(
     parameter = None
     if plan is not None:
         loaded = load_plan(plan)
-        from ..runtime.apply import apply_plan
+        from allocplan.runtime.apply import apply_plan
 
         handle = apply_plan(model, loaded)
         label, target = f"plan {plan}", loaded.budget.total_activations
     else:
         measured = None
         if registered.needs_profile:
-            from ..planner.profiling import profile_model
+            from allocplan.planner.profiling import profile_model
 
             if profile:  # a stored profile may be another model's; one measured here is this model's
                 measured = load_profile(profile)
@@ -120,7 +120,7 @@ def run_eval(
                 measured = profile_model(model, tokenizer, config, PLAIN, model_name=model_name)
         windows = None
         if registered.needs_calibration:
-            from ..planner.windows import pack_windows
+            from allocplan.planner.windows import pack_windows
 
             windows, _ = pack_windows(tokenizer, calib, max_tokens=THRESHOLD_CALIBRATION_TOKENS, seq_len=seq_len)
         policy = build_policy(model, registered.name, budget_ratio or 1.0, profile=measured, calib_windows=windows,
