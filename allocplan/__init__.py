@@ -7,7 +7,8 @@ Two verbs, like ``quantize_(model, config)``::
     handle = allocplan.apply_plan(model, "plan.yaml")          # per-layer top-k, reversible
     handle.remove()                                            # bit-identical original
 
-Settings are frozen configs (``ProfileConfig``, ``RoutingConfig``, ``LoadConfig``;
+Settings are frozen configs (``ProfileConfig``, ``RoutingConfig``, ``LoadConfig``, ``EvalConfig``,
+``BenchConfig``;
 a ``Recipe`` bundles them as YAML); an ``Allocation`` built in code with
 ``allocation_for`` applies like a plan. Everything a user calls is importable from
 here; torch-bound names are imported lazily, so ``import allocplan`` and the pure
@@ -33,6 +34,8 @@ from .errors import AllocplanError, SolverDisagreement  # noqa: E402
 from .formats.allocation import Allocation  # noqa: E402
 from .formats.budget import BudgetRequest  # noqa: E402
 from .formats.config import (  # noqa: E402
+    BenchConfig,
+    EvalConfig,
     LoadConfig,
     ProfileConfig,
     Recipe,
@@ -69,7 +72,7 @@ _LAZY = {
     "METHODS": "allocplan.evaluation.methods",
     "build_policy": "allocplan.evaluation.methods",
     "evaluate": "allocplan.evaluation.metrics",
-    "EVAL_MODES": "allocplan.evaluation.modes",
+    "EVAL_MODES": "allocplan.formats.config",
     "run_eval": "allocplan.evaluation.run",
     "run_bench": "allocplan.bench.run",
     "BENCH_PRESETS": "allocplan.bench.presets",
@@ -82,8 +85,8 @@ _LAZY = {
 _RENAMED = {"BENCH_PRESETS": "PRESETS", "BENCH_PRESET_BUDGET": "PRESET_BUDGET", "show_progress": "enable"}
 
 __all__ = [
-    "COMPENSATION_KINDS", "Allocation", "AllocplanError", "BudgetRequest", "LoadConfig", "Plan", "ProfileConfig", "Recipe",
-    "RefineConfig", "RoutingConfig", "SensitivityProfile", "SolverDisagreement", "__version__", "load_plan", "load_profile",
+    "COMPENSATION_KINDS", "Allocation", "AllocplanError", "BenchConfig", "BudgetRequest", "EvalConfig", "LoadConfig",
+    "Plan", "ProfileConfig", "Recipe", "RefineConfig", "RoutingConfig", "SensitivityProfile", "SolverDisagreement", "__version__", "load_plan", "load_profile",
     "load_recipe", "save_plan", "save_profile", "save_recipe", *_LAZY,
 ]
 

@@ -27,15 +27,14 @@ def compile_plan(
     refine: RefineConfig | None = None,
     load: LoadConfig | None = None,
     tokenizer: Any = None,
-    model_name: str | None = None,
     profile_out: str | os.PathLike[str] | None = None,
 ) -> Plan:
     """Compile an allocation plan for ``model`` at a budget (Alloc-L, recorded with Alloc-T settings).
 
     Args:
-        model: a model name (local directory, ``bundled:<name>`` or hub id), or a
-            loaded transformers causal LM (then pass ``tokenizer``, and ``model_name``
-            to record something other than ``model.name_or_path``).
+        model: a model name (local directory, ``bundled:<name>`` or hub id), recorded as the
+            plan's model name; or a loaded transformers causal LM (then pass ``tokenizer``), recorded
+            by its ``name_or_path`` (set that attribute to record another name).
         budget: a ratio in (0, 1] of the model's total original top-k, or a
             :class:`~allocplan.formats.budget.BudgetRequest` (ratio or absolute count).
         profile: how sensitivities are measured (:class:`~allocplan.formats.config.ProfileConfig`).
@@ -43,6 +42,7 @@ def compile_plan(
             (:class:`~allocplan.formats.config.RoutingConfig`).
         refine: the measured refinement after the DP (:class:`~allocplan.formats.config.RefineConfig`).
         load: how a named model is loaded (:class:`~allocplan.formats.config.LoadConfig`).
+        tokenizer: the tokenizer of a loaded ``model``.
         profile_out: also write the sensitivity profile here.
 
     Returns:
@@ -54,8 +54,9 @@ def compile_plan(
     from allocplan.planner.compile import compile_model
 
     request = BudgetRequest.of(budget)  # a typo in the budget fails before the model loads
+    model_name = None
     if isinstance(model, (str, os.PathLike)):
-        model_name = model_name or os.fspath(model)
+        model_name = os.fspath(model)
         model, loaded_tokenizer = load_model(os.fspath(model), load)
         tokenizer = tokenizer or loaded_tokenizer
     if tokenizer is None:

@@ -33,9 +33,10 @@ from allocplan.bench.cost_model import ideal_speedup, routed_weight_share  # noq
 from allocplan.bench.presets import PRESETS, build_preset  # noqa: E402
 from allocplan.bench.run import with_compensation  # noqa: E402
 from allocplan.bench.timing import (  # noqa: E402
-    bench, median_spread, profile_cost, ratio_interval, solver_cost, uniform_budget_allocation)
+    bench, median_spread, profile_cost, ratio_interval, solver_cost)
 from allocplan.bundled import BUNDLED_DIR, DEFAULT_CALIBRATION  # noqa: E402
 from allocplan.evaluation.compare import paired_bootstrap  # noqa: E402
+from allocplan.evaluation.methods import uniform_allocation  # noqa: E402
 from allocplan.formats.config import STAND_IN_SHARE  # noqa: E402
 from allocplan.runtime.layers import find_moe_layers  # noqa: E402
 from allocplan.planner.windows import pack_windows  # noqa: E402
@@ -47,11 +48,6 @@ from allocplan.planner.windows import pack_windows  # noqa: E402
 REPEAT, NEW_TOKENS = 11, 32
 # The quick start's compiled plan (bundled:ref-olmoe at budget 0.5), the default plan timed here.
 GOLDEN_PLAN = ROOT / "plans" / "ref-olmoe-compiled-budget-0.5.yaml"
-
-
-def half_k(model, routing: RoutingConfig):
-    """Every MoE layer at half its original k, with ``routing``."""
-    return allocation_for(model, [max(1, layer.top_k // 2) for layer in find_moe_layers(model)], routing)
 
 
 def breakdown_lines(breakdown: dict) -> list[str]:
@@ -163,11 +159,11 @@ def run_all() -> dict:
     for preset in ("dsv2-lite-small", "mixtral-small"):
         model = build_preset(preset)
         for token_level in (False, True):
-            plan = uniform_budget_allocation(model, 0.5, token_level)
+            plan = uniform_allocation(model, 0.5, RoutingConfig() if token_level else None)
             # The cost of compensating the dropped experts, timed in the same rounds (DeepSeek-V2-Lite's shape).
             variants = compensation_variants(model, plan) if preset == "dsv2-lite-small" else {}
             if not token_level:  # Alloc-T's cost over the same k, paired round by round with the plan
-                variants[ALLOC_T_ON] = uniform_budget_allocation(model, 0.5, True)
+                variants[ALLOC_T_ON] = uniform_allocation(model, 0.5, RoutingConfig())
             result = bench(model, plan, batch=1, prompt_len=256, new_tokens=NEW_TOKENS, repeat=REPEAT,
                            variants=variants)
             result["breakdown"] = time_breakdown(model, plan)
@@ -191,9 +187,9 @@ def batch_aware_run() -> list[dict]:
         model, tokenizer = load_model(f"bundled:{name}")
         windows, _ = pack_windows(tokenizer, ROOT / "data" / "eval.txt", max_tokens=8192, seq_len=256, what="eval")
         allocations = {"untouched": None,
-                       "uniform k/2": half_k(model, RoutingConfig(token_level=False)),
-                       "Alloc-T k/2": half_k(model, RoutingConfig()),
-                       "Alloc-T k/2, prefer active": half_k(model, RoutingConfig(prefer="active"))}
+                       "uniform k/2": uniform_allocation(model, 0.5, RoutingConfig(token_level=False)),
+                       "Alloc-T k/2": uniform_allocation(model, 0.5, RoutingConfig()),
+                       "Alloc-T k/2, prefer active": uniform_allocation(model, 0.5, RoutingConfig(prefer="active"))}
         if name == "ref-olmoe" and GOLDEN_PLAN.exists():
             default = load_plan(GOLDEN_PLAN).allocation
             allocations["default plan"] = default
@@ -211,7 +207,7 @@ def llama_cpp_run(llama_cpp_dir: str) -> dict:
     from allocplan.bench.llama_cpp import convert_to_gguf, side_by_side
 
     model, tokenizer = load_model("bundled:ref-olmoe")
-    allocations = {"uniform k/2": half_k(model, RoutingConfig(token_level=False)),
+    allocations = {"uniform k/2": uniform_allocation(model, 0.5, RoutingConfig(token_level=False)),
                    "default plan": load_plan(GOLDEN_PLAN).allocation}
     windows, _ = pack_windows(tokenizer, ROOT / "data" / "eval.txt", max_tokens=8192, seq_len=512, what="eval")
     tokens = windows[0, : 256 + NEW_TOKENS].tolist()
@@ -448,7 +444,7 @@ def main() -> None:
             model = build_preset(preset)
             for run in data["runs"]:
                 if run["label"].startswith(preset):
-                    plan = uniform_budget_allocation(model, 0.5, run["token_level"])
+                    plan = uniform_allocation(model, 0.5, RoutingConfig() if run["token_level"] else None)
                     run["breakdown"] = time_breakdown(model, plan)
         out.write_text(json.dumps(data, indent=2) + "\n")
     elif "--profile-cost-only" in sys.argv:

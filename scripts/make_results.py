@@ -214,7 +214,7 @@ def evaluate_model(name: str, budgets: list[float], quick: bool) -> dict:
                 rows[method] = mean_rows([evaluate_row(model, tokenizer, build_policy(model, method, budget, seed=s),
                                                        windows, MODES, arith) for s in range(1 if quick else 3)])
                 continue
-            policy = build_policy(model, method, budget, profile=profiles["plain"] if registered.needs_profile else None,
+            policy = build_policy(model, method, budget, sensitivity=profiles["plain"] if registered.needs_profile else None,
                                   calib_windows=threshold_windows if registered.needs_calibration else None)
             rows[method] = evaluate_row(model, tokenizer, policy, windows, MODES, arith)
             rows[method]["parameter"] = policy.parameter

@@ -11,6 +11,8 @@ from allocplan.bench import cost_model, presets, timing
 from allocplan.bench.breakdown import time_breakdown
 from allocplan.bench.cost_model import ideal_speedup
 from allocplan.cli import cli
+from allocplan.evaluation.methods import uniform_allocation
+from allocplan.formats.config import RoutingConfig
 from allocplan.runtime.layers import find_moe_layers
 
 
@@ -36,7 +38,7 @@ def test_ratio_interval_by_hand():
 
 def test_bench_reports_both_models_and_the_bound():
     model = build_tiny_model("olmoe")
-    plan = timing.uniform_budget_allocation(model, 0.5, token_level=True)
+    plan = uniform_allocation(model, 0.5, RoutingConfig())
     result = timing.bench(model, plan, prompt_len=16, new_tokens=2, repeat=1)
     assert result["budget"] == 0.5 and 0.0 < result["f_moe_time"] < 1.0
     # Each bound is the hand-checked formula applied to its own share of the work.
@@ -54,7 +56,7 @@ def test_bench_reports_both_models_and_the_bound():
 
 def test_time_breakdown_structure():
     model = build_tiny_model("deepseek_v2")
-    plan = timing.uniform_budget_allocation(model, 0.5, token_level=True)
+    plan = uniform_allocation(model, 0.5, RoutingConfig())
     breakdown = time_breakdown(model, plan, prompt_len=16, new_tokens=2)
     for measure in ("prefill", "decode_b1"):
         for side in ("untouched", "planned"):
@@ -115,7 +117,7 @@ def test_bench_cli_errors_and_json(tmp_path):
 
 def test_bench_counts_distinct_experts_per_batched_decode_step():
     model = build_tiny_model("olmoe")
-    plan = timing.uniform_budget_allocation(model, 0.5, token_level=False)
+    plan = uniform_allocation(model, 0.5)
     result = timing.bench(model, plan, prompt_len=8, new_tokens=2, repeat=1, decode_batch_size=4)
     distinct = result["decode_b4_distinct_experts"]
     layer = find_moe_layers(model)[0]

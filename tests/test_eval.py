@@ -111,7 +111,7 @@ def test_random_and_uniform_plans():
     ks = [e.planned_k for e in random_allocation(model, 9, seed=3).layers]
     assert sum(ks) == 9 and all(1 <= k <= 4 for k in ks)
     assert [e.planned_k for e in random_allocation(model, 9, seed=3).layers] == ks  # seeded
-    fractional = uniform_allocation(model, 6)
+    fractional = uniform_allocation(model, 0.375)  # 6 of 16 activations
     assert fractional.token_level.enabled and fractional.token_level.k_base == 1
     assert all(e.planned_k == 1.5 for e in fractional.layers)
 
@@ -174,7 +174,7 @@ def test_paper_methods_profile_as_the_paper_and_run_per_layer_k_only(checkpoints
                                                                       seq_len=64))
     assert compensated.compensation is not None and compensated.layers[0].gain is not None
     for method in ("alloc-l", "alloc-lt"):
-        allocation = build_policy(model, method, 0.5, profile=compensated).allocation
+        allocation = build_policy(model, method, 0.5, sensitivity=compensated).allocation
         assert allocation.compensation is None and not any(entry.treated for entry in allocation.layers)
 
 

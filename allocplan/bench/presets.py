@@ -45,6 +45,17 @@ PRESETS: dict[str, Callable[[], Any]] = {
 }
 
 
+def get_preset(name: str) -> Callable[[], Any]:
+    """The config builder of preset ``name``.
+
+    Raises:
+        AllocplanError: unknown preset, listing the known ones.
+    """
+    if name not in PRESETS:
+        raise AllocplanError(f"no preset {name!r}; presets: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
 def build_preset(name: str, seed: int = 0) -> Any:
     """A randomly initialised model of preset ``name`` in eval mode.
 
@@ -54,7 +65,6 @@ def build_preset(name: str, seed: int = 0) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
-    if name not in PRESETS:
-        raise AllocplanError(f"no preset {name!r}; presets: {', '.join(PRESETS)}")
+    make_config = get_preset(name)
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(PRESETS[name]()).eval()
+    return AutoModelForCausalLM.from_config(make_config()).eval()

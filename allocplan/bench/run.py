@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from ..bundled import DEFAULT_CALIBRATION
 from ..errors import AllocplanError
-from ..formats.config import STAND_IN_SHARE
+from ..formats.config import STAND_IN_SHARE, BenchConfig, LoadConfig, RoutingConfig
 from ..formats.plan import load_plan
 from ..loading import load_model
 from .breakdown import time_breakdown
-from .presets import PRESET_BUDGET, build_preset
-from .timing import bench, profile_cost, solver_cost, uniform_budget_allocation
+from ..evaluation.methods import uniform_allocation
+from .presets import PRESET_BUDGET, build_preset, get_preset
+from .timing import bench, profile_cost, solver_cost
 
 # --profile-cost measures on 2048 tokens of calibration text in windows of 256 (a preset, which has
 # no tokenizer: 4 windows of random ids).
@@ -38,80 +38,70 @@ def with_compensation(model: Any, allocation: Any, kind: str, share: float = STA
     return dataclasses.replace(allocation, compensation=record, compensation_data=data)
 
 
-def run_bench(
-    *,
-    plan: str | Path | None = None,
-    model_name: str | None = None,
-    preset: str | None = None,
-    budget_ratio: float | None = None,
-    token_level: bool | None = None,
-    batch: int = 1,
-    prompt_len: int = 256,
-    new_tokens: int = 32,
-    repeat: int = 5,
-    profile_cost_too: bool = False,
-    solver_cost_too: bool = False,
-    breakdown: bool = False,
-    threads: int | None = None,
-    compensation: str | None = None,
-    device: str = "cpu",
-    dtype: str = "float32",
-    decode_batch: int = 8,
-) -> dict[str, Any]:
-    """Time prefill and decode without and with a plan (or a preset's uniform budget), side by side.
-
-    ``budget_ratio`` and ``token_level`` (with ``preset``): its uniform plan, by default
-    ``PRESET_BUDGET`` without Alloc-T. ``compensation`` (with ``preset``): also time the same
-    allocation with stand-ins of that kind for its dropped experts (fitted on random tokens: their
-    values do not change the time).
-    ``device`` and ``dtype``: where and in what the model runs (a preset is built on the CPU
-    and moved; a named model is loaded there).
+def check_bench_inputs(config: BenchConfig) -> None:
+    """Refuse a bench config that times nothing, or that gives settings of the other kind of run.
 
     Raises:
-        AllocplanError: neither or both of ``plan`` and ``preset``, a setting of the other one's, or
-            bad inputs.
+        AllocplanError: neither or both of ``plan`` and ``preset``, an unknown preset, or a setting of
+            the other one's (refused rather than ignored, so nobody believes it was timed).
     """
-    import torch
-
-    if (preset is None) == (plan is None):
+    if (config.preset is None) == (config.plan is None):
         raise AllocplanError("give --plan PLAN (with --model or the plan's model) or --config PRESET"
-                             + (", not both" if preset is not None else ""))
-    # Settings of the other kind of run are refused rather than ignored, so nobody believes they were timed.
-    if preset is not None and model_name is not None:
-        raise AllocplanError("--model names the trained model a --plan is timed on; --config builds its own: leave"
-                             " --model out")
-    if plan is not None:
-        given = [flag for flag, value in (("--budget", budget_ratio), ("--token-level/--no-token-level", token_level),
-                                          ("--compensation", compensation)) if value is not None]
+                             + (", not both" if config.preset is not None else ""))
+    if config.preset is not None:
+        get_preset(config.preset)
+        if config.model is not None:
+            raise AllocplanError("--model names the trained model a --plan is timed on; --config builds its own:"
+                                 " leave --model out")
+    else:
+        given = [flag for flag, value in (("--budget", config.budget),
+                                          ("--token-level/--no-token-level", config.token_level),
+                                          ("--compensation", config.compensation)) if value is not None]
         if given:
             raise AllocplanError(f"{given[0]} sets the uniform plan a --config preset is timed with; a --plan carries"
                                  f" its own budget, routing and compensation: leave {given[0]} out")
-    if threads:
-        torch.set_num_threads(threads)
-    tokenizer = None
-    if preset is not None:
-        try:
-            model = build_preset(preset).to(device=device, dtype=getattr(torch, dtype))
-        except (RuntimeError, AssertionError) as exc:
-            raise AllocplanError(f"cannot run on device {device!r}: {str(exc).splitlines()[0]}") from None
-        budget_ratio = PRESET_BUDGET if budget_ratio is None else budget_ratio
-        allocation = uniform_budget_allocation(model, budget_ratio, bool(token_level))
-        label = f"{preset} (random init), uniform budget {budget_ratio:g}"
-    else:
-        from ..formats.config import LoadConfig
 
-        loaded = load_plan(plan)
-        model, tokenizer = load_model(model_name or loaded.model.name, LoadConfig(device=device, dtype=dtype))
+
+def run_bench(config: BenchConfig) -> dict[str, Any]:
+    """Time prefill and decode without and with a plan (or a preset's uniform budget), side by side.
+
+    With ``config.preset``: its uniform plan at ``config.budget`` (by default ``PRESET_BUDGET``,
+    without Alloc-T unless ``config.token_level``), and with ``config.compensation`` the same
+    allocation again with stand-ins of that kind for its dropped experts (fitted on random tokens:
+    their values do not change the time). A preset is built on the CPU and moved to
+    ``config.device``; a named model is loaded there.
+
+    Raises:
+        AllocplanError: settings that do not fit together (:func:`check_bench_inputs`), or bad inputs.
+    """
+    import torch
+
+    check_bench_inputs(config)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    tokenizer = None
+    if config.preset is not None:
+        try:
+            model = build_preset(config.preset).to(device=config.device, dtype=getattr(torch, config.dtype))
+        except (RuntimeError, AssertionError) as exc:
+            raise AllocplanError(f"cannot run on device {config.device!r}: {str(exc).splitlines()[0]}") from None
+        budget_ratio = PRESET_BUDGET if config.budget is None else config.budget
+        allocation = uniform_allocation(model, budget_ratio, RoutingConfig() if config.token_level else None)
+        label = f"{config.preset} (random init), uniform budget {budget_ratio:g}"
+    else:
+        loaded = load_plan(config.plan)
+        name = config.model or loaded.model.name
+        model, tokenizer = load_model(name, LoadConfig(device=config.device, dtype=config.dtype))
         allocation = loaded.allocation
-        label = f"{model_name or loaded.model.name} with {plan}"
-    label += f" on {device} in {dtype}"
+        label = f"{name} with {config.plan}"
+    label += f" on {config.device} in {config.dtype}"
     variants = None
-    if compensation is not None:
-        variants = {f"{compensation} compensation": with_compensation(model, allocation, compensation)}
-    result = {"label": label, **bench(model, allocation, batch=batch, prompt_len=prompt_len,
-                                      new_tokens=new_tokens, repeat=repeat, variants=variants,
-                                      decode_batch_size=decode_batch)}
-    if profile_cost_too:
+    if config.compensation is not None:
+        variants = {f"{config.compensation} compensation": with_compensation(model, allocation, config.compensation)}
+    result = {"label": label, **bench(model, allocation, batch=config.batch, prompt_len=config.prompt_len,
+                                      new_tokens=config.new_tokens, repeat=config.repeat, variants=variants,
+                                      decode_batch_size=config.decode_batch)}
+    if config.profile_cost:
         if tokenizer is None:
             generator = torch.Generator().manual_seed(0)
             windows = torch.randint(0, model.get_input_embeddings().num_embeddings,
@@ -122,8 +112,9 @@ def run_bench(
             windows, _ = pack_windows(tokenizer, DEFAULT_CALIBRATION, seq_len=PROFILE_COST_SEQ_LEN,
                                       max_tokens=PROFILE_COST_TOKENS)
         result["profile_cost"] = profile_cost(model, windows)
-    if solver_cost_too:
+    if config.solver_cost:
         result["solver_cost"] = solver_cost()
-    if breakdown:
-        result["breakdown"] = time_breakdown(model, allocation, prompt_len=prompt_len, new_tokens=new_tokens)
+    if config.breakdown:
+        result["breakdown"] = time_breakdown(model, allocation, prompt_len=config.prompt_len,
+                                             new_tokens=config.new_tokens)
     return result

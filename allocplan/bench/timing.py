@@ -262,13 +262,6 @@ def _lean_full_k(model: Any) -> Callable[[Callable[[], float]], float] | None:
     return run
 
 
-def uniform_budget_allocation(model: Any, budget: float, token_level: bool) -> Allocation:
-    """The allocation ``--config`` runs: the ``uniform`` method's, or ``alloc-t``'s (same k, Alloc-T on)."""
-    from ..evaluation.methods import build_policy
-
-    return build_policy(model, "alloc-t" if token_level else "uniform", budget).allocation
-
-
 def profile_cost(model: Any, windows: torch.Tensor) -> dict:
     """Seconds to profile every (layer, k) with allocplan's reuse and naively (one full forward each)."""
     from allocplan.planner.profiling import measure_sensitivity

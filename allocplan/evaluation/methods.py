@@ -65,7 +65,7 @@ class MethodInputs:
         budget_ratio: the budget as a ratio of the model's activations.
         total: B, the activations per token the ratio resolves to.
         originals: each MoE layer's original top-k.
-        profile: a calibration-text sensitivity profile (methods with ``needs_profile``).
+        sensitivity: a calibration-text sensitivity profile (methods with ``needs_profile``).
         calib_windows: calibration token windows (methods with ``needs_calibration``).
         seed: a seed for randomised methods.
         routing: routing settings for the methods that solve a profile.
@@ -75,7 +75,7 @@ class MethodInputs:
     budget_ratio: float
     total: int
     originals: list[int]
-    profile: "SensitivityProfile | None" = None
+    sensitivity: "SensitivityProfile | None" = None
     calib_windows: "torch.Tensor | None" = None
     seed: int = DEFAULT_SEED
     routing: RoutingConfig = RoutingConfig()
@@ -135,12 +135,25 @@ def _allocation(model: Any, ks: list[float], routing: RoutingConfig = PLAIN) -> 
     return allocation_for(model, ks, routing)
 
 
-def uniform_allocation(model: Any, total: int) -> "Allocation":
-    """Same share of every layer's K; fractional k realised by Alloc-T rounding."""
+def uniform_allocation(model: Any, budget_ratio: float, routing: RoutingConfig | None = None) -> "Allocation":
+    """Every MoE layer the same share of its original top-k, at ``budget_ratio`` of the model's activations.
+
+    The one way allocplan builds a uniform allocation: the ``uniform`` and ``alloc-t`` methods, the
+    presets' plans of ``allocplan bench --config`` and the benchmarks' k/2 rows all come from here.
+
+    Args:
+        model: a loaded model of a registered family.
+        budget_ratio: the share of the model's activations per token (B = round(ratio * sum K_l)).
+        routing: the routing of every layer. None: plain top-k where each layer's share is a whole
+            number, otherwise Alloc-T rounding with ``k_base`` the smallest share's floor.
+    """
     from allocplan.runtime.layers import find_moe_layers
 
     originals = [layer.top_k for layer in find_moe_layers(model)]
+    total = BudgetRequest(ratio=budget_ratio).resolve(sum(originals), len(originals), count_option=False)
     ks = [total * k / sum(originals) for k in originals]
+    if routing is not None:
+        return _allocation(model, ks, routing)
     if all(float(k).is_integer() for k in ks):
         return _allocation(model, [int(k) for k in ks])
     k_floor = max(1, int(min(ks)))
@@ -240,7 +253,7 @@ def _full(inputs: MethodInputs) -> Policy:
 
 @register_method("uniform", "the same share of every layer's k; fractional k by Alloc-T rounding with k_base floor(k)")
 def _uniform(inputs: MethodInputs) -> Policy:
-    return Policy("uniform", uniform_allocation(inputs.model, inputs.total), inputs.total)
+    return Policy("uniform", uniform_allocation(inputs.model, inputs.budget_ratio), inputs.total)
 
 
 @register_method("random", "a random integer allocation summing to B (one seed per call)", seeded=True)
@@ -268,10 +281,9 @@ register_method("top-p", "each token keeps its smallest candidate set reaching p
 
 @register_method("alloc-t", "token-level only: uniform k_l, Alloc-T on, k_base 1")
 def _alloc_t(inputs: MethodInputs) -> Policy:
-    ks = [inputs.total * k / sum(inputs.originals) for k in inputs.originals]
     routing = RoutingConfig(token_level=True, k_base=1, renormalize=inputs.routing.renormalize,
                             reference_k=inputs.routing.reference_k)
-    return Policy("alloc-t", _allocation(inputs.model, ks, routing), inputs.total)
+    return Policy("alloc-t", uniform_allocation(inputs.model, inputs.budget_ratio, routing), inputs.total)
 
 
 def _solved(name: str, token_level: bool, data_free: bool = False) -> Callable:
@@ -280,15 +292,15 @@ def _solved(name: str, token_level: bool, data_free: bool = False) -> Callable:
 
         from allocplan.planner.solve import solve_profile
 
-        profile = inputs.profile
+        sensitivity = inputs.sensitivity
         if data_free:
             from allocplan.planner.data_free import profile_data_free
 
-            profile = profile_data_free(inputs.model, seed=inputs.seed)
-        if profile is None:
+            sensitivity = profile_data_free(inputs.model, seed=inputs.seed)
+        if sensitivity is None:
             raise AllocplanError(f"method {name} needs a sensitivity profile")
         routing = replace(inputs.routing, token_level=token_level)
-        plan = solve_profile(profile, inputs.budget_ratio, routing)
+        plan = solve_profile(sensitivity, inputs.budget_ratio, routing)
         # Per-layer k only: weight treatments or stand-ins a given profile carries are allocplan's, not the paper's.
         return Policy(name, _allocation(inputs.model, [entry.planned_k for entry in plan.allocation.layers], routing),
                       inputs.total)
@@ -338,7 +350,7 @@ def build_policy(
     method: str,
     budget_ratio: float,
     *,
-    profile: "SensitivityProfile | None" = None,
+    sensitivity: "SensitivityProfile | None" = None,
     calib_windows: "torch.Tensor | None" = None,
     seed: int = DEFAULT_SEED,
     routing: RoutingConfig | None = None,
@@ -354,6 +366,6 @@ def build_policy(
     originals = [layer.top_k for layer in find_moe_layers(model)]
     # eval --method and bench --config take a ratio only: the message must not suggest --budget-activations.
     total = BudgetRequest(ratio=budget_ratio).resolve(sum(originals), len(originals), count_option=False)
-    inputs = MethodInputs(model, budget_ratio, total, originals, profile, calib_windows, seed,
+    inputs = MethodInputs(model, budget_ratio, total, originals, sensitivity, calib_windows, seed,
                           routing or RoutingConfig())
     return registered.build(inputs)

@@ -40,7 +40,7 @@ from ..loading import pad_token_id
 from allocplan.planner.windows import check_token_ids, check_window_length, pack_windows
 from allocplan.runtime.layers import input_device
 from allocplan.runtime.measure import count_activations
-from .modes import EVAL_MODES
+from ..formats.config import EVAL_MODES
 
 
 def _prefill_nll(model: Any, group: torch.Tensor) -> torch.Tensor:

@@ -46,10 +46,18 @@ COMPENSATIONS = ("auto", *COMPENSATION_KINDS, "off")
 # references, more than the same work spent on one more expert; beyond it the gains shrink.
 STAND_IN_SHARE = 0.10
 DTYPES = ("float32", "bfloat16", "float16", "auto")
+# What a timed model runs in (a dtype, not "auto": a preset has no checkpoint dtype of its own).
+BENCH_DTYPES = ("float32", "bfloat16", "float16")
+# The ways ``allocplan eval`` scores text, mode -> sequences per forward. Alloc-T pools a layer's budget
+# over the tokens of one forward, so a plan's quality depends on it: ``prefill`` runs windows whole in
+# batches of 8; ``decode-b1`` and ``decode-b8`` feed 1 or 8 independent windows token by token through
+# the KV cache, as generation does (allocplan/evaluation/metrics.py).
+EVAL_MODES: dict[str, int] = {"prefill": 8, "decode-b1": 1, "decode-b8": 8}
 
 
 def setting(default: Any, help: str, *, flag: str | None = None, choices: tuple | None = None,
-            minimum: float | None = None, maximum: float | None = None, path: bool = False) -> Any:
+            minimum: float | None = None, maximum: float | None = None, above: float | None = None,
+            path: bool = False) -> Any:
     """A config field: its default and, in its metadata, how the CLI and validation treat it.
 
     Args:
@@ -60,10 +68,11 @@ def setting(default: Any, help: str, *, flag: str | None = None, choices: tuple 
         choices: the allowed values.
         minimum: the smallest allowed value of a number.
         maximum: the largest allowed value of a number.
+        above: a number must be strictly greater than this (a budget ratio: above 0).
         path: the value names an existing file.
     """
-    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices,
-                                             "minimum": minimum, "maximum": maximum, "path": path})
+    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices, "minimum": minimum,
+                                             "maximum": maximum, "above": above, "path": path})
 
 
 def flag_of(item: dataclasses.Field) -> str:
@@ -82,7 +91,8 @@ def check_settings(config: Any) -> None:
         if value is None:
             continue
         name = f"{item.name} ({flag_of(item).split('/')[0]})"
-        choices, minimum, maximum = (item.metadata.get(key) for key in ("choices", "minimum", "maximum"))
+        choices, minimum, maximum, above = (item.metadata.get(key) for key in ("choices", "minimum", "maximum",
+                                                                                 "above"))
         if isinstance(value, float) and not math.isfinite(value):
             raise AllocplanError(f"{name} must be a finite number, got {value!r}")
         if choices is not None and value not in choices:
@@ -91,6 +101,8 @@ def check_settings(config: Any) -> None:
             raise AllocplanError(f"{name} must be at least {minimum}, got {value!r}")
         if maximum is not None and value > maximum:
             raise AllocplanError(f"{name} must be at most {maximum}, got {value!r}")
+        if above is not None and value <= above:
+            raise AllocplanError(f"{name} must be above {above}, got {value!r}")
 
 
 def parse_dataset_spec(spec: str) -> tuple[str, str | None, str]:
@@ -379,6 +391,116 @@ class LoadConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """What ``allocplan eval`` scores and how (see :func:`allocplan.run_eval`).
+
+    Exactly one of ``plan`` and ``method`` says what is evaluated; the rest says on what text and in
+    which mode. Which inputs a method reads (a profile, calibration text, a seed) is the method
+    registry's to say, so ``run_eval`` refuses the ones it would not read.
+
+    Attributes:
+        data: UTF-8 text the NLL is measured on (never calibrated on).
+        plan: a plan file to apply.
+        method: a registered routing method to evaluate at ``budget`` instead of a plan.
+        budget: the budget ratio of ``method``.
+        arith: arithmetic problems, one ``a+b=c`` per line, scored by greedy generation.
+        calib: calibration text for the methods that profile or calibrate; None: the bundled text.
+        profile_file: a stored sensitivity profile for the methods that solve one; None: profile
+            ``calib`` now, with plain top-k probes and no treatment, as the paper does.
+        seed: the seed of the methods that draw at random; None: the methods' default seed.
+        seq_len: tokens per scored window.
+        max_tokens: tokens of ``data`` to score.
+        mode: how ``data`` is scored (:data:`EVAL_MODES`).
+        exact_decode: in the decode modes, one forward per token instead of the equivalent
+            forward per window.
+    """
+
+    data: str | None = setting(None, "UTF-8 text for NLL (never calibrate on it).", path=True)
+    plan: str | None = setting(None, "Evaluate with this plan applied.", path=True)
+    method: str | None = setting(None, "Evaluate a registered routing method at --budget instead of a plan"
+                                       " (docs/results.md).")
+    budget: float | None = setting(None, "Budget ratio for --method.", above=0.0, maximum=1.0)
+    arith: str | None = setting(None, "Arithmetic problems, one 'a+b=c' per line.", path=True)
+    calib: str | None = setting(None, "Calibration text for methods that need it [default: the bundled calibration"
+                                      " text].", path=True)
+    profile_file: str | None = setting(None, "Sensitivity profile for alloc-l / alloc-lt [default: profile --calib"
+                                             " now, plain top-k with no treatment or compensation, as the paper"
+                                             " does].", flag="--profile", path=True)
+    seed: int | None = setting(None, "Seed of --method random and of lexi's Gaussian inputs [default: 0].")
+    seq_len: int = setting(256, "Tokens per scored window.", minimum=2)
+    max_tokens: int = setting(16384, "Tokens of --data to score.", minimum=2)
+    mode: str = setting("prefill", "How --data is scored: windows in batches of 8, one forward each (prefill), or"
+                                   " token by token through the KV cache at batch 1 or 8 (decode-b1, decode-b8: the"
+                                   " tokens Alloc-T pools in generation).", choices=tuple(EVAL_MODES))
+    exact_decode: bool = setting(False, "Decode modes: run one forward per token instead of the equivalent forward"
+                                        " per window.")
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+        if self.exact_decode and self.mode == "prefill":
+            raise AllocplanError("--exact-decode applies to the decode modes only; add --mode decode-b1 or decode-b8,"
+                                 " or leave it out")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What ``allocplan bench`` times and how (see :func:`allocplan.run_bench`).
+
+    Either a plan on its trained model, or a preset shape (random weights) under a uniform
+    budget; the untouched model is timed beside it in the same process.
+
+    Attributes:
+        plan: a plan file to time against the untouched model.
+        model: the trained model a ``plan`` is timed on; None: the one the plan names.
+        preset: a preset shape (``allocplan.BENCH_PRESETS``) to time instead of a plan.
+        budget: the uniform plan's budget for ``preset``; None: the presets' budget.
+        token_level: Alloc-T for the ``preset`` plan (fractional budgets always use it); None: off.
+        compensation: also time the ``preset`` plan with stand-ins of this kind for its dropped experts.
+        batch: prefill batch size.
+        prompt_len: prompt tokens of each prefill.
+        new_tokens: decode steps timed.
+        repeat: interleaved rounds.
+        decode_batch: batch of the batched decode measure.
+        profile_cost: also time profiling with allocplan's reuse and naively.
+        solver_cost: also time the DP and the ILP on a 60-layer, k<=16 instance.
+        breakdown: also split prefill and decode time into router, expert matmuls, other expert
+            work and the rest.
+        threads: torch threads; None: torch's.
+        device: torch device to time on.
+        dtype: dtype to run the model in.
+    """
+
+    plan: str | None = setting(None, "Plan to time against the untouched model.", path=True)
+    model: str | None = setting(None, "Trained model to time (with --plan) [default: the one named in the plan].")
+    preset: str | None = setting(None, "Time a randomly initialised model of this shape, planned uniformly at"
+                                       " --budget.", flag="--config")
+    budget: float | None = setting(None, "Budget of the uniform plan for --config.", above=0.0, maximum=1.0)
+    token_level: bool | None = setting(None, "Alloc-T for the --config plan (fractional budgets always use it)"
+                                             " [default: off].", flag="--token-level/--no-token-level")
+    compensation: str | None = setting(None, "Also time the --config plan with stand-ins of this kind for its"
+                                             " dropped experts.", choices=COMPENSATION_KINDS)
+    batch: int = setting(1, "Prefill batch size.", minimum=1)
+    prompt_len: int = setting(256, "Prompt tokens of each prefill.", minimum=2)
+    new_tokens: int = setting(32, "Decode steps timed.", minimum=1)
+    repeat: int = setting(5, "Interleaved rounds.", minimum=1)
+    decode_batch: int = setting(8, "Batch of the batched decode measure.", minimum=2)
+    profile_cost: bool = setting(False, "Also time profiling with allocplan's reuse and naively (a full forward per"
+                                        " (layer, k)).")
+    solver_cost: bool = setting(False, "Also time the DP and the ILP on a 60-layer, k<=16 instance.")
+    breakdown: bool = setting(False, "Also split prefill and decode time into router, expert matmuls, other expert"
+                                     " work and the rest.")
+    threads: int | None = setting(None, "torch threads [default: torch's].", minimum=1)
+    device: str = setting("cpu", "torch device to time on; on cuda every reading waits for the queued kernels.")
+    dtype: str = setting("float32", "dtype to run the model in.", choices=BENCH_DTYPES)
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+        if not self.device or len(self.device) > 200 or not self.device.isprintable() or " " in self.device:
+            raise AllocplanError(f"device (--device) {self.device[:40]!r} must be one word of 1 to 200 printable"
+                                 " characters")
+
+
+@dataclass(frozen=True)
 class Recipe:
     """A compile's settings as one reviewable YAML document (no model: one recipe serves many).
 
@@ -387,12 +509,16 @@ class Recipe:
         profile: how sensitivities are measured.
         routing: how the plan routes at runtime (and the probes route while profiling).
         refine: the measured refinement after the DP.
+        eval: what ``allocplan eval --recipe`` scores and how.
+        bench: what ``allocplan bench --recipe`` times and how.
     """
 
     budget: BudgetRequest | None = None
     profile: ProfileConfig = ProfileConfig()
     routing: RoutingConfig = RoutingConfig()
     refine: RefineConfig = RefineConfig()
+    eval: EvalConfig = EvalConfig()
+    bench: BenchConfig = BenchConfig()
 
     def to_yaml(self) -> str:
         """Canonical YAML text, every setting written out (defaults included)."""
