@@ -66,7 +66,7 @@ _LAZY = {
     "plan_handle": "allocplan.runtime.apply",
     "export_plan": "allocplan.export",
     "from_pretrained": "allocplan.export",
-    "allocation_for": "allocplan.runtime.allocations",
+    "allocation_for": "allocplan.runtime.allocation_builder",
     "FAMILIES": "allocplan.runtime.families",
     "families_markdown": "allocplan.runtime.families",
     "METHODS": "allocplan.evaluation.methods",

@@ -9,7 +9,7 @@ from allocplan.formats.budget import BudgetRequest
 from allocplan.formats.config import ProfileConfig, RefineConfig, RoutingConfig
 from allocplan.formats.plan import Plan, RefinementRecord, RefinementStep
 from allocplan.formats.profile import SensitivityProfile
-from ..runtime.allocations import allocation_for
+from ..runtime.allocation_builder import allocation_for
 from ..runtime.layers import find_moe_layers
 from .losses import Reference
 from .profiling import check_k_max_for_profiling, check_k_min, profile_model

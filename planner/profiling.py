@@ -59,7 +59,7 @@ from allocplan.formats.profile import (
 from allocplan.formats.profile_part import PART_KIND, PART_SCHEMA_VERSION, ProfilePart, Shard, owned_cells
 from allocplan.formats.provenance import package_version
 from allocplan.formats.sidecar import CompensationRecord
-from ..runtime.allocations import allocation_for
+from ..runtime.allocation_builder import allocation_for
 from ..runtime.apply import apply_plan
 from ..runtime.layers import MoELayer, find_moe_layers, input_device, model_family, model_identity
 from .losses import Scratch, kl_sum, next_token_logprobs, token_nll

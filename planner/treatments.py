@@ -60,7 +60,7 @@ Everything comes from one reference forward per calibration batch: hooks catch
 each MoE layer's router output, its experts' input and their full-k output;
 each candidate's unweighted expert output is computed once per (layer, batch)
 and reused for every k and k2. The routing decision is the runtime's own
-(:meth:`~allocplan.runtime.apply.LayerRouting.decide`), Alloc-T included, so the
+(:meth:`~allocplan.runtime.routing.LayerRouting.decide`), Alloc-T included, so the
 fit sees exactly the routing the plan will run.
 """
 
@@ -74,12 +74,11 @@ from typing import Any
 import torch
 
 from allocplan.formats.config import STAND_IN_SHARE, ProfileConfig, RoutingConfig
-from allocplan.formats.profile import k_grid
 from allocplan.formats.sidecar import CompensationRecord, record_for
 from allocplan.progress import progress
-from ..runtime.allocations import allocation_for
+from ..runtime.allocation_builder import allocation_for
 from allocplan.formats.allocation import MAX_GAIN
-from ..runtime.apply import ForwardContext, LayerRouting, RoutingDecision
+from ..runtime.routing import ForwardContext, LayerRouting, RoutingDecision
 from ..runtime.experts import StandIns, candidate_outputs
 from ..runtime.families import MoEFamily
 from ..runtime.layers import MoELayer, find_moe_layers, model_family

@@ -32,7 +32,8 @@ import torch
 from transformers.integrations.moe import ExpertsInterface
 
 from .native import standins_kernel
-from .routing import as_dtype
+from .fast_paths import fast_paths
+from .routing_rules import as_dtype
 
 IMPLEMENTATION_NAME = "allocplan_ragged"
 # Attribute apply_plan sets on an experts module whose dropped candidates are compensated (StandIns).
@@ -321,7 +322,7 @@ def add_compensation(result: torch.Tensor, module: torch.nn.Module, hidden_state
     stand_ins = getattr(module, COMPENSATION_ATTR, None)
     if stand_ins is None:
         return result
-    if top_k_index.shape[0] == 1 and ONE_TOKEN_FAST:
+    if top_k_index.shape[0] == 1 and fast_paths().one_token_stand_ins:
         return _add_compensation_one_token(result, stand_ins, hidden_states, top_k_index, top_k_weights, num_experts)
     tokens, slots = (top_k_index >= num_experts).nonzero(as_tuple=True)  # [D] each
     if tokens.numel():
@@ -359,8 +360,9 @@ def _add_compensation_one_token(result: torch.Tensor, stand_ins: StandIns, hidde
     where the general form multiplies and then scatters with ``index_add_`` (about 20 us for
     one row on CPU). The sum is the general form's up to the order of its float additions.
     """
-    if stand_ins.down is not None and result.device.type == "cpu" and ONE_TOKEN_LOOP:
-        if ONE_TOKEN_NATIVE and stand_ins.add_dropped_native(result, hidden_states, top_k_index, top_k_weights,
+    switches = fast_paths()
+    if stand_ins.down is not None and result.device.type == "cpu" and switches.stand_in_loop:
+        if switches.native_kernel and stand_ins.add_dropped_native(result, hidden_states, top_k_index, top_k_weights,
                                                              num_experts):
             return result
         return stand_ins.add_dropped_one_token(result, hidden_states, top_k_index.tolist()[0],
@@ -370,19 +372,6 @@ def _add_compensation_one_token(result: torch.Tensor, stand_ins: StandIns, hidde
     if result.dtype == rows.dtype:
         return result.addmm_(weights, rows)
     return result.add_(as_dtype(weights @ rows, result.dtype))
-
-
-# Tests switch the one-token form off to compare it with the general one.
-ONE_TOKEN_FAST = True
-# One token's experts on CPU without the general form's bookkeeping (_one_token_experts); tests switch
-# it off to compare.
-ONE_TOKEN_EXPERTS = True
-# Linear stand-ins' one-token form on CPU: slot by slot (StandIns.add_dropped_one_token) rather than
-# batched over copies of all K slots' factors (StandIns.one_token_rows); tests switch it to compare.
-ONE_TOKEN_LOOP = True
-# That form through the native kernel (StandIns.add_dropped_native) where it can run; tests switch it
-# off to compare.
-ONE_TOKEN_NATIVE = True
 
 
 def ragged_experts_forward(
@@ -395,7 +384,7 @@ def ragged_experts_forward(
     # (Without autograd: decoding runs under no_grad or inference_mode, and the short form multiplies the
     # input itself where the general form multiplies a gathered copy.)
     if (hidden_states.shape[0] == 1 and hidden_states.device.type == "cpu" and not torch.is_grad_enabled()
-            and ONE_TOKEN_EXPERTS):
+            and fast_paths().one_token_experts):
         return _one_token_experts(self, hidden_states, top_k_index, top_k_weights)
     pairs = active_pairs(top_k_index, top_k_weights, self.num_experts)
     rows = hidden_states[pairs.tokens]  # [P, H]

@@ -1,269 +1,371 @@
-"""Token-level routing (Alloc-T) and weight renormalisation, as plain tensor functions.
+"""One MoE layer's routing under an allocation: the decision and the hooks that apply it.
 
-A layer's router runs at its candidate width k_max and returns, per token, k_max
-candidate experts. allocplan then decides which (token, candidate) pairs run:
-
-* uniform: every real token keeps its first k candidates (the family's own top-k).
-* Alloc-T: every real token keeps its first k_base candidates; the remaining
-  ``total_pairs - k_base * T`` pairs go to the highest-scoring candidates of
-  rank k_base+1 .. k_max across all T real tokens of the forward pass, so the
-  layer runs exactly ``total_pairs`` pairs and a hard token (flat scores) gets
-  more experts than a confident one.
-
-Candidates are ranked by the family's selection score (e.g. DeepSeek-V3's
-bias-corrected sigmoid), not by position: some routers return them unsorted.
-Dropped slots get the index ``num_experts`` (the "no expert" sentinel that the
-experts implementations skip) and weight 0.
+:class:`LayerRouting` decides, for each forward, which (token, candidate) pairs of a layer
+run and with what weight (uniform top-k or Alloc-T, the plan's weight mode, gain and
+stand-ins), from the tensor rules of :mod:`allocplan.runtime.routing_rules`, and its hooks
+hand that decision to the experts (docs/runtime.md). ``apply_plan``
+(:mod:`allocplan.runtime.apply`) puts one on every MoE layer; the planner uses the same
+decision to fit weight treatments on exactly the routing a plan runs.
 """
 
 from __future__ import annotations
 
-import functools
-import math
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
-from allocplan.formats.budget import round_half_up
+from allocplan.formats.allocation import Allocation, LayerAllocation
+from . import routing_rules as rules
+from .families import MoEFamily
+from .fast_paths import fast_paths
+from .layers import MoELayer
+from .router_formats import ROUTER_FORMATS
+from .scores import NORMALIZATION_RULES, SELECTION_SCORES, SIGNED_SELECTIONS
 
 
-def as_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``tensor.to(dtype)``, skipping the dispatch when it already is (batch-1 decode pays for every op)."""
-    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+# (scores [T, K], weights [T, K], real [T]) -> keep [T, K]; candidates sorted by score per token.
+TokenSelector = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def sort_candidates(
-    scores: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Order each token's candidates by decreasing selection score.
+@dataclass
+class ForwardContext:
+    """The current forward pass: its token grid and which flattened positions are real (not padding)."""
 
-    Args:
-        scores: [T, K] selection scores of the candidates.
-        weights: [T, K] the router's combine weights for them.
-        indices: [T, K] expert ids.
-    """
-    sorted_scores, order = torch.sort(scores, dim=-1, descending=True, stable=True)  # [T, K] each
-    return sorted_scores, weights.gather(-1, order), indices.gather(-1, order)
+    real: torch.Tensor | None = None  # [B * S] bool, or None when every token is real
+    shape: tuple[int, int] | None = None  # (B, S) of the model's input
 
-
-def sort_one_token(scores: torch.Tensor, weights: torch.Tensor,
-                   indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``sort_candidates``' weights and indices for one token ([1, K] each) on CPU, ordered in Python.
-
-    At batch 1 on CPU, ``torch.sort`` of K = 6 scores costs about 13 us, nearly all of it fixed
-    cost, while reading K scores back costs about 1 us. Python's sort is stable with ``reverse``
-    too, so ties keep their slot order as in the stable descending ``torch.sort``: the same order
-    (NaN scores aside). Candidates already in order (routers return their top-k sorted by score;
-    a drop order moves some) cost no gather at all.
-    """
-    values = scores.tolist()[0]  # (tolist of the [1, K] tensor itself: indexing first adds a view op)
-    order = tuple(sorted(range(len(values)), key=values.__getitem__, reverse=True))
-    if order == tuple(range(len(order))):
-        return weights, indices
-    permutation = _permutation(order, indices.device)  # [1, K]
-    return weights.gather(-1, permutation), indices.gather(-1, permutation)
+# Which tokens of a forward share a layer's budget under Alloc-T (see LayerRouting):
+# ``forward``: all of them (the plan's behaviour); ``position``: those at the same position of
+# their sequence, which is what token-by-token decoding of B sequences pools (B = 1: one token,
+# through the decode ledger), so one forward over whole windows reproduces decode routing.
+POOLINGS = ("forward", "position")
 
 
-@functools.lru_cache(maxsize=4096)
-def _permutation(order: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """[1, K] index tensor of ``order``, built once: ``torch.tensor`` from a list costs about as much
-    as the sort it replaces. Shared and never written."""
-    return torch.tensor([order], device=device)
+@dataclass
+class LayerCounter:
+    """(token, expert) pairs and real tokens routed by one layer since the last reset."""
+
+    pairs: int = 0
+    tokens: int = 0
+
+    @property
+    def activations_per_token(self) -> float:
+        return self.pairs / self.tokens if self.tokens else 0.0
 
 
-def rank_by_drop_order(selection: torch.Tensor, order: torch.Tensor, signed: bool) -> torch.Tensor:
-    """[T, E] selection scores reranked by a drop order (``StandIns.order``): a larger factor ranks higher.
+@dataclass(frozen=True)
+class RoutingDecision:
+    """Which of each token's candidates run, and with what weight, in one layer's forward.
 
-    Args:
-        selection: [T, E] the family's selection scores.
-        order: [E] positive per-expert factors (float32, on the scores' device).
-        signed: the scores can be negative (a correction bias); those are divided by the factor.
-    """
-    if signed:
-        return torch.where(selection >= 0, selection * order, selection / order)  # [T, E]
-    return selection * order  # [T, E]
-
-
-def uniform_keep(real: torch.Tensor, num_candidates: int, k: int) -> torch.Tensor:
-    """[T, K] mask keeping the first k candidates of every real token."""
-    keep = torch.zeros(real.shape[0], num_candidates, dtype=torch.bool, device=real.device)  # [T, K]
-    keep[:, :k] = real[:, None]
-    return keep
-
-
-def running_candidates(indices: torch.Tensor, keep: torch.Tensor, real: torch.Tensor, groups: torch.Tensor,
-                       num_groups: int, num_experts: int) -> torch.Tensor:
-    """[T, K] mask of the candidates of real tokens whose expert already runs for a kept pair of their group.
-
-    Args:
-        indices: [T, K] candidate expert ids (below ``num_experts``).
-        keep: [T, K] the pairs already kept.
-        groups: [T] each token's pool, 0 .. num_groups-1.
-    """
-    running = torch.zeros(num_groups, num_experts, dtype=torch.bool, device=indices.device)  # [G, E]
-    running[groups[:, None].expand_as(indices)[keep], indices[keep]] = True
-    return running[groups[:, None], indices] & real[:, None]  # [T, K]
-
-
-def _running_first(order: torch.Tensor, running: torch.Tensor) -> torch.Tensor:
-    """``order`` (flat candidate positions) with the running candidates first, each part's order kept."""
-    return order[torch.argsort((~running[order]).to(torch.int8), stable=True)]
-
-
-def alloc_t_keep(scores: torch.Tensor, real: torch.Tensor, total_pairs: int, k_base: int,
-                 indices: torch.Tensor | None = None, num_experts: int = 0) -> torch.Tensor:
-    """[T, K] mask of the pairs Alloc-T runs (scores sorted per token, descending).
-
-    Every real token keeps its first ``k_base`` candidates; the rest of
-    ``total_pairs`` are the highest-scoring remaining candidates of real tokens.
-    Padding tokens (``real`` False) get nothing. ``total_pairs`` must lie in
-    [k_base * T_real, K * T_real].
-
-    With ``indices`` ([T, K] expert ids; ``prefer: active``), the remaining pairs go first to
-    candidates whose expert already runs for a kept (first ``k_base``) pair, by score, and only
-    then to the others: the same pairs over fewer distinct experts (OEA-style).
-    """
-    num_tokens, num_candidates = scores.shape
-    keep = uniform_keep(real, num_candidates, k_base)  # [T, K]
-    extra = total_pairs - k_base * int(real.sum())
-    if extra > 0 and indices is not None:
-        # One pool: the grouped selection with a single group orders the candidates the same way.
-        groups = torch.zeros(num_tokens, dtype=torch.long, device=scores.device)  # [T]
-        return alloc_t_keep_grouped(scores, real, groups, torch.tensor([total_pairs], device=scores.device),
-                                    k_base, indices, num_experts)
-    elif extra > 0:
-        pool = scores[:, k_base:].float().masked_fill(~real[:, None], -math.inf)  # [T, K - k_base]
-        chosen = torch.topk(pool.reshape(-1), extra, sorted=False).indices  # [extra]
-        rest = torch.zeros(pool.numel(), dtype=torch.bool, device=scores.device)
-        rest[chosen] = True
-        keep[:, k_base:] = rest.view(num_tokens, num_candidates - k_base)
-    return keep
-
-
-def alloc_t_keep_grouped(scores: torch.Tensor, real: torch.Tensor, groups: torch.Tensor, pairs: torch.Tensor,
-                         k_base: int, indices: torch.Tensor | None = None, num_experts: int = 0) -> torch.Tensor:
-    """[T, K] mask of the pairs Alloc-T runs when tokens pool their budget only within groups.
-
-    Args:
-        scores: [T, K] candidate scores, sorted per token, descending.
-        real: [T] tokens that are not padding.
-        groups: [T] each token's group, 0 .. G-1.
-        pairs: [G] pairs each group runs, in [k_base * n_g, K * n_g] for its n_g real tokens.
-        k_base: candidates every real token keeps.
-        indices: [T, K] expert ids, given to prefer candidates whose expert already runs in the
-            group (``prefer: active``).
-
-    Within a group, as in :func:`alloc_t_keep`: every real token keeps its first ``k_base``
-    candidates and the group's remaining pairs go to its highest-scoring other candidates
-    (with ``indices``: first to those whose expert already runs for a kept pair of the group).
-    """
-    num_tokens, num_candidates = scores.shape
-    keep = uniform_keep(real, num_candidates, k_base)  # [T, K]
-    width = num_candidates - k_base
-    if width == 0:
-        return keep
-    real_per_group = torch.bincount(groups[real], minlength=pairs.numel())  # [G]
-    extra = pairs - k_base * real_per_group  # [G]
-    pool = scores[:, k_base:].float().masked_fill(~real[:, None], -math.inf).reshape(-1)  # [T * width]
-    pool_group = groups.repeat_interleave(width)  # [T * width]
-    order = torch.argsort(pool, descending=True, stable=True)
-    if indices is not None:
-        running = running_candidates(indices, keep, real, groups, pairs.numel(), num_experts)  # [T, K]
-        order = _running_first(order, running[:, k_base:].reshape(-1))
-    order = order[torch.argsort(pool_group[order], stable=True)]  # by group, then (running first) by score
-    sorted_group = pool_group[order]
-    counts = torch.bincount(sorted_group, minlength=pairs.numel())
-    starts = torch.cumsum(counts, 0) - counts  # [G]
-    rank = torch.arange(order.numel(), device=scores.device) - starts[sorted_group]
-    rest = torch.zeros(order.numel(), dtype=torch.bool, device=scores.device)
-    rest[order[rank < extra[sorted_group]]] = True
-    keep[:, k_base:] = rest.view(num_tokens, width)
-    return keep
-
-
-def normalize_weights(
-    weights: torch.Tensor,
-    keep: torch.Tensor,
-    *,
-    mode: str,
-    norm_order: float | None,
-    scale: float,
-    reference_k: int,
-    reference_scores: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Combine weights [T, K] under a weight mode, for every candidate (kept or dropped).
-
-    ``weights`` [T, K] are the router's own weights at k_max, sorted like ``keep``.
-    They are p_j * c_t for the family's probabilities p and a per-token constant
-    c_t (the scaling factor, divided by a norm of the top-k_max when the family
-    normalises), so each mode only needs ratios of them:
-
-    * ``model``: what the family does when it natively routes to the kept set: a
-      family that normalises with a p-norm (``norm_order``, 1 = sum) rescales the
-      kept weights to the norm all k_max had; others keep them unchanged.
-    * ``none``: keep the router's weights at k_max unchanged.
-    * ``renorm``: kept weights sum to the family's scaling factor (1 for most).
-    * ``decoupled``: divide by the mass of the token's top-``reference_k``
-      candidates, times the scaling factor (arXiv 2609.04575): a token that
-      loses experts does not get its remaining weights inflated. The top ones are
-      the first ``reference_k`` slots, or where ``reference_scores`` [T, K] is
-      given (the router's own scores when a drop order reranked the slots), the
-      ``reference_k`` slots with the highest of those.
-
-    A dropped candidate's weight is what it would get under the same rescaling
-    (compensation multiplies it by a stand-in output).
-    """
-    w = as_dtype(weights, torch.float32)  # [T, K]
-    if mode == "none" or (mode == "model" and norm_order is None):
-        return w
-    kept = torch.where(keep, w, 0.0)  # [T, K]
-    if mode == "model":
-        full_norm = torch.linalg.vector_norm(w, ord=norm_order, dim=-1, keepdim=True)  # [T, 1]
-        kept_norm = torch.linalg.vector_norm(kept, ord=norm_order, dim=-1, keepdim=True).clamp_min(1e-30)
-        return w * (full_norm / kept_norm)
-    if mode == "renorm":
-        return w / kept.sum(-1, keepdim=True).clamp_min(1e-30) * scale
-    if mode == "decoupled":
-        top = w[:, :reference_k] if reference_scores is None else w.gather(
-            -1, torch.topk(reference_scores, reference_k, dim=-1).indices)  # [T, reference_k]
-        reference = top.sum(-1, keepdim=True).clamp_min(1e-30)  # [T, 1]
-        return w / reference * scale
-    raise ValueError(f"unknown renormalisation mode {mode!r}")
-
-
-def reweight(weights: torch.Tensor, keep: torch.Tensor, **mode: object) -> torch.Tensor:
-    """Combine weights of the kept pairs (``normalize_weights``' modes); dropped pairs get 0."""
-    return torch.where(keep, normalize_weights(weights, keep, **mode), 0.0).to(weights.dtype)
-
-
-class DecodeLedger:
-    """Per-layer running count for single-token forwards (batch-1 decode).
-
-    One token cannot run a fractional number of experts, so the n-th
-    single-token forward runs ``round_half_up(n * k) - (pairs run so far)``:
-    k = 2.5 gives 3, 2, 3, 2, ... and the long-run average is exactly k.
+    Attributes:
+        keep: [T, k_max] the candidates that run.
+        weights: [T, k_max] every candidate's combine weight under the layer's weight mode
+            (per-expert scales included, gain not), kept or not.
+        indices: [T, k_max] the candidates' experts, sorted by selection score per token.
+        real: [T] the tokens that are not padding.
+        first: n where ``keep`` is known to hold each token's first n candidates (one token alone), else None.
     """
 
-    def __init__(self) -> None:
-        self.forwards = 0
-        self.pairs = 0
-
-    def next_pairs(self, k: float) -> int:
-        self.forwards += 1
-        target = round_half_up(self.forwards * k)
-        pairs = target - self.pairs
-        self.pairs = target
-        return pairs
-
-    def reset(self) -> None:
-        self.forwards = 0
-        self.pairs = 0
+    keep: torch.Tensor
+    weights: torch.Tensor
+    indices: torch.Tensor
+    real: torch.Tensor
+    first: int | None = None
 
 
-def pairs_for(k: float, real_tokens: int, ledger: DecodeLedger | None = None) -> int:
-    """Pairs a layer with average budget k runs for ``real_tokens`` tokens.
+class LayerRouting:
+    """One MoE layer's routing under an allocation: the routing decision and the hooks that apply it.
 
-    round_half_up(k * T) for T > 1 (prefill, batched decode); the ledger's count for T = 1.
+    ``decide`` is the decision itself (also used by the planner to fit weight treatments
+    on exactly the routing a plan runs); the hooks feed it the router's output and hand
+    the rewritten routing to the experts.
     """
-    if real_tokens == 1 and ledger is not None:
-        return ledger.next_pairs(k)
-    return round_half_up(k * real_tokens)
+
+    def __init__(self, layer: MoELayer, entry: LayerAllocation, allocation: Allocation, family: MoEFamily,
+                 context: ForwardContext, token_selector: TokenSelector | None = None,
+                 compensated: bool = False, drop_order: torch.Tensor | None = None) -> None:
+        self.layer = layer
+        self.token_selector = token_selector
+        self.k = float(entry.planned_k)
+        self.k_max = allocation.token_level.k_max or entry.original_k
+        self.token_level = allocation.token_level.enabled
+        # A token cannot be promised more experts than the layer's average allows.
+        self.k_base = min(allocation.token_level.k_base, int(self.k))
+        self.mode = allocation.weights.renormalize
+        self.reference_k = min(allocation.weights.reference_k or entry.original_k, self.k_max)
+        if entry.normalizer_k is not None:  # the layer's own normaliser width overrides the plan's mode
+            self.mode, self.reference_k = "decoupled", min(entry.normalizer_k, self.k_max)
+        self.gain = float(entry.gain)
+        # Dropped candidates keep their expert (index + num_experts) and weight, for the experts
+        # implementation to add their compensation vectors.
+        self.compensated = compensated
+        # [E] per-expert factors on the selection scores (StandIns.order): the candidates whose
+        # stand-ins serve best rank last and are dropped first.
+        self.drop_order = drop_order
+        self.norm_order = NORMALIZATION_RULES[family.normalization](layer.router, layer.block)
+        self.scale = float(getattr(layer.router, family.scaling_attr)) if family.scaling_attr else 1.0
+        self.expert_scale_attr = family.expert_scale_attr
+        self.selection = SELECTION_SCORES[family.selection]
+        self.signed_selection = family.selection in SIGNED_SELECTIONS
+        self.num_experts = layer.experts.num_experts
+        router_format = ROUTER_FORMATS[family.router_format]
+        self.to_candidates, self.from_candidates = router_format.to_candidates, router_format.from_candidates
+        self.context = context
+        self.scope = allocation.token_level.scope
+        self.prefer_active = allocation.token_level.prefer == "active"
+        self.ledger = rules.DecodeLedger()
+        # Sequence scope: each row of the batch counts its own single-token forwards (row 0 shares
+        # ``ledger``, so a batch of one routes alike under both scopes and the batch-1 shortcut).
+        self.row_ledgers: dict[int, rules.DecodeLedger] = {0: self.ledger}
+        self.counter = LayerCounter()
+        self._constants: dict[tuple[str, torch.device], torch.Tensor] = {}
+        # Batch-1 decode can take the native top-n only where the rewrite would equal it.
+        self.single_token_shortcut = (
+            fast_paths().native_top_n and self.token_level and token_selector is None and self.mode == "model"
+            and not entry.treated and not compensated
+        )
+        # The k the router is set to for the current forward: k_max, or n on the batch-1 shortcut.
+        self.router_k = self.k_max
+        self.native = False
+        self.pooling = "forward"
+
+    def router_pre_hook(self, router: Any, args: tuple[Any, ...]) -> None:
+        """Forward pre-hook on the router: choose the batch-1 shortcut or the general rewrite."""
+        self.native = self.single_token_forward(args)
+        if self.native:
+            pairs = min(max(self.ledger.next_pairs(self.k), self.k_base), self.k_max)
+            self.counter.pairs += pairs
+            self.counter.tokens += 1
+        else:
+            pairs = self.k_max
+        if pairs != self.router_k:
+            # apply_plan's set_top_k already gave this layer its own holder of k.
+            self.layer.set_top_k(pairs, own_holder=True)
+            self.router_k = pairs
+
+    def single_token_forward(self, args: tuple[Any, ...]) -> bool:
+        if not (args and isinstance(args[0], torch.Tensor)) or args[0].numel() != args[0].shape[-1]:
+            return False  # no hidden states, or more than one token
+        return self._lone_token_is_real()
+
+    def _lone_token_is_real(self) -> bool:
+        """Whether the one token of a single-token forward is real (only a recorded one-token mask says not)."""
+        real = self.context.real
+        return real is None or real.numel() != 1 or bool(real[0])
+
+    def router_hook(self, router: Any, args: Any, output: tuple[Any, ...]) -> tuple[Any, ...]:
+        """Forward hook on a router: its output at k_max in, the rewritten routing out."""
+        if self.native:
+            return output
+        logits, weights, indices = self.to_candidates(router, output)  # [T, E], [T, k_max], [T, k_max]
+        new_weights, new_indices = self.rewrite(router, logits, weights, indices)
+        return self.from_candidates(router, output, new_weights, new_indices)
+
+    def keep_logits(self, router: Any, args: Any, output: torch.Tensor) -> None:
+        """Forward hook on a router that returns only logits (routing happens in the block)."""
+        self.logits = None if self.native else output
+
+    def experts_pre_hook(self, experts: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        """Forward pre-hook on experts called as (hidden_states, top_k_index, top_k_weights)."""
+        if self.native:
+            return args
+        hidden_states, indices, weights = args[:3]
+        new_weights, new_indices = self.rewrite(self.layer.router, self.logits, weights, indices)
+        return (hidden_states, new_indices, new_weights, *args[3:])
+
+    def decide(self, router: Any, logits: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
+               *, count: bool = True) -> RoutingDecision:
+        """The routing decision for a forward whose router gave ``weights``, ``indices`` [T, k_max].
+
+        ``count``: record the pairs in the counters and the decode ledger (the hooks do;
+        the planner's fitting does not).
+        """
+        num_tokens = indices.shape[0]
+        real = self.context.real
+        single = (fast_paths().one_token_keep and num_tokens == 1 and self.token_selector is None
+                  and self._lone_token_is_real())
+        if single:
+            real = self._cached("real", indices.device, lambda: torch.ones(1, dtype=torch.bool, device=indices.device))
+        elif real is None or real.numel() != num_tokens:
+            real = torch.ones(num_tokens, dtype=torch.bool, device=indices.device)  # [T]
+        selection = self.selection(router, logits)  # [T, E]
+        if self.drop_order is not None:
+            ranked = rules.rank_by_drop_order(selection, self.drop_order, self.signed_selection)  # [T, E]
+            scores = ranked.gather(-1, indices)  # [T, k_max]
+        else:
+            scores = selection.gather(-1, indices)  # [T, k_max]
+        if single and indices.device.type == "cpu":
+            weights, indices = rules.sort_one_token(scores, weights, indices)  # the short form needs no scores
+        else:
+            scores, weights, indices = rules.sort_candidates(scores, weights, indices)
+        # Decoupled renormalisation divides by the mass of the router's own top candidates, which a
+        # drop order may have moved out of the first slots.
+        reference_scores = (selection.gather(-1, indices) if self.drop_order is not None and self.mode == "decoupled"
+                            else None)  # [T, k_max]
+        expert_scale = None
+        if self.expert_scale_attr:
+            # Per-expert multipliers are applied after normalisation: undo them, reweight, redo.
+            expert_scale = getattr(router, self.expert_scale_attr)[indices].float()  # [T, k_max]
+            weights = weights.float() / torch.where(expert_scale == 0, 1.0, expert_scale)
+        real_tokens = 1 if single else int(real.sum())
+        # prefer: active: the remaining pairs go first to experts already running in the pool.
+        prefer = {"indices": indices, "num_experts": self.num_experts} if self.prefer_active else {}
+        if single:
+            keep, kept_pairs = self._single_token_keep(indices, count)  # [1, k_max], n
+        elif self.token_selector is not None:
+            keep = self.token_selector(scores, weights.float(), real) & real[:, None]  # [T, k_max]
+        elif self.token_level and self.pooling == "position" and self.context.shape is not None:
+            keep = self._keep_by_position(scores, real, count, prefer)  # [T, k_max]
+        elif self.token_level and self.scope == "sequence" and self.context.shape is not None \
+                and self.context.shape[0] > 1:
+            keep = self._keep_by_sequence(scores, real, count, prefer)  # [T, k_max]
+        elif self.token_level:
+            ledger = self.ledger if count else None
+            pairs = rules.pairs_for(self.k, real_tokens, ledger)
+            pairs = max(self.k_base * real_tokens, min(pairs, self.k_max * real_tokens))
+            keep = rules.alloc_t_keep(scores, real, pairs, self.k_base, **prefer)  # [T, k_max]
+        else:
+            keep = rules.uniform_keep(real, indices.shape[1], int(self.k))  # [T, k_max]
+        normalized = rules.normalize_weights(
+            weights, keep, mode=self.mode, norm_order=self.norm_order, scale=self.scale,
+            reference_k=self.reference_k, reference_scores=reference_scores,
+        )  # [T, k_max]
+        if expert_scale is not None:
+            normalized = normalized * expert_scale
+        if count:
+            self.counter.pairs += kept_pairs if single else int(keep.sum())
+            self.counter.tokens += real_tokens
+        return RoutingDecision(keep=keep, weights=normalized, indices=indices, real=real,
+                               first=kept_pairs if single else None)
+
+    def _cached(self, name: str, device: torch.device, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """A small constant tensor, built once per device (batch-1 decode asks for the same ones every step)."""
+        key = (name, device)
+        if key not in self._constants:
+            self._constants[key] = make()
+        return self._constants[key]
+
+    def _single_token_keep(self, indices: torch.Tensor, count: bool) -> tuple[torch.Tensor, int]:
+        """[1, k_max] keep mask of one real token alone in its forward (batch-1 decode), without the general
+        selection's dozen small ops.
+
+        Alone, a token gets its ledger's count n under every pooling and scope (round(k) uncounted, k
+        without token-level allocation), and Alloc-T's best remaining candidates of one token are its
+        next ones by score, so the mask keeps its first n candidates (ties in score go to the earlier
+        rank). The cached mask is shared and never written.
+        """
+        width = indices.shape[1]
+        if self.token_level:
+            n = rules.pairs_for(self.k, 1, self.ledger if count else None)
+            n = max(self.k_base, min(n, self.k_max))
+        else:
+            n = int(self.k)
+        return self._cached(f"first-{n}-of-{width}", indices.device,
+                            lambda: torch.arange(width, device=indices.device)[None, :] < n), n
+
+    def _row_ledger(self, row: int) -> rules.DecodeLedger:
+        if row not in self.row_ledgers:
+            self.row_ledgers[row] = rules.DecodeLedger()
+        return self.row_ledgers[row]
+
+    def reset_ledgers(self) -> None:
+        for ledger in self.row_ledgers.values():
+            ledger.reset()
+
+    def _grouped_keep(self, scores: torch.Tensor, real: torch.Tensor, groups: torch.Tensor, real_per_group: list[int],
+                      ledgers: list[rules.DecodeLedger | None], prefer: dict[str, Any]) -> torch.Tensor:
+        """Alloc-T within groups: a group of one real token counts through its ledger, others round(k n)."""
+        pairs = [rules.pairs_for(self.k, n, ledger if n == 1 else None) if n else 0
+                 for n, ledger in zip(real_per_group, ledgers)]
+        pairs = [max(self.k_base * n, min(p, self.k_max * n)) for p, n in zip(pairs, real_per_group)]
+        return rules.alloc_t_keep_grouped(scores, real, groups, torch.tensor(pairs, device=scores.device),
+                                            self.k_base, **prefer)
+
+    def _keep_by_sequence(self, scores: torch.Tensor, real: torch.Tensor, count: bool,
+                          prefer: dict[str, Any]) -> torch.Tensor:
+        """Alloc-T with each sequence (row) its own budget: batch-mates never change a row's routing."""
+        batch, length = self.context.shape
+        rows = torch.arange(scores.shape[0], device=scores.device) // length  # [T]
+        real_per_row = torch.bincount(rows[real], minlength=batch).tolist()
+        ledgers = [self._row_ledger(b) if count else None for b in range(batch)]
+        return self._grouped_keep(scores, real, rows, real_per_row, ledgers, prefer)
+
+    def _keep_by_position(self, scores: torch.Tensor, real: torch.Tensor, count: bool,
+                          prefer: dict[str, Any]) -> torch.Tensor:
+        """What decoding the forward's sequences token by token runs, in one forward (``pooling="position"``).
+
+        Batch scope: the tokens at one position pool their budget, as one decode step does (a single
+        sequence: each token through the ledger, step after step). Sequence scope: every token alone,
+        through its own row's ledger.
+        """
+        batch, length = self.context.shape
+        index = torch.arange(scores.shape[0], device=scores.device)  # [T]
+        if self.scope == "sequence":
+            real_list = real.tolist()
+            ledgers = [self._row_ledger(t // length) if count else None for t in range(scores.shape[0])]
+            # Position-major order: every row's ledger advances step by step, as in generation.
+            order = sorted(range(scores.shape[0]), key=lambda t: (t % length, t // length))
+            counted = {t: rules.pairs_for(self.k, 1, ledgers[t]) if real_list[t] else 0 for t in order}
+            pairs = [max(self.k_base * int(real_list[t]), min(counted[t], self.k_max * int(real_list[t])))
+                     for t in range(scores.shape[0])]
+            return rules.alloc_t_keep_grouped(scores, real, index, torch.tensor(pairs, device=scores.device),
+                                                self.k_base, **prefer)
+        positions = index % length  # [T]
+        real_at = torch.bincount(positions[real], minlength=length).tolist()  # real tokens per position
+        ledgers = [self.ledger if count else None] * length
+        return self._grouped_keep(scores, real, positions, real_at, ledgers, prefer)
+
+    def rewrite(self, router: Any, logits: torch.Tensor, weights: torch.Tensor,
+                indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """New (weights, indices) [T, k_max]: dropped slots get the sentinel and weight 0 (or, compensated,
+        index + num_experts and their weight)."""
+        output_dtype = weights.dtype
+        decision = self.decide(router, logits, weights, indices)
+        if decision.first is not None:
+            new_weights, new_indices = self._rewrite_first(decision)
+        else:
+            keep, normalized = decision.keep, decision.weights
+            kept = normalized * self.gain if self.gain != 1.0 else normalized
+            if self.compensated:
+                new_weights = torch.where(keep, kept, torch.where(decision.real[:, None], normalized, 0.0))
+                new_indices = torch.where(keep, decision.indices, decision.indices + self.num_experts)
+            else:
+                new_weights = torch.where(keep, kept, 0.0)
+                new_indices = torch.where(keep, decision.indices, self.num_experts)  # sentinel for dropped slots
+        return rules.as_dtype(new_weights, output_dtype), new_indices
+
+    def _rewrite_first(self, decision: RoutingDecision) -> tuple[torch.Tensor, torch.Tensor]:
+        """``rewrite``'s result when every token keeps its first n candidates (batch-1 decode), with one
+        multiply by per-slot factors (gain on kept slots; 1 on compensated dropped ones, else 0) built once
+        per n, in place of the general form's selects: the same values, fewer ops."""
+        keep = decision.keep  # [1, K], the cached mask of the token's first n candidates
+        n, width, device = decision.first, keep.shape[1], keep.device
+        if self.gain == 1.0 and self.compensated:
+            new_weights = decision.weights  # every slot keeps its weight: the factors would all be 1
+        else:
+            factors = self._cached(f"factors-{n}-of-{width}", device, lambda: torch.where(
+                keep, self.gain, 1.0 if self.compensated else 0.0))  # [1, K]
+            new_weights = decision.weights * factors
+        if self.compensated:
+            offsets = self._cached(f"offsets-{n}-of-{width}", device,
+                                   lambda: torch.where(keep, 0, self.num_experts))  # [1, K]
+            return new_weights, decision.indices + offsets
+        return new_weights, torch.where(keep, decision.indices, self.num_experts)
+
+
+def record_padding(context: ForwardContext) -> Callable:
+    """A forward pre-hook on the model that records its token grid and padding in ``context``."""
+    def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        mask = kwargs.get("attention_mask")
+        tokens = kwargs.get("input_ids")
+        if tokens is None and args:
+            tokens = args[0]
+        if tokens is None:
+            tokens = kwargs.get("inputs_embeds")
+        context.real = None
+        context.shape = tuple(tokens.shape[:2]) if tokens is not None and tokens.dim() >= 2 else None
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and tokens is not None:
+            seq_len = tokens.shape[1]
+            context.real = mask[:, -seq_len:].reshape(-1).bool()  # [B * S]; decode keeps the last columns
+    return hook

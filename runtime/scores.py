@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-from .routing import as_dtype
+from .routing_rules import as_dtype
 
 
 def _softmax(router: Any, logits: torch.Tensor) -> torch.Tensor:

@@ -44,7 +44,7 @@ from allocplan import (  # noqa: E402
     solve_profile,
 )
 from allocplan.bundled import DEFAULT_CALIBRATION  # noqa: E402
-from allocplan.evaluation.compare import gap_closed, paired_bootstrap  # noqa: E402
+from allocplan.evaluation.compare import gap_closed, mean_over_seeds, paired_bootstrap  # noqa: E402
 from allocplan.evaluation.methods import METHODS, PAPER_PROFILE, PLAIN, build_policy  # noqa: E402
 from allocplan.evaluation.metrics import EVAL_MODES, arithmetic_accuracy, nll_and_activations, read_arithmetic  # noqa: E402
 from allocplan.planner.compile import refined  # noqa: E402
@@ -121,22 +121,6 @@ def evaluate_row(model, tokenizer, target, windows: torch.Tensor, modes: list[st
             handle.remove()
 
 
-def mean_rows(rows: list[dict]) -> dict:
-    """The expectation over seeds of a randomised method, window by window."""
-    out = {"modes": {}, "seeds": len(rows)}
-    for mode in rows[0]["modes"]:
-        runs = [r["modes"][mode] for r in rows]
-        out["modes"][mode] = {
-            "nll": statistics.mean(r["nll"] for r in runs),
-            "window_nll": [statistics.mean(values) for values in zip(*(r["window_nll"] for r in runs))],
-            "activations_per_token": statistics.mean(r["activations_per_token"] for r in runs),
-            "activations_per_layer": runs[0]["activations_per_layer"],
-        }
-    if "arith_accuracy" in rows[0]:
-        out["arith_accuracy"] = statistics.mean(r["arith_accuracy"] for r in rows)
-    return out
-
-
 def holdout_nll(model, target, windows: torch.Tensor) -> dict:
     """Prefill NLL on the calibration holdout (how defaults are chosen: never eval text): the mean
     per token (``nll``) and each window's sum (``window_nll``, for the paired intervals)."""
@@ -211,7 +195,7 @@ def evaluate_model(name: str, budgets: list[float], quick: bool) -> dict:
         for method in BASELINES:
             registered = METHODS[method]
             if method == "random":
-                rows[method] = mean_rows([evaluate_row(model, tokenizer, build_policy(model, method, budget, seed=s),
+                rows[method] = mean_over_seeds([evaluate_row(model, tokenizer, build_policy(model, method, budget, seed=s),
                                                        windows, MODES, arith) for s in range(1 if quick else 3)])
                 continue
             policy = build_policy(model, method, budget, sensitivity=profiles["plain"] if registered.needs_profile else None,

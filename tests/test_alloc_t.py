@@ -12,8 +12,9 @@ from tiny_models import build_tiny_model, greedy_step_logits, plan_for
 
 import allocplan.runtime.experts as experts_module
 from allocplan.runtime.apply import apply_plan
+from allocplan.runtime.fast_paths import using_fast_paths
 from allocplan.runtime.layers import find_moe_layers
-from allocplan.runtime.routing import DecodeLedger, pairs_for, reweight
+from allocplan.runtime.routing_rules import DecodeLedger, pairs_for, reweight
 from allocplan.runtime.scores import SELECTION_SCORES
 from allocplan.runtime.families import get_family
 
@@ -221,7 +222,7 @@ def test_reweight_modes_in_a_layer(family, mode):
 def test_one_token_sort_by_hand():
     """Batch-1 CPU sort in Python: descending by score, ties in slot order (as the stable torch.sort);
     an already sorted token is returned as it came, without a gather."""
-    from allocplan.runtime.routing import sort_candidates, sort_one_token
+    from allocplan.runtime.routing_rules import sort_candidates, sort_one_token
 
     scores = torch.tensor([[0.25, 0.5, 0.25, 0.75, -0.0, 0.0]])  # ties: slots 0 and 2; -0.0 and 0.0
     weights = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]])
@@ -349,13 +350,12 @@ def test_one_token_experts_equal_the_general_form(family, dtype, monkeypatch):
         slots[0, :dropped] = num_experts  # sentinel slots first; the kept ones still sum in expert order
         runs = {}
         for fast in (True, False):
-            monkeypatch.setattr(experts_module, "ONE_TOKEN_EXPERTS", fast)
             before = calls["general"]
-            with torch.inference_mode():  # decoding's mode; with autograd on, the general form runs
+            # decoding's mode; with autograd on, the general form runs
+            with using_fast_paths(one_token_experts=fast), torch.inference_mode():
                 runs[fast] = ragged_experts_forward(layer.experts, hidden, slots, weights)
             assert calls["general"] - before == (0 if fast else 1)
         assert torch.equal(runs[True], runs[False])
-        monkeypatch.setattr(experts_module, "ONE_TOKEN_EXPERTS", True)
         with torch.enable_grad():  # autograd on: the general form, even with the short one switched on
             before = calls["general"]
             ragged_experts_forward(layer.experts, hidden, slots, weights)
@@ -371,24 +371,20 @@ def test_one_token_experts_equal_the_general_form(family, dtype, monkeypatch):
     plan = plan_for(model, [min(2.5, l.top_k) for l in find_moe_layers(model)], token_level=True)
     decoded = {}
     for fast in (True, False):
-        monkeypatch.setattr(experts_module, "ONE_TOKEN_EXPERTS", fast)
-        with apply_plan(model, plan):
+        with using_fast_paths(one_token_experts=fast), apply_plan(model, plan):
             decoded[fast] = greedy_step_logits(model, BATCH[:1, :6], 5)
     assert torch.equal(decoded[True], decoded[False])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_batch1_decode_shortcut_equals_rewrite(family, monkeypatch):
+def test_batch1_decode_shortcut_equals_rewrite(family):
     """Single-token forwards through the family's native top-n route like the general Alloc-T rewrite."""
-    from allocplan.runtime.apply import LayerRouting
-
     model = build_tiny_model(family)
     plan = plan_for(model, [min(2.5, l.top_k) for l in find_moe_layers(model)], token_level=True)
     ids = BATCH[:1, :6]
     runs = {}
     for native in (True, False):
-        monkeypatch.setattr(LayerRouting, "single_token_native", native)
-        with apply_plan(model, plan) as handle:
+        with using_fast_paths(native_top_n=native), apply_plan(model, plan) as handle:
             logits = greedy_step_logits(model, ids, 5)
             counts = {path: (c.pairs, c.tokens) for path, c in handle.counters().items()}
             taken = [r.native for r in handle._routings]

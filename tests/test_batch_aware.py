@@ -12,7 +12,7 @@ from allocplan.formats.allocation import TokenLevel
 from allocplan.runtime.apply import apply_plan
 from allocplan.runtime.layers import find_moe_layers
 from allocplan.runtime.measure import count_activations
-from allocplan.runtime.routing import alloc_t_keep, alloc_t_keep_grouped
+from allocplan.runtime.routing_rules import alloc_t_keep, alloc_t_keep_grouped
 
 # Three tokens, candidates sorted by score. k_base 1 keeps experts 0, 1 and 2 (the running set).
 SCORES = torch.tensor([[0.9, 0.8, 0.1],

@@ -146,11 +146,17 @@ def test_gap_closed_by_hand():
 def test_mean_over_seeds_by_hand():
     from allocplan.evaluation.compare import mean_over_seeds
 
-    runs = [{"nll": 3.0, "arith_accuracy": 0.5, "activations_per_token": 12.0, "activations_per_layer": {"a": 2.0}},
-            {"nll": 3.2, "arith_accuracy": 0.3, "activations_per_token": 12.0, "activations_per_layer": {"a": 3.0}}]
+    def row(nll, windows, per_token, per_layer, arith):
+        return {"modes": {"prefill": {"nll": nll, "window_nll": windows, "activations_per_token": per_token,
+                                      "activations_per_layer": per_layer}}, "arith_accuracy": arith}
+
+    runs = [row(3.0, [30.0, 60.0], 12.0, {"a": 2.0}, 0.5), row(3.2, [32.0, 64.0], 11.0, {"a": 3.0}, 0.3)]
     mean = mean_over_seeds(runs)
-    assert mean["nll"] == pytest.approx(3.1) and mean["arith_accuracy"] == pytest.approx(0.4)
-    assert mean["seeds"] == 2 and mean["activations_per_layer"] == {"a": 2.0}
+    prefill = mean["modes"]["prefill"]
+    assert prefill["nll"] == pytest.approx(3.1) and mean["arith_accuracy"] == pytest.approx(0.4)
+    assert prefill["window_nll"] == pytest.approx([31.0, 62.0])  # window by window: still paired
+    assert prefill["activations_per_token"] == pytest.approx(11.5)
+    assert mean["seeds"] == 2 and prefill["activations_per_layer"] == {"a": 2.0}  # the first seed's
 
 
 def test_paper_methods_profile_as_the_paper_and_run_per_layer_k_only(checkpoints, calib_file, tmp_path):

@@ -16,9 +16,10 @@ from allocplan.evaluation.compare import paired_bootstrap
 from allocplan.evaluation.metrics import nll_and_activations
 from allocplan.planner.treatments import compensation_tables, drop_weights, encode_tables, fit_treatments
 from allocplan.planner.windows import pack_windows
-from allocplan.runtime.allocations import allocation_for
+from allocplan.runtime.allocation_builder import allocation_for
 from allocplan.runtime.experts import COMPENSATION_ATTR, StandIns, ragged_experts_forward
 from allocplan.runtime.families import FAMILIES as REGISTRY
+from allocplan.runtime.fast_paths import using_fast_paths
 from allocplan.runtime.layers import find_moe_layers
 from allocplan.runtime.native import standins_kernel
 
@@ -101,7 +102,7 @@ def test_drop_order_reranks_candidates_and_keeps_the_routers_reference_mass():
 
 def test_rank_by_drop_order_and_factors_by_hand():
     from allocplan.planner.treatments import DROP_ORDER_POWER, drop_order_factors
-    from allocplan.runtime.routing import rank_by_drop_order
+    from allocplan.runtime.routing_rules import rank_by_drop_order
 
     scores = torch.tensor([[0.5, -0.5, 0.2]])
     order = torch.tensor([2.0, 2.0, 0.5])
@@ -296,19 +297,16 @@ def test_one_token_table_by_hand():
 
 @pytest.mark.parametrize("model_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("form", ["batched", "slot-by-slot", "native"])
-def test_one_token_linear_rows_and_sum_by_hand(form, model_dtype, monkeypatch):
+def test_one_token_linear_rows_and_sum_by_hand(form, model_dtype):
     """Batch-1 linear stand-ins: a kept slot gives an exact zero row (the all-zero expert row), a dropped
     slot E + e gives bias[e] + (x down[e]) up[e], and the weighted rows are added to the token, batched
     (one addmm over all K slots' rows), slot by slot (CPU's torch form) or by the native kernel (CPU,
     float32 only: a bfloat16 model falls back to slot by slot), into a float32 or a bfloat16 model.
     Small integers and halves keep every sum exact, whatever its order."""
-    from allocplan.runtime import experts as experts_module
     from allocplan.runtime.experts import _add_compensation_one_token
 
     if form == "native" and standins_kernel() is None:
         pytest.skip("the native stand-in kernel cannot run here (test_native_kernel_runs_where_it_should)")
-    monkeypatch.setattr(experts_module, "ONE_TOKEN_LOOP", form != "batched")
-    monkeypatch.setattr(experts_module, "ONE_TOKEN_NATIVE", form == "native")
 
     bias = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 1.0]])  # [E=3, H=2]
     down = torch.tensor([[[1.0], [0.0]], [[0.0], [1.0]], [[1.0], [1.0]]])  # [3, 2, r=1]
@@ -323,7 +321,8 @@ def test_one_token_linear_rows_and_sum_by_hand(form, model_dtype, monkeypatch):
     weights = torch.tensor([[0.5, 0.5, 0.25, 0.0]])  # the sentinel's weight is 0
     result = torch.tensor([[10.0, 10.0]], dtype=model_dtype)
     # [10, 10] + 0.5 [8, -4] + 0.25 [5, 0] = [15.25, 8]; the kept slot's weight meets a zero row.
-    _add_compensation_one_token(result, stand_ins, x.to(model_dtype), slots[None], weights.to(model_dtype), 3)
+    with using_fast_paths(stand_in_loop=form != "batched", native_kernel=form == "native"):
+        _add_compensation_one_token(result, stand_ins, x.to(model_dtype), slots[None], weights.to(model_dtype), 3)
     assert torch.equal(result, torch.tensor([[15.25, 8.0]], dtype=model_dtype))
     assert torch.equal(stand_ins.down, down) and torch.equal(stand_ins.up, up)  # views of the padded factors
     # The kernel's tables are built with float32 stand-ins on the half grid, whichever form runs.
@@ -584,7 +583,7 @@ def test_batch1_decode_fast_path_matches_the_general_rewrite(family, windows, mo
     nonzero and scatter. The routing's short form gives the general path's logits bit for bit and the same
     counted pairs; with the stand-ins' one-token form too, the logits agree to float tolerance."""
     from allocplan.runtime import experts as experts_module
-    from allocplan.runtime.apply import LayerRouting
+    from allocplan.runtime.routing import LayerRouting
 
     model = build_tiny_model(family)
     layers = find_moe_layers(model)
@@ -619,11 +618,9 @@ def test_batch1_decode_fast_path_matches_the_general_rewrite(family, windows, mo
              (True, True, "native"))
     runs = {}
     for (fast_routing, fast_stand_ins, linear_form), allocation in itertools.product(forms, allocations):
-        monkeypatch.setattr(LayerRouting, "single_token_fast", fast_routing)
-        monkeypatch.setattr(experts_module, "ONE_TOKEN_FAST", fast_stand_ins)
-        monkeypatch.setattr(experts_module, "ONE_TOKEN_LOOP", linear_form != "batched")
-        monkeypatch.setattr(experts_module, "ONE_TOKEN_NATIVE", linear_form == "native")
-        with allocplan.apply_plan(model, allocation) as handle:
+        with using_fast_paths(one_token_keep=fast_routing, one_token_stand_ins=fast_stand_ins,
+                              stand_in_loop=linear_form != "batched", native_kernel=linear_form == "native"), \
+                allocplan.apply_plan(model, allocation) as handle:
             logits = greedy_step_logits(model, IDS[:1, :6], 5)
             counts = {p: (c.pairs, c.tokens) for p, c in handle.counters().items()}
         kind = allocation.compensation and allocation.compensation.kind

@@ -20,19 +20,27 @@ def gap_closed(nll: float, full_nll: float, uniform_nll: float) -> float | None:
     return (uniform_nll - nll) / gap if gap > 0 else None
 
 
-def mean_over_seeds(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """One result from several seeds of a randomised method: means of NLL, arithmetic and activations.
+def mean_over_seeds(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One results row from the rows of several seeds of a randomised method: its expectation.
 
-    Per-layer activations are the first seed's (each seed runs its own allocation).
+    Each row holds, per eval mode, the mean NLL, each window's summed NLL (``window_nll``), the
+    activations per token and per layer, and optionally an arithmetic accuracy. The mean row
+    averages NLL, activations and accuracy over the seeds, and ``window_nll`` window by window
+    (so paired intervals against it stay paired); per-layer activations are the first seed's
+    (each seed runs its own allocation).
     """
-    arith = [r["arith_accuracy"] for r in results if r.get("arith_accuracy") is not None]
-    return {
-        "nll": statistics.mean(r["nll"] for r in results),
-        "arith_accuracy": statistics.mean(arith) if arith else None,
-        "activations_per_token": statistics.mean(r["activations_per_token"] for r in results),
-        "activations_per_layer": results[0]["activations_per_layer"],
-        "seeds": len(results),
-    }
+    out: dict[str, Any] = {"modes": {}, "seeds": len(rows)}
+    for mode in rows[0]["modes"]:
+        runs = [r["modes"][mode] for r in rows]
+        out["modes"][mode] = {
+            "nll": statistics.mean(r["nll"] for r in runs),
+            "window_nll": [statistics.mean(values) for values in zip(*(r["window_nll"] for r in runs))],
+            "activations_per_token": statistics.mean(r["activations_per_token"] for r in runs),
+            "activations_per_layer": runs[0]["activations_per_layer"],
+        }
+    if "arith_accuracy" in rows[0]:
+        out["arith_accuracy"] = statistics.mean(r["arith_accuracy"] for r in rows)
+    return out
 
 
 def paired_bootstrap(method: Sequence[float], baseline: Sequence[float], tokens_per_window: int, *,

@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 
     from ..formats.allocation import Allocation
     from ..formats.profile import SensitivityProfile
-    from allocplan.runtime.apply import PlanHandle, TokenSelector
+    from allocplan.runtime.apply import PlanHandle
+    from allocplan.runtime.routing import TokenSelector
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,7 @@ PAPER_PROFILE = ProfileConfig(weight_fit="off", compensation="off")
 
 
 def _allocation(model: Any, ks: list[float], routing: RoutingConfig = PLAIN) -> "Allocation":
-    from allocplan.runtime.allocations import allocation_for
+    from allocplan.runtime.allocation_builder import allocation_for
 
     return allocation_for(model, ks, routing)
 

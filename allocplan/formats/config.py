@@ -38,7 +38,8 @@ RECIPE_SCHEMA_VERSION = 1
 PROFILE_STRATEGIES = ("isolated", "paper")
 PROFILE_METRICS = ("kl", "nll")
 K_STEPS = (1.0, 0.5)
-WEIGHT_FITS = ("auto", "off")
+# What a user may ask for; a profile records what was done (formats/profile.py, WEIGHT_FIT_RECORDS).
+WEIGHT_FIT_CHOICES = ("auto", "off")
 COMPENSATIONS = ("auto", *COMPENSATION_KINDS, "off")
 # A linear stand-in (2 * rank * hidden multiply-adds per dropped pair) costs at most this share of one
 # expert's multiply-adds when its rank is left to allocplan. Chosen on calibration folds only
@@ -177,7 +178,7 @@ class ProfileConfig:
                                  " tokens that pool a layer's budget while measuring, so it moves the plan"
                                  " slightly (keep it fixed to reproduce a plan).", minimum=1)
     weight_fit: str = setting("auto", "Fit each layer's weight treatment (normaliser width or gain) per k on"
-                                      " calibration text, and profile with it.", choices=WEIGHT_FITS)
+                                      " calibration text, and profile with it.", choices=WEIGHT_FIT_CHOICES)
     compensation: str = setting("auto", "Compensate dropped experts with stand-ins fitted on calibration text"
                                         " (mean output per expert or per layer, or mean plus a low-rank linear"
                                         " map), and profile with them.", choices=COMPENSATIONS)

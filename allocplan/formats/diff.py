@@ -27,12 +27,10 @@ from .plan import Plan
 from .records import to_data
 from .sidecar import sidecar_arrays
 
-KINDS = ("behaviour", "budget", "record")
-
-
 @dataclass(frozen=True)
 class Difference:
-    """One field that differs: its path, both values, and what kind of change it is."""
+    """One field that differs: its path, both values, and what kind of change it is (``behaviour``,
+    ``budget`` or ``record``; only ``record`` differences keep two plans equivalent)."""
 
     field: str
     a: Any

@@ -29,7 +29,7 @@ PROFILE_SCHEMA_VERSION = 2
 READABLE_PROFILE_VERSIONS = (1, 2)
 METRICS = ("nll", "kl", "output-change")
 STRATEGIES = ("isolated", "paper", "data-free")
-WEIGHT_FITS = ("fitted", "off")
+WEIGHT_FIT_RECORDS = ("fitted", "off")
 
 
 @dataclass(frozen=True)
@@ -170,9 +170,9 @@ def _validate_profile(profile: SensitivityProfile) -> None:
         raise AllocplanError(f"{where}.measurement.k_step: must be 1.0 or 0.5, got {k_step}")
     if k_step != 1.0 and not profile.measurement.token_level:
         raise AllocplanError(f"{where}.measurement.k_step: a half-expert grid needs token_level: true")
-    if profile.measurement.weight_fit not in WEIGHT_FITS:
+    if profile.measurement.weight_fit not in WEIGHT_FIT_RECORDS:
         raise AllocplanError(f"{where}.measurement.weight_fit: {profile.measurement.weight_fit!r} is not one of"
-                             f" {', '.join(WEIGHT_FITS)}")
+                             f" {', '.join(WEIGHT_FIT_RECORDS)}")
     kinds = ("off", *COMPENSATION_KINDS)
     if profile.measurement.compensation not in kinds:
         raise AllocplanError(f"{where}.measurement.compensation: {profile.measurement.compensation!r} is not one"

@@ -1,0 +1,68 @@
+"""The short forms of batch-1 decoding, and the one switch that turns each off (for comparisons).
+
+Every short form gives the general form's result (bit for bit, or up to float order where its
+docstring says so); they exist because at batch 1 each op's fixed cost outweighs its arithmetic.
+Tests compare a short form with the general one by switching it off for a block of code::
+
+    with using_fast_paths(one_token_experts=False):
+        logits = model(ids)
+
+The switches live in a context variable, so a block changes them for its own thread or task
+only and puts them back on exit; nothing else ever changes them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+from collections.abc import Iterator
+
+
+@dataclasses.dataclass(frozen=True)
+class FastPaths:
+    """Which batch-1 short forms run (all of them unless a test switches one off).
+
+    Attributes:
+        native_top_n: Alloc-T at batch 1 (plain weights, no selector) sets the router's own top-k
+            to the ledger's n instead of rewriting its output (runtime/routing.py, ``LayerRouting``).
+        one_token_keep: a layer that must rewrite at batch 1 builds its keep mask and per-slot
+            factors once per n instead of running the general selection (``LayerRouting``).
+        one_token_experts: one token's experts on CPU without the general form's grouping
+            (runtime/experts.py).
+        one_token_stand_ins: one token's stand-ins over its K slots without ``nonzero`` and scatter
+            (runtime/experts.py).
+        stand_in_loop: on CPU, linear stand-ins slot by slot rather than batched over copies of all
+            K slots' factors.
+        native_kernel: that slot-by-slot form through the native C kernel where it can run
+            (runtime/native.py; ``ALLOCPLAN_NATIVE=0`` switches it off for a whole process).
+    """
+
+    native_top_n: bool = True
+    one_token_keep: bool = True
+    one_token_experts: bool = True
+    one_token_stand_ins: bool = True
+    stand_in_loop: bool = True
+    native_kernel: bool = True
+
+
+_CURRENT: contextvars.ContextVar[FastPaths] = contextvars.ContextVar("allocplan_fast_paths", default=FastPaths())
+
+
+def fast_paths() -> FastPaths:
+    """The switches in force here."""
+    return _CURRENT.get()
+
+
+@contextlib.contextmanager
+def using_fast_paths(**switches: bool) -> Iterator[FastPaths]:
+    """Run a block with some short forms switched (``using_fast_paths(native_kernel=False)``).
+
+    Raises:
+        TypeError: a switch that :class:`FastPaths` does not have.
+    """
+    token = _CURRENT.set(dataclasses.replace(_CURRENT.get(), **switches))
+    try:
+        yield _CURRENT.get()
+    finally:
+        _CURRENT.reset(token)
