@@ -9,6 +9,7 @@ from allocplan.formats.budget import BudgetRequest
 from allocplan.formats.config import ProfileConfig, RefineConfig, RoutingConfig
 from allocplan.formats.plan import Plan, RefinementRecord, RefinementStep
 from allocplan.formats.profile import SensitivityProfile
+from allocplan.formats.provenance import CalibrationRecord
 from ..runtime.allocation_builder import allocation_for
 from ..runtime.layers import find_moe_layers
 from .losses import Reference
@@ -27,6 +28,7 @@ def compile_model(
     routing: RoutingConfig | None = None,
     refine: RefineConfig | None = None,
     model_name: str | None = None,
+    windows: tuple[Any, CalibrationRecord] | None = None,
 ) -> tuple[Plan, SensitivityProfile]:
     """The plan for a loaded model at a budget, and the profile it was solved from.
 
@@ -34,7 +36,8 @@ def compile_model(
     ILP), then, with ``refine.refine``, takes one-expert exchanges between layers while
     the measured calibration KL of the whole plan falls (recorded in the plan's solver
     record). The budget and the settings are checked against the model before the
-    expensive profiling, so a typo fails in a second.
+    expensive profiling, so a typo fails in a second. ``windows``: calibration windows [N, S]
+    already packed and their text's record, profiled (and refined on) instead of ``profile.calib``.
 
     Raises:
         AllocplanError: any input problem, with a one-line reason.
@@ -48,19 +51,25 @@ def compile_model(
     request.resolve(sum(originals), profile.k_min * len(originals))
     check_k_max_for_profiling(routing, originals)
     allocation_for(model, originals, routing)  # raises if the routing settings do not fit the model
-    measured = profile_model(model, tokenizer, profile, routing, model_name=model_name)
+    measured = profile_model(model, tokenizer, profile, routing, model_name=model_name, windows=windows)
     plan = solve_profile(measured, request, routing)
     if refine.refine:
-        plan = refined(model, tokenizer, plan, measured, profile, routing, refine)
+        plan = refined(model, tokenizer, plan, measured, profile, routing, refine,
+                       windows=None if windows is None else windows[0])
     return plan, measured
 
 
 def refined(model: Any, tokenizer: Any, plan: Plan, measured: SensitivityProfile, profile: ProfileConfig,
-            routing: RoutingConfig, refine: RefineConfig) -> Plan:
-    """``plan`` after the measured refinement, with the search recorded in its solver record."""
+            routing: RoutingConfig, refine: RefineConfig, windows: Any = None) -> Plan:
+    """``plan`` after the measured refinement, with the search recorded in its solver record; ``windows``:
+    the profiling windows [N, S] to score on (their first ``refine_tokens``), instead of packing
+    ``profile.calib`` again."""
     tokens = min(refine.refine_tokens, profile.calib_tokens)
-    windows, _ = pack_windows(tokenizer, calibration_source(profile, tokens), max_tokens=tokens,
-                              seq_len=min(profile.seq_len, tokens))
+    if windows is None:
+        windows, _ = pack_windows(tokenizer, calibration_source(profile, tokens), max_tokens=tokens,
+                                  seq_len=min(profile.seq_len, tokens))
+    else:
+        windows = windows[: max(1, tokens // windows.shape[1])]
     unit = measured.measurement.k_step
     search = refine_by_exchange(
         model, [layer.planned_k for layer in plan.layers],

@@ -47,6 +47,7 @@ from allocplan._version import __version__
 from allocplan.progress import progress
 from allocplan.errors import AllocplanError
 from allocplan.formats.config import ProfileConfig, RoutingConfig
+from allocplan.formats.provenance import CalibrationRecord
 from allocplan.formats.profile import (
     PROFILE_KIND,
     PROFILE_SCHEMA_VERSION,
@@ -288,6 +289,7 @@ def profile_model(
     *,
     model_name: str | None = None,
     shard: Shard | None = None,
+    windows: tuple[torch.Tensor, CalibrationRecord] | None = None,
 ) -> SensitivityProfile:
     """Profile a loaded model on calibration text as a plan with ``routing`` will run (module docstring).
 
@@ -300,6 +302,9 @@ def profile_model(
         model_name: recorded as the model's name (default ``model.name_or_path``).
         shard: measure only this shard's cells of the (layer, k) grid, leaving the others 0
             (use :func:`profile_part`, which records the shard).
+        windows: calibration token windows [N, S] already packed, and the record of the text they
+            came from, used instead of packing ``config.calib`` (cross-validation folds choose their
+            own windows of one text this way).
 
     Returns:
         The :class:`SensitivityProfile` artifact (save it with ``save_profile``), holding its
@@ -319,8 +324,10 @@ def profile_model(
                              " (Alloc-T) can run; drop --no-token-level or use --k-step 1")
     check_routing_runs(model, routing)
     weight_fit, compensation = resolve_treatments(model, config)
-    windows, record = pack_windows(tokenizer, calibration_source(config, config.calib_tokens),
-                                   max_tokens=config.calib_tokens, seq_len=config.seq_len)
+    if windows is None:
+        windows = pack_windows(tokenizer, calibration_source(config, config.calib_tokens),
+                               max_tokens=config.calib_tokens, seq_len=config.seq_len)
+    windows, record = windows
     if record.tokens < config.calib_tokens // config.seq_len * config.seq_len:
         # Not an error (the plan records the tokens it used), but far from what was asked.
         warnings.warn(f"allocplan: warning: the calibration text gives {record.tokens} tokens ({record.windows}"

@@ -66,13 +66,17 @@ fit sees exactly the routing the plan will run.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
+from allocplan.errors import AllocplanError
 from allocplan.formats.config import STAND_IN_SHARE, ProfileConfig, RoutingConfig
 from allocplan.formats.sidecar import CompensationRecord, record_for
 from allocplan.progress import progress
@@ -250,8 +254,8 @@ def stand_in_rank(layer: MoELayer, hidden_size: int, share: float = STAND_IN_SHA
     return max(1, int(share * expert_multiply_adds(layer) // linear_map_multiply_adds(1, hidden_size)))
 
 
-def drop_weights(scores: torch.Tensor) -> torch.Tensor:
-    """[T, K] float64: how much each (token, candidate) pair counts in the stand-ins' fit.
+def ramp_weights(scores: torch.Tensor) -> torch.Tensor:
+    """[T, K] float64: how much each (token, candidate) pair counts in the stand-ins' fit (the default).
 
     ``scores`` [T, K] are the candidates' selection scores. The candidate a token ranks r-th
     (from 0, ties in slot order) gets 2 r / K: r / K is the share of budget ratios at which
@@ -266,6 +270,45 @@ def drop_weights(scores: torch.Tensor) -> torch.Tensor:
     order = torch.sort(scores.float(), dim=1, descending=True, stable=True).indices  # [T, K]: slot of each rank
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(slots).expand_as(order))  # [T, K]
     return rank.double() * (2.0 / slots)
+
+
+def uniform_weights(scores: torch.Tensor) -> torch.Tensor:
+    """[T, K] float64: every (token, candidate) pair counts 1 (the rule before the ramp)."""
+    return torch.ones(scores.shape, dtype=torch.float64)
+
+
+def half_weights(scores: torch.Tensor) -> torch.Tensor:
+    """[T, K] float64: the later half of each token's candidates count 1 (2 r / K >= 1), the rest 0."""
+    return (ramp_weights(scores) >= 1.0 - 1e-9).double() if scores.shape[1] > 1 else uniform_weights(scores)
+
+
+# The weightings of the stand-ins' fit that scripts/cv_stand_in_fit.py cross-validates on calibration text;
+# plans are fitted with "ramp" (the others exist for that comparison only, and no plan records them).
+DROP_WEIGHTINGS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "ramp": ramp_weights, "uniform": uniform_weights, "half": half_weights}
+_DROP_WEIGHTING: contextvars.ContextVar[str] = contextvars.ContextVar("allocplan_drop_weighting", default="ramp")
+
+
+def drop_weights(scores: torch.Tensor) -> torch.Tensor:
+    """[T, K] float64: each (token, candidate) pair's weight in the stand-ins' fit, by the weighting in
+    force (:func:`ramp_weights` unless a block runs under :func:`using_drop_weighting`)."""
+    return DROP_WEIGHTINGS[_DROP_WEIGHTING.get()](scores)
+
+
+@contextlib.contextmanager
+def using_drop_weighting(name: str) -> Iterator[None]:
+    """Fit stand-ins with weighting ``name`` (of :data:`DROP_WEIGHTINGS`) inside the block.
+
+    Raises:
+        AllocplanError: an unknown weighting, listing the known ones.
+    """
+    if name not in DROP_WEIGHTINGS:
+        raise AllocplanError(f"drop weighting {name!r} is not one of {', '.join(DROP_WEIGHTINGS)}")
+    token = _DROP_WEIGHTING.set(name)
+    try:
+        yield
+    finally:
+        _DROP_WEIGHTING.reset(token)
 
 
 def _dropped_pairs(model: Any, windows: torch.Tensor, batch_size: int, layers: list[MoELayer], family: MoEFamily,

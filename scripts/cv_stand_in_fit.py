@@ -7,7 +7,7 @@ after them (cyclically); the score is the gap closed on the held-out windows, (u
 (uniform - full) in prefill NLL. No eval text is read.
 
 Weightings (``--weights``):
-  ramp     the default: the candidate a token ranks r-th of K counts 2 r / K (treatments.drop_weights)
+  ramp     the default: the candidate a token ranks r-th of K counts 2 r / K (treatments.ramp_weights)
   uniform  every candidate counts 1 (the rule before)
   half     the later half of each token's candidates count 1, the rest 0
 
@@ -16,7 +16,7 @@ multiply-adds (``--compensation-share``; the default is formats.config.STAND_IN_
 ``--extra-experts J`` compiles the plan at J activations per token above budget 0.5 (the gap
 stays measured against uniform at 0.5): the same extra work spent on experts instead of on stand-in
 rank. Each fold also prints ``stand_in_work``, the stand-ins' multiply-adds per token over the kept
-experts', counted as docs/results.md counts it (make_results.stand_in_overhead).
+experts', counted as docs/results.md counts it (allocplan/evaluation/study.py, stand_in_overhead).
 
 Run:  python scripts/cv_stand_in_fit.py bundled:ref-dsv2 --weights ramp,uniform
       (one thread; per weighting about 2.5 minutes for ref-dsv2, 1.5 for ref-olmoe and 4 for ref-qwen3
@@ -34,30 +34,17 @@ import torch
 from allocplan.bundled import DEFAULT_CALIBRATION
 from allocplan.evaluation.methods import build_policy
 from allocplan.evaluation.metrics import nll_and_activations
+from allocplan.evaluation.study import stand_in_overhead
 from allocplan.formats.budget import BudgetRequest, round_half_up
 from allocplan.formats.config import STAND_IN_SHARE, ProfileConfig
 from allocplan.loading import load_model
-from allocplan.planner import compile as compile_module
-from allocplan.planner import profiling, treatments
 from allocplan.planner.compile import compile_model
+from allocplan.planner.treatments import DROP_WEIGHTINGS, using_drop_weighting
 from allocplan.planner.windows import pack_windows
 from allocplan.runtime.apply import apply_plan
 from allocplan.runtime.layers import find_moe_layers
-from make_results import stand_in_overhead
 
 SEQ_LEN, HELD_OUT, STRIDE, BUDGET = 256, 32, 66, 0.5
-RAMP = treatments.drop_weights
-
-
-def _uniform(scores: torch.Tensor) -> torch.Tensor:
-    return torch.ones(scores.shape, dtype=torch.float64)
-
-
-def _half(scores: torch.Tensor) -> torch.Tensor:
-    return (RAMP(scores) >= 1.0 - 1e-9).double() if scores.shape[1] > 1 else _uniform(scores)  # 2 r / K >= 1
-
-
-WEIGHTS = {"ramp": RAMP, "uniform": _uniform, "half": _half}
 
 
 def prefill_nll(model, target, windows: torch.Tensor) -> float:
@@ -72,7 +59,8 @@ def prefill_nll(model, target, windows: torch.Tensor) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model")
-    parser.add_argument("--weights", default="ramp,uniform", help=f"comma-separated, of {', '.join(WEIGHTS)}")
+    parser.add_argument("--weights", default="ramp,uniform",
+                        help=f"comma-separated, of {', '.join(DROP_WEIGHTINGS)}")
     parser.add_argument("--folds", default="0,1,2,3")
     parser.add_argument("--calib-tokens", type=int, default=16384)
     parser.add_argument("--stand-in-share", type=float, default=STAND_IN_SHARE)
@@ -81,26 +69,21 @@ def main() -> None:
     settings = ProfileConfig(compensation_share=args.stand_in_share)
     torch.set_num_threads(1)
     model, tokenizer = load_model(args.model)
-    every, _ = pack_windows(tokenizer, DEFAULT_CALIBRATION, max_tokens=10**8, seq_len=SEQ_LEN)
+    every, record = pack_windows(tokenizer, DEFAULT_CALIBRATION, max_tokens=10**8, seq_len=SEQ_LEN)
     count = every.shape[0]
     original = sum(layer.top_k for layer in find_moe_layers(model))
     budget = BudgetRequest(activations=round_half_up(BUDGET * original) + args.extra_experts)
     means = {}
     for name in args.weights.split(","):
-        treatments.drop_weights = WEIGHTS[name]
         closed = []
         for fold in (int(f) for f in args.folds.split(",")):
             started = time.time()
             start = STRIDE * fold
             held_out = every[start : start + HELD_OUT]
             profiled = every[[(start + HELD_OUT + i) % count for i in range(args.calib_tokens // SEQ_LEN)]]
-
-            def fold_windows(tok, source, *, max_tokens, seq_len, what="calibration", profiled=profiled):
-                _, record = pack_windows(tok, source, max_tokens=max_tokens, seq_len=seq_len, what=what)
-                return profiled[: max_tokens // seq_len], record
-
-            profiling.pack_windows = compile_module.pack_windows = fold_windows
-            plan, _ = compile_model(model, tokenizer, budget, profile=settings, model_name=args.model)
+            with using_drop_weighting(name):
+                plan, _ = compile_model(model, tokenizer, budget, profile=settings, model_name=args.model,
+                                        windows=(profiled, record))
             full = prefill_nll(model, None, held_out)
             uniform = prefill_nll(model, build_policy(model, "uniform", BUDGET).allocation, held_out)
             planned = prefill_nll(model, plan.allocation, held_out)
@@ -112,7 +95,6 @@ def main() -> None:
                               "seconds": round(time.time() - started)}),
                   flush=True)
         means[name] = sum(closed) / len(closed)
-    treatments.drop_weights = RAMP
     print("mean gap closed: " + ", ".join(f"{name} {value:.3f}" for name, value in means.items()))
 
 

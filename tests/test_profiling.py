@@ -153,3 +153,32 @@ def test_short_calibration_text_warns_with_the_tokens_it_gives(tmp_path):
         profile = profile_model(build_tiny_model("olmoe"), tokenizer,
                                 ProfileConfig(calib=str(text), calib_tokens=512, seq_len=64, compensation="off"))
     assert profile.measurement.calibration.tokens == windows * 64
+
+
+def test_compile_takes_calibration_windows_and_a_drop_weighting(calib_file):
+    """Windows given to compile_model are profiled instead of packing the text again: the windows that packing
+    gives reproduce its plan exactly, and other windows of the same text give other sensitivities. The stand-ins'
+    fit takes its weighting from the block it runs in (cross-validation compares them without patching)."""
+    from allocplan.planner.compile import compile_model
+    from allocplan.planner.treatments import drop_weights, using_drop_weighting
+
+    tokenizer, model = tiny_tokenizer(), build_tiny_model("olmoe")
+    config = ProfileConfig(calib=str(calib_file), calib_tokens=256, seq_len=64)
+    packed = pack_windows(tokenizer, calib_file, max_tokens=256, seq_len=64)
+    plan, measured = compile_model(model, tokenizer, 0.5, profile=config)
+    given_plan, given = compile_model(model, tokenizer, 0.5, profile=config, windows=packed)
+    assert given_plan.to_yaml() == plan.to_yaml() and given.layers == measured.layers
+    more, record = pack_windows(tokenizer, calib_file, max_tokens=512, seq_len=64)
+    _, other = compile_model(model, tokenizer, 0.5, profile=config, windows=(more[4:], record))
+    assert other.layers != measured.layers
+    scores = torch.tensor([[0.1, 0.4, 0.3, 0.2]])  # ranks 3, 0, 1, 2 of K = 4
+    assert drop_weights(scores).tolist() == [[1.5, 0.0, 0.5, 1.0]]  # 2 r / K
+    with using_drop_weighting("uniform"):
+        assert drop_weights(scores).tolist() == [[1.0, 1.0, 1.0, 1.0]]
+        with using_drop_weighting("half"):
+            assert drop_weights(scores).tolist() == [[1.0, 0.0, 0.0, 1.0]]  # ranks 2 and 3 of 4
+        assert drop_weights(scores).tolist() == [[1.0, 1.0, 1.0, 1.0]]
+    assert drop_weights(scores).tolist() == [[1.5, 0.0, 0.5, 1.0]]
+    with pytest.raises(AllocplanError, match="drop weighting 'flat' is not one of ramp, uniform, half"):
+        with using_drop_weighting("flat"):
+            pass

@@ -1,0 +1,258 @@
+"""The results protocol of docs/results.md: what is evaluated, on what, and how it is compared.
+
+For each bundled reference model and budget, every registered routing method
+(:mod:`allocplan.evaluation.methods`), allocplan's default plan and its ablations are
+applied and evaluated on held-out text in three modes (prefill, batch-1 decode, batch-8
+decode; :mod:`allocplan.evaluation.metrics`) and on held-out arithmetic. Profiles,
+stand-ins, thresholds and k2 use only the calibration text; the ``/eval-matched`` rows of
+the threshold methods set their threshold from the eval windows' activation counts (never
+their losses), to compare at exactly matched compute. Defaults are checked on a calibration
+holdout (calibration tokens the profiles never saw). ``scripts/make_results.py`` runs this
+and renders the page (:mod:`allocplan.evaluation.results_page`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from allocplan.bundled import DEFAULT_CALIBRATION
+from allocplan.formats.config import EVAL_MODES, ProfileConfig, RefineConfig, RoutingConfig
+from allocplan.loading import load_model
+from allocplan.planner.compile import refined
+from allocplan.planner.profiling import profile_model
+from allocplan.planner.solve import allocation_from_profile, solve_profile
+from allocplan.planner.windows import pack_windows
+from allocplan.runtime.apply import apply_plan
+from allocplan.runtime.layers import find_moe_layers
+
+from .compare import gap_closed, mean_over_seeds, paired_bootstrap
+from .methods import METHODS, PAPER_PROFILE, PLAIN, build_policy
+from .metrics import arithmetic_accuracy, nll_and_activations, read_arithmetic
+
+MODELS = ["ref-dsv2", "ref-olmoe", "ref-qwen3"]
+BUDGETS = [0.33, 0.5, 0.67, 0.83]
+MAIN_BUDGET = 0.5
+SEQ_LEN = 256
+MODES = list(EVAL_MODES)
+BASELINES = [name for name in METHODS if name != "full"]  # the registry's order: uniform first
+MATCHED = {f"{m}/eval-matched": m for m in ("naee", "top-p")}
+DEFAULT = "allocplan"
+COMPARED = [m for m in BASELINES if m != DEFAULT] + list(MATCHED)  # what the default must beat
+# The refinement's ablation switches it the other way from the shipped default.
+REFINE_DEFAULT = RefineConfig().refine
+REFINE_LABEL = "allocplan −refine" if REFINE_DEFAULT else "allocplan +refine"
+# allocplan's ablation: the default with one element changed (profile variant, routing, refine, allocation).
+ABLATIONS = {
+    "allocplan −weight fit": {"profile": "no-fit"},
+    "allocplan −compensation": {"profile": "no-compensation"},
+    "allocplan compensation=expert": {"profile": "expert"},
+    "allocplan −drop order": {"profile": "no-order"},
+    REFINE_LABEL: {"refine": not REFINE_DEFAULT},
+    "allocplan −Alloc-T": {"token_level": False},
+    "allocplan −Alloc-L": {"uniform": True},
+    "allocplan −deploy profiling": {"profile": "deploy-less"},
+}
+# allocplan's default with each sequence its own Alloc-T budget (batch-invariant outputs), in every mode.
+SEQUENCE_SCOPE = "allocplan scope=sequence"
+PROFILE_VARIANTS = {
+    "default": ProfileConfig(),
+    "no-fit": ProfileConfig(weight_fit="off"),
+    "no-compensation": ProfileConfig(compensation="off"),
+    "expert": ProfileConfig(compensation="expert"),
+    "no-order": ProfileConfig(drop_order=False),
+}
+
+
+# The issue's gap-closed targets: (budget, eval mode, least share of uniform's gap closed).
+QUALITY_TARGETS = ((MAIN_BUDGET, "prefill", 0.70), (0.33, "prefill", 0.50), (MAIN_BUDGET, "decode-b1", 0.50))
+
+
+def eval_tokens(budget: float, quick: bool) -> int:
+    """Eval tokens scored: at least 20,000 at the main budget, where the targets are judged."""
+    if quick:
+        return 2048
+    return 24576 if budget == MAIN_BUDGET else 8192
+
+
+def evaluate_row(model: Any, tokenizer: Any, target: Any, windows: torch.Tensor, modes: list[str],
+                 problems: Any) -> dict:
+    """One method's row: NLL per mode (with per-window sums), activations, arithmetic exact match.
+
+    ``target``: a Policy, an Allocation, or None (the untouched model).
+    """
+    if target is None:
+        handle = None
+    elif hasattr(target, "apply"):
+        handle = target.apply(model)
+    else:
+        handle = apply_plan(model, target)
+    try:
+        row = {"modes": {}}
+        for mode in modes:
+            result = nll_and_activations(model, windows, handle, mode)
+            row["modes"][mode] = {key: result[key] for key in ("nll", "window_nll", "activations_per_token",
+                                                              "activations_per_layer")}
+        if problems is not None:
+            if handle is not None:
+                handle.reset()
+            row["arith_accuracy"] = arithmetic_accuracy(model, tokenizer, problems, handle)
+        return row
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def holdout_nll(model: Any, target: Any, windows: torch.Tensor) -> dict:
+    """Prefill NLL on the calibration holdout (how defaults are chosen: never eval text): the mean
+    per token (``nll``) and each window's sum (``window_nll``, for the paired intervals)."""
+    handle = apply_plan(model, target)
+    try:
+        result = nll_and_activations(model, windows, handle, "prefill")
+    finally:
+        handle.remove()
+    return {"nll": result["nll"], "window_nll": result["window_nll"]}
+
+
+def stand_in_overhead(model: Any, allocation: Any) -> float | None:
+    """Stand-in multiply-adds per token as a share of the kept experts' (analytic, from the shapes)."""
+    if allocation.compensation is None:
+        return None
+    from safetensors.torch import load
+
+    from allocplan.planner.treatments import expert_multiply_adds, linear_map_multiply_adds
+
+    tensors = load(allocation.compensation_data)
+    hidden = model.get_input_embeddings().embedding_dim
+    kept = extra = 0.0
+    for layer, entry in zip(find_moe_layers(model), allocation.layers):
+        down = tensors.get(f"{layer.path}.down")
+        rank = down.shape[-1] if down is not None else 0
+        dropped = (entry.original_k - entry.planned_k) if entry.planned_k < entry.original_k else 0
+        kept += entry.planned_k * expert_multiply_adds(layer)
+        extra += dropped * (linear_map_multiply_adds(rank, hidden) + hidden)  # + the constant's add
+    return extra / kept
+
+
+def evaluate_model(name: str, budgets: list[float], quick: bool, eval_text: Path, arith: Path) -> dict:
+    """Every method, allocplan's default and its ablations on bundled model ``name`` at each budget, scored
+    on ``eval_text`` (NLL, three modes) and ``arith`` (exact match, at the main budget): the JSON of
+    docs/results.md for one model. ``quick``: fewer tokens and seeds (a smoke run)."""
+    torch.manual_seed(0)
+    started = time.time()
+    model, tokenizer = load_model(f"bundled:{name}")
+    problems = read_arithmetic(arith)
+    calib_tokens = 2048 if quick else ProfileConfig().calib_tokens
+    # The calibration holdout: the calibration windows right after the ones profiles use.
+    all_calib, _ = pack_windows(tokenizer, DEFAULT_CALIBRATION, max_tokens=calib_tokens + 8192, seq_len=SEQ_LEN)
+    holdout = all_calib[calib_tokens // SEQ_LEN :]
+    threshold_windows = all_calib[: 4096 // SEQ_LEN]
+    routing = RoutingConfig()
+    refine = RefineConfig(refine_tokens=1024) if quick else RefineConfig()
+
+    def profiled(config: ProfileConfig, probe_routing: RoutingConfig = routing):
+        return profile_model(model, tokenizer, dataclasses.replace(config, calib_tokens=calib_tokens),
+                             probe_routing, model_name=f"bundled:{name}")
+
+    profiles = {key: profiled(config) for key, config in PROFILE_VARIANTS.items()}
+    # The paper's Alloc-L profile: plain top-k probes, no treatment, no compensation.
+    profiles["plain"] = profiled(PAPER_PROFILE, PLAIN)
+    # Measured without the treatments in place, but deployed with them (element 4's ablation).
+    plain_deploy = profiled(PAPER_PROFILE)
+    default_profile = profiles["default"]
+    profiles["deploy-less"] = dataclasses.replace(default_profile, layers=tuple(
+        dataclasses.replace(row, sensitivity=plain.sensitivity) for row, plain in zip(default_profile.layers,
+                                                                                   plain_deploy.layers)))
+    print(f"[{name}] profiles in {time.time() - started:.0f}s", flush=True)
+
+    out = {"model": name, "budgets": {}, "eval_tokens": {}, "arith_problems": len(problems),
+           "sensitivity": {row.path: row.sensitivity for row in default_profile.layers},
+           "sensitivity_metric": default_profile.measurement.metric,
+           "compensation": default_profile.measurement.compensation}
+    for budget in budgets:
+        windows, record = pack_windows(tokenizer, eval_text, max_tokens=eval_tokens(budget, quick), seq_len=SEQ_LEN,
+                                       what="eval")
+        out["eval_tokens"][str(budget)] = windows.shape[0] * (SEQ_LEN - 1)
+        arith = problems if budget == MAIN_BUDGET else None  # the arithmetic target is judged at 0.5
+        full = evaluate_row(model, tokenizer, None, windows, MODES, arith)
+        rows, holdout_rows, extra = {"full": full}, {}, {}
+        for method in BASELINES:
+            registered = METHODS[method]
+            if method == "random":
+                rows[method] = mean_over_seeds([evaluate_row(model, tokenizer, build_policy(model, method, budget, seed=s),
+                                                       windows, MODES, arith) for s in range(1 if quick else 3)])
+                continue
+            policy = build_policy(model, method, budget, sensitivity=profiles["plain"] if registered.needs_profile else None,
+                                  calib_windows=threshold_windows if registered.needs_calibration else None)
+            rows[method] = evaluate_row(model, tokenizer, policy, windows, MODES, arith)
+            rows[method]["parameter"] = policy.parameter
+        for matched, method in MATCHED.items():
+            policy = build_policy(model, method, budget, calib_windows=windows)
+            rows[matched] = evaluate_row(model, tokenizer, policy, windows, MODES, arith)
+            rows[matched]["parameter"] = policy.parameter
+
+        def plan_for(variant: dict):
+            profile = profiles[variant.get("profile", "default")]
+            plan_routing = dataclasses.replace(routing, token_level=variant.get("token_level", routing.token_level),
+                                               scope=variant.get("scope", routing.scope))
+            plan = solve_profile(profile, budget, plan_routing)
+            if variant.get("uniform"):
+                uniform_ks = build_policy(model, "alloc-t", budget).allocation
+                return allocation_from_profile(profile, [e.planned_k for e in uniform_ks.layers], plan_routing), None
+            if variant.get("refine", refine.refine):
+                plan = refined(model, tokenizer, plan, profile, dataclasses.replace(
+                    PROFILE_VARIANTS["default"], calib_tokens=calib_tokens), plan_routing, refine)
+            return plan.allocation, plan
+
+        allocation, plan = plan_for({})
+        rows[DEFAULT] = evaluate_row(model, tokenizer, allocation, windows, MODES, arith)
+        rows[SEQUENCE_SCOPE] = evaluate_row(model, tokenizer, plan_for({"scope": "sequence"})[0], windows, MODES, arith)
+        holdout_rows[DEFAULT] = holdout_nll(model, allocation, holdout)
+        extra["plan"] = {"k": [e.planned_k for e in allocation.layers],
+                         "normalizer_k": [e.normalizer_k for e in allocation.layers],
+                         "gain": [e.gain for e in allocation.layers],
+                         "refinement": dataclasses.asdict(plan.solver.refinement) if plan.solver.refinement else None,
+                         "dp_objective": plan.solver.dp_objective,
+                         "stand_in_overhead": stand_in_overhead(model, allocation)}
+        for label, variant in ABLATIONS.items():
+            variant_allocation, _ = plan_for(variant)
+            rows[label] = evaluate_row(model, tokenizer, variant_allocation, windows, ["prefill"], None)
+            holdout_rows[label] = holdout_nll(model, variant_allocation, holdout)
+        if budget == MAIN_BUDGET:
+            extra["exact_decode"] = exact_decode_check(model, rows, windows, allocation,
+                                                       build_policy(model, "uniform", budget))
+        uniform = {mode: rows["uniform"]["modes"][mode]["nll"] for mode in MODES}
+        for row in rows.values():
+            for mode, values in row["modes"].items():
+                values["gap_closed"] = gap_closed(values["nll"], full["modes"][mode]["nll"], uniform[mode])
+        bootstrap = {
+            other: {mode: paired_bootstrap(rows[DEFAULT]["modes"][mode]["window_nll"], rows[other]["modes"][mode]
+                                           ["window_nll"], SEQ_LEN - 1) for mode in MODES}
+            for other in COMPARED
+        }
+        out["budgets"][str(budget)] = {"rows": rows, "holdout_nll": holdout_rows, "bootstrap": bootstrap,
+                                       "target_activations": rows["uniform"]["modes"]["prefill"]["activations_per_token"],
+                                       **extra}
+        print(f"[{name}] budget {budget}: done at {time.time() - started:.0f}s", flush=True)
+    out["seconds"] = round(time.time() - started)
+    return out
+
+
+def exact_decode_check(model: Any, rows: dict, windows: torch.Tensor, allocation: Any, uniform_policy: Any) -> dict:
+    """Token-by-token decoding through the KV cache against the pooled decode modes, on a few windows."""
+    checked = {"decode-b1": windows[:2], "decode-b8": windows[:8]}
+    worst = 0.0
+    for row_name, target in ((DEFAULT, allocation), ("uniform", uniform_policy)):
+        handle = target.apply(model) if hasattr(target, "apply") else apply_plan(model, target)
+        try:
+            for mode, part in checked.items():
+                exact = nll_and_activations(model, part, handle, mode, exact_decode=True)["window_nll"]
+                pooled = rows[row_name]["modes"][mode]["window_nll"][: part.shape[0]]
+                worst = max(worst, max(abs(a - b) for a, b in zip(exact, pooled)) / (part.shape[1] - 1))
+        finally:
+            handle.remove()
+    return {"windows": {mode: part.shape[0] for mode, part in checked.items()}, "max_per_token_difference": worst}
