@@ -1,6 +1,8 @@
 """Generate docs/benchmarks.md: side-by-side CPU timings of untouched and planned models.
 
-Every figure is produced by allocplan.bench in this run (JSON beside the page).
+Every figure is produced by allocplan.bench in this run (JSON beside the page): the protocol is
+allocplan/bench/study.py, the page and its target judging allocplan/bench/page.py; this script
+parses arguments and writes the files.
 
 Run:  python scripts/make_benchmarks.py        (about 12 minutes on 2 CPU cores, about 30 with --llama-cpp; run it on an idle machine)
       python scripts/make_benchmarks.py --render-only   (rewrite the page from the last run's JSON)
@@ -15,412 +17,28 @@ Run:  python scripts/make_benchmarks.py        (about 12 minutes on 2 CPU cores,
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import platform
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
+from allocplan.bench.breakdown import time_breakdown
+from allocplan.bench.page import render
+from allocplan.bench.presets import PRESETS, build_preset
+from allocplan.bench.study import batch_aware_run, llama_cpp_run, run_all
+from allocplan.bench.timing import profile_cost, solver_cost
+from allocplan.bundled import DEFAULT_CALIBRATION
+from allocplan.evaluation.methods import uniform_allocation
+from allocplan.formats.config import RoutingConfig
+from allocplan.formats.plan import load_plan
+from allocplan.loading import load_model
+from allocplan.planner.windows import pack_windows
+
 ROOT = Path(__file__).resolve().parent.parent
-
-from allocplan import RoutingConfig, allocation_for, load_model, load_plan  # noqa: E402
-from allocplan.bench.batch_decode import compare_batched_decode  # noqa: E402
-from allocplan.bench.breakdown import time_breakdown  # noqa: E402
-from allocplan.bench.cost_model import ideal_speedup, routed_weight_share  # noqa: E402
-from allocplan.bench.presets import PRESETS, build_preset  # noqa: E402
-from allocplan.bench.run import with_compensation  # noqa: E402
-from allocplan.bench.timing import (  # noqa: E402
-    bench, median_spread, profile_cost, ratio_interval, solver_cost)
-from allocplan.bundled import BUNDLED_DIR, DEFAULT_CALIBRATION  # noqa: E402
-from allocplan.evaluation.compare import paired_bootstrap  # noqa: E402
-from allocplan.evaluation.methods import uniform_allocation  # noqa: E402
-from allocplan.formats.config import STAND_IN_SHARE  # noqa: E402
-from allocplan.runtime.layers import find_moe_layers  # noqa: E402
-from allocplan.planner.windows import pack_windows  # noqa: E402
-
-
-# Interleaved rounds: the batch-1 ratios sit within a few percent of their targets, and with 5
-# rounds their medians moved by about as much between runs; 11 rounds cut the median's spread by
-# about sqrt(11 / 5) for about twice the run time.
-REPEAT, NEW_TOKENS = 11, 32
 # The quick start's compiled plan (bundled:ref-olmoe at budget 0.5), the default plan timed here.
 GOLDEN_PLAN = ROOT / "plans" / "ref-olmoe-compiled-budget-0.5.yaml"
-
-
-def breakdown_lines(breakdown: dict) -> list[str]:
-    """Where the time goes, untouched vs planned (ms, measured under torch's profiler)."""
-    parts = (("router (with allocplan's routing hooks)", "router"), ("expert matmuls", "experts_matmul"),
-             ("other expert work (grouping, gathers, activation, combine)", "experts_other"),
-             ("rest of the model (attention, shared experts, norms, head)", "rest_of_model"), ("total", "total"))
-    lines = ["", "Where the time goes (ms, under torch's profiler; prefill per forward, decode b1 per token):", "",
-             "| part | prefill untouched | prefill planned | ratio | decode b1 untouched | decode b1 planned | ratio |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    for label, key in parts:
-        cells = []
-        for measure in ("prefill", "decode_b1"):
-            before, after = breakdown[measure]["untouched"][key], breakdown[measure]["planned"][key]
-            cells += [f"{before:.2f}", f"{after:.2f}", f"{after / before:.2f}" if before > 0 else "—"]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return lines
-
-
-# Variants timed beside each dsv2-lite-small plan: stand-ins of each kind over the plan alone, and the
-# same over the plan with a per-layer gain, whose routing is rewritten anyway (compiled plans for a
-# family that does not renormalise carry gains; one that does carries normaliser widths, the same cost).
-# label: (kind, --compensation-share); the last is the cheaper setting for batch-1 latency.
-LOW_SHARE = 0.05
-COMPENSATION_KINDS = {"expert": ("expert", STAND_IN_SHARE), "linear": ("linear", STAND_IN_SHARE),
-                      f"linear (share {LOW_SHARE:g})": ("linear", LOW_SHARE)}
-GAINS = "gains"
-# The Alloc-T plan (same k), timed as a variant of each Alloc-T off run for the on-vs-off targets.
-ALLOC_T_ON = "Alloc-T on"
-# The gain given to every layer (its value does not change the time).
-GAIN = 1.1
-
-
-def with_gains(allocation):
-    return dataclasses.replace(allocation, layers=tuple(dataclasses.replace(entry, gain=GAIN)
-                                                        for entry in allocation.layers))
-
-
-def compensation_variants(model, plan) -> dict:
-    variants = {f"{label} compensation": with_compensation(model, plan, kind, share)
-                for label, (kind, share) in COMPENSATION_KINDS.items()}
-    variants[GAINS] = with_gains(plan)
-    variants.update({f"{GAINS} + {label} compensation": with_compensation(model, with_gains(plan), kind, share)
-                     for label, (kind, share) in COMPENSATION_KINDS.items()})
-    return variants
-
-
-def over_gains(variants: dict, kind: str) -> dict:
-    """Time of the plan with gains and stand-ins over the plan with gains alone, round by round."""
-    return median_spread([v / g for v, g in zip(variants[f"{GAINS} + {kind} compensation"]["rounds"],
-                                                 variants[GAINS]["rounds"])])
-
-
-def over_gains_interval(variants: dict, kind: str) -> dict:
-    """``over_gains`` as a geometric mean with its 95% interval over rounds."""
-    return ratio_interval(variants[f"{GAINS} + {kind} compensation"]["rounds"], variants[GAINS]["rounds"])
-
-
-def interval_note(interval: dict | None) -> str:
-    """' (geometric mean ..., 95% interval ... to ...)' of a paired ratio, as an added share; '' without one
-    (pages from runs before the intervals were recorded)."""
-    if interval is None:
-        return ""
-    return (f" (geometric mean {interval['geomean'] - 1:+.1%}, 95% interval {interval['low'] - 1:+.1%} to"
-            f" {interval['high'] - 1:+.1%})")
-
-
-def compensation_lines(run: dict) -> list[str]:
-    """The plan with compensation of its dropped experts against the plan alone (and against the plan with
-    gains, whose routing is rewritten either way), timed in the same rounds."""
-    measures = [(label, run[key]) for key, label in (("prefill_s", "prefill"), ("decode_b1_s_per_token", "decode b1"),
-                                                      ("decode_b8_s_per_step", "decode b8"))
-                if GAINS in run[key].get("variants", {})]
-    if not measures:
-        return []
-
-    def cell(s: dict) -> str:
-        return f"{s['median']:.3f}× [{s['min']:.3f}, {s['max']:.3f}]"
-
-    labels = [f"{kind} compensation" for kind in COMPENSATION_KINDS]
-    lines = ["", "The same plan with stand-ins for its dropped experts (time over the plan's, median [min, max] of"
-                 " the per-round ratios). *over the plan* counts everything the stand-ins bring, including the"
-                 " routing hook a plan without treatments or Alloc-T at batch 1 does not run; *over the plan with"
-                 f" gains* is what they add to a plan whose routing is rewritten anyway (every layer given gain {GAIN},"
-                 " as compiled plans for this family carry fitted gains). *linear* is the default rank;"
-                 f" *linear (share {LOW_SHARE:g})* is `--compensation-share {LOW_SHARE:g}`, half of it:", "",
-             "| measure | " + " | ".join(f"{label} over the plan" for label in labels) + " | "
-             + " | ".join(f"{label} over the plan with gains" for label in labels) + " |",
-             "| --- |" + " --- |" * 2 * len(labels)]
-    for label, r in measures:
-        cells = [cell(r["variants"][name]["over_planned"]) for name in labels]
-        cells += [cell(over_gains(r["variants"], kind)) for kind in COMPENSATION_KINDS]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return lines
-
-
-def row(name: str, r: dict, bound: float, fraction: float) -> str:
-    def spread(s: dict) -> str:
-        return f"{s['median']:.2f}× [{s['min']:.2f}, {s['max']:.2f}]"
-
-    lean = f"{r['full_lean']['median'] * 1e3:.1f}" if "full_lean" in r else "n/a"
-    same = spread(r["speedup_same_path"]) if "speedup_same_path" in r else "n/a"
-    return (f"| {name} | {r['untouched']['median'] * 1e3:.1f} | {lean} | {r['planned']['median'] * 1e3:.1f} |"
-            f" {spread(r['speedup'])} | {same} | {bound:.2f}× | {fraction:.0%} |")
-
-
-def run_all() -> dict:
-    runs = []
-    for preset in ("dsv2-lite-small", "mixtral-small"):
-        model = build_preset(preset)
-        for token_level in (False, True):
-            plan = uniform_allocation(model, 0.5, RoutingConfig() if token_level else None)
-            # The cost of compensating the dropped experts, timed in the same rounds (DeepSeek-V2-Lite's shape).
-            variants = compensation_variants(model, plan) if preset == "dsv2-lite-small" else {}
-            if not token_level:  # Alloc-T's cost over the same k, paired round by round with the plan
-                variants[ALLOC_T_ON] = uniform_allocation(model, 0.5, RoutingConfig())
-            result = bench(model, plan, batch=1, prompt_len=256, new_tokens=NEW_TOKENS, repeat=REPEAT,
-                           variants=variants)
-            result["breakdown"] = time_breakdown(model, plan)
-            runs.append({"label": f"{preset}, uniform 0.5, Alloc-T {'on' if token_level else 'off'}", **result})
-        del model
-    if GOLDEN_PLAN.exists():
-        plan = load_plan(GOLDEN_PLAN)
-        model, tokenizer = load_model(plan.model.name)
-        result = bench(model, plan.allocation, batch=1, prompt_len=256, new_tokens=NEW_TOKENS, repeat=REPEAT)
-        windows, _ = pack_windows(tokenizer, DEFAULT_CALIBRATION, max_tokens=4096, seq_len=256)
-        result["profile_cost"] = profile_cost(model, windows)
-        runs.append({"label": f"{plan.model.name} with plans/{GOLDEN_PLAN.name}", **result})
-    return {"runs": runs, "solver": solver_cost(), "batch_aware": batch_aware_run()}
-
-
-def batch_aware_run() -> list[dict]:
-    """Batched decode (batch 8) on the bundled references: uniform, Alloc-T and the default plan, each
-    filled by score and with ``prefer: active``, side by side (allocplan.bench.batch_decode)."""
-    runs = []
-    for name in ("ref-olmoe", "ref-qwen3"):
-        model, tokenizer = load_model(f"bundled:{name}")
-        windows, _ = pack_windows(tokenizer, ROOT / "data" / "eval.txt", max_tokens=8192, seq_len=256, what="eval")
-        allocations = {"untouched": None,
-                       "uniform k/2": uniform_allocation(model, 0.5, RoutingConfig(token_level=False)),
-                       "Alloc-T k/2": uniform_allocation(model, 0.5, RoutingConfig()),
-                       "Alloc-T k/2, prefer active": uniform_allocation(model, 0.5, RoutingConfig(prefer="active"))}
-        if name == "ref-olmoe" and GOLDEN_PLAN.exists():
-            default = load_plan(GOLDEN_PLAN).allocation
-            allocations["default plan"] = default
-            allocations["default plan, prefer active"] = dataclasses.replace(
-                default, token_level=dataclasses.replace(default.token_level, prefer="active"))
-        # Prompts: the first 16 tokens of 8 held-out windows, so that routing sees real text.
-        result = compare_batched_decode(model, allocations, windows[:8, :16].contiguous(), windows,
-                                        new_tokens=NEW_TOKENS, repeat=REPEAT)
-        runs.append({"model": f"bundled:{name}", "tokens_per_window": windows.shape[1] - 1, "rows": result})
-    return runs
-
-
-def llama_cpp_run(llama_cpp_dir: str) -> dict:
-    """llama.cpp (llama-cpp-python) beside allocplan on bundled:ref-olmoe, batch-1 decode, 2 threads."""
-    from allocplan.bench.llama_cpp import convert_to_gguf, side_by_side
-
-    model, tokenizer = load_model("bundled:ref-olmoe")
-    allocations = {"uniform k/2": uniform_allocation(model, 0.5, RoutingConfig(token_level=False)),
-                   "default plan": load_plan(GOLDEN_PLAN).allocation}
-    windows, _ = pack_windows(tokenizer, ROOT / "data" / "eval.txt", max_tokens=8192, seq_len=512, what="eval")
-    tokens = windows[0, : 256 + NEW_TOKENS].tolist()
-    with tempfile.TemporaryDirectory() as scratch:
-        gguf = convert_to_gguf(BUNDLED_DIR / "ref-olmoe", llama_cpp_dir, Path(scratch) / "ref-olmoe-f32.gguf")
-        result = side_by_side(model, gguf, allocations, tokens, prompt_len=256, new_tokens=NEW_TOKENS,
-                              repeat=REPEAT, threads=2)
-    share = routed_weight_share(model)
-    return {"model": "bundled:ref-olmoe", "plan": f"plans/{GOLDEN_PLAN.name}", "f_routed_weights": share,
-            "ideal_decode_speedup": ideal_speedup(share, 0.5), **result}
-
-
-def llama_cpp_lines(run: dict | None) -> list[str]:
-    """The llama.cpp side by side, or why it is not on the page."""
-    lines = ["## llama.cpp beside allocplan", ""]
-    if run is None:
-        return lines + [
-            "Not measured in this run. To measure it: `pip install '.[llama]'` (llama-cpp-python, which pip",
-            "compiles from source with the machine's C++ compiler and cmake), then",
-            "`python scripts/make_benchmarks.py --llama-cpp-only DIR` with DIR a llama.cpp source tree (the",
-            "`vendor/llama.cpp` folder of the same llama-cpp-python sdist) for its `convert_hf_to_gguf.py`.", ""]
-    seconds, speedup, agree = run["seconds_per_token"], run["speedup"], run["agreement"]
-    lines += [
-        f"{run['model']} converted to GGUF (float32) by llama.cpp's own `convert_hf_to_gguf.py` and run by"
-        f" llama-cpp-python {run['llama_cpp_python']} at full k ({run['top_k']}) and with"
-        f" `olmoe.expert_used_count` overridden to {run['half_k']} (what `--override-kv"
-        f" olmoe.expert_used_count=int:{run['half_k']}` does), beside allocplan's untouched model, uniform"
-        f" k/2 and the default plan ({run['plan']}), in one process on the same {run['threads']} threads."
-        f" Batch-1 decode: {run['prompt_len']}-token prompt of eval text, then {run['new_tokens']} single-token"
-        f" steps through the KV cache; {run['repeat']} interleaved rounds, median [min, max] of the per-round"
-        " speed-up over each engine's own full-k model.", "",
-        "| engine, path | ms per token | speed-up over its own full k |", "| --- | --- | --- |"]
-    for label, values in seconds.items():
-        s = speedup.get(label)
-        cell = f"{s['median']:.3f} [{s['min']:.3f}, {s['max']:.3f}]" if s else "1 (reference)"
-        lines.append(f"| {label} | {values['median'] * 1e3:.3f} | {cell} |")
-    lines += ["", f"Conversion check: over 64 prompt tokens llama.cpp's full-k logits differ from the checkpoint's"
-                  f" by at most {agree['max_abs_logit_diff']:.2g} and agree on the top token at"
-                  f" {agree['top1_agreement']:.0%} of positions.",
-              "", "Two deviations from a plain conversion: the reference's own byte-level BPE is not in the"
-                  " converter's list of known pre-tokenizers, so it is named `gpt-2` (decode feeds token ids, so"
-                  " llama.cpp's pre-tokenizer never runs); and llama.cpp is fed the next tokens of the text"
-                  " rather than its own argmax (the same work per step, without the sampler's time).",
-              "", f"What halving can buy here: the routed experts are {run['f_routed_weights']:.0%} of the weights a"
-                  f" token reads, so the ideal batch-1 decode speed-up at half the experts is"
-                  f" {run['ideal_decode_speedup']:.2f}× (the bound of the tables above). Measured: llama.cpp"
-                  f" {speedup['llama.cpp k/2']['median']:.2f}×, allocplan's uniform k/2"
-                  f" {speedup['allocplan uniform k/2']['median']:.2f}× and its default plan"
-                  f" {speedup['allocplan default plan']['median']:.2f}×.{_over_stock_note(run, speedup)} In absolute"
-                  " time llama.cpp's full-k step is"
-                  f" {seconds['allocplan untouched']['median'] / seconds['llama.cpp full k']['median']:.1f}× faster"
-                  " than the transformers model allocplan plans (allocplan untouched). llama.cpp's own"
-                  " measurements (PR #18029: +21% to +48% tokens/s at half the experts) are on full-size models.",
-              ""]
-    return lines
-
-
-def _over_stock_note(run: dict, speedup: dict) -> str:
-    """Why an allocplan ratio can read above the bound: it is over the untouched model's stock experts path."""
-    if max(speedup['allocplan uniform k/2']['median'], speedup['allocplan default plan']['median']) \
-            <= run['ideal_decode_speedup']:
-        return ""
-    return (" allocplan's ratios are over its untouched model, which runs transformers' stock experts path;"
-            " allocplan's own path is faster at the same k (the *same path* column of the ref-olmoe table above"
-            " divides by full k on it), so a ratio over untouched can read above the bound.")
-
-
-def batch_aware_lines(runs: list[dict]) -> list[str]:
-    """Distinct experts per step, step time and NLL at batch-8 decode; prefer: active against score."""
-    if not runs:
-        return []
-    lines = ["## Batched decode: distinct experts per step, and `prefer: active`", "",
-             "At batch 8 a decode step reads every distinct expert its 8 tokens use. Per MoE layer and step, the"
-             " distinct experts (counted at the experts modules over the cached greedy steps from 8 held-out"
-             " prompts), the time per step (interleaved rounds; time over the untouched model's in the same round,"
-             " median [min, max]) and the eval NLL in decode-b8 mode (`allocplan eval`'s routing as 8 sequences"
-             " decoding together, 8,192 held-out tokens). `prefer: active` runs the same pairs, filling Alloc-T's"
-             " remaining pairs first with experts already running in the step (docs/runtime.md).", ""]
-    for run in runs:
-        rows = run["rows"]
-        lines += [f"### {run['model']}", "",
-                  "| allocation | activations per token | distinct experts per step | ms per step | time over untouched |"
-                  " decode-b8 NLL |", "| --- | --- | --- | --- | --- | --- |"]
-        for label, r in rows.items():
-            ratio = r["step_over_first"]
-            lines.append(f"| {label} | {r['activations_per_token']:.2f} | {r['distinct_experts_per_step']:.2f} |"
-                         f" {r['step_s']['median'] * 1e3:.1f} | {ratio['median']:.3f} [{ratio['min']:.3f},"
-                         f" {ratio['max']:.3f}] | {r['nll']:.4f} |")
-        lines.append("")
-        for label in rows:
-            if label.endswith(", prefer active"):
-                base = label[: -len(", prefer active")]
-                a, b = rows[label], rows[base]
-                diff = paired_bootstrap(a["window_nll"], b["window_nll"], run["tokens_per_window"])
-                lines.append(
-                    f"- {base}: `prefer: active` uses {a['distinct_experts_per_step']:.2f} distinct experts per step"
-                    f" against {b['distinct_experts_per_step']:.2f}; its step time is"
-                    f" {a['step_s']['median'] / b['step_s']['median']:.3f}× by score's (medians); NLL"
-                    f" {diff['mean']:+.4f} nats/token [{diff['low']:+.4f}, {diff['high']:+.4f}] (95% paired"
-                    " bootstrap over windows).")
-        lines.append("")
-    return lines
-
-
-def target_lines(runs: list[dict], solver: dict) -> list[str]:
-    """The roadmap's CPU targets at budget 0.5, checked against this run."""
-    by_label = {run["label"]: run for run in runs}
-
-    def frac(label: str, measure: str) -> float:
-        return by_label[label]["achieved_fraction"][measure]
-
-    def speedup(label: str, measure: str) -> float:
-        return by_label[label][measure]["speedup"]["median"]
-
-    def smaller_speedup(label: str, measure: str) -> float:
-        r = by_label[label][measure]
-        return min(r["speedup"]["median"], r.get("speedup_same_path", r["speedup"])["median"])
-
-    dsv2, mixtral = "dsv2-lite-small, uniform 0.5, Alloc-T", "mixtral-small, uniform 0.5, Alloc-T"
-    checks = [
-        ("DeepSeek-V2-Lite-shaped decode b1 ≥ 95% of its bound", frac(f"{dsv2} off", "decode_b1_s_per_token"), 0.95),
-        ("DeepSeek-V2-Lite-shaped prefill ≥ 90% of its bound", frac(f"{dsv2} off", "prefill_s"), 0.90),
-        ("Mixtral-shaped decode b1 ≥ 1.6×", smaller_speedup(f"{mixtral} off", "decode_b1_s_per_token"), 1.6),
-    ]
-    lines = ["## Targets", "",
-             "*met* compares the median of the per-round values with the target. Where two timings were taken in"
-             " the same rounds, the geometric mean of their per-round ratios and its 95% bootstrap interval over"
-             " rounds follow in brackets: a target whose interval straddles it is met or missed within noise.", "",
-             "| target | measured | met |", "| --- | --- | --- |"]
-    for name, value, goal in checks:
-        lines.append(f"| {name} | {value:.4f} | {'yes' if value >= goal else 'no'} |")
-    for preset in (dsv2, mixtral):
-        for measure in ("prefill_s", "decode_b1_s_per_token"):
-            # The Alloc-T plan is a variant of the Alloc-T off run: its time over the plan's, round by round.
-            on = by_label[f"{preset} off"][measure]["variants"][ALLOC_T_ON]
-            slower = on["over_planned"]["median"] - 1
-            lines.append(f"| {preset.split(',')[0]} {measure}: Alloc-T on vs off ≤ 3% slower | {slower:+.1%}"
-                         f"{interval_note(on.get('over_planned_interval'))} | {'yes' if slower <= 0.03 else 'no'} |")
-    for run in runs:
-        decode = run["decode_b1_s_per_token"]
-        if GAINS not in decode.get("variants", {}):
-            continue
-        where = f"{run['label'].split(',')[0]} decode b1, Alloc-T {'on' if run['token_level'] else 'off'}"
-        for kind in COMPENSATION_KINDS:
-            alone = decode["variants"][f"{kind} compensation"]
-            for over, ratio, interval in (
-                    ("planned time", alone["over_planned"], alone.get("over_planned_interval")),
-                    ("the plan with gains", over_gains(decode["variants"], kind),
-                     over_gains_interval(decode["variants"], kind))):
-                added = ratio["median"] - 1
-                lines.append(f"| {where}: {kind} compensation adds ≤ 3% to {over} | {added:+.1%}"
-                             f"{interval_note(interval)} | {'yes' if added <= 0.03 else 'no'} |")
-    profiled = [run["profile_cost"]["ratio"] for run in runs if "profile_cost" in run]
-    if profiled:
-        lines.append(f"| profiling ≤ 0.5× naive | {profiled[0]:.3f} | {'yes' if profiled[0] <= 0.5 else 'no'} |")
-    lines.append(f"| DP ≤ 50 ms | {solver['dp_s'] * 1e3:.1f} ms | {'yes' if solver['dp_s'] <= 0.05 else 'no'} |")
-    lines.append(f"| ILP ≤ 5 s | {solver['ilp_s'] * 1e3:.1f} ms | {'yes' if solver['ilp_s'] <= 5 else 'no'} |")
-    return lines + [""] + [line for line in EXPLANATION.strip().splitlines()] + [""] + breakdown_findings(runs)
-
-
-def breakdown_findings(runs: list[dict]) -> list[str]:
-    """Per preset (Alloc-T off), what the breakdown says about the missed bounds; numbers from this run."""
-    lines = []
-    for run in runs:
-        if "breakdown" not in run or run["token_level"]:
-            continue
-        b = run["breakdown"]
-        untouched = b["decode_b1"]["untouched"]
-        fixed = (untouched["router"] + untouched["experts_other"] + untouched["rest_of_model"]) / untouched["total"]
-
-        def ratio(measure: str, key: str) -> float:
-            return b[measure]["planned"][key] / b[measure]["untouched"][key]
-
-        lines.append(
-            f"- {run['label'].split(',')[0]}: at half the pairs, expert matmul time falls to"
-            f" {ratio('prefill', 'experts_matmul'):.2f} of untouched in prefill and"
-            f" {ratio('decode_b1', 'experts_matmul'):.2f} in batch-1 decode; everything but the expert matmuls"
-            f" (router, other expert work, rest of the model) is {fixed:.0%} of untouched batch-1 decode time"
-            f" under the profiler, while the weights outside the routed experts are {1 - run['f_routed_weights']:.0%}"
-            " of a token's; the bound assumes that part costs in proportion to its weights."
-        )
-    for run in runs:
-        variants = run["decode_b1_s_per_token"].get("variants", {})
-        if GAINS not in variants:
-            continue
-        rewrite = variants[GAINS]["over_planned"]["median"] - 1
-        added = {kind: over_gains(variants, kind)["median"] - 1 for kind in COMPENSATION_KINDS}
-        lines.append(
-            f"- {run['label'].split(',')[0]}, Alloc-T {'on' if run['token_level'] else 'off'}, decode b1: rewriting"
-            f" the routing alone (every layer given a gain) adds {rewrite:+.1%} to the plan; on top of that the "
-            + ", the ".join(f"{kind} stand-ins add {value:+.1%}" for kind, value in added.items()) + "."
-            " Per layer the rewrite runs a handful of small ops (selection scores, the sort of the token's"
-            " candidates, the dropped slots' offsets) and the stand-ins a few more; at batch 1 each such op"
-            " costs its fixed dispatch time, not its arithmetic. The linear stand-ins also read each dropped"
-            " pair's two low-rank factors from memory, which no other variant reads and which grows with their"
-            " rank (`--compensation-share`); "
-            + ("here the native kernel (runtime/native.py) read them in half precision, every dropped pair's at"
-               " once." if run.get("native_stand_in_kernel") else
-               "the native kernel could not run here, so the torch loop read them in float32.")
-        )
-    return lines + ([""] if lines else [])
-
-
-# Why the numbers are what they are; every claim here is checked by the tables above.
-EXPLANATION = """
-Where a target is missed, the gap is what the planned path still pays whatever k is: per layer
-the router, the top-k, grouping the active pairs by expert and combining their outputs, plus the
-untouched parts of the model (attention, shared experts, norms, head). The bound counts only
-weights (decode) or FLOPs (prefill); on CPU at batch 1 a layer's fixed per-call costs are a
-visible share of a millisecond-scale step. The "where the time goes" tables above show, per part,
-how much of it shrank. Speed-ups within their [min, max] spread of a target are not
-distinguishable from it on this machine.
-""" 
+EVAL_TEXT = ROOT / "data" / "eval.txt"
 
 
 def flag_value(flag: str) -> str:
@@ -465,86 +83,20 @@ def main() -> None:
     elif "--llama-cpp-only" in sys.argv:
         # Re-measure only llama.cpp beside allocplan and keep the last run's other timings.
         data = json.loads(out.read_text())
-        data["llama_cpp"] = llama_cpp_run(flag_value("--llama-cpp-only"))
+        data["llama_cpp"] = llama_cpp_run(flag_value("--llama-cpp-only"), GOLDEN_PLAN, EVAL_TEXT)
         out.write_text(json.dumps(data, indent=2) + "\n")
     elif "--batch-aware-only" in sys.argv:
         # Re-measure only the batched-decode comparison and keep the last run's other timings.
         data = json.loads(out.read_text())
-        data["batch_aware"] = batch_aware_run()
+        data["batch_aware"] = batch_aware_run(GOLDEN_PLAN, EVAL_TEXT)
         out.write_text(json.dumps(data, indent=2) + "\n")
     else:
-        data = run_all()
+        data = run_all(GOLDEN_PLAN, EVAL_TEXT)
         if "--llama-cpp" in sys.argv:
-            data["llama_cpp"] = llama_cpp_run(flag_value("--llama-cpp"))
+            data["llama_cpp"] = llama_cpp_run(flag_value("--llama-cpp"), GOLDEN_PLAN, EVAL_TEXT)
         out.write_text(json.dumps(data, indent=2) + "\n")
-    runs, solver = data["runs"], data["solver"]
 
-    lines = [
-        "# Benchmarks: activations become time",
-        "",
-        "Generated by `python scripts/make_benchmarks.py`"
-        + (" with `--llama-cpp DIR` for the llama.cpp section" if data.get("llama_cpp") else "")
-        + " (JSON beside this page). Machine:"
-        f" {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, CPU only."
-        " Three models alternate in one process after a warm-up: *untouched* (as loaded: transformers'"
-        " stock experts path, full k), *full k, lean* (full k through allocplan's experts path) and *planned*"
-        f" (`apply_plan`); median of {runs[0]['repeat']} rounds with [min, max] of the per-round speed-up."
-        " *speed-up* is untouched /"
-        " planned, what a user gets; *same path* is full k, lean / planned, what the smaller activation"
-        " count alone buys. Decode b1 is ms per token at batch 1, decode b8 ms per step at batch 8"
-        f" (16-token prompt, {runs[0]['new_tokens']} cached greedy steps). Prefill is batch 1 x 256 tokens.",
-        "",
-        "The ideal speed-up bound is 1 / (1 − f·(1 − b)) with b the plan's budget and f the routed experts'"
-        " share of the work at full k: of the weights a token reads for decode (f_weights), of the prefill's"
-        " FLOPs (f_flops, counted by torch's FlopCounterMode) for prefill. *of the bound* divides the smaller"
-        " of the two speed-ups by it, so a faster experts implementation cannot inflate it. f_moe (time), the"
-        " measured share of a full-k prefill spent inside the experts modules, is shown for reference.",
-        "",
-        "**No GPU figures exist yet**: no GPU machine was available to the session that generated this page.",
-        "",
-    ]
-    for run in runs:
-        lines += [
-            f"## {run['label']}",
-            "",
-            f"budget {run['budget']:.3f}, f_weights {run['f_routed_weights']:.2f}, f_flops"
-            f" {run['f_routed_flops']:.2f}, f_moe (time) {run['f_moe_time']:.2f}",
-            "",
-            "| measure | untouched ms | full k, lean ms | planned ms | speed-up | same path | bound | of the bound |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |",
-        ]
-        for name, label in (("prefill_s", "prefill"), ("decode_b1_s_per_token", "decode b1"),
-                            ("decode_b8_s_per_step", "decode b8")):
-            lines.append(row(label, run[name], run["ideal_speedup"][name], run["achieved_fraction"][name]))
-        if "breakdown" in run:
-            lines += breakdown_lines(run["breakdown"])
-        lines += compensation_lines(run)
-        if "profile_cost" in run:
-            cost = run["profile_cost"]
-            lines += ["", f"Profiling every (layer, k) on 4096 calibration tokens: {cost['reuse_s']:.1f} s with"
-                          f" allocplan's reuse (across layers and across k) vs {cost['naive_s']:.1f} s naive (one"
-                          f" full forward per (layer, k), k = K included), ratio {cost['ratio']:.2f} (target ≤ 0.5)."]
-            floor = cost.get("flop_floor")
-            if floor:
-                lines += ["", f"Counted in FLOPs, the same reuse does {floor['ratio']:.2f} of the naive work: each"
-                              " (layer, k) still runs the layers after the profiled one and the LM head, which"
-                              f" here is {floor['lm_head_share']:.0%} of a forward's FLOPs (one decoder layer:"
-                              f" {floor['layer_share']:.0%}). The measured ratio is above that floor by time the FLOP"
-                              " count does not see, paid once per (layer, k) in both modes: for example the"
-                              " log-softmax over the vocabulary at every position and the metric, which are"
-                              " memory-bound and contain no matmul FLOPs."]
-        lines.append("")
-    lines += [
-        "## Solver cost",
-        "",
-        f"A {solver['layers']}-layer instance with k in 1..{solver['k_max']} (DeepSeek-V3-sized): DP"
-        f" {solver['dp_s'] * 1e3:.1f} ms (target ≤ 50 ms), ILP {solver['ilp_s'] * 1e3:.1f} ms (target ≤ 5 s).",
-        "",
-    ]
-    lines += batch_aware_lines(data.get("batch_aware", []))
-    lines += llama_cpp_lines(data.get("llama_cpp"))
-    lines += target_lines(runs, solver)
-    (ROOT / "docs" / "benchmarks.md").write_text("\n".join(lines), encoding="utf-8")
+    (ROOT / "docs" / "benchmarks.md").write_text(render(data), encoding="utf-8")
     print("wrote docs/benchmarks.md")
 
 

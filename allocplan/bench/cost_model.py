@@ -1,8 +1,14 @@
-"""The cost model behind the ideal speed-up bound, counted rather than timed.
+"""The cost models: the ideal speed-up bound, and what profiling costs, counted rather than timed.
 
 The bound for a plan at budget b is 1 / (1 - f * (1 - b)), f the routed experts'
 share of the work at full k: of the weights a token reads (decode), or of a
 forward's FLOPs (prefill), counted with torch's FlopCounterMode.
+
+Profiling's analytic model (:func:`layer_costs` and the counts built on it) counts what
+``measure_sensitivity`` runs per calibration batch (planner/profiling.py): one reference
+forward; for each MoE layer l and each k below its original K, layer l's MoE block at k plus
+every decoder layer after l and the head; plus the treatment fitting and compensation passes.
+docs/scale.md checks it against counted FLOPs and measured time (allocplan/bench/scale.py).
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from typing import Any
 
 import torch
 
+from allocplan.formats.config import ProfileConfig
 from allocplan.runtime.layers import find_moe_layers, model_family
 
 
@@ -92,3 +99,86 @@ def profiling_flop_floor(model: Any, ids: torch.Tensor) -> dict:
         naive += layer.top_k * total
     return {"ratio": reuse / naive, "lm_head_share": flops.get(head, 0) / total,
             "layer_share": statistics.mean(per_layer) / total}
+
+
+# ---------------------------------------------------------------- profiling's analytic cost
+
+
+def layer_costs(model: Any, seq_len: int) -> dict:
+    """Per decoder layer, FLOPs per token: everything but the routed experts, and one routed expert;
+    plus the head's FLOPs per token and the weight bytes per layer (at 1 byte per parameter)."""
+    family = model_family(model)
+    decoder_layers = model.get_submodule(family.layers_path)
+    moe = {layer.index: layer for layer in find_moe_layers(model)}
+    config = model.config.get_text_config()
+    heads = config.num_attention_heads
+    # Presets leave head_dim unset, and transformers then uses hidden_size / heads.
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    qk = (getattr(config, "qk_nope_head_dim", 0) or 0) + (getattr(config, "qk_rope_head_dim", 0) or 0) or head_dim
+    v = getattr(config, "v_head_dim", None) or head_dim
+    rows = []
+    for index, decoder_layer in enumerate(decoder_layers):
+        params = sum(p.numel() for p in decoder_layer.parameters())
+        layer = moe.get(index)
+        expert_params = sum(p.numel() for p in layer.experts.parameters()) if layer else 0
+        per_expert = expert_params / layer.experts.num_experts if layer else 0
+        # Scores and weighted values over the whole window, as eager attention computes them.
+        attention = 2 * seq_len * heads * (qk + v)
+        # The MoE block without its routed experts: router and shared experts, what a probe re-runs besides them.
+        block = sum(p.numel() for p in layer.block.parameters()) - expert_params if layer else 0
+        rows.append({"index": index, "moe": layer is not None, "k": layer.top_k if layer else 0,
+                     "base": 2 * (params - expert_params) + attention, "expert": 2 * per_expert,
+                     "block": 2 * block, "params": params})
+    head = 2 * model.get_output_embeddings().weight.numel()
+    return {"layers": rows, "head": head, "vocab": model.get_output_embeddings().weight.shape[0],
+            "hidden": config.hidden_size, "params": sum(p.numel() for p in model.parameters())}
+
+
+def forward_flops(costs: dict) -> float:
+    """FLOPs per token of one full-k forward."""
+    return sum(r["base"] + r["k"] * r["expert"] for r in costs["layers"]) + costs["head"]
+
+
+def probe_flops(costs: dict, k_min: int = 1) -> float:
+    """FLOPs per token of every probe of one batch (isolated strategy, prefix reuse)."""
+    rows, total = costs["layers"], 0.0
+    for position, row in enumerate(rows):
+        if not row["moe"]:
+            continue
+        after = sum(r["base"] + r["k"] * r["expert"] for r in rows[position + 1 :]) + costs["head"]
+        for k in range(k_min, row["k"]):
+            total += row["block"] + k * row["expert"] + after
+    return total
+
+
+# The fitting passes: stand-ins, the drop order (when on by default) and the treatments.
+FITTING_PASSES = 3 if ProfileConfig().drop_order else 2
+
+
+def fitting_flops(costs: dict) -> float:
+    """FLOPs per token of the compensation and treatment passes: a captured forward each, plus every
+    candidate's expert output once per pass (one call per candidate slot)."""
+    routed = sum(r["k"] * r["expert"] for r in costs["layers"])
+    return FITTING_PASSES * (forward_flops(costs) + routed)
+
+
+def streamed_bytes(costs: dict, weight_bytes: float) -> float:
+    """Weight bytes one batch moves when nothing stays on the GPU: every layer once for the reference and
+    once per fitting pass, and, per probe, the probed block and every later layer."""
+    rows = costs["layers"]
+    size = [r["params"] * weight_bytes for r in rows]
+    total = (1 + FITTING_PASSES) * sum(size)
+    for position, row in enumerate(rows):
+        if row["moe"]:
+            total += (row["k"] - 1) * (size[position] + sum(size[position + 1 :]))
+    return total
+
+
+def activation_bytes(costs: dict, batch: int, seq_len: int) -> float:
+    """Profiling's memory beyond the weights, per batch: every decoder layer's output and every MoE block's
+    input and output (bf16), and five [B, S, V] float32 tensors: the reference's log-probabilities and
+    probabilities, and a probe's logits, log-probabilities and KL terms (the last two in
+    losses.Scratch's buffers)."""
+    layers = len(costs["layers"])
+    moe = sum(r["moe"] for r in costs["layers"])
+    return (layers + 2 * moe) * batch * seq_len * costs["hidden"] * 2 + 5 * batch * seq_len * costs["vocab"] * 4
