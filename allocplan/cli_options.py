@@ -32,6 +32,8 @@ def _option(item: dataclasses.Field, hint: Any, help_suffix: str = "", choices: 
     real = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
     base = real[0]
     choices = choices if choices is not None else meta.get("choices")
+    if callable(choices):  # a registry's names, as registered when the CLI is built
+        choices = choices()
     if base is bool:
         if "/" not in flag:
             kwargs.update(is_flag=True, show_default=False)

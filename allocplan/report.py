@@ -16,6 +16,7 @@ from .errors import AllocplanError
 from .formats.plan import Plan
 from .formats.profile import SensitivityProfile
 from .formats.sidecar import sidecar_tensor_names
+from .standins import get_stand_in_kind
 
 
 def report_markdown(plan: Plan, profile: SensitivityProfile | None = None, pictures: list[str] | None = None) -> str:
@@ -50,6 +51,7 @@ def report_markdown(plan: Plan, profile: SensitivityProfile | None = None, pictu
         ordered = plan.compensation_data is not None and any(
             name.endswith(".order") for name in sidecar_tensor_names(plan.compensation_data))
         lines.append(f"Compensation: `{plan.compensation.kind}` stand-ins for dropped experts"
+                     f" ({get_stand_in_kind(plan.compensation.kind).summary})"
                      + (", with a drop order (each expert's selection score times a factor that grows with its"
                         " stand-in's miss, so the best-served candidates are dropped first)" if ordered else "")
                      + f", in `{plan.compensation.file}` ({plan.compensation.sha256[:23]}…).")

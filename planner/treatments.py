@@ -17,16 +17,13 @@ close to its output at full k. Two per-layer numbers and a set of stand-ins help
 
   a_t the token's kept routed output, b_t its compensation, y_t its full-k routed output.
 * **Compensation**: a dropped candidate of expert e adds its routing weight times a
-  stand-in for e's output: c_e, e's mean output over the calibration tokens routed to
-  it (``expert``, MoNE, arXiv 2507.00390); the layer's mean routed expert output
-  (``layer``); or c_e plus a rank-r linear map of the input (``linear``), the
-  reduced-rank least-squares fit of e's output on its input over those tokens (ridge
-  ``RIDGE`` of the mean input variance, projected on the r output directions the fit
-  explains most). The stand-ins go in the plan's sidecar. Each expert's two factors are
-  scaled by a power of two (which leaves their product unchanged) and rounded to half
-  precision (:func:`on_half_grid`); the constant is fitted after, against the rounded map.
-  Batch-1 decode on CPU then reads them in half precision (runtime/native.py) and every
-  path multiplies by the same values.
+  stand-in for e's output, of a registered kind (allocplan/standins/): c_e, e's mean
+  output over the calibration tokens routed to it (``expert``, MoNE, arXiv 2507.00390);
+  the layer's mean routed expert output (``layer``); or c_e plus a rank-r linear map of
+  the input (``linear``, the reduced-rank least-squares fit of e's output on its input,
+  its factors on the half-precision grid). This module gathers the weighted moments
+  every kind is fitted from; each kind's module fits its stand-ins from them. The
+  stand-ins go in the plan's sidecar.
 * **What the stand-ins are fitted on**: a stand-in only ever replaces a candidate a plan
   drops, and plans drop each token's lowest-ranked candidates, so the means and fits are
   weighted by :func:`drop_weights`: the candidate a token ranks r-th of K by selection
@@ -77,6 +74,8 @@ from typing import Any, Callable
 import torch
 
 from allocplan.errors import AllocplanError
+from allocplan.standins import get_stand_in_kind
+from allocplan.standins.expert import positive
 from allocplan.formats.config import STAND_IN_SHARE, ProfileConfig, RoutingConfig
 from allocplan.formats.sidecar import CompensationRecord, record_for
 from allocplan.progress import progress
@@ -91,10 +90,6 @@ from ..runtime.scores import NORMALIZATION_RULES, SELECTION_SCORES
 
 # A fitted number is stored to this many significant digits (as sensitivities are).
 _DIGITS = 9
-# The linear stand-ins' ridge, as a share of the mean input variance. On the calibration holdout (the
-# calibration tokens after the profiled ones) 1e-1 helped ref-dsv2 (3.1412 -> 3.1396 at budget 0.5)
-# but hurt ref-olmoe (3.0732 -> 3.0743), so it stays.
-RIDGE = 1e-2
 # Chosen on the calibration holdout, never eval text: holdout NLL of the default plan at budget 0.5
 # with the drop order off / power 0.25 / 0.5 was 3.1412 / 3.1362 / 3.1371 (ref-dsv2; 3.1372 at 0.75,
 # 3.1395 at 1), 3.0732 / 3.0722 / 3.0718 (ref-olmoe) and 3.3798 / 3.3772 / 3.3772 (ref-qwen3): the
@@ -183,60 +178,9 @@ class _ExpertMoments:
                 self.sum_xy[e] += weighted.T @ y[rows]
 
     def stand_ins(self, kind: str, rank: int) -> StandIns:
-        """The fitted stand-ins (module docstring); an expert with no pair of positive weight (never
-        routed to, or only ever a token's first candidate) gets zeros."""
-        if kind == "layer":
-            return StandIns((self.sum_y.sum(0, keepdim=True) / _positive(self.mass.sum())).float())
-        count = _positive(self.mass)[:, None]  # [E, 1]
-        mean_y = self.sum_y / count  # [E, H]
-        if kind == "expert":
-            return StandIns(mean_y.float())
-        h = mean_y.shape[1]
-        mean_x = self.sum_x / count
-        down = torch.zeros(self.num_experts, h, rank, dtype=torch.float64)
-        up = torch.zeros(self.num_experts, rank, h, dtype=torch.float64)
-        bias = mean_y.clone()
-        for e in range(self.num_experts):
-            if float(self.pairs[e]) < max(2 * rank, 8):  # too few tokens to fit a map: the mean alone
-                continue
-            n = float(self.mass[e])
-            cov_xx = self.sum_xx[e] / n - torch.outer(mean_x[e], mean_x[e])
-            cov_xy = self.sum_xy[e] / n - torch.outer(mean_x[e], mean_y[e])
-            ridge = RIDGE * cov_xx.diagonal().mean().clamp_min(1e-12)
-            weight = torch.linalg.solve(cov_xx + ridge * torch.eye(h, dtype=torch.float64), cov_xy)  # [H, H]
-            # Reduced-rank regression: keep the r output directions the fitted map explains most of
-            # (top eigenvectors of the fitted outputs' covariance W^T C_xx W), the least-squares rank-r map.
-            fitted = weight.T @ cov_xx @ weight  # [H, H]
-            directions = torch.linalg.eigh((fitted + fitted.T) / 2).eigenvectors[:, -rank:]  # [H, r]
-            down[e], up[e] = on_half_grid(weight @ directions, directions.T)  # [H, r], [r, H]
-            bias[e] = mean_y[e] - mean_x[e] @ down[e] @ up[e]
-        return StandIns(bias.float(), down.float(), up.float())
-
-
-def on_half_grid(down: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One expert's factors down [H, r] and up [r, H] with every value exactly a half-precision number,
-    so that the half-precision decode kernel and the float32 paths multiply by the same values.
-
-    down carries the map's scale and up (orthonormal directions) has entries of at most 1, so both
-    are first scaled by a power of two, down / s and up * s (exact in binary floats, and the product
-    is unchanged), to bring their largest values level: a very small or very large map then keeps
-    half's relative precision instead of meeting its subnormals or its overflow. Factors that still
-    do not fit half's range come back scaled but not rounded; the float32 paths serve them.
-    """
-    top_down, top_up = float(down.abs().max()), float(up.abs().max())
-    if top_down == 0.0 or top_up == 0.0:
-        return down, up
-    scale = 2.0 ** round(math.log2(top_down / top_up) / 2)
-    down, up = down / scale, up * scale
-    rounded = down.half().to(down.dtype), up.half().to(up.dtype)
-    if not all(bool(torch.isfinite(factor).all()) for factor in rounded):
-        return down, up
-    return rounded
-
-
-def _positive(total: torch.Tensor) -> torch.Tensor:
-    """Sums of weights as divisors: a sum of no pairs becomes 1, so its mean is zero."""
-    return torch.where(total > 0, total, 1.0)
+        """The stand-ins of registered ``kind`` fitted on these moments (allocplan/standins/); an expert with no
+        pair of positive weight (never routed to, or only ever a token's first candidate) gets zeros."""
+        return StandIns(**get_stand_in_kind(kind).fit(self, rank))
 
 
 def expert_multiply_adds(layer: MoELayer) -> float:
@@ -341,7 +285,7 @@ def compensation_tables(model: Any, windows: torch.Tensor, kind: str, batch_size
         drop_order = ProfileConfig().drop_order
     layers = find_moe_layers(model)
     family = model_family(model)
-    moments = [_ExpertMoments(layer.experts.num_experts, kind == "linear") for layer in layers]
+    moments = [_ExpertMoments(layer.experts.num_experts, get_stand_in_kind(kind).low_rank) for layer in layers]
     for position, inputs, outputs, experts, weights in _dropped_pairs(model, windows, batch_size, layers, family,
                                                                       f"fitting {kind} stand-ins"):
         moments[position].add(inputs, outputs, experts, weights)
@@ -367,7 +311,7 @@ def drop_order_factors(squared_miss: torch.Tensor, count: torch.Tensor) -> torch
     experts with pairs; an expert without pairs, or a layer whose stand-ins never miss, gets 1.
     """
     seen = count > 0
-    miss = (squared_miss / _positive(count)).sqrt()  # [E]
+    miss = (squared_miss / positive(count)).sqrt()  # [E]
     mean = miss[seen].mean() if bool(seen.any()) else miss.new_zeros(())
     if not float(mean) > 0:
         return torch.ones_like(miss, dtype=torch.float32)

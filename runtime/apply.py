@@ -47,6 +47,7 @@ import torch
 from allocplan.errors import AllocplanError
 from allocplan.formats.allocation import Allocation, LayerAllocation
 from allocplan.formats.plan import Plan, load_plan
+from allocplan.standins import get_stand_in_kind, sidecar_shapes
 from .layers import MoELayer, find_moe_layers, identity_mismatch, model_family, module_device
 from .routing import POOLINGS, ForwardContext, LayerCounter, LayerRouting, TokenSelector, record_padding
 
@@ -200,14 +201,16 @@ def load_compensation(allocation: Allocation, layers: list[MoELayer], model: Any
         dtype = dtype or next(layer.experts.parameters()).dtype
         return found.to(device=module_device(layer.experts), dtype=dtype)
 
+    kind = get_stand_in_kind(record.kind)
     stand_ins = {}
     for layer in layers:
-        experts = 1 if record.kind == "layer" else layer.experts.num_experts
-        bias = tensor(layer.path, (experts, hidden), layer)
+        # The kind's terms (allocplan/standins/): its constants, and a low-rank map where it keeps one.
+        shapes = sidecar_shapes(kind, layer.path, layer.experts.num_experts, hidden)
+        bias = tensor(layer.path, shapes[layer.path], layer)
         down = up = None
-        if record.kind == "linear":
-            down = tensor(f"{layer.path}.down", (experts, hidden, None), layer)
-            up = tensor(f"{layer.path}.up", (experts, down.shape[-1], hidden), layer)
+        if kind.low_rank:
+            down = tensor(f"{layer.path}.down", shapes[f"{layer.path}.down"], layer)
+            up = tensor(f"{layer.path}.up", (shapes[f"{layer.path}.up"][0], down.shape[-1], hidden), layer)
         order = None
         if f"{layer.path}.order" in tensors:  # optional: sidecars without a drop order stay valid
             # float32 like the selection scores it multiplies (beside the experts, like the stand-ins).

@@ -51,7 +51,8 @@ def imports_of(module: str, path: Path) -> set[str]:
 
 
 ALL = {**module_files("allocplan"), **module_files("allocplan.formats"), **module_files("allocplan.planner"),
-       **module_files("allocplan.runtime"), **module_files("allocplan.evaluation"), **module_files("allocplan.bench")}
+       **module_files("allocplan.runtime"), **module_files("allocplan.evaluation"), **module_files("allocplan.bench"),
+       **module_files("allocplan.standins")}
 
 # Modules that must run without torch: data formats, solvers, registries, output formatting.
 PURE = sorted(
@@ -60,7 +61,8 @@ PURE = sorted(
        "allocplan.cli_options", "allocplan.planner.problem", "allocplan.planner.solve_dp",
        "allocplan.planner.solve_ilp", "allocplan.planner.crosscheck", "allocplan.planner.solve",
        "allocplan.runtime.families", "allocplan.evaluation.methods", "allocplan.evaluation.compare",
-       "allocplan.bench.presets"]
+       "allocplan.bench.presets", "allocplan.standins", "allocplan.standins.registry", "allocplan.standins.expert",
+       "allocplan.standins.layer", "allocplan.standins.linear"]
 )
 
 

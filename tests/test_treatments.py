@@ -186,8 +186,10 @@ def test_linear_stand_in_is_the_weighted_least_squares_fit(monkeypatch):
     # The factors' rounding to half precision is left out here (test_fitted_factors_on_the_half_grid).
     from allocplan.planner import treatments
 
-    monkeypatch.setattr(treatments, "RIDGE", 0.0)
-    monkeypatch.setattr(treatments, "on_half_grid", lambda down, up: (down, up))
+    from allocplan.standins import linear
+
+    monkeypatch.setattr(linear, "RIDGE", 0.0)
+    monkeypatch.setattr(linear, "on_half_grid", lambda down, up: (down, up))
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(40, 3, generator=generator, dtype=torch.float64)
     y = torch.sin(2 * x) @ torch.randn(3, 3, generator=generator, dtype=torch.float64) + 0.5  # not affine in x
@@ -231,7 +233,7 @@ def test_on_half_grid_by_hand():
     and up [[1]] meet at 2^-4 (log2(3e-3) / 2 = -4.19 rounds to -4): 3e-3 * 16 = 0.048 is 1572.86 steps
     of 2^-15 and becomes 1573 * 2^-15, and 1 / 16 is a half exactly. A map beyond half's range keeps its
     float values (scaled, product unchanged); a zero map is left alone."""
-    from allocplan.planner.treatments import on_half_grid
+    from allocplan.standins.linear import on_half_grid
 
     down, up = on_half_grid(torch.tensor([[3e-3]], dtype=torch.float64), torch.tensor([[1.0]], dtype=torch.float64))
     assert down.item() == 1573 * 2.0 ** -15 and up.item() == 2.0 ** -4

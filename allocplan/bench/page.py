@@ -8,7 +8,7 @@ import platform
 import torch
 
 from ..evaluation.compare import paired_bootstrap
-from .study import ALLOC_T_ON, COMPENSATION_KINDS, GAIN, GAINS, LOW_SHARE, over_gains, over_gains_interval
+from .study import ALLOC_T_ON, BENCH_STAND_INS, GAIN, GAINS, LOW_SHARE, over_gains, over_gains_interval
 
 
 def breakdown_lines(breakdown: dict) -> list[str]:
@@ -49,7 +49,7 @@ def compensation_lines(run: dict) -> list[str]:
     def cell(s: dict) -> str:
         return f"{s['median']:.3f}× [{s['min']:.3f}, {s['max']:.3f}]"
 
-    labels = [f"{kind} compensation" for kind in COMPENSATION_KINDS]
+    labels = [f"{kind} compensation" for kind in BENCH_STAND_INS]
     lines = ["", "The same plan with stand-ins for its dropped experts (time over the plan's, median [min, max] of"
                  " the per-round ratios). *over the plan* counts everything the stand-ins bring, including the"
                  " routing hook a plan without treatments or Alloc-T at batch 1 does not run; *over the plan with"
@@ -61,7 +61,7 @@ def compensation_lines(run: dict) -> list[str]:
              "| --- |" + " --- |" * 2 * len(labels)]
     for label, r in measures:
         cells = [cell(r["variants"][name]["over_planned"]) for name in labels]
-        cells += [cell(over_gains(r["variants"], kind)) for kind in COMPENSATION_KINDS]
+        cells += [cell(over_gains(r["variants"], kind)) for kind in BENCH_STAND_INS]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
 
@@ -207,7 +207,7 @@ def target_lines(runs: list[dict], solver: dict) -> list[str]:
         if GAINS not in decode.get("variants", {}):
             continue
         where = f"{run['label'].split(',')[0]} decode b1, Alloc-T {'on' if run['token_level'] else 'off'}"
-        for kind in COMPENSATION_KINDS:
+        for kind in BENCH_STAND_INS:
             alone = decode["variants"][f"{kind} compensation"]
             for over, ratio, interval in (
                     ("planned time", alone["over_planned"], alone.get("over_planned_interval")),
@@ -250,7 +250,7 @@ def breakdown_findings(runs: list[dict]) -> list[str]:
         if GAINS not in variants:
             continue
         rewrite = variants[GAINS]["over_planned"]["median"] - 1
-        added = {kind: over_gains(variants, kind)["median"] - 1 for kind in COMPENSATION_KINDS}
+        added = {kind: over_gains(variants, kind)["median"] - 1 for kind in BENCH_STAND_INS}
         lines.append(
             f"- {run['label'].split(',')[0]}, Alloc-T {'on' if run['token_level'] else 'off'}, decode b1: rewriting"
             f" the routing alone (every layer given a gain) adds {rewrite:+.1%} to the plan; on top of that the "

@@ -6,6 +6,7 @@ from typing import Any
 
 from ..bundled import DEFAULT_CALIBRATION
 from ..errors import AllocplanError
+from ..standins import get_stand_in_kind
 from ..formats.config import STAND_IN_SHARE, BenchConfig, LoadConfig, RoutingConfig
 from ..formats.plan import load_plan
 from ..loading import load_model
@@ -26,11 +27,9 @@ def with_compensation(model: Any, allocation: Any, kind: str, share: float = STA
 
     import torch
 
-    from ..formats.sidecar import COMPENSATION_KINDS
     from allocplan.planner.treatments import compensation_tables, encode_tables, sidecar_dtype
 
-    if kind not in COMPENSATION_KINDS:
-        raise AllocplanError(f"compensation {kind!r} is not one of {', '.join(COMPENSATION_KINDS)}")
+    get_stand_in_kind(kind)  # an unknown kind is refused before anything is fitted
     generator = torch.Generator().manual_seed(0)
     windows = torch.randint(0, model.get_input_embeddings().num_embeddings, (2, 128), generator=generator)
     tables = compensation_tables(model, windows, kind, batch_size=2, share=share)

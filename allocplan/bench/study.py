@@ -40,7 +40,7 @@ REPEAT, NEW_TOKENS = 11, 32
 # family that does not renormalise carry gains; one that does carries normaliser widths, the same cost).
 # label: (kind, --compensation-share); the last is the cheaper setting for batch-1 latency.
 LOW_SHARE = 0.05
-COMPENSATION_KINDS = {"expert": ("expert", STAND_IN_SHARE), "linear": ("linear", STAND_IN_SHARE),
+BENCH_STAND_INS = {"expert": ("expert", STAND_IN_SHARE), "linear": ("linear", STAND_IN_SHARE),
                       f"linear (share {LOW_SHARE:g})": ("linear", LOW_SHARE)}
 GAINS = "gains"
 # The Alloc-T plan (same k), timed as a variant of each Alloc-T off run for the on-vs-off targets.
@@ -58,10 +58,10 @@ def with_gains(allocation: Any) -> Any:
 def compensation_variants(model: Any, plan: Any) -> dict:
     """The variants timed beside a dsv2-lite-small plan: stand-ins of each kind, over the plan and over the plan with gains."""
     variants = {f"{label} compensation": with_compensation(model, plan, kind, share)
-                for label, (kind, share) in COMPENSATION_KINDS.items()}
+                for label, (kind, share) in BENCH_STAND_INS.items()}
     variants[GAINS] = with_gains(plan)
     variants.update({f"{GAINS} + {label} compensation": with_compensation(model, with_gains(plan), kind, share)
-                     for label, (kind, share) in COMPENSATION_KINDS.items()})
+                     for label, (kind, share) in BENCH_STAND_INS.items()})
     return variants
 
 

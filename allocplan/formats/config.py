@@ -28,7 +28,7 @@ from ..errors import AllocplanError
 from .allocation import RENORMALIZE_MODES, TOKEN_PREFERENCES, TOKEN_SCOPES, TokenLevel, Weights
 from .budget import BudgetRequest
 from .provenance import is_jsonl
-from .sidecar import COMPENSATION_KINDS
+from ..standins import STAND_IN_KINDS, get_stand_in_kind
 from .records import atomic_write_text, dump_yaml, from_data, load_yaml_file, to_data
 
 RECIPE_KIND = "allocplan-recipe"
@@ -40,7 +40,17 @@ PROFILE_METRICS = ("kl", "nll")
 K_STEPS = (1.0, 0.5)
 # What a user may ask for; a profile records what was done (formats/profile.py, WEIGHT_FIT_RECORDS).
 WEIGHT_FIT_CHOICES = ("auto", "off")
-COMPENSATIONS = ("auto", *COMPENSATION_KINDS, "off")
+
+
+def compensation_choices() -> tuple[str, ...]:
+    """``--compensation`` values: ``auto``, every registered stand-in kind, ``off``."""
+    return ("auto", *STAND_IN_KINDS, "off")
+
+
+def stand_in_kinds() -> tuple[str, ...]:
+    """Every registered stand-in kind (allocplan/standins/)."""
+    return tuple(STAND_IN_KINDS)
+
 # A linear stand-in (2 * rank * hidden multiply-adds per dropped pair) costs at most this share of one
 # expert's multiply-adds when its rank is left to allocplan. Chosen on calibration folds only
 # (planner/treatments.py, "Stand-in rank"): 0.05 -> 0.10 closed more of the gap on all three
@@ -66,7 +76,7 @@ def setting(default: Any, help: str, *, flag: str | None = None, choices: tuple 
         help: the option's help text.
         flag: the command-line flag (default ``--field-name``); booleans that default to
             true give ``--x/--no-x``.
-        choices: the allowed values.
+        choices: the allowed values, or a function giving them (a registry's names, read when checked).
         minimum: the smallest allowed value of a number.
         maximum: the largest allowed value of a number.
         above: a number must be strictly greater than this (a budget ratio: above 0).
@@ -96,6 +106,8 @@ def check_settings(config: Any) -> None:
                                                                                  "above"))
         if isinstance(value, float) and not math.isfinite(value):
             raise AllocplanError(f"{name} must be a finite number, got {value!r}")
+        if callable(choices):
+            choices = choices()
         if choices is not None and value not in choices:
             raise AllocplanError(f"{name} is {value!r}; choose one of {', '.join(map(str, choices))}")
         if minimum is not None and value < minimum:
@@ -181,7 +193,7 @@ class ProfileConfig:
                                       " calibration text, and profile with it.", choices=WEIGHT_FIT_CHOICES)
     compensation: str = setting("auto", "Compensate dropped experts with stand-ins fitted on calibration text"
                                         " (mean output per expert or per layer, or mean plus a low-rank linear"
-                                        " map), and profile with them.", choices=COMPENSATIONS)
+                                        " map), and profile with them.", choices=compensation_choices)
     compensation_rank: int | None = setting(None, "Rank of the linear stand-ins of --compensation linear"
                                                   " [default: the largest within --compensation-share].",
                                             minimum=1)
@@ -207,7 +219,8 @@ class ProfileConfig:
         if self.text_field != "text" and self.calib_dataset is None and not is_jsonl(self.calib):
             raise AllocplanError(f"--text-field {self.text_field} names the field of a .jsonl --calib or a"
                                  " --calib-dataset; plain calibration text has none: leave it out")
-        if self.compensation in ("off", "expert", "layer"):
+        if self.compensation == "off" or (self.compensation != "auto"
+                                          and not get_stand_in_kind(self.compensation).low_rank):
             if self.compensation_rank is not None or self.compensation_share != STAND_IN_SHARE:
                 flag = "--compensation-rank" if self.compensation_rank is not None else "--compensation-share"
                 raise AllocplanError(f"{flag} shapes linear stand-ins, which --compensation {self.compensation} does"
@@ -479,7 +492,7 @@ class BenchConfig:
     token_level: bool | None = setting(None, "Alloc-T for the --config plan (fractional budgets always use it)"
                                              " [default: off].", flag="--token-level/--no-token-level")
     compensation: str | None = setting(None, "Also time the --config plan with stand-ins of this kind for its"
-                                             " dropped experts.", choices=COMPENSATION_KINDS)
+                                             " dropped experts.", choices=stand_in_kinds)
     batch: int = setting(1, "Prefill batch size.", minimum=1)
     prompt_len: int = setting(256, "Prompt tokens of each prefill.", minimum=2)
     new_tokens: int = setting(32, "Decode steps timed.", minimum=1)

@@ -20,7 +20,8 @@ from ..errors import AllocplanError
 from .allocation import MAX_GAIN
 from .provenance import MAX_EXPERTS, CalibrationRecord, ModelIdentity, upgrade_calibration_data, upgrade_model_data
 from .records import atomic_write_text, dump_yaml, from_data, load_yaml_file, to_data, transient
-from .sidecar import COMPENSATION_KINDS, CompensationRecord, read_sidecar, write_sidecar
+from ..standins import STAND_IN_KINDS
+from .sidecar import CompensationRecord, read_sidecar, write_sidecar
 
 PROFILE_KIND = "allocplan-profile"
 # |S| above this is not a loss increase in nats per token (or an output change) but a broken file.
@@ -173,7 +174,7 @@ def _validate_profile(profile: SensitivityProfile) -> None:
     if profile.measurement.weight_fit not in WEIGHT_FIT_RECORDS:
         raise AllocplanError(f"{where}.measurement.weight_fit: {profile.measurement.weight_fit!r} is not one of"
                              f" {', '.join(WEIGHT_FIT_RECORDS)}")
-    kinds = ("off", *COMPENSATION_KINDS)
+    kinds = ("off", *STAND_IN_KINDS)
     if profile.measurement.compensation not in kinds:
         raise AllocplanError(f"{where}.measurement.compensation: {profile.measurement.compensation!r} is not one"
                              f" of {', '.join(kinds)}")

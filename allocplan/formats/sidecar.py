@@ -17,9 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AllocplanError
+from ..standins import STAND_IN_KINDS, get_stand_in_kind
 from .records import atomic_write_bytes, sha256_bytes
 
-COMPENSATION_KINDS = ("expert", "layer", "linear")
+# The stand-in kinds registered when allocplan is imported (allocplan/standins/); a kind registered later
+# is valid as well: records check the registry itself.
+COMPENSATION_KINDS = tuple(STAND_IN_KINDS)
 
 
 @dataclass(frozen=True)
@@ -29,12 +32,11 @@ class CompensationRecord:
     Attributes:
         file: the sidecar's base name, in the plan's directory.
         sha256: ``sha256:<hex>`` of the file's bytes; a file that differs is refused.
-        kind: ``expert`` (per layer, one vector per routed expert: its mean output on the
-            calibration tokens routed to it, weighted toward the tokens that rank it low),
-            ``layer`` (per layer, one vector: the mean output of any routed expert) or
-            ``linear`` (per routed expert, that vector plus a low-rank linear map of the
-            input, fitted by least squares). Tensors are keyed by
-            layer path (the vectors) and ``<path>.down`` / ``<path>.up`` (the linear maps).
+        kind: a registered stand-in kind (allocplan/standins/: ``expert``, one vector per
+            routed expert; ``layer``, one vector per layer; ``linear``, one vector per routed
+            expert plus a low-rank linear map of the input). Tensors are keyed by layer path
+            (the vectors) and ``<path>.down`` / ``<path>.up`` (the linear maps), as the kind's
+            terms say (``allocplan.standins.sidecar_shapes``).
     """
 
     file: str
@@ -47,8 +49,11 @@ class CompensationRecord:
                                  " beside the plan, without a directory")
         if not self.sha256.startswith("sha256:") or len(self.sha256) != 71:
             raise AllocplanError(f"compensation.sha256 must be sha256: and 64 hex digits, got {self.sha256[:80]!r}")
-        if self.kind not in COMPENSATION_KINDS:
-            raise AllocplanError(f"compensation.kind {self.kind!r} is not one of {', '.join(COMPENSATION_KINDS)}")
+        if not isinstance(self.kind, str) or self.kind not in STAND_IN_KINDS:
+            try:
+                get_stand_in_kind(self.kind)
+            except AllocplanError as exc:
+                raise AllocplanError(f"compensation.kind: {exc}") from None
 
 
 def _header(data: bytes) -> tuple[dict, int]:
