@@ -17,6 +17,7 @@ from .formats.plan import Plan
 from .formats.profile import SensitivityProfile
 from .formats.sidecar import sidecar_tensor_names
 from .standins import get_stand_in_kind
+from .weight_treatments import WEIGHT_TREATMENTS
 
 
 def report_markdown(plan: Plan, profile: SensitivityProfile | None = None, pictures: list[str] | None = None) -> str:
@@ -32,11 +33,12 @@ def report_markdown(plan: Plan, profile: SensitivityProfile | None = None, pictu
              f" {budget.planned_activations / budget.original_activations:.0%} of the original work in the routed"
              " experts.", "",
              "## Layers", "",
-             "| layer | module | original k | planned k | keeps | normaliser width | gain |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| layer | module | original k | planned k | keeps | "
+             + " | ".join(t.header for t in WEIGHT_TREATMENTS.values()) + " |",
+             "| --- | --- | --- | --- | --- |" + " --- |" * len(WEIGHT_TREATMENTS)]
     for e in plan.layers:
-        lines.append(f"| {e.index} | `{e.path}` | {e.original_k} | {e.planned_k:g} | {e.planned_k / e.original_k:.0%} |"
-                     f" {e.normalizer_k if e.normalizer_k is not None else '—'} | {e.gain:.4g} |")
+        lines.append(f"| {e.index} | `{e.path}` | {e.original_k} | {e.planned_k:g} | {e.planned_k / e.original_k:.0%} | "
+                     + " | ".join(t.cell(e.treatment(t.field)) for t in WEIGHT_TREATMENTS.values()) + " |")
     token_level, weights = plan.token_level, plan.weights
     lines += ["", "## Routing", ""]
     if token_level.enabled:

@@ -48,6 +48,7 @@ from allocplan.progress import progress
 from allocplan.errors import AllocplanError
 from allocplan.formats.config import ProfileConfig, RoutingConfig
 from allocplan.formats.provenance import CalibrationRecord
+from allocplan.weight_treatments import WEIGHT_TREATMENTS
 from allocplan.formats.profile import (
     PROFILE_KIND,
     PROFILE_SCHEMA_VERSION,
@@ -108,12 +109,12 @@ class Deployment:
 
     Attributes:
         routing: the routing the plan will run (Alloc-T, k_base, weight mode).
-        treatments: per layer path and k, the fitted (normaliser width or None, gain).
+        treatments: per layer path and k, the fitted weight treatments (field -> value).
         compensation: the sidecar record and bytes, or None.
     """
 
     routing: RoutingConfig = RoutingConfig(token_level=False)
-    treatments: dict[str, dict[int | float, tuple[int | None, float]]] | None = None
+    treatments: dict[str, dict[int | float, dict[str, Any]]] | None = None
     compensation: tuple[CompensationRecord, bytes] | None = None
 
     @property
@@ -405,20 +406,23 @@ def resolve_treatments(model: Any, config: ProfileConfig) -> tuple[str, str]:
 
 
 def build_profile(model: Any, identity: Any, rows: list[dict], *,
-                  treatments: dict[str, dict[int | float, tuple[int | None, float]]] | None = None,
+                  treatments: dict[str, dict[int | float, dict[str, Any]]] | None = None,
                   sidecar: tuple[CompensationRecord, bytes] | None = None,
                   **measurement: Any) -> SensitivityProfile:
     """Wrap measured rows (and what was in place) into the profile artifact (device, dtype, versions filled in)."""
     layers = find_moe_layers(model)
 
-    def treatment_rows(layer: MoELayer) -> tuple[dict | None, dict | None]:
+    def treatment_rows(layer: MoELayer) -> tuple[tuple[str, dict], ...]:
+        """Per treatment field, k -> its fitted value; a field never fitted away from neutral is left out."""
         if treatments is None:
-            return None, None
+            return ()
         fitted = treatments[layer.path]
-        widths = {k: width for k, (width, _) in fitted.items()}
-        gains = {k: gain for k, (_, gain) in fitted.items()}
-        return (widths if any(w is not None for w in widths.values()) else None,
-                gains if any(g != 1.0 for g in gains.values()) else None)
+        rows = []
+        for treatment in WEIGHT_TREATMENTS.values():
+            row = {k: values.get(treatment.field, treatment.neutral) for k, values in fitted.items()}
+            if any(value != treatment.neutral for value in row.values()):
+                rows.append((treatment.field, row))
+        return tuple(rows)
 
     record, data = sidecar if sidecar is not None else (None, None)
     return SensitivityProfile(
@@ -430,7 +434,7 @@ def build_profile(model: Any, identity: Any, rows: list[dict], *,
         ),
         compensation=record,
         layers=tuple(
-            LayerSensitivity(layer.path, layer.index, layer.top_k, row, *treatment_rows(layer))
+            LayerSensitivity(layer.path, layer.index, layer.top_k, row, treatment_rows(layer))
             for layer, row in zip(layers, rows)
         ),
         provenance=ProfileProvenance(

@@ -30,19 +30,15 @@ def allocation_from_profile(profile: SensitivityProfile, ks: list[int | float],
     the profile's grid points (a uniform baseline's fractional k) takes the treatment of
     the nearest one, halves rounding up.
     """
-    def treatment(layer: Any, k: int | float) -> tuple[int | None, float]:
+    def treatments(layer: Any, k: int | float) -> tuple[tuple[str, Any], ...]:
         grid = sorted(layer.sensitivity)
         nearest = min(grid, key=lambda g: (abs(g - k), -g))
-        width = layer.normalizer_k[nearest] if layer.normalizer_k is not None else None
-        gain = layer.gain[nearest] if layer.gain is not None else 1.0
-        if width is not None and width > layer.original_k:
-            width = layer.original_k
-        return width, gain
+        return tuple((name, row[nearest]) for name, row in layer.treatments)
 
     return Allocation(
         model=profile.model,
         layers=tuple(
-            LayerAllocation(layer.path, layer.index, layer.original_k, k, *treatment(layer, k))
+            LayerAllocation(layer.path, layer.index, layer.original_k, k, treatments(layer, k))
             for layer, k in zip(profile.layers, ks)
         ),
         token_level=routing.token_level_record(),

@@ -3,19 +3,13 @@
 For every MoE layer l and candidate k the layer's routed output at k should stay
 close to its output at full k. Two per-layer numbers and a set of stand-ins help:
 
-* **Normaliser width** (families that renormalise their top-k weights to sum to
-  one): decoupled renormalisation divides the kept weights by the router mass of
-  the token's top-k2 candidates instead of the kept ones (arXiv 2609.04575), so a
-  token that loses experts does not inflate the rest. k2 is chosen per (l, k)
-  from {ceil(k), ..., K} and "none" (the family's own renormalisation over the
-  kept set) by the smallest squared error of the layer's routed output against
-  its full-k output on calibration tokens.
-* **Gain** (families that do not renormalise): the kept weights are multiplied by
-  g, fitted in closed form by least squares over calibration tokens t,
-
-      g = sum_t <a_t, y_t - b_t> / sum_t <a_t, a_t>,
-
-  a_t the token's kept routed output, b_t its compensation, y_t its full-k routed output.
+* **Weight treatments**, registered in allocplan/weight_treatments/, one module each: the
+  normaliser width k2 (families that renormalise their top-k weights: decoupled
+  renormalisation, arXiv 2609.04575, k2 chosen per (l, k) by the smallest squared error of
+  the layer's routed output against its full-k output) and the gain (families that do not:
+  a closed-form least-squares factor on the kept weights). :func:`fit_treatments` routes
+  each treatment's options through the runtime's own decision and hands it the kept
+  output a, the stand-ins' part b and the full-k output y of every calibration batch.
 * **Compensation**: a dropped candidate of expert e adds its routing weight times a
   stand-in for e's output, of a registered kind (allocplan/standins/): c_e, e's mean
   output over the calibration tokens routed to it (``expert``, MoNE, arXiv 2507.00390);
@@ -66,7 +60,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -80,7 +73,7 @@ from allocplan.formats.config import STAND_IN_SHARE, ProfileConfig, RoutingConfi
 from allocplan.formats.sidecar import CompensationRecord, record_for
 from allocplan.progress import progress
 from ..runtime.allocation_builder import allocation_for
-from allocplan.formats.allocation import MAX_GAIN
+from allocplan.weight_treatments import WEIGHT_TREATMENTS
 from ..runtime.routing import ForwardContext, LayerRouting, RoutingDecision
 from ..runtime.experts import StandIns, candidate_outputs
 from ..runtime.families import MoEFamily
@@ -385,74 +378,82 @@ def fit_treatments(
     routing: RoutingConfig,
     tables: dict[str, StandIns] | None,
     batch_size: int,
-) -> dict[str, dict[int | float, tuple[int | None, float]]]:
-    """Per layer path and k of ``grid``: the fitted (normaliser width or None, gain).
+) -> dict[str, dict[int | float, dict[str, Any]]]:
+    """Per layer path and k of ``grid``: the fitted weight treatments, field -> value.
 
-    k equal to the layer's original k keeps (None, 1.0): a layer at full k is left as it is.
+    Each registered treatment (allocplan/weight_treatments/) that applies to the family at (l, k)
+    routes its options through the runtime's own decision and chooses from their statistics; the
+    neutral option's decision is shared. k equal to the layer's original k keeps none: a layer at
+    full k is left as it is.
     """
     layers = find_moe_layers(model)
     family = model_family(model)
     originals = [layer.top_k for layer in layers]
     context = ForwardContext()  # calibration windows have no padding
 
-    def decider(position: int, k: int | float, normalizer_k: int | None) -> LayerRouting:
+    def decider(position: int, k: int | float, treated: dict[str, Any]) -> LayerRouting:
         ks = [k if i == position else original for i, original in enumerate(originals)]
-        treatments = [(normalizer_k, 1.0) if i == position else (None, 1.0) for i in range(len(layers))]
+        treatments = [treated if i == position else {} for i in range(len(layers))]
         allocation = allocation_for(model, ks, routing, treatments=treatments)
         # The fit sees the candidates in the order the plan will rank them (drop order included).
         order = None if tables is None else tables[layers[position].path].order
         return LayerRouting(layers[position], allocation.layers[position], allocation, family, context,
                             drop_order=order)
 
-    # Per (position, k): the options tried and their accumulated statistics.
-    options: dict[tuple[int, int | float], dict[int | None, LayerRouting]] = {}
-    stats: dict[tuple[int, int | float], dict[Any, float]] = {}
+    # Per (position, k): each applicable treatment's options, their deciders (None: the shared neutral
+    # decision) and their statistics.
+    fits: dict[tuple[int, int | float], list[tuple[Any, list[tuple[Any, LayerRouting | None]], dict]]] = {}
+    neutral: dict[tuple[int, int | float], LayerRouting] = {}
     for position, layer in enumerate(layers):
         width = routing.k_max or layer.top_k
         for k in grid[layer.path]:
             if k == layer.top_k:
                 continue
-            widths = [None] + (list(range(math.ceil(k), width + 1)) if renormalises(layer, family) else [])
-            options[position, k] = {w: decider(position, k, w) for w in widths}
-            stats[position, k] = {"numerator": 0.0, "denominator": 0.0, **{w: 0.0 for w in widths}}
+            applicable = [treatment for treatment in WEIGHT_TREATMENTS.values()
+                          if treatment.applies(renormalises(layer, family), k, width)]
+            if not applicable:
+                continue
+            neutral[position, k] = decider(position, k, {})
+            fits[position, k] = [(treatment, [(value, None if value == treatment.neutral else
+                                               decider(position, k, {treatment.field: value}))
+                                              for value in treatment.options(k, width)], {})
+                                 for treatment in applicable]
     for batch in progress(windows.split(batch_size), desc="fitting weight treatments"):
         captured = capture_layer_io(model, batch, layers, family)
         for position, (layer, io) in enumerate(zip(layers, captured)):
             target = io.output.float()  # [T, H]
-            outputs = stand_ins = sorted_indices = None
+            outputs = stand_ins = None
             for k in grid[layer.path]:
-                for width, decider_k in options.get((position, k), {}).items():
-                    decision = decider_k.decide(io.router, io.logits, io.weights, io.indices, count=False)
-                    if outputs is None:
-                        # Every candidate's output and stand-in, once per layer and batch, in the decision's
-                        # order (candidates sorted by selection score, the same for every k and width).
-                        sorted_indices = decision.indices
-                        outputs = candidate_outputs(layer.experts, family.experts_swap, io.hidden,
-                                                    sorted_indices).float()  # [T, K, H]
-                        if tables is not None:
-                            slots = sorted_indices.shape[1]
-                            rows = tables[layer.path].rows(io.hidden.repeat_interleave(slots, dim=0).float(),
-                                                           sorted_indices.reshape(-1))
-                            stand_ins = rows.reshape(outputs.shape).float()  # [T, K, H]
-                    a, b = _parts(decision, outputs, stand_ins)
-                    entry = stats[position, k]
-                    entry[width] += (a + b - target).double().pow(2).sum().item()
-                    if width is None:
-                        entry["numerator"] += (a.double() * (target - b).double()).sum().item()
-                        entry["denominator"] += a.double().pow(2).sum().item()
-    fitted: dict[str, dict[int | float, tuple[int | None, float]]] = {}
+                if (position, k) not in fits:
+                    continue
+                parts = {}  # decider -> (a, b)
+
+                def parts_of(decider_k: LayerRouting) -> tuple[torch.Tensor, torch.Tensor]:
+                    nonlocal outputs, stand_ins
+                    if id(decider_k) not in parts:
+                        decision = decider_k.decide(io.router, io.logits, io.weights, io.indices, count=False)
+                        if outputs is None:
+                            # Every candidate's output and stand-in, once per layer and batch, in the decision's
+                            # order (candidates sorted by selection score, the same for every k and option).
+                            sorted_indices = decision.indices
+                            outputs = candidate_outputs(layer.experts, family.experts_swap, io.hidden,
+                                                        sorted_indices).float()  # [T, K, H]
+                            if tables is not None:
+                                slots = sorted_indices.shape[1]
+                                rows = tables[layer.path].rows(io.hidden.repeat_interleave(slots, dim=0).float(),
+                                                               sorted_indices.reshape(-1))
+                                stand_ins = rows.reshape(outputs.shape).float()  # [T, K, H]
+                        parts[id(decider_k)] = _parts(decision, outputs, stand_ins)
+                    return parts[id(decider_k)]
+
+                for treatment, options, stats in fits[position, k]:
+                    for value, decider_k in options:
+                        a, b = parts_of(decider_k or neutral[position, k])
+                        treatment.accumulate(stats, value, a, b, target)
+    fitted: dict[str, dict[int | float, dict[str, Any]]] = {}
     for position, layer in enumerate(layers):
         row = fitted[layer.path] = {}
         for k in grid[layer.path]:
-            if (position, k) not in options:
-                row[k] = (None, 1.0)
-                continue
-            entry, widths = stats[position, k], list(options[position, k])
-            if len(widths) > 1:  # a renormalising family: the width with the smallest error (ties: none, then smaller)
-                best = min(widths, key=lambda w: (entry[w], -1 if w is None else w))
-                row[k] = (best, 1.0)
-            else:
-                gain = entry["numerator"] / entry["denominator"] if entry["denominator"] > 0 else 1.0
-                gain = min(max(float(f"{gain:.{_DIGITS}g}"), 1e-3), MAX_GAIN)
-                row[k] = (None, gain)
+            row[k] = {treatment.field: treatment.choose(stats, [value for value, _ in options])
+                      for treatment, options, stats in fits.get((position, k), [])}
     return fitted

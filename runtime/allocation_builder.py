@@ -8,7 +8,7 @@ returns a validated :class:`~allocplan.formats.allocation.Allocation`, which
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from allocplan.errors import AllocplanError
 from allocplan.formats.allocation import Allocation, LayerAllocation
@@ -22,7 +22,7 @@ def allocation_for(
     ks: float | Sequence[float],
     routing: RoutingConfig | None = None,
     *,
-    treatments: Sequence[tuple[int | None, float]] | None = None,
+    treatments: Sequence[Mapping[str, Any]] | None = None,
     compensation: tuple[CompensationRecord, bytes] | None = None,
     model_name: str | None = None,
 ) -> Allocation:
@@ -33,7 +33,8 @@ def allocation_for(
         ks: one k per MoE layer (fractional k need ``routing.token_level``), or one
             number for every layer.
         routing: token-level and weight settings (default: :class:`RoutingConfig`'s).
-        treatments: per layer, (normaliser width k2 or None, gain); default none.
+        treatments: per layer, its weight treatments by field (``{"normalizer_k": 3}``,
+            ``{"gain": 1.1}``; allocplan/weight_treatments/); default none.
         compensation: the sidecar record and its bytes, for compensated dropped experts.
         model_name: recorded as the model's name (default ``model.name_or_path``).
 
@@ -43,7 +44,7 @@ def allocation_for(
     layers = find_moe_layers(model)
     if isinstance(ks, (int, float)):
         ks = [ks] * len(layers)
-    treatments = list(treatments) if treatments is not None else [(None, 1.0)] * len(layers)
+    treatments = list(treatments) if treatments is not None else [{}] * len(layers)
     if len(ks) != len(layers) or len(treatments) != len(layers):
         raise AllocplanError(f"got {len(ks)} k values and {len(treatments)} treatments for {len(layers)} MoE"
                              " layers; give one per layer")
@@ -51,8 +52,8 @@ def allocation_for(
     record, data = compensation if compensation is not None else (None, None)
     return Allocation(
         model=model_identity(model, model_name or getattr(model, "name_or_path", "") or "in-process"),
-        layers=tuple(LayerAllocation(layer.path, layer.index, layer.top_k, k, normalizer_k, gain)
-                     for layer, k, (normalizer_k, gain) in zip(layers, ks, treatments)),
+        layers=tuple(LayerAllocation(layer.path, layer.index, layer.top_k, k, tuple(dict(treated).items()))
+                     for layer, k, treated in zip(layers, ks, treatments)),
         token_level=routing.token_level_record(),
         weights=routing.weights_record(),
         compensation=record,

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 
 from allocplan.formats.allocation import Allocation, LayerAllocation
+from allocplan.weight_treatments import WEIGHT_TREATMENTS
 from . import routing_rules as rules
 from .families import MoEFamily
 from .fast_paths import fast_paths
@@ -94,9 +95,10 @@ class LayerRouting:
         self.k_base = min(allocation.token_level.k_base, int(self.k))
         self.mode = allocation.weights.renormalize
         self.reference_k = min(allocation.weights.reference_k or entry.original_k, self.k_max)
-        if entry.normalizer_k is not None:  # the layer's own normaliser width overrides the plan's mode
-            self.mode, self.reference_k = "decoupled", min(entry.normalizer_k, self.k_max)
-        self.gain = float(entry.gain)
+        self.gain = 1.0
+        # Each weight treatment's runtime step sets the layer's weight rule (mode, reference_k, gain).
+        for treatment in WEIGHT_TREATMENTS.values():
+            treatment.configure(self, entry.treatment(treatment.field))
         # Dropped candidates keep their expert (index + num_experts) and weight, for the experts
         # implementation to add their compensation vectors.
         self.compensated = compensated

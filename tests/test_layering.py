@@ -52,17 +52,19 @@ def imports_of(module: str, path: Path) -> set[str]:
 
 ALL = {**module_files("allocplan"), **module_files("allocplan.formats"), **module_files("allocplan.planner"),
        **module_files("allocplan.runtime"), **module_files("allocplan.evaluation"), **module_files("allocplan.bench"),
-       **module_files("allocplan.standins")}
+       **module_files("allocplan.standins"), **module_files("allocplan.weight_treatments")}
 
 # Modules that must run without torch: data formats, solvers, registries, output formatting.
 PURE = sorted(
     [name for name in ALL if name.startswith("allocplan.formats")]
-    + ["allocplan", "allocplan.errors", "allocplan.bundled", "allocplan.display", "allocplan.cli", "allocplan.outputs",
+    + ["allocplan", "allocplan.errors", "allocplan.registries", "allocplan.bundled", "allocplan.display", "allocplan.cli", "allocplan.outputs",
        "allocplan.cli_options", "allocplan.planner.problem", "allocplan.planner.solve_dp",
        "allocplan.planner.solve_ilp", "allocplan.planner.crosscheck", "allocplan.planner.solve",
        "allocplan.runtime.families", "allocplan.evaluation.methods", "allocplan.evaluation.compare",
        "allocplan.bench.presets", "allocplan.standins", "allocplan.standins.registry", "allocplan.standins.expert",
-       "allocplan.standins.layer", "allocplan.standins.linear"]
+       "allocplan.standins.layer", "allocplan.standins.linear", "allocplan.weight_treatments",
+       "allocplan.weight_treatments.registry", "allocplan.weight_treatments.gain",
+       "allocplan.weight_treatments.normalizer_width"]
 )
 
 

@@ -55,7 +55,7 @@ def test_normalizer_width_weights_by_hand():
     router = find_moe_layers(model)[0].router
     logits = {}
     hook = router.register_forward_hook(lambda _m, _a, out: logits.update(value=out[0].clone()))
-    allocation = allocation_for(model, 2, RoutingConfig(token_level=False), treatments=[(3, 1.0)] + [(None, 1.0)] * 3)
+    allocation = allocation_for(model, 2, RoutingConfig(token_level=False), treatments=[{"normalizer_k": 3}] + [{}] * 3)
     with allocplan.apply_plan(model, allocation):
         (_, index, weights), _ = experts_io(model, 0, lambda: model(input_ids=IDS))
     hook.remove()
@@ -80,7 +80,7 @@ def test_drop_order_reranks_candidates_and_keeps_the_routers_reference_mass():
     router = layers[0].router
     logits = {}
     hook = router.register_forward_hook(lambda _m, _a, out: logits.update(value=out[0].clone()))
-    allocation = allocation_for(model, 2, RoutingConfig(token_level=False), treatments=[(3, 1.0)] + [(None, 1.0)] * 3,
+    allocation = allocation_for(model, 2, RoutingConfig(token_level=False), treatments=[{"normalizer_k": 3}] + [{}] * 3,
                                 compensation=encode_tables(stand_ins, "expert"))
     with allocplan.apply_plan(model, allocation):
         (_, index, weights), _ = experts_io(model, 0, lambda: model(input_ids=IDS))
@@ -123,7 +123,7 @@ def test_gain_multiplies_the_kept_weights():
     model = build_tiny_model("olmoe")  # does not renormalise: kept weights are the router's own
     base = allocation_for(model, 2, RoutingConfig(token_level=False, renormalize="none"))
     gained = allocation_for(model, 2, RoutingConfig(token_level=False, renormalize="none"),
-                            treatments=[(None, 1.5)] + [(None, 1.0)] * 3)
+                            treatments=[{"gain": 1.5}] + [{}] * 3)
     with allocplan.apply_plan(model, base):
         (_, index_a, weights_a), _ = experts_io(model, 0, lambda: model(input_ids=IDS))
     with allocplan.apply_plan(model, gained):
@@ -252,11 +252,11 @@ def test_closed_form_gain_equals_a_brute_force_fit(windows):
     record, data = encode_tables(tables, "expert")
     grid = {layer.path: [1, 2, 3, 4] for layer in find_moe_layers(model)}
     fitted = fit_treatments(model, windows, grid, routing, tables, batch_size=2)
-    _, gain = fitted["model.layers.1.mlp"][2]
+    gain = fitted["model.layers.1.mlp"][2]["gain"]
     reference = full_outputs(model, 1, windows)
 
     def error(g: float) -> float:
-        treatments = [(None, 1.0), (None, g), (None, 1.0), (None, 1.0)]
+        treatments = [{}, {"gain": g}, {}, {}]
         allocation = allocation_for(model, [4, 2, 4, 4], routing, treatments=treatments, compensation=(record, data))
         return layer_error(model, 1, allocation, windows, reference)
 
@@ -280,10 +280,10 @@ def test_normalizer_width_is_the_brute_force_best(windows):
     reference = full_outputs(model, 2, windows)
     errors = {}
     for width in (None, 2, 3, 4):
-        treatments = [(None, 1.0), (None, 1.0), (width, 1.0), (None, 1.0)]
+        treatments = [{}, {}, {"normalizer_k": width}, {}]
         errors[width] = layer_error(model, 2, allocation_for(model, [4, 4, 2, 4], routing, treatments=treatments),
                                     windows, reference)
-    chosen, gain = fitted["model.layers.2.mlp"][2]
+    chosen, gain = fitted["model.layers.2.mlp"][2].get("normalizer_k"), fitted["model.layers.2.mlp"][2].get("gain", 1.0)
     assert gain == 1.0
     assert errors[chosen] == pytest.approx(min(errors.values()), rel=1e-6)
 
@@ -594,7 +594,7 @@ def test_batch1_decode_fast_path_matches_the_general_rewrite(family, windows, mo
                                                              drop_order=True), kind)
                      for kind in ("linear", "expert")}
     # k 2.5 through the ledger (3, 2, 3, ...), a normaliser width on even layers and a gain everywhere.
-    treatments = [(layer.top_k if i % 2 == 0 else None, 1.25) for i, layer in enumerate(layers)]
+    treatments = [{"normalizer_k": layer.top_k if i % 2 == 0 else None, "gain": 1.25} for i, layer in enumerate(layers)]
     ks = [min(2.5, layer.top_k) for layer in layers]
     allocations = [allocation_for(model, ks, RoutingConfig(), treatments=treatments, compensation=compensation)
                    for compensation in compensations.values()]

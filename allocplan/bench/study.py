@@ -51,7 +51,7 @@ GAIN = 1.1
 
 def with_gains(allocation: Any) -> Any:
     """``allocation`` with gain GAIN on every layer (its routing is then rewritten; the value does not change the time)."""
-    return dataclasses.replace(allocation, layers=tuple(dataclasses.replace(entry, gain=GAIN)
+    return dataclasses.replace(allocation, layers=tuple(entry.with_treatments(gain=GAIN)
                                                         for entry in allocation.layers))
 
 

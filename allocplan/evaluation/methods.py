@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import AllocplanError
+from ..registries import lookup
 from ..formats.budget import BudgetRequest
 from ..formats.config import ProfileConfig, RoutingConfig
 
@@ -117,9 +118,7 @@ def get_method(name: str) -> Method:
     Raises:
         AllocplanError: unknown name, listing the known ones.
     """
-    if name not in METHODS:
-        raise AllocplanError(f"method {name!r} is not one of {', '.join(METHODS)}")
-    return METHODS[name]
+    return lookup(METHODS, name, "method")
 
 
 # Methods route plainly (each token its top-k) unless they say otherwise.

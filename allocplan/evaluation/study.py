@@ -29,6 +29,7 @@ from allocplan.planner.solve import allocation_from_profile, solve_profile
 from allocplan.planner.windows import pack_windows
 from allocplan.runtime.apply import apply_plan
 from allocplan.runtime.layers import find_moe_layers
+from allocplan.weight_treatments import WEIGHT_TREATMENTS
 
 from .compare import gap_closed, mean_over_seeds, paired_bootstrap
 from .methods import METHODS, PAPER_PROFILE, PLAIN, build_policy
@@ -213,8 +214,8 @@ def evaluate_model(name: str, budgets: list[float], quick: bool, eval_text: Path
         rows[SEQUENCE_SCOPE] = evaluate_row(model, tokenizer, plan_for({"scope": "sequence"})[0], windows, MODES, arith)
         holdout_rows[DEFAULT] = holdout_nll(model, allocation, holdout)
         extra["plan"] = {"k": [e.planned_k for e in allocation.layers],
-                         "normalizer_k": [e.normalizer_k for e in allocation.layers],
-                         "gain": [e.gain for e in allocation.layers],
+                         **{t.field: [e.treatment(t.field) for e in allocation.layers]
+                            for t in WEIGHT_TREATMENTS.values()},
                          "refinement": dataclasses.asdict(plan.solver.refinement) if plan.solver.refinement else None,
                          "dp_objective": plan.solver.dp_objective,
                          "stand_in_overhead": stand_in_overhead(model, allocation)}

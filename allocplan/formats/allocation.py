@@ -10,12 +10,14 @@ builds in code (``allocplan.allocation_for``). Pure data: no torch.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import AllocplanError
+from ..weight_treatments import WEIGHT_TREATMENTS
 from .provenance import ModelIdentity
-from .records import transient
+from .records import read_flat_record, transient
 from .sidecar import CompensationRecord
 
 # Which tokens share a layer's budget under Alloc-T: all tokens of a forward pass, or each sequence's own.
@@ -25,10 +27,6 @@ TOKEN_SCOPES = ("batch", "sequence")
 TOKEN_PREFERENCES = ("score", "active")
 # Weight normalisation modes the runtime implements (see allocplan.runtime.routing.reweight).
 RENORMALIZE_MODES = ("model", "none", "renorm", "decoupled")
-# A layer gain outside (0, MAX_GAIN] is refused: fitted gains sit near 1, and a wild one is a broken file.
-MAX_GAIN = 10.0
-
-
 @dataclass(frozen=True)
 class LayerAllocation:
     """One MoE layer's allocation.
@@ -39,25 +37,66 @@ class LayerAllocation:
         original_k: the model's own top-k for this layer.
         planned_k: experts per token under the allocation; a whole number unless
             token-level allocation is enabled, which realises fractional averages.
-        normalizer_k: k2 of decoupled renormalisation for this layer: the kept weights
-            are divided by the router mass of the token's top-k2 candidates (times the
-            family's scaling factor), whatever ``weights.renormalize`` says; None leaves
-            the plan's weight mode in charge.
-        gain: multiplies the layer's kept routed weights (1.0: unchanged), fitted so that
-            the layer's output best matches its full-k output on calibration tokens.
+        treatments: the layer's weight treatments (allocplan/weight_treatments/) as (field, value)
+            pairs; a field left out keeps its neutral value. Files write every registered field
+            flat in the entry, in registration order: ``normalizer_k`` (k2 of decoupled
+            renormalisation; null leaves the plan's weight mode in charge) and ``gain`` (on the
+            kept routed weights; 1.0 leaves them as they are).
     """
 
     path: str
     index: int
     original_k: int
     planned_k: int | float
-    normalizer_k: int | None = None
-    gain: float = 1.0
+    treatments: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        # One form for one meaning: neutral values left out, the rest in registration order.
+        given = dict(self.treatments)
+        by_field = {treatment.field: treatment for treatment in WEIGHT_TREATMENTS.values()}
+        unknown = sorted(set(given) - set(by_field))
+        if unknown:
+            raise AllocplanError(f"layer {self.path}: unknown weight treatment field(s) {', '.join(unknown)};"
+                                 f" registered: {', '.join(by_field)}")
+        object.__setattr__(self, "treatments", tuple(
+            (name, given[name]) for name in by_field if name in given and given[name] != by_field[name].neutral))
+
+    def __getattr__(self, name: str) -> Any:
+        # A registered treatment's field reads as an attribute (entry.gain, entry.normalizer_k).
+        if name != "treatments" and name in {t.field for t in WEIGHT_TREATMENTS.values()}:
+            return self.treatment(name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def treatment(self, field_name: str) -> Any:
+        """The value of weight treatment field ``field_name`` (its neutral value when not set)."""
+        for name, value in self.treatments:
+            if name == field_name:
+                return value
+        return next(t.neutral for t in WEIGHT_TREATMENTS.values() if t.field == field_name)
+
+    def with_treatments(self, **values: Any) -> "LayerAllocation":
+        """This entry with the given treatment fields set (``entry.with_treatments(gain=1.1)``)."""
+        return dataclasses.replace(self, treatments=tuple({**dict(self.treatments), **values}.items()))
 
     @property
     def treated(self) -> bool:
-        """Whether a weight treatment (normaliser width or gain) applies to this layer."""
-        return self.normalizer_k is not None or self.gain != 1.0
+        """Whether a weight treatment applies to this layer."""
+        return bool(self.treatments)
+
+    def to_record(self) -> dict[str, Any]:
+        """The entry as files hold it: the four keys, then every registered treatment field."""
+        return {"path": self.path, "index": self.index, "original_k": self.original_k, "planned_k": self.planned_k,
+                **{t.field: self.treatment(t.field) for t in WEIGHT_TREATMENTS.values()}}
+
+    @classmethod
+    def from_record(cls, value: Any, where: str, convert: Any) -> "LayerAllocation":
+        """An entry from a file's mapping: the four keys, and any registered treatment field (one left out,
+        as in plans written before it was registered, keeps its neutral value)."""
+        base = {"path": str, "index": int, "original_k": int, "planned_k": int | float}
+        extra = {t.field: t.value_type if t.neutral is not None else t.value_type | None
+                 for t in WEIGHT_TREATMENTS.values()}
+        values, treatments = read_flat_record(value, where, base, extra, convert)
+        return cls(**values, treatments=tuple(treatments.items()))
 
 
 @dataclass(frozen=True)
@@ -184,11 +223,10 @@ def validate_allocation(allocation: "Allocation | Any", where: str = "allocation
         if not allocation.token_level.enabled and not float(layer.planned_k).is_integer():
             _fail(f"{at}.planned_k", f"{layer.planned_k} is fractional, which needs token_level.enabled: true")
         width = allocation.token_level.k_max or layer.original_k
-        if layer.normalizer_k is not None and not (1 <= layer.normalizer_k <= width):
-            _fail(f"{at}.normalizer_k", f"{layer.normalizer_k} must be between 1 and the layer's candidate width"
-                                        f" {width} (or null)")
-        if not (0.0 < layer.gain <= MAX_GAIN):
-            _fail(f"{at}.gain", f"{layer.gain!r} is outside (0, {MAX_GAIN:g}]; 1.0 leaves the layer's weights as they are")
+        for treatment in WEIGHT_TREATMENTS.values():
+            problem = treatment.check(layer.treatment(treatment.field), width)
+            if problem is not None:
+                _fail(f"{at}.{treatment.field}", problem)
     smallest_k = min(layer.original_k for layer in allocation.layers)
     token_level = allocation.token_level
     if not (0 <= token_level.k_base <= smallest_k):

@@ -276,9 +276,6 @@ def upgrade_plan_data(data: dict) -> dict:
     if isinstance(data.get("provenance"), dict):
         upgraded["provenance"] = {**data["provenance"],
                                   "calibration": upgrade_calibration_data(data["provenance"].get("calibration"))}
-    if isinstance(data.get("layers"), list):
-        upgraded["layers"] = [{**layer, "normalizer_k": None, "gain": 1.0} if isinstance(layer, dict) else layer
-                              for layer in data["layers"]]
     if isinstance(data.get("solver"), dict):
         upgraded["solver"] = {**data["solver"], "refinement": None}
     if isinstance(data.get("token_level"), dict):

@@ -15,11 +15,12 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import AllocplanError
-from .allocation import MAX_GAIN
+from ..weight_treatments import WEIGHT_TREATMENTS, treatment_fields
 from .provenance import MAX_EXPERTS, CalibrationRecord, ModelIdentity, upgrade_calibration_data, upgrade_model_data
-from .records import atomic_write_text, dump_yaml, from_data, load_yaml_file, to_data, transient
+from .records import atomic_write_text, dump_yaml, from_data, load_yaml_file, read_flat_record, to_data, transient
 from ..standins import STAND_IN_KINDS
 from .sidecar import CompensationRecord, read_sidecar, write_sidecar
 
@@ -43,19 +44,44 @@ class LayerSensitivity:
         original_k: the layer's original top-k K_l.
         sensitivity: k -> S[l, k] for every k in the grid k_min, k_min + k_step, ..., K_l, in
             the profile's metric (nats per token). S[l, K_l] is 0 under the isolated strategy.
-        normalizer_k: k -> the normaliser width k2 fitted for (l, k) and in place while S[l, k]
-            was measured (null where none applies), or null for the whole row when no
-            normaliser was fitted.
-        gain: k -> the gain fitted for (l, k) and in place while S[l, k] was measured, or
-            null for the whole row when no gain was fitted.
+        treatments: per weight treatment field (allocplan/weight_treatments/), k -> the value
+            fitted for (l, k) and in place while S[l, k] was measured; a field left out was not
+            fitted for this row. Files write every registered field flat in the row, in
+            registration order, null for the whole row where it was not fitted:
+            ``normalizer_k`` (k -> the normaliser width k2, null where none applies) and
+            ``gain`` (k -> the gain).
     """
 
     path: str
     index: int
     original_k: int
     sensitivity: dict[int | float, float]
-    normalizer_k: dict[int | float, int | None] | None = None
-    gain: dict[int | float, float] | None = None
+    treatments: tuple[tuple[str, dict], ...] = ()
+
+    def __getattr__(self, name: str) -> Any:
+        # A registered treatment's field reads as an attribute (row.gain, row.normalizer_k: k -> value, or None).
+        if name != "treatments" and name in treatment_fields():
+            return self.treatment_row(name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def treatment_row(self, field_name: str) -> dict | None:
+        """k -> the fitted value of treatment field ``field_name``, or None where it was not fitted."""
+        return dict(self.treatments).get(field_name)
+
+    def to_record(self) -> dict[str, Any]:
+        """The row as files hold it: the four keys, then every registered treatment field."""
+        return {"path": self.path, "index": self.index, "original_k": self.original_k,
+                "sensitivity": self.sensitivity, **{field_name: self.treatment_row(field_name)
+                                                    for field_name in treatment_fields()}}
+
+    @classmethod
+    def from_record(cls, value: Any, where: str, convert: Any) -> "LayerSensitivity":
+        """A row from a file's mapping; a registered treatment field left out was not fitted."""
+        base = {"path": str, "index": int, "original_k": int, "sensitivity": dict[int | float, float]}
+        extra = {t.field: dict[int | float, t.value_type if t.neutral is not None else t.value_type | None] | None
+                 for t in WEIGHT_TREATMENTS.values()}
+        values, rows = read_flat_record(value, where, base, extra, convert)
+        return cls(**values, treatments=tuple((name, row) for name, row in rows.items() if row is not None))
 
 
 @dataclass(frozen=True)
@@ -208,19 +234,18 @@ def _validate_profile(profile: SensitivityProfile) -> None:
                 raise AllocplanError(f"{at}.sensitivity: {value!r} at k={k} is outside [-{MAX_SENSITIVITY:g},"
                                      f" {MAX_SENSITIVITY:g}] nats per token")
         expected = k_grid(k_min, layer.original_k, k_step)
-        for name in ("sensitivity", "normalizer_k", "gain"):
-            row = getattr(layer, name)
-            if (row is not None or name == "sensitivity") and sorted(row) != expected:
+        rows = {"sensitivity": layer.sensitivity, **dict(layer.treatments)}
+        for name, row in rows.items():
+            if sorted(row) != expected:
                 raise AllocplanError(
                     f"{at}.{name}: keys must be exactly k = {k_min}..{layer.original_k} in steps of {k_step:g},"
                     f" got {sorted(row)[:20]}"
                 )
-        for k, width in (layer.normalizer_k or {}).items():
-            if width is not None and not 1 <= width <= layer.original_k:
-                raise AllocplanError(f"{at}.normalizer_k: {width} at k={k} is outside [1, {layer.original_k}]")
-        for k, value in (layer.gain or {}).items():
-            if not 0.0 < value <= MAX_GAIN:
-                raise AllocplanError(f"{at}.gain: {value!r} at k={k} is outside (0, {MAX_GAIN:g}]")
+        for treatment in WEIGHT_TREATMENTS.values():
+            for k, value in (layer.treatment_row(treatment.field) or {}).items():
+                problem = treatment.check(value, layer.original_k)
+                if problem is not None:
+                    raise AllocplanError(f"{at}.{treatment.field}: at k={k}, {problem}")
 
 
 def upgrade_profile_data(data: dict) -> dict:
@@ -238,9 +263,7 @@ def upgrade_profile_data(data: dict) -> dict:
             value = ordered
         if key == "model":
             value = upgrade_model_data(value)
-        if key == "layers" and isinstance(value, list):
-            value = [{**row, "normalizer_k": None, "gain": None} if isinstance(row, dict) else row for row in value]
-        upgraded[key] = value
+        upgraded[key] = value  # (version-1 rows have no treatment fields: none was fitted)
         if key == "measurement":
             upgraded["compensation"] = None
     upgraded["schema_version"] = PROFILE_SCHEMA_VERSION

@@ -19,7 +19,7 @@ import tempfile
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Callable, TypeVar
 
 import yaml
 
@@ -42,6 +42,8 @@ def stored_fields(cls_or_obj: Any) -> list[dataclasses.Field]:
 
 def to_data(obj: Any) -> Any:
     """Turn a (nested) frozen dataclass into plain dicts, lists and scalars."""
+    if hasattr(obj, "to_record"):  # a record whose file form is not its fields one for one
+        return to_data(obj.to_record())
     if dataclasses.is_dataclass(obj):
         return {f.name: to_data(getattr(obj, f.name)) for f in stored_fields(obj)}
     if isinstance(obj, tuple):
@@ -65,6 +67,28 @@ def from_data(cls: type[T], data: Any, where: str, *, defaults: bool = False) ->
     return _convert(cls, data, where, defaults)
 
 
+def read_flat_record(value: Any, where: str, base: dict[str, Any], extra: dict[str, Any],
+                     convert: Callable[[Any, Any, str], Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A record whose file form is flat: every ``base`` key (name -> type) required, any ``extra`` key
+    (registered fields) optional; unknown keys are refused. Returns both parts converted (the extra
+    keys present only).
+
+    Raises:
+        AllocplanError: not a mapping, an unknown or missing key, or a value of the wrong type.
+    """
+    if not isinstance(value, dict):
+        raise AllocplanError(f"{where}: expected a mapping, got {_describe(value)}")
+    allowed = [*base, *extra]
+    unknown = sorted(str(k)[:40] for k in value if k not in allowed)
+    if unknown:
+        raise AllocplanError(f"{where}: unknown key(s) {', '.join(unknown[:5])}; allowed keys are {', '.join(allowed)}")
+    missing = [name for name in base if name not in value]
+    if missing:
+        raise AllocplanError(f"{where}: missing key(s) {', '.join(missing)}")
+    return ({name: convert(tp, value[name], f"{where}.{name}") for name, tp in base.items()},
+            {name: convert(tp, value[name], f"{where}.{name}") for name, tp in extra.items() if name in value})
+
+
 def _relocated(message: str, where: str) -> str:
     """A record's own validation message (``model.fingerprint: ...``) with its full path (``where``)."""
     head = re.match(r"[a-z_]+", message)
@@ -85,6 +109,8 @@ def _describe(value: Any) -> str:
 
 
 def _convert(tp: Any, value: Any, where: str, defaults: bool = False) -> Any:
+    if hasattr(tp, "from_record"):  # a record that reads its own file form (to_record's)
+        return tp.from_record(value, where, lambda inner, item, at: _convert(inner, item, at, defaults))
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise AllocplanError(f"{where}: expected a mapping, got {_describe(value)}")

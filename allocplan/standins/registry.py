@@ -31,7 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from allocplan.errors import AllocplanError
+from allocplan.registries import lookup, register
 
 
 @dataclass(frozen=True)
@@ -58,22 +58,13 @@ STAND_IN_KINDS: dict[str, StandInKind] = {}
 
 
 def register_stand_in_kind(kind: StandInKind) -> StandInKind:
-    """Register ``kind`` under its name (a name may be registered once)."""
-    if kind.name in STAND_IN_KINDS or kind.name in ("auto", "off"):
-        raise ValueError(f"stand-in kind {kind.name!r} is registered already (or reserved)")
-    STAND_IN_KINDS[kind.name] = kind
-    return kind
+    """Register ``kind`` under its name (a name may be registered once; ``auto`` and ``off`` are settings)."""
+    return register(STAND_IN_KINDS, kind.name, kind, "stand-in kind", reserved=("auto", "off"))
 
 
 def get_stand_in_kind(name: str) -> StandInKind:
-    """The registered kind ``name``.
-
-    Raises:
-        AllocplanError: an unknown name, listing the known ones.
-    """
-    if name not in STAND_IN_KINDS:
-        raise AllocplanError(f"compensation kind {name!r} is not one of {', '.join(STAND_IN_KINDS)}")
-    return STAND_IN_KINDS[name]
+    """The registered kind ``name``; an unknown one is an AllocplanError listing the known ones."""
+    return lookup(STAND_IN_KINDS, name, "compensation kind")
 
 
 def sidecar_shapes(kind: StandInKind, path: str, num_experts: int, hidden: int) -> dict[str, tuple[int | None, ...]]:
