@@ -45,7 +45,9 @@ def eval_lines(result: dict[str, Any]) -> list[str]:
     """NLL, arithmetic and activations of an ``allocplan eval`` result, then activations per layer."""
     arith = f", arithmetic {result['arith_accuracy']:.3f}" if "arith_accuracy" in result else ""
     lines = [f"{result['policy']}: {result.get('mode', 'prefill')} NLL {result['nll']:.4f}"
-             f" (ppl {result['perplexity']:.2f}){arith}, {result['activations_per_token']:.3f} activations per token"]
+             f" (ppl {result['perplexity']:.2f}){arith}, {result['activations_per_token']:.3f} activations per token"
+             + (f" + {result['stand_in_work_per_token']:.3f} stand-in work = {result['charged_work_per_token']:.3f}"
+                " expert-equivalents charged" if result.get("stand_in_work_per_token") else "")]
     lines += [f"  {path}: {value:.3f}" for path, value in result["activations_per_layer"].items()]
     return lines
 
@@ -67,6 +69,10 @@ def bench_lines(result: dict[str, Any]) -> list[str]:
                          f" over {len(v['rounds'])} rounds)" if "over_planned_interval" in v else "")
                       for label, v in r.get("variants", {}).items())
         )
+    work = result.get("work_per_token")
+    if work is not None:
+        lines.append(f"  work per token (batched decode): {work['experts']:.3f} at the experts + {work['stand_ins']:.3f}"
+                     f" at the stand-ins = {work['charged']:.3f} expert-equivalents charged")
     for name, counts in result.items():
         if name.endswith("_distinct_experts"):  # decode_b<N>_distinct_experts
             lines.append(f"  {name}: {counts['untouched']:.1f} untouched -> {counts['planned']:.1f} planned"

@@ -77,7 +77,7 @@ from allocplan.weight_treatments import WEIGHT_TREATMENTS
 from ..runtime.routing import ForwardContext, LayerRouting, RoutingDecision
 from ..runtime.experts import StandIns, candidate_outputs
 from ..runtime.families import MoEFamily
-from ..runtime.layers import MoELayer, find_moe_layers, model_family
+from ..runtime.layers import MoELayer, expert_multiply_adds, find_moe_layers, model_family
 from ..runtime.router_formats import ROUTER_FORMATS
 from ..runtime.scores import NORMALIZATION_RULES, SELECTION_SCORES
 
@@ -174,11 +174,6 @@ class _ExpertMoments:
         """The stand-ins of registered ``kind`` fitted on these moments (allocplan/standins/); an expert with no
         pair of positive weight (never routed to, or only ever a token's first candidate) gets zeros."""
         return StandIns(**get_stand_in_kind(kind).fit(self, rank))
-
-
-def expert_multiply_adds(layer: MoELayer) -> float:
-    """One expert's multiply-adds per token: its parameter count (every weight is used once)."""
-    return sum(p.numel() for p in layer.experts.parameters()) / layer.experts.num_experts
 
 
 def linear_map_multiply_adds(rank: int, hidden_size: int) -> int:

@@ -119,6 +119,12 @@ def find_moe_layers(model: Any) -> list[MoELayer]:
     return found
 
 
+def expert_multiply_adds(layer: MoELayer) -> float:
+    """One routed expert's multiply-adds per token: its parameter count (every weight is used once). The
+    unit of work a charged budget counts in (expert-equivalents)."""
+    return sum(p.numel() for p in layer.experts.parameters()) / layer.experts.num_experts
+
+
 def module_device(module: Any) -> Any:
     """Where ``module`` computes: accelerate's execution device for a module placed by a
     ``device_map`` (its weights may sit offloaded on the meta device), else the device of

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from click.testing import CliRunner
 from tiny_models import build_tiny_model
 
@@ -126,3 +128,45 @@ def test_bench_counts_distinct_experts_per_batched_decode_step():
     assert top_k <= distinct["untouched"] <= min(4 * top_k, experts)
     assert top_k // 2 <= distinct["planned"] <= min(4 * (top_k // 2), experts)
     assert distinct["planned"] < distinct["untouched"]
+
+
+def test_slower_than_untouched_names_every_slower_measure():
+    from allocplan.bench.run import slower_than_untouched
+
+    def measure(median):
+        return {"speedup": {"median": median, "min": median, "max": median}}
+
+    result = {"ideal_speedup": {"prefill_s": 1.5, "decode_b1_s_per_token": 1.5, "decode_b8_s_per_step": 1.5},
+              "prefill_s": measure(0.91), "decode_b1_s_per_token": measure(1.0), "decode_b8_s_per_step": measure(0.8)}
+    line = slower_than_untouched(result)
+    assert line.startswith("allocplan: warning: the plan measures slower than the untouched model")
+    assert "prefill 0.91x, decode b8 0.80x;" in line and "decode b1" not in line and "\n" not in line
+    result["prefill_s"], result["decode_b8_s_per_step"] = measure(1.2), measure(1.0)
+    assert slower_than_untouched(result) is None  # as fast as untouched is not slower
+
+
+def test_bench_plan_warns_when_slower(checkpoints, calib_file, tmp_path, monkeypatch):
+    """bench --plan warns (one line, which the CLI prints on stderr) when the plan is slower (here made so by
+    hand at decode b1), and names that measure."""
+    import allocplan
+    from allocplan.bench import run as run_module
+
+    model_dir = str(checkpoints("olmoe"))
+    plan = allocplan.compile_plan(model_dir, 0.5, profile=allocplan.ProfileConfig(
+        calib=str(calib_file), calib_tokens=128, seq_len=64, compensation="off", weight_fit="off"))
+    allocplan.save_plan(plan, tmp_path / "plan.yaml")
+    real_bench = run_module.bench
+
+    def slowed(*args, **kwargs):
+        result = real_bench(*args, **kwargs)
+        result["decode_b1_s_per_token"]["speedup"]["median"] = 0.5
+        return result
+
+    monkeypatch.setattr(run_module, "bench", slowed)
+    with pytest.warns(UserWarning, match="slower than the untouched model") as caught:
+        result = allocplan.run_bench(allocplan.BenchConfig(plan=str(tmp_path / "plan.yaml"), prompt_len=8,
+                                                           new_tokens=2, repeat=1))
+    slower = [str(w.message) for w in caught if "slower than" in str(w.message)]
+    assert len(slower) == 1 and "decode b1 0.50x" in slower[0] and "\n" not in slower[0]
+    assert result["work_per_token"]["stand_ins"] == 0  # no stand-ins: charged work is the experts'
+    assert result["work_per_token"]["charged"] == result["work_per_token"]["experts"]

@@ -10,6 +10,8 @@ import torch
 from click.testing import CliRunner
 from tiny_models import build_tiny_model, tiny_tokenizer
 
+import allocplan
+from allocplan import RoutingConfig
 from allocplan.evaluation.methods import build_policy, measured_total, random_allocation, uniform_allocation
 from allocplan.cli import cli
 from allocplan.errors import AllocplanError
@@ -226,3 +228,32 @@ def test_arithmetic_without_a_pad_token_generates_as_with_one():
     assert no_pad.pad_token is None and nothing.pad_token is None and nothing.eos_token is None
     for tokenizer in (with_pad, no_pad, nothing):
         assert arithmetic_accuracy(model, tokenizer, problems) == 1.0
+
+
+def test_eval_counts_stand_in_work_in_expert_equivalents():
+    """Work charged per token = routed experts run + stand-ins run, each stand-in at its multiply-adds over one
+    expert's. Tiny olmoe: H = 32, each expert a gated MLP of 3 x 32 x 64 = 6144 weights. Plain top-2 of 4 on 4
+    layers runs 8 experts per token and drops 8 candidates: rank-2 linear stand-ins cost 2 x 2 x 32 + 32 = 160
+    multiply-adds each (8 x 160 / 6144 = 0.2083 expert-equivalents), constant ones 32 (8 x 32 / 6144)."""
+    from allocplan.evaluation.metrics import nll_and_activations
+    from allocplan.planner.treatments import compensation_tables, encode_tables
+    from allocplan.runtime.allocation_builder import allocation_for
+
+    model = build_tiny_model("olmoe")
+    windows = torch.randint(5, 100, (4, 16), generator=torch.Generator().manual_seed(1))
+    for kind, rank, per_pair in (("linear", 2, 160), ("expert", None, 32)):
+        tables = compensation_tables(model, windows, kind, batch_size=2, rank=rank, drop_order=False)
+        allocation = allocation_for(model, 2, RoutingConfig(token_level=False), compensation=encode_tables(tables, kind))
+        handle = allocplan.apply_plan(model, allocation)
+        try:
+            result = nll_and_activations(model, windows, handle, "prefill")
+        finally:
+            handle.remove()
+        assert result["activations_per_token"] == 8
+        assert result["stand_in_work_per_token"] == pytest.approx(8 * per_pair / 6144, rel=1e-12)
+        assert result["charged_work_per_token"] == pytest.approx(8 + 8 * per_pair / 6144, rel=1e-12)
+    # Without stand-ins a plan is charged exactly its experts.
+    plain = allocation_for(model, 2, RoutingConfig(token_level=False))
+    with allocplan.apply_plan(model, plain) as handle:
+        result = nll_and_activations(model, windows, handle, "prefill")
+    assert result["stand_in_work_per_token"] == 0 and result["charged_work_per_token"] == 8

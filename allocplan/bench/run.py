@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from ..bundled import DEFAULT_CALIBRATION
@@ -61,6 +62,22 @@ def check_bench_inputs(config: BenchConfig) -> None:
                                  f" its own budget, routing and compensation: leave {given[0]} out")
 
 
+def slower_than_untouched(result: dict[str, Any]) -> str | None:
+    """One line naming every measure where the plan's median time is above the untouched model's, or None.
+
+    ``result`` is :func:`~allocplan.bench.timing.bench`'s: each measure holds the per-round ``speedup``
+    (untouched over planned) with its median.
+    """
+    slower = [f"{name.removesuffix('_s').replace('_s_per_token', '').replace('_s_per_step', '').replace('_', ' ')}"
+              f" {result[name]['speedup']['median']:.2f}x" for name in result.get("ideal_speedup", {})
+              if result[name]["speedup"]["median"] < 1.0]
+    if not slower:
+        return None
+    return ("allocplan: warning: the plan measures slower than the untouched model (speed-up, median of rounds): "
+            + ", ".join(slower) + "; its fixed routing cost outweighs the work it saves there, so check the"
+            " measure you serve with before deploying it")
+
+
 def run_bench(config: BenchConfig) -> dict[str, Any]:
     """Time prefill and decode without and with a plan (or a preset's uniform budget), side by side.
 
@@ -100,6 +117,10 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     result = {"label": label, **bench(model, allocation, batch=config.batch, prompt_len=config.prompt_len,
                                       new_tokens=config.new_tokens, repeat=config.repeat, variants=variants,
                                       decode_batch_size=config.decode_batch)}
+    if config.plan is not None:
+        warning = slower_than_untouched(result)
+        if warning is not None:
+            warnings.warn(warning, stacklevel=2)
     if config.profile_cost:
         if tokenizer is None:
             generator = torch.Generator().manual_seed(0)

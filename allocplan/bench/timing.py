@@ -103,7 +103,9 @@ def decode_counts(model: Any, allocation: Allocation | None, prompts: torch.Tens
         if handle is not None:
             handle.remove()
     return {"distinct_experts_per_step": counts.distinct_per_forward(),
-            "activations_per_token": counts.total_per_token()}
+            "activations_per_token": counts.total_per_token(),
+            "stand_in_work_per_token": counts.stand_in_work_per_token(),
+            "charged_work_per_token": counts.total_per_token() + counts.stand_in_work_per_token()}
 
 
 def expert_time_share(model: Any, ids: torch.Tensor, repeat: int = 3) -> float:
@@ -210,8 +212,13 @@ def bench(
 
     # What a batched decode step reads: the distinct experts its tokens use (on real text these
     # differ more between tokens than on random ids; docs/benchmarks.md's batch-aware section).
+    planned_counts = decode_counts(model, plan, decode_batch, new_tokens)
     distinct = {"untouched": decode_counts(model, None, decode_batch, new_tokens)["distinct_experts_per_step"],
-                "planned": decode_counts(model, plan, decode_batch, new_tokens)["distinct_experts_per_step"]}
+                "planned": planned_counts["distinct_experts_per_step"]}
+    # The plan's work per token as it ran (batched decode), at the experts and at the stand-ins, in
+    # expert-equivalents: what a charged budget promises.
+    work = {"experts": planned_counts["activations_per_token"], "stand_ins": planned_counts["stand_in_work_per_token"],
+            "charged": planned_counts["charged_work_per_token"]}
 
     bounds = {"prefill_s": ideal_speedup(f_flops, budget), "decode_b1_s_per_token": ideal_speedup(f_weights, budget),
               f"decode_b{decode_batch_size}_s_per_step": ideal_speedup(f_weights, budget)}
@@ -230,6 +237,7 @@ def bench(
         "ideal_speedup": bounds,
         "achieved_fraction": {name: achieved(name) for name in results},
         f"decode_b{decode_batch_size}_distinct_experts": distinct,
+        "work_per_token": work,
         "token_level": plan.token_level.enabled,
         "batch": batch,
         "prompt_len": prompt_len,

@@ -104,6 +104,9 @@ def nll_and_activations(model: Any, windows: torch.Tensor, handle: Any = None, m
         "window_nll": window_nll.tolist(),
         "activations_per_layer": per_layer,
         "activations_per_token": sum(per_layer.values()),
+        # What runs in place of dropped experts, and everything charged: experts plus stand-ins.
+        "stand_in_work_per_token": counts.stand_in_work_per_token(),
+        "charged_work_per_token": sum(per_layer.values()) + counts.stand_in_work_per_token(),
     }
 
 

@@ -125,7 +125,8 @@ def stand_in_overhead(model: Any, allocation: Any) -> float | None:
         return None
     from safetensors.torch import load
 
-    from allocplan.planner.treatments import expert_multiply_adds, linear_map_multiply_adds
+    from allocplan.planner.treatments import linear_map_multiply_adds
+    from allocplan.runtime.layers import expert_multiply_adds
 
     tensors = load(allocation.compensation_data)
     hidden = model.get_input_embeddings().embedding_dim

@@ -76,6 +76,7 @@ def sidecar_shapes(kind: StandInKind, path: str, num_experts: int, hidden: int) 
     return shapes
 
 
-def multiply_adds(kind: StandInKind, hidden: int, rank: int) -> float:
-    """Multiply-adds of one dropped pair's stand-in: the low-rank map's 2 r H, plus adding the constant (H)."""
-    return (2 * rank * hidden if kind.low_rank else 0) + hidden
+def multiply_adds(hidden: int, rank: int) -> int:
+    """Multiply-adds of one dropped pair's stand-in: a rank-r map's 2 r H (r = 0: a kind without one), plus
+    adding the constant (H)."""
+    return 2 * rank * hidden + hidden
