@@ -19,32 +19,39 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from bad_inputs import CASES, build_workspace, run_case  # noqa: E402
 from fuzz_formats import (  # noqa: E402
+    apply_and_check,
     base_documents,
     load,
+    load_bytes,
     load_text,
+    mutated_bytes,
     mutated_data,
     mutated_text,
     plan_invariants,
     profile_invariants,
+    structured_plan_data,
 )
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from kill_compile import kill_mid_compile  # noqa: E402
 
 from allocplan.formats.records import dump_yaml  # noqa: E402
 
-FUZZ_EXAMPLES = 2500  # per (kind, source): 10,000 in all, as tests/test_fuzz.py's slow test
+# Examples per (kind, source): data and text mutations 2,500 each (10,000 in all, as tests/test_fuzz.py's slow
+# test), byte-level mutations 5,000 per kind (10,000), structure-aware plans 10,000, each accepted one applied.
+FUZZ_EXAMPLES = {"data": 2500, "text": 2500, "bytes": 5000, "structured": 10000}
+LOADERS = {"data": load, "text": load_text, "bytes": load_bytes, "structured": load}
 
 
 def fuzz_one(kind: str, source: str, strategy, check) -> Counter:
-    """Run ``FUZZ_EXAMPLES`` mutated documents through the loader; count what happened."""
+    """Run ``FUZZ_EXAMPLES[source]`` mutated documents through the loader; count what happened."""
     counts: Counter = Counter()
 
-    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True, database=None,
+    @settings(max_examples=FUZZ_EXAMPLES[source], deadline=None, derandomize=True, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @given(doc=strategy)
     def run(doc):
         try:
-            loaded = load(kind, doc) if source == "data" else load_text(kind, doc)
+            loaded = LOADERS[source](kind, doc)
         except Exception as exc:  # anything but AllocplanError is a finding
             counts[f"other: {type(exc).__name__}"] += 1
             raise
@@ -59,14 +66,36 @@ def fuzz_one(kind: str, source: str, strategy, check) -> Counter:
     return counts
 
 
-def fuzz_counts() -> list[dict]:
+def fuzz_counts(tiny: tuple) -> list[dict]:
     plan, profile = base_documents()
     rows = []
     for kind, base, check in (("plan", plan, plan_invariants), ("profile", profile, profile_invariants)):
-        for source in ("data", "text"):
-            strategy = mutated_data(base) if source == "data" else mutated_text(dump_yaml(base))
+        for source in ("data", "text", "bytes"):
+            strategy = {"data": mutated_data(base), "text": mutated_text(dump_yaml(base)),
+                        "bytes": mutated_bytes(dump_yaml(base))}[source]
             rows.append({"kind": kind, "source": source, **fuzz_one(kind, source, strategy, check)})
+    base, sidecar, model, ids = tiny
+
+    def applied(loaded) -> None:  # every invariant, then applied, run and removed on the tiny model
+        plan_invariants(loaded)
+        apply_and_check(loaded, model, ids, sidecar)
+
+    rows.append({"kind": "plan", "source": "structured", **fuzz_one("plan", "structured", structured_plan_data(base),
+                                                                      applied)})
     return rows
+
+
+def tiny_plan(work) -> tuple:
+    """The workspace's compensated plan for its tiny olmoe (data, sidecar), the model, and token ids."""
+    import torch
+
+    import allocplan
+    from allocplan.formats.records import to_data
+
+    plan = allocplan.load_plan(work.path("with-sidecar") / "plan.yaml")
+    model, _ = allocplan.load_model(str(work.path("ckpt")))
+    ids = torch.randint(5, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    return to_data(plan), plan.compensation_data, model, ids
 
 
 def main() -> None:
@@ -74,7 +103,7 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="allocplan-reliability-"))
     work = build_workspace(root / "workspace")
     outcomes = [run_case(case, work) for case in CASES]
-    fuzz = fuzz_counts()
+    fuzz = fuzz_counts(tiny_plan(work))
     (root / "kill").mkdir()
     kill = kill_mid_compile(work.path("ckpt"), work.path("calib.txt"), root / "kill")
     clean = sum(o.refused_cleanly for o in outcomes)
@@ -105,11 +134,17 @@ def main() -> None:
         "",
         "## Fuzzing plan and profile loading",
         "",
-        f"{total} mutated documents (hypothesis, derandomized). A mutation edits the parsed data (replace,",
-        "delete or add a value anywhere, with values of every type and size) or the YAML text (insert,",
-        "delete or replace YAML's syntax characters and digits). Loading may raise only AllocplanError;",
-        "every accepted document is checked against each invariant of docs/plan-format.md by code",
-        f"independent of the format's own validation. Exceptions other than AllocplanError: {others}.",
+        f"{total} documents (hypothesis, derandomized). A mutation edits the parsed data (replace, delete or",
+        "add a value anywhere, with values of every type and size), the YAML text (insert, delete or replace",
+        "YAML's syntax characters and digits) or the file's bytes (control characters and NUL, byte-order",
+        "marks, bytes that are not UTF-8, truncation inside a multi-byte character). *structured* plans are",
+        "built field by field within the documented bounds for a tiny compiled olmoe (per-layer k on the",
+        "token-level grid, Alloc-T and weight settings, treatments, budget, with or without its sidecar);",
+        "each accepted one is also applied, run and removed: routed experts per token within its budget (plus",
+        "Alloc-T's rounding, half a pair per layer and forward), finite logits, the model bit-identical after",
+        "`remove()`. Loading may raise only AllocplanError; every accepted document is checked against each",
+        "invariant of docs/plan-format.md by code independent of the format's own validation. Exceptions",
+        f"other than AllocplanError: {others}.",
         "",
         "| document | mutated | examples | refused (AllocplanError) | accepted, every invariant held |",
         "| --- | --- | --- | --- | --- |",

@@ -156,6 +156,18 @@ CASES: list[Case] = [
     Case("yaml", "file over the size cap", lambda w: ["validate", w.write("huge.yaml", "# " + "x" * (17 << 20))],
          "over 16 MiB"),
     Case("yaml", "not UTF-8", lambda w: ["validate", w.write("binary.yaml", b"\xff\xfe\x00plan")], "not UTF-8"),
+    Case("yaml", "NUL byte in a plan", lambda w: ["validate", w.plan_with("nul.yaml", "kind: allocplan-plan",
+                                                                          "kind: allocplan\x00-plan")],
+         "character U+0000 is not allowed"),
+    Case("yaml", "control character U+0014 in a plan", lambda w: ["validate", w.plan_with(
+        "ctrl.yaml", "renormalize: model", "renormalize: mo\x14del")], "character U+0014 is not allowed"),
+    Case("yaml", "control character in a profile", lambda w: ["solve", w.profile_with(
+        "ctrl-profile.yaml", "metric: ", "metric: \x07"), "--budget", "0.5", "-o", str(w.path("out-ctrl.yaml"))],
+         "character U+0007 is not allowed"),
+    Case("yaml", "byte-order mark inside a plan", lambda w: ["validate", w.plan_with(
+        "bom.yaml", "token_level:", "\ufefftoken_level:")], "unknown key"),
+    Case("yaml", "plan cut inside a UTF-8 character", lambda w: ["validate", w.write(
+        "cut.yaml", w.plan_text().encode() + "# €".encode()[:-1])], "not UTF-8 text (byte"),
     Case("yaml", "empty file", lambda w: ["validate", w.write("empty.yaml", "")], "expected a mapping"),
     Case("yaml", "a list, not a plan", lambda w: ["validate", w.write("list.yaml", "- 1\n- 2\n")], "expected a mapping"),
     Case("yaml", "unbounded value in a message", lambda w: ["validate", w.plan_with(

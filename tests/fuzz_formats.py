@@ -1,9 +1,10 @@
 """Fuzzing plan and profile loading: mutated documents, and an independent check of what is accepted.
 
-Shared by tests/test_fuzz.py and scripts/make_reliability.py. A mutation either edits
-the parsed data (replace, delete or add a value anywhere, with values of every type
-and size) or the YAML text itself (insert, delete or replace characters, including
-YAML's syntax characters). Loading may only raise AllocplanError; a document it
+Shared by tests/test_fuzz.py and scripts/make_reliability.py. A mutation edits the
+parsed data (replace, delete or add a value anywhere, with values of every type and
+size), the YAML text itself (insert, delete or replace characters, including YAML's
+syntax characters) or the file's bytes (control characters, NUL, byte-order marks,
+bytes that are not UTF-8, truncation inside a multi-byte character). Loading may only raise AllocplanError; a document it
 accepts must satisfy every documented invariant, checked here without the format's
 own validation code.
 """
@@ -22,7 +23,7 @@ from allocplan.errors import AllocplanError
 from allocplan.formats.plan import Plan, plan_from_data
 from allocplan.formats.profile import SensitivityProfile, profile_from_data
 from allocplan.formats.records import to_data
-from allocplan.formats.strict_yaml import load_strict
+from allocplan.formats.strict_yaml import decode_text, load_strict
 
 SCALARS = st.one_of(
     st.none(), st.booleans(), st.integers(min_value=-(10**30), max_value=10**30),
@@ -91,6 +92,30 @@ def mutated_text(draw: Any, base: str) -> str:
     return text
 
 
+# Byte-level edits: control characters and NUL, a byte-order mark anywhere, bytes that are not UTF-8
+# (a lone continuation byte, 0xFF, a UTF-16 surrogate encoded as UTF-8), and multi-byte characters
+# that a truncation may cut in two.
+CONTROL_BYTES = st.sampled_from([bytes([c]) for c in (*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F)]
+                                + [b"\xc2\x85", b"\xc2\x9f"])
+ODD_BYTES = st.sampled_from([b"\xef\xbb\xbf", b"\xff", b"\x80", b"\xc3", b"\xed\xa0\x80", b"\xf4\x90\x80\x80",
+                             "é".encode(), "€".encode(), "𝄞".encode()])
+
+
+@st.composite
+def mutated_bytes(draw: Any, base: str) -> bytes:
+    """``base`` encoded as UTF-8 with one to three byte-level edits: an inserted control character or odd
+    byte sequence, or a truncation (anywhere, so also inside a multi-byte character)."""
+    data = base.encode("utf-8")
+    for _ in range(draw(st.integers(1, 3))):
+        at = draw(st.integers(0, len(data)))
+        action = draw(st.sampled_from(["control", "odd", "odd", "truncate"]))
+        if action == "truncate":
+            data = data[:at]
+        else:
+            data = data[:at] + draw(CONTROL_BYTES if action == "control" else ODD_BYTES) + data[at:]
+    return data
+
+
 def base_documents() -> tuple[dict, dict]:
     """A valid plan and profile as plain data (a three-layer profile solved at 0.5)."""
     from test_plan_format import make_profile
@@ -113,6 +138,15 @@ def load_text(kind: str, text: str) -> Any:
     except AllocplanError:
         return None
     return load(kind, data)
+
+
+def load_bytes(kind: str, data: bytes) -> Any:
+    """As the loaders read a file: its bytes decoded, then parsed and built; None when refused."""
+    try:
+        text = decode_text(data, kind, "'fuzz.yaml'")
+    except AllocplanError:
+        return None
+    return load_text(kind, text)
 
 
 def _round_half_up(value: float) -> int:
@@ -188,3 +222,75 @@ def profile_invariants(profile: SensitivityProfile) -> None:
         for row in (layer.normalizer_k, layer.gain):
             assert row is None or sorted(row) == grid
         assert all(0 < g <= 10 for g in (layer.gain or {}).values())
+
+
+# ---------------------------------------------------------------- structure-aware: valid plans, applied
+
+
+@st.composite
+def structured_plan_data(draw: Any, base: dict) -> dict:
+    """A plan for ``base``'s model built field by field within the documented bounds (so most are accepted):
+    per-layer k on the token-level grid, Alloc-T settings, weight modes and treatments, a budget that the
+    planned k fit, with or without ``base``'s compensation sidecar. Some draws step just outside a bound
+    (a k_max below k_base, a reference_k without decoupled weights), which must then be refused."""
+    data = copy.deepcopy(base)
+    layers = data["layers"]
+    smallest = min(layer["original_k"] for layer in layers)
+    token_level = draw(st.booleans())
+    k_base = draw(st.integers(0, smallest)) if token_level else 1
+    k_max = draw(st.one_of(st.none(), st.integers(1, smallest))) if token_level else None
+    step = draw(st.sampled_from([1.0, 0.5])) if token_level else 1.0
+    for layer in layers:
+        top = min(layer["original_k"], k_max or layer["original_k"])
+        k = draw(st.integers(2, max(2, int(2 * top)))) * 0.5 if step == 0.5 else draw(st.integers(1, top))
+        layer["planned_k"] = k if not float(k).is_integer() else int(k)
+        width = k_max or layer["original_k"]
+        layer["normalizer_k"] = draw(st.one_of(st.none(), st.integers(1, width)))
+        layer["gain"] = draw(st.sampled_from([1.0, 1.0, 0.5, 1.25, 2.0]))
+    data["token_level"] = {"enabled": token_level, "k_base": k_base, "k_max": k_max,
+                           "scope": draw(st.sampled_from(["batch", "sequence"])),
+                           "prefer": draw(st.sampled_from(["score", "active"]))}
+    if not token_level:
+        data["token_level"].update(k_base=1, k_max=None, scope="batch", prefer="score")
+    renormalize = draw(st.sampled_from(["model", "none", "renorm", "decoupled"]))
+    reference_k = draw(st.one_of(st.none(), st.integers(1, smallest))) if renormalize == "decoupled" else None
+    if draw(st.integers(0, 9)) == 0:  # a reference_k without decoupled weights: refused
+        reference_k = 1
+    data["weights"] = {"renormalize": renormalize, "reference_k": reference_k}
+    planned = sum(layer["planned_k"] for layer in layers)
+    original = data["budget"]["original_activations"]
+    total = draw(st.integers(max(1, math.ceil(planned - 1e-9)), original))
+    data["budget"].update(planned_activations=planned, total_activations=total, ratio=None)
+    if draw(st.booleans()):
+        data["compensation"] = None
+    return data
+
+
+def apply_and_check(plan: Plan, model: Any, ids: Any, sidecar: bytes | None) -> dict:
+    """Apply ``plan`` to ``model``, run ``ids``, remove it; check the invariants of an applied plan: routed
+    experts per token at most the budget (plus Alloc-T's rounding of each layer's pairs, at most half a pair
+    per layer and forward), finite logits, and the model bit-identical after ``remove()``."""
+    import dataclasses
+
+    import torch
+
+    from allocplan.runtime.measure import count_activations
+
+    if plan.compensation is not None:
+        plan = dataclasses.replace(plan, compensation_data=sidecar)
+    with torch.inference_mode():
+        before = model(input_ids=ids).logits
+        handle = allocplan.apply_plan(model, plan)
+        try:
+            with count_activations(model) as counts:
+                planned = model(input_ids=ids).logits
+        finally:
+            handle.remove()
+        after = model(input_ids=ids).logits
+    tokens = ids.numel()
+    slack = len(plan.layers) * 0.5 / tokens
+    measured = counts.total_per_token()
+    assert measured <= plan.budget.total_activations + slack + 1e-9, (measured, plan.budget.total_activations)
+    assert bool(torch.isfinite(planned).all())
+    assert torch.equal(before, after)
+    return {"activations": measured}

@@ -139,27 +139,47 @@ def read_text_bounded(path: str | Path, what: str) -> str:
         raise AllocplanError(f"{what} file {label} is a directory; give the file") from None
     except OSError as exc:
         raise AllocplanError(f"cannot read {what} file {label}: {exc.strerror or exc}") from None
+    return decode_text(data, what, label)
+
+
+def decode_text(data: bytes, what: str, label: str) -> str:
+    """A file's bytes as text: UTF-8 under MAX_BYTES, or a one-line AllocplanError naming the byte."""
     if len(data) > MAX_BYTES:
         raise AllocplanError(f"{what} file {label} is over {MAX_BYTES // (1024 * 1024)} MiB, larger than any"
                              f" {what} allocplan writes")
     try:
         return data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise AllocplanError(f"{what} file {label} is not UTF-8 text") from None
+    except UnicodeDecodeError as exc:
+        raise AllocplanError(f"{what} file {label} is not UTF-8 text (byte {exc.start}: {exc.reason});"
+                             " save it as UTF-8") from None
+
+
+def byte_offset(text: str, index: int) -> int:
+    """The UTF-8 byte offset of character ``index`` of ``text`` (characters that cannot be encoded, lone
+    surrogates, count as the three bytes they would take)."""
+    return len(text[:index].encode("utf-8", "surrogatepass"))
 
 
 def load_strict(text: str, what: str, label: str) -> Any:
-    """Parse ``text`` with :class:`StrictLoader`; any refusal is a one-line AllocplanError."""
-    loader = StrictLoader(text)
+    """Parse ``text`` with :class:`StrictLoader`; any refusal, by the reader (a control character, NUL, a
+    lone surrogate), the scanner, the parser or this loader, is a one-line AllocplanError."""
+    loader = None
     try:
+        loader = StrictLoader(text)  # the reader checks every character here, before any token
         return loader.get_single_data()
+    except yaml.reader.ReaderError as exc:
+        character = exc.character if isinstance(exc.character, str) else chr(exc.character)
+        raise AllocplanError(f"{what} file {label} is not valid YAML at byte {byte_offset(text, exc.position)}:"
+                             f" character U+{ord(character):04X} is not allowed (control characters, NUL and lone"
+                             " surrogates are not text); remove it") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark is not None else ""
+        at = f" at line {mark.line + 1} (byte {byte_offset(text, mark.index)})" if mark is not None else ""
         problem = getattr(exc, "problem", None) or (str(exc).splitlines() or [type(exc).__name__])[0]
         reason = " ".join(str(problem).split())[:200]
         raise AllocplanError(f"{what} file {label} is not valid YAML{at}: {reason}") from None
     except RecursionError:
         raise AllocplanError(f"{what} file {label} nests too deeply") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
