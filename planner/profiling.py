@@ -30,7 +30,8 @@ Work reused, per calibration batch (``reuse_prefix``; see :mod:`~allocplan.plann
   without a forward.
 
 ``reuse_prefix=False`` is the naive reference: one full forward over the
-calibration batch for every (layer, k), k = K_l included.
+calibration batch for every probe the reuse path needs (k < K_l under
+``isolated``: S[l, K_l] = 0 by definition in both, so a fair baseline skips it too).
 """
 
 from __future__ import annotations
@@ -233,8 +234,8 @@ def measure_sensitivity(
         deployment: what each probe runs besides its k (default: plain top-k; a
             half-expert grid needs Alloc-T routing).
         reuse_prefix: reuse work across layers and across k (module docstring); False
-            runs one full forward per (l, k), k = K_l included (the naive reference,
-            kept for tests and cost comparisons).
+            runs one full forward per (l, k) that needs a probe (the naive reference, kept
+            for tests and cost comparisons).
         cells: measure only these (layer position, k) cells (a shard's; the others are 0);
             None measures every cell. A cell's value does not depend on which others run.
 
@@ -269,7 +270,7 @@ def measure_sensitivity(
                 for k in sorted(increase[position], reverse=True):
                     if cells is not None and (position, k) not in cells:
                         continue  # another shard's cell
-                    if reuse_prefix and config.strategy == "isolated" and k == originals[position]:
+                    if config.strategy == "isolated" and k == originals[position]:
                         continue  # identical to the reference configuration: S = 0 exactly
                     ks = layer_ks(config.strategy, originals, position, k, config.k_min)
                     with _probe(model, layers, ks, deployment):

@@ -97,12 +97,31 @@ def test_routed_flop_share_counts_the_experts():
 
 
 def test_profile_and_solver_cost_structure():
+    """What the two profiling modes run, counted in decoder-layer calls on a tiny qwen3_moe (L = 4 MoE layers,
+    K = 4, one batch): the fair naive baseline runs the reference forward and one full forward per probe the
+    reuse path needs (k < K: k = K is S = 0 by definition), 4 + 4 x 3 x 4 = 52; the reuse path runs the
+    reference, then per (l, k < K) only the layers after l, 4 + 3 x (3 + 2 + 1 + 0) = 22, plus one real re-run
+    of each layer to check its residual form, 26."""
     import torch
+
+    from allocplan.planner.profiling import measure_sensitivity
+    from allocplan.runtime.layers import model_family
 
     model = build_tiny_model("qwen3_moe")
     windows = torch.randint(0, 128, (2, 32))
+    decoder = model.get_submodule(model_family(model).layers_path)
+    calls = []
+    hooks = [layer.register_forward_pre_hook(lambda *_: calls.append(1)) for layer in decoder]
+    try:
+        for reuse, expected in ((False, 52), (True, 26)):
+            calls.clear()
+            measure_sensitivity(model, windows, reuse_prefix=reuse)
+            assert len(calls) == expected, (reuse, len(calls))
+    finally:
+        for hook in hooks:
+            hook.remove()
     cost = timing.profile_cost(model, windows)
-    assert cost["reuse_s"] > 0 and cost["naive_s"] > 0 and cost["ratio"] == cost["reuse_s"] / cost["naive_s"]
+    assert cost["reuse_s"] > 0 and cost["naive_s"] > 0
     floor = cost["flop_floor"]
     # Reuse skips work, so its FLOP count lies strictly between none and the naive count.
     assert 0.0 < floor["ratio"] < 1.0 and 0.0 < floor["lm_head_share"] < 1.0

@@ -257,3 +257,19 @@ def test_eval_counts_stand_in_work_in_expert_equivalents():
     with allocplan.apply_plan(model, plain) as handle:
         result = nll_and_activations(model, windows, handle, "prefill")
     assert result["stand_in_work_per_token"] == 0 and result["charged_work_per_token"] == 8
+
+
+def test_gap_closed_interval_by_hand():
+    from allocplan.evaluation.compare import gap_closed_interval
+
+    # Every window closes half of uniform's gap: every resample does too.
+    same = gap_closed_interval([2.0, 2.0], [1.0, 1.0], [3.0, 3.0], rounds=200)
+    assert same["gap_closed"] == pytest.approx(0.5) and same["low"] == pytest.approx(0.5)
+    assert same["high"] == pytest.approx(0.5)
+    # Window 0 closes all of its gap, window 1 none: 0.5 overall. A resample of window 0 twice closes 1, of
+    # window 1 twice 0, one of each 0.5, a quarter, a quarter and half of the time: the interval is [0, 1].
+    split = gap_closed_interval([1.0, 3.0], [1.0, 1.0], [3.0, 3.0], rounds=2000)
+    assert split["gap_closed"] == pytest.approx(0.5) and split["low"] == pytest.approx(0.0)
+    assert split["high"] == pytest.approx(1.0) and split["windows"] == 2
+    with pytest.raises(ValueError):
+        gap_closed_interval([1.0], [1.0, 2.0], [3.0, 3.0])

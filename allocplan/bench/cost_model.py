@@ -79,7 +79,8 @@ def routed_flop_share(model: Any, ids: torch.Tensor) -> float:
 def profiling_flop_floor(model: Any, ids: torch.Tensor) -> dict:
     """What allocplan's profiling reuse can save, counted in FLOPs (isolated strategy, k = 1..K).
 
-    Naive: one full forward per (layer, k), k = K included. Reuse: per (layer l, k < K),
+    Naive: one full forward per (layer, k < K), the probes the reuse path needs (S[l, K] = 0
+    under ``isolated`` without a probe). Reuse: per (layer l, k < K),
     layer l's MoE block, every decoder layer after l, and what follows the decoder
     layers (final norm, LM head); plus one reference forward per batch. The ratio is
     the floor the measured time ratio can reach when FLOPs set the time.
@@ -96,7 +97,7 @@ def profiling_flop_floor(model: Any, ids: torch.Tensor) -> dict:
         later = sum(per_layer[layer.index + 1 :])
         block = flops.get(layer.path, 0)
         reuse += (layer.top_k - 1) * (block + later + outside_layers)
-        naive += layer.top_k * total
+        naive += (layer.top_k - 1) * total
     return {"ratio": reuse / naive, "lm_head_share": flops.get(head, 0) / total,
             "layer_share": statistics.mean(per_layer) / total}
 
