@@ -12,6 +12,7 @@ from allocplan.formats.profile import SensitivityProfile
 from allocplan.formats.provenance import CalibrationRecord
 from ..runtime.allocation_builder import allocation_for
 from ..runtime.layers import find_moe_layers
+from .determinism import fixed_threads
 from .losses import Reference
 from .profiling import check_k_max_for_profiling, check_k_min, profile_model
 from .refine import refine_by_exchange
@@ -54,8 +55,9 @@ def compile_model(
     measured = profile_model(model, tokenizer, profile, routing, model_name=model_name, windows=windows)
     plan = solve_profile(measured, request, routing)
     if refine.refine:
-        plan = refined(model, tokenizer, plan, measured, profile, routing, refine,
-                       windows=None if windows is None else windows[0])
+        with fixed_threads(model):  # measured on the same numerics as the profile (planner/determinism.py)
+            plan = refined(model, tokenizer, plan, measured, profile, routing, refine,
+                           windows=None if windows is None else windows[0])
     return plan, measured
 
 

@@ -67,6 +67,7 @@ from ..runtime.apply import apply_plan
 from ..runtime.layers import MoELayer, find_moe_layers, input_device, model_family, model_identity
 from .losses import Scratch, kl_sum, next_token_logprobs, token_nll
 from .replay import Replay, ReplayLayerAtK, block_change_is_additive, record_outputs, replayed
+from .determinism import fixed_threads
 from .treatments import compensation_tables, encode_tables, fit_treatments, sidecar_dtype
 from .windows import calibration_source, check_token_ids, check_window_length, pack_windows
 
@@ -315,6 +316,14 @@ def profile_model(
     Raises:
         AllocplanError: a treatment or compensation asked for that the family cannot run.
     """
+    with fixed_threads(model):  # the same plan under any thread count (planner/determinism.py)
+        return _profile_model(model, tokenizer, config, routing, model_name=model_name, shard=shard, windows=windows)
+
+
+def _profile_model(model: Any, tokenizer: Any, config: ProfileConfig | None, routing: RoutingConfig | None, *,
+                   model_name: str | None, shard: Shard | None,
+                   windows: tuple[torch.Tensor, CalibrationRecord] | None) -> SensitivityProfile:
+    """:func:`profile_model`'s work, on the planner's fixed thread count."""
     config = config or ProfileConfig()
     routing = routing or RoutingConfig()
     identity = model_identity(model, model_name or getattr(model, "name_or_path", "") or "in-process")

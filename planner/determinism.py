@@ -1,0 +1,44 @@
+"""Plans that do not depend on the machine's thread count: the planner's CPU numerics run on a fixed count.
+
+Multi-threaded float32 matrix products on the CPU split their reductions by thread count for some
+shapes (measured: bundled:ref-olmoe's planned forward under 1 and 2 threads differs by up to 1e-5
+in the logits, from the experts' matmuls of one layer), so sensitivities and stand-ins measured
+under different ``OMP_NUM_THREADS`` differed in their 8th digit and their files' bytes. Profiling,
+fitting and refinement therefore run with ``PLANNER_THREADS`` intra-op threads on the CPU, whatever
+the process was started with, and put the count back afterwards: the same inputs and library
+versions give the same plan, profile and sidecar bytes under any thread count (tests/test_threads.py).
+The cost is time: on 2 cores a compile takes about 1.5 times as long. ``ALLOCPLAN_PLANNER_THREADS=N``
+trades that back (plans then match only plans made with the same N).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+ENV_THREADS = "ALLOCPLAN_PLANNER_THREADS"
+PLANNER_THREADS = 1
+
+
+def planner_threads() -> int:
+    """The intra-op thread count the planner's CPU numerics run with."""
+    value = os.environ.get(ENV_THREADS, "")
+    return int(value) if value.isdigit() and int(value) > 0 else PLANNER_THREADS
+
+
+@contextlib.contextmanager
+def fixed_threads(model: Any = None) -> Iterator[None]:
+    """Run the block with :func:`planner_threads` intra-op threads (a model on a GPU is left alone)."""
+    on_cpu = model is None or all(p.device.type == "cpu" for p in model.parameters())
+    saved = torch.get_num_threads()
+    if on_cpu:
+        torch.set_num_threads(planner_threads())
+    try:
+        yield
+    finally:
+        if on_cpu:
+            torch.set_num_threads(saved)

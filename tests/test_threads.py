@@ -1,0 +1,83 @@
+"""The same inputs give the same plan, profile and sidecar bytes under any thread count (planner/determinism.py).
+
+Each compile runs in its own process under ``torch.set_num_threads(n)``. Without the planner's fixed thread
+count (``ALLOCPLAN_PLANNER_THREADS=n``, the numerics then on n threads) this tiny deepseek_v2 gave another
+plan under 4 threads than under 1 on the machine that wrote this test: its experts' float32 matmuls reduce in
+an order that depends on the thread count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+TESTS = Path(__file__).resolve().parent
+
+CODE = """
+import hashlib, sys, torch
+torch.set_num_threads({threads})
+sys.path.insert(0, {tests!r})
+from tiny_models import build_tiny_model, tiny_tokenizer
+import allocplan
+from allocplan.bundled import DEFAULT_CALIBRATION
+
+model = build_tiny_model("deepseek_v2")
+plan = allocplan.compile_plan(model, 0.5, tokenizer=tiny_tokenizer(), profile_out={out!r},
+                              profile=allocplan.ProfileConfig(calib=str(DEFAULT_CALIBRATION), calib_tokens=4096,
+                                                              seq_len=128))
+assert torch.get_num_threads() == {threads}  # the process's own count is put back
+print(hashlib.sha256(plan.to_yaml().encode()).hexdigest(), hashlib.sha256(plan.compensation_data).hexdigest())
+"""
+
+
+def compile_under(threads: int, tmp_path: Path) -> tuple[str, bytes]:
+    out = tmp_path / f"profile-{threads}.yaml"
+    proc = subprocess.run([sys.executable, "-c", CODE.format(threads=threads, tests=str(TESTS), out=str(out))],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout.split()[0] + proc.stdout.split()[1], out.read_bytes()
+
+
+def test_plan_profile_and_sidecar_do_not_depend_on_the_thread_count(tmp_path):
+    runs = {threads: compile_under(threads, tmp_path) for threads in (1, 2, 4)}
+    assert runs[1][0] == runs[2][0] == runs[4][0]  # plan and sidecar
+    assert runs[1][1] == runs[2][1] == runs[4][1]  # profile
+    assert hashlib.sha256(runs[1][1]).hexdigest()  # (a real profile was written)
+
+
+def test_diff_judges_stand_ins_within_the_documented_tolerance():
+    """Stand-ins that another machine's float32 kernels moved in their last digits are a record difference
+    (exit 0, with its size); a change above STAND_IN_TOLERANCE of the tensor's largest value is behaviour."""
+    import dataclasses
+
+    import torch
+    from safetensors.torch import load, save
+    from tiny_models import build_tiny_model, tiny_tokenizer
+
+    import allocplan
+    from allocplan.bundled import DEFAULT_CALIBRATION
+    from allocplan.formats.diff import STAND_IN_TOLERANCE
+    from allocplan.formats.sidecar import record_for
+
+    model = build_tiny_model("olmoe")
+    plan = allocplan.compile_plan(model, 0.5, tokenizer=tiny_tokenizer(), profile=allocplan.ProfileConfig(
+        calib=str(DEFAULT_CALIBRATION), calib_tokens=256, seq_len=64, compensation="linear"))
+    tensors = load(plan.compensation_data)
+    name = sorted(n for n in tensors if n.endswith(".down"))[0]
+
+    def moved(by: float):
+        changed = dict(tensors)
+        changed[name] = tensors[name] + by * tensors[name].abs().max()
+        data = save(changed)
+        return dataclasses.replace(plan, compensation=record_for(data, plan.compensation.kind), compensation_data=data)
+
+    near = allocplan.diff_plans(plan, moved(STAND_IN_TOLERANCE / 10))
+    assert near.equivalent
+    assert [(d.field, d.kind) for d in near.differences if d.field.startswith("compensation[")] == [
+        (f"compensation[{name}]", "record")]
+    far = allocplan.diff_plans(plan, moved(STAND_IN_TOLERANCE * 10))
+    assert not far.equivalent and any(d.field == f"compensation[{name}]" and d.kind == "behaviour"
+                                      for d in far.differences)
+    assert torch.equal(load(plan.compensation_data)[name], tensors[name])
