@@ -329,7 +329,12 @@ def render(data: dict) -> str:
             lines += ["", f"Profiling every (layer, k) on 4096 calibration tokens: {cost['reuse_s']:.1f} s with"
                           f" allocplan's reuse (across layers and across k) vs {cost['naive_s']:.1f} s naive (one"
                           f" full forward per probe the reuse path needs: each (layer, k < K), k = K being S = 0"
-                          f" by definition in both), ratio {cost['ratio']:.2f} (target ≤ 0.5)."]
+                          f" by definition in both), ratio {cost['ratio']:.2f} (target ≤ 0.5)"
+                          + (f", the median of {cost['rounds']} alternating rounds [{cost['ratio_spread']['min']:.2f},"
+                             f" {cost['ratio_spread']['max']:.2f}]" + (
+                                 f" (geometric mean {cost['ratio_interval']['geomean']:.2f}, 95% interval"
+                                 f" {cost['ratio_interval']['low']:.2f} to {cost['ratio_interval']['high']:.2f})"
+                                 if cost.get("ratio_interval") else "") if "rounds" in cost else "") + "."]
             floor = cost.get("flop_floor")
             if floor:
                 side = ("above" if cost["ratio"] > floor["ratio"] else "below" if cost["ratio"] < floor["ratio"]

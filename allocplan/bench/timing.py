@@ -270,18 +270,23 @@ def _lean_full_k(model: Any) -> Callable[[Callable[[], float]], float] | None:
     return run
 
 
-def profile_cost(model: Any, windows: torch.Tensor) -> dict:
-    """Seconds to profile every (layer, k) with allocplan's reuse and naively (one full forward each)."""
+def profile_cost(model: Any, windows: torch.Tensor, repeat: int = 5) -> dict:
+    """Seconds to profile every (layer, k) with allocplan's reuse and naively (one full forward per probe the
+    reuse path needs), alternating in ``repeat`` rounds: the medians, and the per-round ratio's median with its
+    [min, max] and its geometric mean with a 95% interval over rounds."""
     from allocplan.planner.profiling import measure_sensitivity
 
-    timings = {}
-    for label, reuse in (("reuse", True), ("naive", False)):
-        start = time.perf_counter()
-        measure_sensitivity(model, windows, reuse_prefix=reuse)
-        timings[f"{label}_s"] = time.perf_counter() - start
-    timings["ratio"] = timings["reuse_s"] / timings["naive_s"]
-    timings["flop_floor"] = profiling_flop_floor(model, windows[:1])
-    return timings
+    rounds: dict[str, list[float]] = {"reuse": [], "naive": []}
+    for _ in range(repeat):
+        for label, reuse in (("reuse", True), ("naive", False)):
+            start = time.perf_counter()
+            measure_sensitivity(model, windows, reuse_prefix=reuse)
+            rounds[label].append(time.perf_counter() - start)
+    ratios = [r / n for r, n in zip(rounds["reuse"], rounds["naive"])]
+    return {"reuse_s": statistics.median(rounds["reuse"]), "naive_s": statistics.median(rounds["naive"]),
+            "ratio": statistics.median(ratios), "ratio_spread": median_spread(ratios),
+            "ratio_interval": ratio_interval(rounds["reuse"], rounds["naive"]) if repeat > 1 else None,
+            "rounds": repeat, "flop_floor": profiling_flop_floor(model, windows[:1])}
 
 
 def solver_cost(num_layers: int = 60, k_max: int = 16, repeat: int = 3, seed: int = 0) -> dict:
