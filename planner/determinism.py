@@ -30,10 +30,21 @@ def planner_threads() -> int:
     return int(value) if value.isdigit() and int(value) > 0 else PLANNER_THREADS
 
 
+def computes_on_cpu(model: Any) -> bool:
+    """Whether every module of ``model`` computes on the CPU: its weights there (or offloaded to disk or
+    CPU memory by a ``device_map``, on the meta device) and no accelerate hook executing elsewhere."""
+    for module in model.modules():
+        device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+        if device is not None and torch.device(f"cuda:{device}" if isinstance(device, int) else device).type != "cpu":
+            return False
+    return all(p.device.type in ("cpu", "meta") for p in model.parameters())
+
+
 @contextlib.contextmanager
 def fixed_threads(model: Any = None) -> Iterator[None]:
-    """Run the block with :func:`planner_threads` intra-op threads (a model on a GPU is left alone)."""
-    on_cpu = model is None or all(p.device.type == "cpu" for p in model.parameters())
+    """Run the block with :func:`planner_threads` intra-op threads (a model that computes on a GPU is left
+    alone; one offloaded by a device_map but computing on the CPU is not)."""
+    on_cpu = model is None or computes_on_cpu(model)
     saved = torch.get_num_threads()
     if on_cpu:
         torch.set_num_threads(planner_threads())
