@@ -1,10 +1,12 @@
-"""Click options built from the config dataclasses, so each default, help text and bound is written once.
+"""The CLI's helpers: options built from the config dataclasses, one-line errors, shared options and output.
 
 ``config_options(ProfileConfig)`` decorates a command with one option per field
 (flag, default, help, choices and minimum from the field's metadata); the
 command receives the values under the field names, and :func:`build_config`
 turns them back into the config, taking a recipe's values for options the user
-did not give.
+did not give. :class:`OneLineErrors` turns every user error into one line and exit
+status 2; the options and printing helpers that several commands share live here
+too, so that ``allocplan/cli.py`` holds only the commands.
 """
 
 from __future__ import annotations
