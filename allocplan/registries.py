@@ -13,7 +13,7 @@ def lookup(table: dict[str, Any], name: str, what: str) -> Any:
     Raises:
         AllocplanError: ``{what} {name!r} is not one of ...``, listing the registered names in order.
     """
-    if name not in table:
+    if not isinstance(name, str) or name not in table:
         raise AllocplanError(f"{what} {name!r} is not one of {', '.join(table)}")
     return table[name]
 

@@ -66,8 +66,8 @@ from typing import Any, Callable
 
 import torch
 
-from allocplan.errors import AllocplanError
-from allocplan.standins import get_stand_in_kind
+from allocplan.registries import lookup
+from allocplan.standins import get_stand_in_kind, map_multiply_adds
 from allocplan.standins.expert import positive
 from allocplan.formats.config import STAND_IN_SHARE, ProfileConfig, RoutingConfig
 from allocplan.formats.sidecar import CompensationRecord, record_for
@@ -176,14 +176,9 @@ class _ExpertMoments:
         return StandIns(**get_stand_in_kind(kind).fit(self, rank))
 
 
-def linear_map_multiply_adds(rank: int, hidden_size: int) -> int:
-    """A linear stand-in's map per (token, dropped candidate): x @ down [H, r], then @ up [r, H]."""
-    return 2 * rank * hidden_size
-
-
 def stand_in_rank(layer: MoELayer, hidden_size: int, share: float = STAND_IN_SHARE) -> int:
     """The largest rank r whose stand-in map costs at most ``share`` of one expert's multiply-adds."""
-    return max(1, int(share * expert_multiply_adds(layer) // linear_map_multiply_adds(1, hidden_size)))
+    return max(1, int(share * expert_multiply_adds(layer) // map_multiply_adds(hidden_size, 1)))
 
 
 def ramp_weights(scores: torch.Tensor) -> torch.Tensor:
@@ -234,8 +229,7 @@ def using_drop_weighting(name: str) -> Iterator[None]:
     Raises:
         AllocplanError: an unknown weighting, listing the known ones.
     """
-    if name not in DROP_WEIGHTINGS:
-        raise AllocplanError(f"drop weighting {name!r} is not one of {', '.join(DROP_WEIGHTINGS)}")
+    lookup(DROP_WEIGHTINGS, name, "drop weighting")
     token = _DROP_WEIGHTING.set(name)
     try:
         yield
@@ -395,10 +389,11 @@ def fit_treatments(
         return LayerRouting(layers[position], allocation.layers[position], allocation, family, context,
                             drop_order=order)
 
-    # Per (position, k): each applicable treatment's options, their deciders (None: the shared neutral
-    # decision) and their statistics.
-    fits: dict[tuple[int, int | float], list[tuple[Any, list[tuple[Any, LayerRouting | None]], dict]]] = {}
-    neutral: dict[tuple[int, int | float], LayerRouting] = {}
+    # Per (position, k): the routings to decide, the neutral one first (every treatment's neutral option
+    # shares it), and each applicable treatment with its options (value, index of its routing) and its
+    # statistics.
+    deciders: dict[tuple[int, int | float], list[LayerRouting]] = {}
+    fits: dict[tuple[int, int | float], list[tuple[Any, list[tuple[Any, int]], dict]]] = {}
     for position, layer in enumerate(layers):
         width = routing.k_max or layer.top_k
         for k in grid[layer.path]:
@@ -408,11 +403,15 @@ def fit_treatments(
                           if treatment.applies(renormalises(layer, family), k, width)]
             if not applicable:
                 continue
-            neutral[position, k] = decider(position, k, {})
-            fits[position, k] = [(treatment, [(value, None if value == treatment.neutral else
-                                               decider(position, k, {treatment.field: value}))
-                                              for value in treatment.options(k, width)], {})
-                                 for treatment in applicable]
+            routings = deciders[position, k] = [decider(position, k, {})]
+            fits[position, k] = []
+            for treatment in applicable:
+                options = []
+                for value in treatment.options(k, width):
+                    if value != treatment.neutral:
+                        routings.append(decider(position, k, {treatment.field: value}))
+                    options.append((value, 0 if value == treatment.neutral else len(routings) - 1))
+                fits[position, k].append((treatment, options, {}))
     for batch in progress(windows.split(batch_size), desc="fitting weight treatments"):
         captured = capture_layer_io(model, batch, layers, family)
         for position, (layer, io) in enumerate(zip(layers, captured)):
@@ -421,30 +420,24 @@ def fit_treatments(
             for k in grid[layer.path]:
                 if (position, k) not in fits:
                     continue
-                parts = {}  # decider -> (a, b)
-
-                def parts_of(decider_k: LayerRouting) -> tuple[torch.Tensor, torch.Tensor]:
-                    nonlocal outputs, stand_ins
-                    if id(decider_k) not in parts:
-                        decision = decider_k.decide(io.router, io.logits, io.weights, io.indices, count=False)
-                        if outputs is None:
-                            # Every candidate's output and stand-in, once per layer and batch, in the decision's
-                            # order (candidates sorted by selection score, the same for every k and option).
-                            sorted_indices = decision.indices
-                            outputs = candidate_outputs(layer.experts, family.experts_swap, io.hidden,
-                                                        sorted_indices).float()  # [T, K, H]
-                            if tables is not None:
-                                slots = sorted_indices.shape[1]
-                                rows = tables[layer.path].rows(io.hidden.repeat_interleave(slots, dim=0).float(),
-                                                               sorted_indices.reshape(-1))
-                                stand_ins = rows.reshape(outputs.shape).float()  # [T, K, H]
-                        parts[id(decider_k)] = _parts(decision, outputs, stand_ins)
-                    return parts[id(decider_k)]
-
+                parts = []  # (a, b) of each routing, in deciders' order
+                for routing_k in deciders[position, k]:
+                    decision = routing_k.decide(io.router, io.logits, io.weights, io.indices, count=False)
+                    if outputs is None:
+                        # Every candidate's output and stand-in, once per layer and batch, in the decision's
+                        # order (candidates sorted by selection score, the same for every k and option).
+                        sorted_indices = decision.indices
+                        outputs = candidate_outputs(layer.experts, family.experts_swap, io.hidden,
+                                                    sorted_indices).float()  # [T, K, H]
+                        if tables is not None:
+                            slots = sorted_indices.shape[1]
+                            rows = tables[layer.path].rows(io.hidden.repeat_interleave(slots, dim=0).float(),
+                                                           sorted_indices.reshape(-1))
+                            stand_ins = rows.reshape(outputs.shape).float()  # [T, K, H]
+                    parts.append(_parts(decision, outputs, stand_ins))
                 for treatment, options, stats in fits[position, k]:
-                    for value, decider_k in options:
-                        a, b = parts_of(decider_k or neutral[position, k])
-                        treatment.accumulate(stats, value, a, b, target)
+                    for value, at in options:
+                        treatment.accumulate(stats, value, *parts[at], target)
     fitted: dict[str, dict[int | float, dict[str, Any]]] = {}
     for position, layer in enumerate(layers):
         row = fitted[layer.path] = {}

@@ -125,8 +125,8 @@ def stand_in_overhead(model: Any, allocation: Any) -> float | None:
         return None
     from safetensors.torch import load
 
-    from allocplan.planner.treatments import linear_map_multiply_adds
     from allocplan.runtime.layers import expert_multiply_adds
+    from allocplan.standins import multiply_adds
 
     tensors = load(allocation.compensation_data)
     hidden = model.get_input_embeddings().embedding_dim
@@ -136,7 +136,7 @@ def stand_in_overhead(model: Any, allocation: Any) -> float | None:
         rank = down.shape[-1] if down is not None else 0
         dropped = (entry.original_k - entry.planned_k) if entry.planned_k < entry.original_k else 0
         kept += entry.planned_k * expert_multiply_adds(layer)
-        extra += dropped * (linear_map_multiply_adds(rank, hidden) + hidden)  # + the constant's add
+        extra += dropped * multiply_adds(hidden, rank)  # the map and the constant's add
     return extra / kept
 
 

@@ -27,6 +27,8 @@ TOKEN_SCOPES = ("batch", "sequence")
 TOKEN_PREFERENCES = ("score", "active")
 # Weight normalisation modes the runtime implements (see allocplan.runtime.routing.reweight).
 RENORMALIZE_MODES = ("model", "none", "renorm", "decoupled")
+
+
 @dataclass(frozen=True)
 class LayerAllocation:
     """One MoE layer's allocation.
@@ -93,8 +95,7 @@ class LayerAllocation:
         """An entry from a file's mapping: the four keys, and any registered treatment field (one left out,
         as in plans written before it was registered, keeps its neutral value)."""
         base = {"path": str, "index": int, "original_k": int, "planned_k": int | float}
-        extra = {t.field: t.value_type if t.neutral is not None else t.value_type | None
-                 for t in WEIGHT_TREATMENTS.values()}
+        extra = {t.field: t.file_type for t in WEIGHT_TREATMENTS.values()}
         values, treatments = read_flat_record(value, where, base, extra, convert)
         return cls(**values, treatments=tuple(treatments.items()))
 

@@ -78,8 +78,7 @@ class LayerSensitivity:
     def from_record(cls, value: Any, where: str, convert: Any) -> "LayerSensitivity":
         """A row from a file's mapping; a registered treatment field left out was not fitted."""
         base = {"path": str, "index": int, "original_k": int, "sensitivity": dict[int | float, float]}
-        extra = {t.field: dict[int | float, t.value_type if t.neutral is not None else t.value_type | None] | None
-                 for t in WEIGHT_TREATMENTS.values()}
+        extra = {t.field: dict[int | float, t.file_type] | None for t in WEIGHT_TREATMENTS.values()}
         values, rows = read_flat_record(value, where, base, extra, convert)
         return cls(**values, treatments=tuple((name, row) for name, row in rows.items() if row is not None))
 

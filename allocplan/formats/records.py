@@ -67,6 +67,19 @@ def from_data(cls: type[T], data: Any, where: str, *, defaults: bool = False) ->
     return _convert(cls, data, where, defaults)
 
 
+def _check_keys(value: Any, where: str, allowed: list[str], required: list[str]) -> None:
+    """Refuse a record that is not a mapping, has a key not in ``allowed``, or lacks one of ``required``."""
+    if not isinstance(value, dict):
+        raise AllocplanError(f"{where}: expected a mapping, got {_describe(value)}")
+    unknown = sorted(str(k)[:40] for k in value if k not in allowed)
+    if unknown:
+        listed = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        raise AllocplanError(f"{where}: unknown key(s) {listed}; allowed keys are {', '.join(allowed)}")
+    missing = [name for name in required if name not in value]
+    if missing:
+        raise AllocplanError(f"{where}: missing key(s) {', '.join(missing)}")
+
+
 def read_flat_record(value: Any, where: str, base: dict[str, Any], extra: dict[str, Any],
                      convert: Callable[[Any, Any, str], Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """A record whose file form is flat: every ``base`` key (name -> type) required, any ``extra`` key
@@ -76,15 +89,7 @@ def read_flat_record(value: Any, where: str, base: dict[str, Any], extra: dict[s
     Raises:
         AllocplanError: not a mapping, an unknown or missing key, or a value of the wrong type.
     """
-    if not isinstance(value, dict):
-        raise AllocplanError(f"{where}: expected a mapping, got {_describe(value)}")
-    allowed = [*base, *extra]
-    unknown = sorted(str(k)[:40] for k in value if k not in allowed)
-    if unknown:
-        raise AllocplanError(f"{where}: unknown key(s) {', '.join(unknown[:5])}; allowed keys are {', '.join(allowed)}")
-    missing = [name for name in base if name not in value]
-    if missing:
-        raise AllocplanError(f"{where}: missing key(s) {', '.join(missing)}")
+    _check_keys(value, where, [*base, *extra], list(base))
     return ({name: convert(tp, value[name], f"{where}.{name}") for name, tp in base.items()},
             {name: convert(tp, value[name], f"{where}.{name}") for name, tp in extra.items() if name in value})
 
@@ -112,18 +117,10 @@ def _convert(tp: Any, value: Any, where: str, defaults: bool = False) -> Any:
     if hasattr(tp, "from_record"):  # a record that reads its own file form (to_record's)
         return tp.from_record(value, where, lambda inner, item, at: _convert(inner, item, at, defaults))
     if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise AllocplanError(f"{where}: expected a mapping, got {_describe(value)}")
         hints = typing.get_type_hints(tp)
         names = [f.name for f in stored_fields(tp)]
-        unknown = sorted(str(k)[:40] for k in value if k not in names)
-        if unknown:
-            listed = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
-            raise AllocplanError(f"{where}: unknown key(s) {listed}; allowed keys are {', '.join(names)}")
         optional = {f.name for f in stored_fields(tp) if f.default is not dataclasses.MISSING} if defaults else set()
-        missing = [n for n in names if n not in value and n not in optional]
-        if missing:
-            raise AllocplanError(f"{where}: missing key(s) {', '.join(missing)}")
+        _check_keys(value, where, names, [n for n in names if n not in optional])
         fields = {n: _convert(hints[n], value[n], f"{where}.{n}", defaults) for n in names if n in value}
         try:
             return tp(**fields)

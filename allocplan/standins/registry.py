@@ -76,7 +76,12 @@ def sidecar_shapes(kind: StandInKind, path: str, num_experts: int, hidden: int) 
     return shapes
 
 
+def map_multiply_adds(hidden: int, rank: int) -> int:
+    """Multiply-adds of a rank-r stand-in map per (token, dropped candidate): x @ down [H, r], then @ up [r, H]."""
+    return 2 * rank * hidden
+
+
 def multiply_adds(hidden: int, rank: int) -> int:
-    """Multiply-adds of one dropped pair's stand-in: a rank-r map's 2 r H (r = 0: a kind without one), plus
-    adding the constant (H)."""
-    return 2 * rank * hidden + hidden
+    """Multiply-adds of one dropped pair's stand-in: its rank-r map (r = 0: a kind without one), plus adding
+    the constant (H)."""
+    return map_multiply_adds(hidden, rank) + hidden

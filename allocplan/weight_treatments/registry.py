@@ -63,6 +63,11 @@ class WeightTreatment:
     header: str
     cell: Callable[[Any], str]
 
+    @property
+    def file_type(self) -> Any:
+        """The type a plan or profile file holds a value as (None allowed where it is the neutral value)."""
+        return self.value_type if self.neutral is not None else self.value_type | None
+
 
 WEIGHT_TREATMENTS: dict[str, WeightTreatment] = {}
 
