@@ -25,9 +25,10 @@ def plan_data(plan: Plan) -> dict[str, Any]:
 
 def plan_lines(plan: Plan) -> list[str]:
     """The per-layer table of a plan, then its budget and objectives."""
-    rows = [("layer", "module", "original_k", "planned_k")]
-    rows += [(str(e.index), e.path, str(e.original_k), f"{e.planned_k:g}") for e in plan.layers]
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    rows = [("layer", "module", "original_k", "planned_k", "stand_in_rank")]
+    rows += [(str(e.index), e.path, str(e.original_k), f"{e.planned_k:g}",
+              "-" if e.stand_in_rank is None else str(e.stand_in_rank)) for e in plan.layers]
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = ["  ".join(cell.rjust(w) if i != 1 else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
              for row in rows]
     budget = plan.budget
@@ -35,7 +36,10 @@ def plan_lines(plan: Plan) -> list[str]:
     lines.append(
         f"activations per token: {budget.planned_activations:g} of {budget.original_activations}"
         f" ({ratio}budget {budget.total_activations});"
-        f" objective {plan.solver.dp_objective:.6g} {plan.solver.metric} (DP) ="
+        + (f" charged work {budget.planned_activations:g} + {budget.stand_in_work:.4g} stand-ins ="
+           f" {budget.charged_work:.4g}; sidecar {budget.sidecar_share:.1%} of the expert weights;"
+           if budget.charged_work is not None else "")
+        + f" objective {plan.solver.dp_objective:.6g} {plan.solver.metric} (DP) ="
         f" {plan.solver.ilp_objective:.6g} (ILP, {plan.solver.ilp_status})"
     )
     return lines

@@ -31,14 +31,27 @@ def report_markdown(plan: Plan, profile: SensitivityProfile | None = None, pictu
              f"{budget.planned_activations:g} routed activations per token planned, against a budget of"
              f" {budget.total_activations} ({ratio}the model's {budget.original_activations});"
              f" {budget.planned_activations / budget.original_activations:.0%} of the original work in the routed"
-             " experts.", "",
-             "## Layers", "",
-             "| layer | module | original k | planned k | keeps | "
-             + " | ".join(t.header for t in WEIGHT_TREATMENTS.values()) + " |",
-             "| --- | --- | --- | --- | --- |" + " --- |" * len(WEIGHT_TREATMENTS)]
+             " experts.", ""]
+    if budget.charged_work is not None:
+        lines += [f"Charged work (experts plus the stand-ins that serve dropped candidates, in expert-equivalents"
+                  f" per token): {budget.planned_activations:g} + {budget.stand_in_work:.4g} ="
+                  f" {budget.charged_work:.4g} of {budget.total_activations}"
+                  f" ({budget.charged_work / budget.original_activations:.1%} of the original work)."
+                  f" The stand-ins' sidecar is {budget.sidecar_bytes:,} bytes,"
+                  f" {budget.sidecar_share:.1%} of the routed experts' weights.", ""]
+    else:
+        lines += ["This plan predates the charged budget (schema version 2): its budget counts routed experts only,"
+                  " not the stand-ins it runs.", ""]
+    lines += ["## Layers", "",
+              "| layer | module | original k | planned k | keeps | stand-in rank | "
+              + " | ".join(t.header for t in WEIGHT_TREATMENTS.values()) + " |",
+              "| --- | --- | --- | --- | --- | --- |" + " --- |" * len(WEIGHT_TREATMENTS)]
     for e in plan.layers:
-        lines.append(f"| {e.index} | `{e.path}` | {e.original_k} | {e.planned_k:g} | {e.planned_k / e.original_k:.0%} | "
-                     + " | ".join(t.cell(e.treatment(t.field)) for t in WEIGHT_TREATMENTS.values()) + " |")
+        rank = "-" if e.stand_in_rank is None else ("constant" if e.stand_in_rank == 0 else str(e.stand_in_rank))
+        if e.stand_in_rank is None and plan.compensation is not None and not plan.allocation.ranked_stand_ins:
+            rank = "sidecar's"
+        lines.append(f"| {e.index} | `{e.path}` | {e.original_k} | {e.planned_k:g} | {e.planned_k / e.original_k:.0%} |"
+                     f" {rank} | " + " | ".join(t.cell(e.treatment(t.field)) for t in WEIGHT_TREATMENTS.values()) + " |")
     token_level, weights = plan.token_level, plan.weights
     lines += ["", "## Routing", ""]
     if token_level.enabled:

@@ -16,7 +16,7 @@ from .determinism import fixed_threads
 from .losses import Reference
 from .profiling import check_k_max_for_profiling, check_k_min, profile_model
 from .refine import refine_by_exchange
-from .solve import allocation_from_profile, solve_profile
+from .solve import allocation_from_profile, budget_record, charged_work, solve_profile
 from .windows import calibration_source, pack_windows
 
 
@@ -73,11 +73,20 @@ def refined(model: Any, tokenizer: Any, plan: Plan, measured: SensitivityProfile
     else:
         windows = windows[: max(1, tokens // windows.shape[1])]
     unit = measured.measurement.k_step
+    # Each layer keeps the DP's stand-in rank; a move is taken only where the charged work stays in budget
+    # (a move between layers with different stand-ins changes it).
+    ranks = [layer.stand_in_rank for layer in plan.layers]
+
+    def within_budget(ks: tuple) -> bool:
+        experts, stand_in = charged_work(measured, list(ks), [None if k == layer.original_k else rank
+                                                               for k, rank, layer in zip(ks, ranks, plan.layers)])
+        return experts + stand_in <= plan.budget.total_activations + 1e-9
+
     search = refine_by_exchange(
         model, [layer.planned_k for layer in plan.layers],
-        lambda ks: allocation_from_profile(measured, ks, routing),
+        lambda ks: allocation_from_profile(measured, ks, routing, ranks),
         Reference(model, windows, profile.batch_size),
-        k_min=profile.k_min, unit=unit, max_steps=refine.refine_steps,
+        k_min=profile.k_min, unit=unit, max_steps=refine.refine_steps, allowed=within_budget,
     )
     steps, previous = [], search.start[0]
     for ks, objective in search.steps:
@@ -87,6 +96,9 @@ def refined(model: Any, tokenizer: Any, plan: Plan, measured: SensitivityProfile
         previous = ks
     record = RefinementRecord(metric="kl", unit=unit, objective_before=search.start[1],
                               objective_after=search.best[1], steps=tuple(steps), measured=search.measured)
-    allocation = allocation_from_profile(measured, list(search.best[0]), routing)
+    allocation = allocation_from_profile(measured, list(search.best[0]), routing, ranks)
     solver = dataclasses.replace(plan.solver, refinement=record)
-    return Plan.build(allocation, plan.budget, solver, plan.provenance)
+    experts, stand_in = charged_work(measured, list(search.best[0]), [entry.stand_in_rank for entry in allocation.layers])
+    budget = budget_record(measured, plan.budget.ratio, plan.budget.total_activations,
+                           plan.budget.original_activations, experts, stand_in, allocation.compensation_data)
+    return Plan.build(allocation, budget, solver, plan.provenance)

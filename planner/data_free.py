@@ -43,7 +43,7 @@ def profile_data_free(model: Any, *, tokens: int = 512, seed: int = 0, k_min: in
     return build_profile(
         model, model_identity(model, getattr(model, "name_or_path", "") or "in-process"), rows,
         metric="output-change", strategy="data-free", k_min=k_min, k_step=1.0, token_level=False,
-        weight_fit="off", compensation="off", reference_nll=0.0,
+        weight_fit="off", compensation="off", reference_nll=0.0, hidden_size=hidden_size,
         calibration=CalibrationRecord(source="gaussian", name="gaussian", text_field=None, sha256=f"seed:{seed}",
                                       tokens=tokens, seq_len=tokens, windows=1),
     )

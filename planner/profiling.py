@@ -64,11 +64,14 @@ from allocplan.formats.provenance import package_version
 from allocplan.formats.sidecar import CompensationRecord
 from ..runtime.allocation_builder import allocation_for
 from ..runtime.apply import apply_plan
-from ..runtime.layers import MoELayer, find_moe_layers, input_device, model_family, model_identity
+from ..runtime.layers import (MoELayer, expert_multiply_adds, find_moe_layers, input_device, model_family,
+                              model_identity)
 from .losses import Scratch, kl_sum, next_token_logprobs, token_nll
 from .replay import Replay, ReplayLayerAtK, block_change_is_additive, record_outputs, replayed
 from .determinism import fixed_threads
-from .treatments import compensation_tables, encode_tables, fit_treatments, sidecar_dtype
+from allocplan.standins import get_stand_in_kind
+from .treatments import (encode_options, fit_treatments, sidecar_dtype, stand_in_options, stand_in_rank,
+                         stand_in_ranks)
 from .windows import calibration_source, check_token_ids, check_window_length, pack_windows
 
 logger = logging.getLogger("allocplan")
@@ -113,11 +116,18 @@ class Deployment:
         routing: the routing the plan will run (Alloc-T, k_base, weight mode).
         treatments: per layer path and k, the fitted weight treatments (field -> value).
         compensation: the sidecar record and bytes, or None.
+        stand_ins: per layer path and stand-in rank, the stand-ins the solver may choose from
+            (``StandIns``, in memory); with them every (l, k) is also measured with each rank's
+            stand-ins serving layer l, and without any. None: the sidecar serves every layer.
+        base_rank: per layer path, the rank of the stand-ins that serve the layers a probe drops
+            candidates of besides the measured one (the later layers of the ``paper`` strategy).
     """
 
     routing: RoutingConfig = RoutingConfig(token_level=False)
     treatments: dict[str, dict[int | float, dict[str, Any]]] | None = None
     compensation: tuple[CompensationRecord, bytes] | None = None
+    stand_ins: dict[str, dict[int, Any]] | None = None
+    base_rank: dict[str, int] | None = None
 
     @property
     def plain(self) -> bool:
@@ -127,9 +137,15 @@ class Deployment:
                 and self.compensation is None)
 
 
+# The stand-in option of a probe that measures without stand-ins at the measured layer.
+NO_STAND_INS = None
+
+
 @contextmanager
-def _probe(model: Any, layers: list[MoELayer], ks: list[float], deployment: Deployment) -> Iterator[None]:
-    """Route with per-layer ks as the plan would: plain top-k, or through the runtime."""
+def _probe(model: Any, layers: list[MoELayer], ks: list[float], deployment: Deployment,
+           position: int = 0, rank: int | None = NO_STAND_INS) -> Iterator[None]:
+    """Route with per-layer ks as the plan would: plain top-k, or through the runtime. With the deployment's
+    stand-in options, the layer at ``position`` is served by its rank-``rank`` stand-ins (or none)."""
     if deployment.plain:
         with top_ks(layers, [int(k) for k in ks]):
             yield
@@ -140,7 +156,13 @@ def _probe(model: Any, layers: list[MoELayer], ks: list[float], deployment: Depl
     # Layers left at their original k (with no treatment there) are left untouched by apply_plan.
     allocation = allocation_for(model, ks, deployment.routing, treatments=treatments,
                                 compensation=deployment.compensation)
-    with apply_plan(model, allocation):
+    tables = None
+    if deployment.stand_ins is not None:
+        tables = {layer.path: deployment.stand_ins[layer.path][deployment.base_rank[layer.path]]
+                  for i, (layer, k) in enumerate(zip(layers, ks)) if i > position and k < layer.top_k}
+        if rank is not NO_STAND_INS:
+            tables[layers[position].path] = deployment.stand_ins[layers[position].path][rank]
+    with apply_plan(model, allocation, stand_ins=tables):
         yield
 
 
@@ -226,7 +248,24 @@ def measure_sensitivity(
     reuse_prefix: bool = True,
     cells: set[tuple[int, int | float]] | None = None,
 ) -> tuple[list[dict[int | float, float]], float]:
-    """S[l, k] for every MoE layer and candidate k, and the reference NLL.
+    """S[l, k] for every MoE layer and candidate k, and the reference NLL (:func:`measure_sensitivities`
+    without the stand-in options)."""
+    rows, _, reference_nll = measure_sensitivities(model, windows, config, deployment, reuse_prefix=reuse_prefix,
+                                                   cells=cells)
+    return rows, reference_nll
+
+
+def measure_sensitivities(
+    model: Any,
+    windows: torch.Tensor,
+    config: ProfileConfig | None = None,
+    deployment: Deployment | None = None,
+    *,
+    reuse_prefix: bool = True,
+    cells: set[tuple[int, int | float]] | None = None,
+) -> tuple[list[dict[int | float, float]], list[dict[int, dict[int | float, float]]] | None, float]:
+    """S[l, k] for every MoE layer and candidate k, S[l, k, r] for every stand-in rank r of the
+    deployment's options, and the reference NLL.
 
     Args:
         model: a loaded causal LM of a registered family, unmodified.
@@ -241,7 +280,9 @@ def measure_sensitivity(
             None measures every cell. A cell's value does not depend on which others run.
 
     Returns:
-        One ``{k: S}`` row per MoE layer (layer order) and the untouched model's mean NLL.
+        One ``{k: S}`` row per MoE layer (layer order; with stand-in options, S without stand-ins at
+        the measured layer), one ``{r: {k: S}}`` row per layer (None without stand-in options) and the
+        untouched model's mean NLL.
     """
     config = config or ProfileConfig()
     deployment = deployment or Deployment(RoutingConfig(token_level=config.k_step != 1.0))
@@ -256,6 +297,11 @@ def measure_sensitivity(
 
     # float64 accumulators: sums over up to millions of token-level differences.
     increase = [{k: 0.0 for k in k_grid(config.k_min, original, config.k_step)} for original in originals]
+    options = deployment.stand_ins
+    # The stand-in options probed at each (l, k): none, then every rank (only the deployment's sidecar without them).
+    ranks = [[NO_STAND_INS, *sorted(options[layer.path])] if options is not None else [NO_STAND_INS]
+             for layer in layers]
+    served = [{rank: {k: 0.0 for k in row} for rank in layer_ranks[1:]} for row, layer_ranks in zip(increase, ranks)]
     reference_sum, scored = 0.0, 0
     replay = _LayerReplay(model, decoder_layers, layers)
     scratch = Scratch()  # every probe's log-probabilities and KL terms, in the same memory
@@ -274,14 +320,26 @@ def measure_sensitivity(
                     if config.strategy == "isolated" and k == originals[position]:
                         continue  # identical to the reference configuration: S = 0 exactly
                     ks = layer_ks(config.strategy, originals, position, k, config.k_min)
-                    with _probe(model, layers, ks, deployment):
-                        logprobs = (replay.probe(batch, position, scratch) if reuse_prefix
-                                    else next_token_logprobs(model, batch, scratch))
-                    increase[position][k] += score(logprobs)
+                    # At the layer's own k nothing is dropped there, so every stand-in option measures the same.
+                    for rank in ranks[position] if k != originals[position] else [NO_STAND_INS]:
+                        with _probe(model, layers, ks, deployment, position, rank):
+                            logprobs = (replay.probe(batch, position, scratch) if reuse_prefix
+                                        else next_token_logprobs(model, batch, scratch))
+                        value = score(logprobs)
+                        if rank is NO_STAND_INS:
+                            increase[position][k] += value
+                            if k == originals[position]:
+                                for row in served[position].values():
+                                    row[k] += value
+                        else:
+                            served[position][rank][k] += value
             logger.info("profiled batch of %d windows", batch.shape[0])
 
     rows = [{k: rounded(total / scored) for k, total in sorted(row.items())} for row in increase]
-    return rows, reference_sum / scored
+    stand_in_rows = None if options is None else [
+        {rank: {k: rounded(total / scored) for k, total in sorted(row.items())} for rank, row in layer_rows.items()}
+        for layer_rows in served]
+    return rows, stand_in_rows, reference_sum / scored
 
 
 def profile_model(
@@ -347,11 +405,19 @@ def _profile_model(model: Any, tokenizer: Any, config: ProfileConfig | None, rou
                       stacklevel=2)
     check_token_ids(windows, model)
     check_window_length(windows, model)
-    sidecar = tables = None
+    sidecar = tables = options = base_rank = None
+    hidden_size = model.get_input_embeddings().embedding_dim
     if compensation != "off":
-        tables = compensation_tables(model, windows, compensation, config.batch_size, config.compensation_rank,
-                                     config.drop_order, share=config.compensation_share)
-        sidecar = encode_tables(tables, compensation, sidecar_dtype(model))
+        kind = get_stand_in_kind(compensation)
+        ranks = {layer.path: stand_in_ranks(layer, hidden_size, compensation, config.compensation_share,
+                                            config.compensation_rank, config.stand_in_choice) for layer in layers}
+        # The treatments and the drop order are fitted with the stand-ins of the rank within the share.
+        base_rank = {layer.path: min(ranks[layer.path][-1], config.compensation_rank or stand_in_rank(
+                         layer, hidden_size, config.compensation_share)) if kind.low_rank else 0 for layer in layers}
+        options = stand_in_options(model, windows, compensation, config.batch_size, ranks, base_rank,
+                                   config.drop_order)
+        tables = {path: options[path][base_rank[path]] for path in options}
+        sidecar = encode_options(options, compensation, sidecar_dtype(model))
     grid = {layer.path: k_grid(config.k_min, layer.top_k, config.k_step) for layer in layers}
     treatments = None
     if weight_fit == "fitted":
@@ -359,10 +425,11 @@ def _profile_model(model: Any, tokenizer: Any, config: ProfileConfig | None, rou
     cells = None
     if shard is not None:
         cells = owned_cells([layer.top_k for layer in layers], config.k_min, config.k_step, shard)
-    rows, reference_nll = measure_sensitivity(model, windows, config, Deployment(routing, treatments, sidecar),
-                                              cells=cells)
+    rows, stand_in_rows, reference_nll = measure_sensitivities(
+        model, windows, config, Deployment(routing, treatments, sidecar, options, base_rank), cells=cells)
     return build_profile(
-        model, identity, rows,
+        model, identity, rows, stand_in_rows=stand_in_rows, hidden_size=hidden_size,
+        stand_in_choice=config.stand_in_choice,
         metric=config.metric, strategy=config.strategy, k_min=config.k_min, k_step=config.k_step,
         token_level=routing.token_level, weight_fit=weight_fit, compensation=compensation,
         reference_nll=rounded(reference_nll), calibration=record,
@@ -416,6 +483,7 @@ def resolve_treatments(model: Any, config: ProfileConfig) -> tuple[str, str]:
 
 
 def build_profile(model: Any, identity: Any, rows: list[dict], *,
+                  stand_in_rows: list[dict] | None = None,
                   treatments: dict[str, dict[int | float, dict[str, Any]]] | None = None,
                   sidecar: tuple[CompensationRecord, bytes] | None = None,
                   **measurement: Any) -> SensitivityProfile:
@@ -444,8 +512,10 @@ def build_profile(model: Any, identity: Any, rows: list[dict], *,
         ),
         compensation=record,
         layers=tuple(
-            LayerSensitivity(layer.path, layer.index, layer.top_k, row, treatment_rows(layer))
-            for layer, row in zip(layers, rows)
+            LayerSensitivity(layer.path, layer.index, layer.top_k, row, treatment_rows(layer),
+                             expert_multiply_adds=round(expert_multiply_adds(layer)),
+                             stand_in_sensitivity=None if stand_in_rows is None else stand_in_rows[position])
+            for position, (layer, row) in enumerate(zip(layers, rows))
         ),
         provenance=ProfileProvenance(
             allocplan_version=__version__,

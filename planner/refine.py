@@ -81,17 +81,20 @@ def refine_by_exchange(
     k_min: int = 1,
     unit: float = 1,
     max_steps: int | None = None,
+    allowed: Callable[[tuple], bool] | None = None,
 ) -> Refinement:
     """Local search over one-unit exchanges between layers (module docstring).
 
-    ``allocation_of(ks)`` builds the allocation a candidate runs (its k, treatments, compensation).
+    ``allocation_of(ks)`` builds the allocation a candidate runs (its k, treatments, compensation);
+    ``allowed(ks)``: whether a move may be taken (the charged budget), None: every move.
     """
     originals = [layer.top_k for layer in find_moe_layers(model)]
     current = tuple(ks)
     current_value = measured_kl(model, allocation_of(list(current)), reference)
     start, steps, measured = (current, current_value), [], 1
     while max_steps is None or len(steps) < max_steps:
-        moves = exchange_moves(current, originals, k_min=k_min, unit=unit)
+        moves = [move for move in exchange_moves(current, originals, k_min=k_min, unit=unit)
+                 if allowed is None or allowed(move)]
         scored = {move: measured_kl(model, allocation_of(list(move)), reference)
                   for move in progress(moves, desc=f"refining, step {len(steps) + 1}")}
         measured += len(scored)

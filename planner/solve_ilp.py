@@ -1,11 +1,12 @@
 """Integer linear programme for the same allocation, solved with OR-Tools (SCIP).
 
-Formulation. Binary x[l, k] = 1 iff layer l gets k experts:
+Formulation. Binary x[l, o] = 1 iff layer l takes option o (k experts, or a pair
+(k, stand-in rank r)) of integer weight w[l, o] (its charged work on the solver's grid):
 
-    minimise    sum_{l, k in C_l} S[l, k] * x[l, k]
-    subject to  sum_{k in C_l} x[l, k] = 1                 for every layer l
-                sum_{l, k in C_l} k * x[l, k] <= B
-                x[l, k] in {0, 1}
+    minimise    sum_{l, o in C_l} S[l, o] * x[l, o]
+    subject to  sum_{o in C_l} x[l, o] = 1                 for every layer l
+                sum_{l, o in C_l} w[l, o] * x[l, o] <= B
+                x[l, o] in {0, 1}
 
 SCIP is handed the costs shifted and scaled to [0, 1] (``normalized_costs``), which
 changes no optimum. It exists to cross-check the dynamic programme on every compile: an
@@ -66,11 +67,11 @@ def solve_ilp(problem: AllocationProblem, *, time_limit_s: float = 60.0) -> IlpR
 
     x: list[list[object]] = []
     for layer, ks in enumerate(problem.choices):
-        row = [solver.BoolVar(f"x_{layer}_{k}") for k in ks]
+        row = [solver.BoolVar(f"x_{layer}_{i}") for i in range(len(ks))]
         solver.Add(sum(row) == 1)
         x.append(row)
     solver.Add(
-        sum(k * var for ks, row in zip(problem.choices, x) for k, var in zip(ks, row)) <= problem.budget
+        sum(w * var for ws, row in zip(problem.weights, x) for w, var in zip(ws, row)) <= problem.budget
     )
     solver.Minimize(
         sum(cost * var for cs, row in zip(normalized_costs(problem.costs), x) for cost, var in zip(cs, row))

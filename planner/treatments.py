@@ -70,7 +70,7 @@ from allocplan.registries import lookup
 from allocplan.standins import get_stand_in_kind, map_multiply_adds
 from allocplan.standins.expert import positive
 from allocplan.formats.config import STAND_IN_SHARE, ProfileConfig, RoutingConfig
-from allocplan.formats.sidecar import CompensationRecord, record_for
+from allocplan.formats.sidecar import CompensationRecord, rank_bias_name, record_for
 from allocplan.progress import progress
 from ..runtime.allocation_builder import allocation_for
 from allocplan.weight_treatments import WEIGHT_TREATMENTS
@@ -177,8 +177,46 @@ class _ExpertMoments:
 
 
 def stand_in_rank(layer: MoELayer, hidden_size: int, share: float = STAND_IN_SHARE) -> int:
-    """The largest rank r whose stand-in map costs at most ``share`` of one expert's multiply-adds."""
-    return max(1, int(share * expert_multiply_adds(layer) // map_multiply_adds(hidden_size, 1)))
+    """The largest rank r whose stand-in map costs at most ``share`` of one expert's multiply-adds, at most the
+    hidden size (a map of H inputs to H outputs has no higher rank)."""
+    return max(1, min(hidden_size, int(share * expert_multiply_adds(layer) // map_multiply_adds(hidden_size, 1))))
+
+
+def stand_in_ranks(layer: MoELayer, hidden_size: int, kind: str, share: float = STAND_IN_SHARE,
+                   rank: int | None = None, choose: bool = True) -> tuple[int, ...]:
+    """The stand-in ranks profiled for ``layer`` (0: the constant alone), for the solver to choose from.
+
+    A kind without a map has the constant only. ``linear`` offers the constant, the rank ``rank`` (or the
+    largest within ``share``) and, with ``choose``, the largest within twice the share; without
+    ``choose`` the one rank alone (today's fixed stand-ins, charged).
+    """
+    if not get_stand_in_kind(kind).low_rank:
+        return (0,)
+    base = min(rank, hidden_size) if rank else stand_in_rank(layer, hidden_size, share)
+    if not choose:
+        return (base,)
+    wider = min(2 * rank, hidden_size) if rank else stand_in_rank(layer, hidden_size, min(1.0, 2 * share))
+    return tuple(sorted({0, base, wider}))
+
+
+def truncated(table: StandIns, moments: "_ExpertMoments", rank: int) -> StandIns:
+    """``table`` (a ``linear`` fit, directions most explained first) cut to rank ``rank``, its constant refitted.
+
+    The reduced-rank fit nests: its first r columns are the rank-r fit, and for a given map the
+    least-squares constant is mean_y - mean_x @ down @ up, recomputed here in float64 from the
+    stored (half-grid) factors, exactly as the fit computes it. Rank 0 keeps each expert's mean
+    output alone (the constant stand-in). The drop order is kept.
+    """
+    if table.down is None:
+        return table
+    count = positive(moments.mass)[:, None]  # [E, 1]
+    mean_x, mean_y = moments.sum_x / count, moments.sum_y / count  # [E, H]
+    if rank == 0:
+        return StandIns(mean_y.float(), None, None, table.order)
+    down = table.down[..., :rank].contiguous()  # [E, H, r]
+    up = table.up[:, :rank].contiguous()  # [E, r, H]
+    bias = mean_y - torch.einsum("eh,ehr,erg->eg", mean_x, down.double(), up.double())  # [E, H]
+    return StandIns(bias.float(), down, up, table.order)
 
 
 def ramp_weights(scores: torch.Tensor) -> torch.Tensor:
@@ -252,6 +290,54 @@ def _dropped_pairs(model: Any, windows: torch.Tensor, batch_size: int, layers: l
             yield position, inputs[fitted], outputs[fitted], io.indices[fitted], weights[fitted]
 
 
+def _fitted_moments(model: Any, windows: torch.Tensor, kind: str, batch_size: int, layers: list[MoELayer],
+                    family: MoEFamily) -> list[_ExpertMoments]:
+    """Each layer's weighted moments of the (token, candidate) pairs a plan can drop (one untouched pass)."""
+    moments = [_ExpertMoments(layer.experts.num_experts, get_stand_in_kind(kind).low_rank) for layer in layers]
+    for position, inputs, outputs, experts, weights in _dropped_pairs(model, windows, batch_size, layers, family,
+                                                                      f"fitting {kind} stand-ins"):
+        moments[position].add(inputs, outputs, experts, weights)
+    return moments
+
+
+def _with_drop_order(model: Any, windows: torch.Tensor, batch_size: int, layers: list[MoELayer], family: MoEFamily,
+                     tables: list[StandIns], moments: list[_ExpertMoments]) -> list[StandIns]:
+    """``tables`` with each expert's drop-order factor, measured on a second pass over ``windows``."""
+    squared = [torch.zeros(layer.experts.num_experts, dtype=torch.float64) for layer in layers]
+    for position, inputs, outputs, experts, weights in _dropped_pairs(model, windows, batch_size, layers, family,
+                                                                      "measuring the drop order"):
+        miss = (outputs.float() - tables[position].rows(inputs.float(), experts)).double().pow(2).sum(-1)  # [P]
+        squared[position].index_add_(0, experts, weights * miss)
+    return [dataclasses.replace(table, order=drop_order_factors(total, moment.mass))
+            for table, total, moment in zip(tables, squared, moments)]
+
+
+@torch.inference_mode()
+def stand_in_options(model: Any, windows: torch.Tensor, kind: str, batch_size: int,
+                     ranks: dict[str, tuple[int, ...]], base_rank: dict[str, int], drop_order: bool,
+                     ) -> dict[str, dict[int, StandIns]]:
+    """Per MoE layer path and rank of ``ranks``, the stand-ins of ``kind`` the solver may choose from.
+
+    One fit at each layer's largest rank, cut to every other (:func:`truncated`: the same fit, its
+    constant refitted per rank). The drop order is measured with the stand-ins at ``base_rank`` (the
+    rank the weight treatments are fitted with) and shared by every rank, so one routing order serves
+    the whole profile.
+    """
+    layers = find_moe_layers(model)
+    family = model_family(model)
+    moments = _fitted_moments(model, windows, kind, batch_size, layers, family)
+    low_rank = get_stand_in_kind(kind).low_rank
+    tables = [moment.stand_ins(kind, max(ranks[layer.path]) if low_rank else 1)
+              for layer, moment in zip(layers, moments)]
+    base = [truncated(table, moment, base_rank[layer.path]) if low_rank else table
+            for layer, table, moment in zip(layers, tables, moments)]
+    if drop_order:
+        ordered = _with_drop_order(model, windows, batch_size, layers, family, base, moments)
+        tables = [dataclasses.replace(table, order=with_order.order) for table, with_order in zip(tables, ordered)]
+    return {layer.path: {rank: truncated(table, moment, rank) if low_rank else table for rank in ranks[layer.path]}
+            for layer, table, moment in zip(layers, tables, moments)}
+
+
 @torch.inference_mode()
 def compensation_tables(model: Any, windows: torch.Tensor, kind: str, batch_size: int,
                         rank: int | None = None, drop_order: bool | None = None,
@@ -267,21 +353,12 @@ def compensation_tables(model: Any, windows: torch.Tensor, kind: str, batch_size
         drop_order = ProfileConfig().drop_order
     layers = find_moe_layers(model)
     family = model_family(model)
-    moments = [_ExpertMoments(layer.experts.num_experts, get_stand_in_kind(kind).low_rank) for layer in layers]
-    for position, inputs, outputs, experts, weights in _dropped_pairs(model, windows, batch_size, layers, family,
-                                                                      f"fitting {kind} stand-ins"):
-        moments[position].add(inputs, outputs, experts, weights)
+    moments = _fitted_moments(model, windows, kind, batch_size, layers, family)
     hidden_size = model.get_input_embeddings().embedding_dim
     tables = [moment.stand_ins(kind, rank or stand_in_rank(layer, hidden_size, share))
               for layer, moment in zip(layers, moments)]
     if drop_order:
-        squared = [torch.zeros(layer.experts.num_experts, dtype=torch.float64) for layer in layers]
-        for position, inputs, outputs, experts, weights in _dropped_pairs(model, windows, batch_size, layers, family,
-                                                                          "measuring the drop order"):
-            miss = (outputs.float() - tables[position].rows(inputs.float(), experts)).double().pow(2).sum(-1)  # [P]
-            squared[position].index_add_(0, experts, weights * miss)
-        tables = [dataclasses.replace(table, order=drop_order_factors(total, moment.mass))
-                  for table, total, moment in zip(tables, squared, moments)]
+        tables = _with_drop_order(model, windows, batch_size, layers, family, tables, moments)
     return {layer.path: table for layer, table in zip(layers, tables)}
 
 
@@ -334,6 +411,29 @@ def encode_tables(tables: dict[str, StandIns], kind: str, dtype: torch.dtype = t
             tensors[f"{path}.up"] = stand_ins.up.to(dtype).contiguous()
         if stand_ins.order is not None:
             tensors[f"{path}.order"] = stand_ins.order.float().clone()  # own storage: safetensors refuses shared
+    data = save(tensors)
+    return record_for(data, kind), data
+
+
+def encode_options(options: dict[str, dict[int, StandIns]], kind: str, dtype: torch.dtype = torch.float32
+                   ) -> tuple[CompensationRecord, bytes]:
+    """A profile's sidecar of stand-in options (formats/sidecar.plan_sidecar cuts a plan's from it): per
+    layer, the factors at its largest rank, one constant per rank and the drop order."""
+    from safetensors.torch import save
+
+    if dtype not in SIDECAR_DTYPES:
+        raise ValueError(f"sidecar dtype {dtype} is not one of {', '.join(map(str, SIDECAR_DTYPES))}")
+    tensors = {}
+    for path in sorted(options):
+        by_rank = options[path]
+        largest = by_rank[max(by_rank)]
+        for rank, table in by_rank.items():
+            tensors[rank_bias_name(path, rank)] = table.bias.to(dtype).contiguous()
+        if largest.down is not None:
+            tensors[f"{path}.down"] = largest.down.to(dtype).contiguous()
+            tensors[f"{path}.up"] = largest.up.to(dtype).contiguous()
+        if largest.order is not None:
+            tensors[f"{path}.order"] = largest.order.float().clone()
     data = save(tensors)
     return record_for(data, kind), data
 

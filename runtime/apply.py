@@ -140,12 +140,10 @@ def _untouched(entry: LayerAllocation, allocation: Allocation, token_selector: T
             and allocation.weights.renormalize in ("model", "none"))
 
 
-_DECODED: dict[str, dict[str, torch.Tensor]] = {}  # sha256 -> tensors of the last sidecar decoded
-
-
 def _decoded_sidecar(sha256: str, name: str, data: bytes) -> dict[str, torch.Tensor]:
-    """The sidecar's tensors after checking its bytes' hash (the last decoding is kept: profiling
-    applies the same sidecar for every probe)."""
+    """The sidecar's tensors after checking its bytes' hash. Nothing keeps them once the stand-ins are
+    built from them, so an applied plan holds one copy of its stand-ins (the planner's probes, which
+    try many, pass them in memory instead: ``apply_plan(..., stand_ins=)``)."""
     from safetensors.torch import load
 
     from allocplan.formats.records import sha256_bytes
@@ -153,16 +151,11 @@ def _decoded_sidecar(sha256: str, name: str, data: bytes) -> dict[str, torch.Ten
     if sha256_bytes(data) != sha256:
         raise AllocplanError(f"the compensation vectors do not match the sha256 the plan records for {name!r};"
                              " restore the sidecar or recompile")
-    if sha256 in _DECODED:
-        return _DECODED[sha256]
     try:
-        tensors = load(data)
+        return load(data)
     except Exception as exc:  # safetensors raises its own error types for malformed bytes
         raise AllocplanError(f"compensation file {name!r} is not a readable safetensors file:"
                              f" {str(exc).splitlines()[0][:120]}") from None
-    _DECODED.clear()
-    _DECODED[sha256] = tensors
-    return tensors
 
 
 def load_compensation(allocation: Allocation, layers: list[MoELayer], model: Any) -> dict[str, Any]:
@@ -203,14 +196,30 @@ def load_compensation(allocation: Allocation, layers: list[MoELayer], model: Any
 
     kind = get_stand_in_kind(record.kind)
     stand_ins = {}
-    for layer in layers:
-        # The kind's terms (allocplan/standins/): its constants, and a low-rank map where it keeps one.
+    ranked = allocation.ranked_stand_ins
+    expected = {f"{entry.path}{suffix}" for entry in allocation.layers
+                if entry.stand_in_rank is not None or not ranked for suffix in ("", ".down", ".up", ".order")}
+    extra = sorted(name for name in tensors if name not in expected)
+    if ranked and extra:
+        raise AllocplanError(f"compensation file {record.file!r} holds {extra[0]}, which no layer of the plan runs"
+                             " (its stand_in_rank is null); the sidecar belongs to another plan: recompile")
+    for layer, entry in zip(layers, allocation.layers):
+        if (ranked and entry.stand_in_rank is None) or entry.planned_k == entry.original_k:
+            continue  # no stand-ins serve this layer's dropped candidates, or it drops none
+        # The kind's terms (allocplan/standins/): its constants, and a low-rank map where it keeps one (a rank-0
+        # entry of a kind with a map keeps the constant alone).
         shapes = sidecar_shapes(kind, layer.path, layer.experts.num_experts, hidden)
         bias = tensor(layer.path, shapes[layer.path], layer)
         down = up = None
-        if kind.low_rank:
-            down = tensor(f"{layer.path}.down", shapes[f"{layer.path}.down"], layer)
+        if kind.low_rank and entry.stand_in_rank != 0:
+            down_shape = shapes[f"{layer.path}.down"]
+            if entry.stand_in_rank is not None:
+                down_shape = (*down_shape[:-1], entry.stand_in_rank)
+            down = tensor(f"{layer.path}.down", down_shape, layer)
             up = tensor(f"{layer.path}.up", (shapes[f"{layer.path}.up"][0], down.shape[-1], hidden), layer)
+        elif f"{layer.path}.down" in tensors:
+            raise AllocplanError(f"compensation file {record.file!r} holds a map for {layer.path}, whose entry runs"
+                                 " the constant stand-in alone (stand_in_rank 0); recompile the plan")
         order = None
         if f"{layer.path}.order" in tensors:  # optional: sidecars without a drop order stay valid
             # float32 like the selection scores it multiplies (beside the experts, like the stand-ins).
@@ -257,6 +266,7 @@ def apply_plan(
     plan: Allocation | Plan | str | os.PathLike[str],
     *,
     token_selector: TokenSelector | None = None,
+    stand_ins: dict[str, Any] | None = None,
 ) -> PlanHandle:
     """Apply an allocation to a loaded model: a Plan, a plan file, or an Allocation built in code.
 
@@ -267,6 +277,10 @@ def apply_plan(
     ``token_selector`` replaces the allocation's per-token choice in every layer
     (rewritten routing is then used whatever the allocation says); allocplan's
     baselines use it for threshold rules such as top-p or NAEE-style skipping.
+
+    ``stand_ins``: stand-ins already decoded (``StandIns`` per layer path; a layer left out has none),
+    run instead of decoding the allocation's sidecar: the planner's probes try many per-layer stand-ins
+    with one fit in memory.
 
     Raises:
         AllocplanError: the plan is invalid, belongs to another model, or a plan is
@@ -295,7 +309,10 @@ def apply_plan(
                                           or any(entry.treated for entry in allocation.layers)):
         raise AllocplanError(f"{family.model_type} cannot run weight treatments or compensation"
                              f" ({family.treatments_unsupported}); compile with --weight-fit off --compensation off")
-    tables = load_compensation(allocation, layers, model) if allocation.compensation is not None else {}
+    if stand_ins is not None:
+        tables = stand_ins
+    else:
+        tables = load_compensation(allocation, layers, model) if allocation.compensation is not None else {}
     # Layers the allocation leaves exactly as they are get no hooks at all, so a full-budget plan
     # changes nothing, not even the float rounding.
     touched = [not _untouched(entry, allocation, token_selector) for entry in allocation.layers]

@@ -16,7 +16,7 @@ multiply-adds (``--compensation-share``; the default is formats.config.STAND_IN_
 ``--extra-experts J`` compiles the plan at J activations per token above budget 0.5 (the gap
 stays measured against uniform at 0.5): the same extra work spent on experts instead of on stand-in
 rank. Each fold also prints ``stand_in_work``, the stand-ins' multiply-adds per token over the kept
-experts', counted as docs/results.md counts it (allocplan/evaluation/study.py, stand_in_overhead).
+experts', as the plan's charged budget counts it (budget.stand_in_work over its planned activations).
 
 Run:  python scripts/cv_stand_in_fit.py bundled:ref-dsv2 --weights ramp,uniform
       (one thread; per weighting about 2.5 minutes for ref-dsv2, 1.5 for ref-olmoe and 4 for ref-qwen3
@@ -34,7 +34,6 @@ import torch
 from allocplan.bundled import DEFAULT_CALIBRATION
 from allocplan.evaluation.methods import build_policy
 from allocplan.evaluation.metrics import nll_and_activations
-from allocplan.evaluation.study import stand_in_overhead
 from allocplan.formats.budget import BudgetRequest, round_half_up
 from allocplan.formats.config import STAND_IN_SHARE, ProfileConfig
 from allocplan.loading import load_model
@@ -91,7 +90,7 @@ def main() -> None:
             print(json.dumps({"model": args.model, "weights": name, "fold": fold, "full": round(full, 6),
                               "uniform": round(uniform, 6), "plan": round(planned, 6),
                               "gap_closed": round(closed[-1], 4),
-                              "stand_in_work": round(stand_in_overhead(model, plan.allocation), 4),
+                              "stand_in_work": round(plan.budget.stand_in_work / plan.budget.planned_activations, 4),
                               "seconds": round(time.time() - started)}),
                   flush=True)
         means[name] = sum(closed) / len(closed)

@@ -10,7 +10,9 @@ downloaded. Topics are split deterministically by their sorted position:
                                          interleaved with tkinter's source and arithmetic
                                          problems, as the training text interleaves them
     data/eval.txt                        held-out evaluation text (never calibrated on):
-                                         topics interleaved with idlelib's source
+                                         topics interleaved with idlelib's source, less every
+                                         line of 20 or more characters that occurs anywhere in
+                                         the training or calibration text
 
 The reference models are trained on that prose, on the standard library's
 top-level modules and on arithmetic problems (scripts/train_reference.py), so
@@ -20,7 +22,11 @@ problems of data/arith_eval.txt, which score arithmetic separately). Evaluation
 text mixes prose and code; arithmetic is evaluated on its own. The source of
 the tkinter and idlelib packages is never part of training (packages are not
 top-level modules, and their docstrings are left out of train.txt), so it is
-held out like the topics.
+held out like the topics. Topics repeat each other's text, though, and code repeats
+common lines, so eval.txt then drops every line whose text (stripped, 20 characters or
+more) occurs verbatim anywhere in train.txt, in calibration.txt or in the standard-library
+source the references were trained on (scripts/train_reference.py's stdlib_source):
+no long line of the evaluation text was seen in training or calibration.
 
 Run: python scripts/make_corpus.py   (output depends only on the CPython version's files)
 """
@@ -110,6 +116,23 @@ def with_arithmetic(text: str, per_piece: int = 40) -> str:
                    for i, piece in enumerate(chunks))
 
 
+# Lines at least this long (stripped) that occur in training or calibration text are dropped from eval.txt.
+SHARED_LINE_CHARS = 20
+
+
+def held_out_lines(text: str, seen: list[str]) -> tuple[str, int]:
+    """``text`` without the lines whose stripped text (SHARED_LINE_CHARS or longer) occurs verbatim in any of
+    ``seen``, and how many lines that dropped."""
+    kept, dropped = [], 0
+    for line in text.splitlines(keepends=True):
+        body = line.strip()
+        if len(body) >= SHARED_LINE_CHARS and any(body in other for other in seen):
+            dropped += 1
+            continue
+        kept.append(line)
+    return "".join(kept), dropped
+
+
 def main() -> None:
     names = sorted(pydoc_data.topics.topics)
     splits: dict[str, list[str]] = {"train": [], "calibration": [], "eval": []}
@@ -121,6 +144,12 @@ def main() -> None:
     for split, (package, chars) in HELD_OUT_CODE.items():
         texts[split] = interleave(texts[split], package_source(package, chars))
     texts["calibration"] = with_arithmetic(texts["calibration"])
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from train_reference import stdlib_source  # the code the references were trained on
+
+    training_code = stdlib_source(len(texts["train"]))
+    texts["eval"], dropped = held_out_lines(texts["eval"], [texts["train"], texts["calibration"], training_code])
+    print(f"data/eval.txt: dropped {dropped} lines shared with training or calibration text", file=sys.stderr)
     targets = {
         "train": ROOT / "data" / "train.txt",
         "calibration": ROOT / "allocplan" / "data" / "calibration.txt",

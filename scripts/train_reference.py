@@ -8,6 +8,10 @@ small causal LMs on which a smaller top-k measurably hurts:
     ref-olmoe  OLMoE architecture: 16 experts, top-4, softmax router without renormalisation.
     ref-qwen3  Qwen3-MoE architecture, fine-grained like Qwen3-30B-A3B (8 of 128): 64 narrow
                experts, top-8, top-k weights renormalised (norm_topk_prob), every layer MoE.
+    ref-deep   Mixtral architecture as deep as OLMoE-1B-7B: 16 MoE layers (every layer MoE),
+               16 experts, top-4, renormalised top-k weights, narrow (hidden 64, experts of
+               64) so that 1400 steps fit in 45 minutes on one thread: the reference on which
+               the per-layer allocation has room to matter.
 
 Training data (deterministic, built here): the standard library's own source files
 and docstring text (data/train.txt, scripts/make_corpus.py), interleaved with a
@@ -29,6 +33,7 @@ idle core; training.json records the wall-clock time of the committed run):
       python scripts/train_reference.py --name ref-dsv2 --steps 1700 --threads 1
       python scripts/train_reference.py --name ref-olmoe --steps 2000 --threads 1
       python scripts/train_reference.py --name ref-qwen3 --steps 1500 --batch-size 8 --threads 1
+      python scripts/train_reference.py --name ref-deep --steps 1400 --threads 1
 
 ref-qwen3 takes batches of 8 windows: on CPU its 64 small experts make a step about 2.4x as
 slow per token as ref-olmoe's, and 1500 steps of 8 keep the run within 45 minutes on one thread.
@@ -47,13 +52,20 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, DeepseekV2Config, OlmoeConfig, PreTrainedTokenizerFast, Qwen3MoeConfig
+from transformers import (
+    AutoModelForCausalLM,
+    DeepseekV2Config,
+    MixtralConfig,
+    OlmoeConfig,
+    PreTrainedTokenizerFast,
+    Qwen3MoeConfig,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 VOCAB_SIZE = 4096
 ARITH_EVAL = ROOT / "data" / "arith_eval.txt"
 ARITH_EVAL_PROBLEMS = 400
-REFERENCES = ("ref-dsv2", "ref-olmoe", "ref-qwen3")
+REFERENCES = ("ref-dsv2", "ref-olmoe", "ref-qwen3", "ref-deep")
 
 
 def arithmetic_problems(seed: int) -> tuple[list[str], set[tuple[int, str, int]]]:
@@ -149,6 +161,12 @@ def make_config(name: str, tokenizer: PreTrainedTokenizerFast):
             hidden_size=128, intermediate_size=384, moe_intermediate_size=32, num_hidden_layers=6,
             num_attention_heads=4, num_key_value_heads=4, head_dim=32, num_experts=64, num_experts_per_tok=8,
             norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], **common,
+        )
+    if name == "ref-deep":
+        return MixtralConfig(
+            hidden_size=64, intermediate_size=64, num_hidden_layers=16, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, num_local_experts=16, num_experts_per_tok=4,
+            router_jitter_noise=0.0, sliding_window=None, **common,
         )
     raise SystemExit(f"unknown reference model {name!r}; use one of {', '.join(REFERENCES)}")
 

@@ -81,7 +81,7 @@ def build_workspace(root: Path) -> Workspace:
     allocplan.save_plan(plan, root / "plan.yaml")
     (root / "with-sidecar").mkdir()
     compensated = allocplan.compile_plan(str(root / "ckpt"), 0.5, profile=allocplan.ProfileConfig(
-        **small, compensation="expert"), refine=allocplan.RefineConfig(refine=False))
+        **small, compensation="expert", stand_in_choice=False), refine=allocplan.RefineConfig(refine=False))
     allocplan.save_plan(compensated, root / "with-sidecar" / "plan.yaml")
     allocplan.save_recipe(allocplan.Recipe(budget=allocplan.BudgetRequest(ratio=0.5)), root / "recipe.yaml")
     # A checkpoint whose tokenizer gives ids past the model's embedding (vocab 64 < the tokenizer's 101 ids).
@@ -204,7 +204,7 @@ CASES: list[Case] = [
     Case("profile", "unknown metric", lambda w: ["solve", w.profile_with("p4.yaml", "metric: kl", "metric: ppl"),
                                                  "--budget", "0.5", "-o", str(w.path("out4.yaml"))], "metric"),
     Case("profile", "future schema version", lambda w: ["solve", w.profile_with(
-        "p5.yaml", "schema_version: 2", "schema_version: 9"), "--budget", "0.5", "-o", str(w.path("out5.yaml"))],
+        "p5.yaml", "schema_version: 3", "schema_version: 9"), "--budget", "0.5", "-o", str(w.path("out5.yaml"))],
          "schema_version 9 is not supported"),
     # --- output paths ------------------------------------------------------------------------------------
     Case("output", "output equals the input profile", lambda w: ["solve", str(w.path("profile.yaml")), "--budget",

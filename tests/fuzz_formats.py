@@ -156,7 +156,7 @@ def _round_half_up(value: float) -> int:
 def plan_invariants(plan: Plan) -> None:
     """Every invariant docs/plan-format.md lists, checked independently of validate_plan."""
     layers = plan.layers
-    assert plan.schema_version == 2 and plan.kind == "allocplan-plan"
+    assert plan.schema_version == 3 and plan.kind == "allocplan-plan"
     assert len(layers) == plan.model.num_moe_layers >= 1
     assert re.fullmatch(r"sha256:[0-9a-f]{16}", plan.model.fingerprint)
     assert 1 <= plan.model.num_experts
@@ -187,6 +187,9 @@ def plan_invariants(plan: Plan) -> None:
     assert budget.original_activations == original
     assert abs(budget.planned_activations - planned) <= 1e-9
     assert planned <= budget.total_activations + 1e-9 and 0 < budget.total_activations <= original
+    if budget.charged_work is not None:  # charged: experts plus stand-ins, within the budget
+        assert abs(budget.charged_work - planned - budget.stand_in_work) <= 1e-6
+        assert budget.charged_work <= budget.total_activations + 1e-6
     if budget.ratio is not None:
         assert 0 < budget.ratio <= 1 and budget.total_activations == _round_half_up(budget.ratio * original)
     solver = plan.solver
@@ -206,7 +209,7 @@ def plan_invariants(plan: Plan) -> None:
 def profile_invariants(profile: SensitivityProfile) -> None:
     """The profile's documented invariants, checked independently."""
     measurement = profile.measurement
-    assert profile.schema_version == 2 and profile.kind == "allocplan-profile"
+    assert profile.schema_version == 3 and profile.kind == "allocplan-profile"
     assert measurement.metric in ("nll", "kl", "output-change")
     assert measurement.strategy in ("isolated", "paper", "data-free")
     assert measurement.k_step in (1.0, 0.5) and measurement.k_min >= 1
@@ -259,10 +262,22 @@ def structured_plan_data(draw: Any, base: dict) -> dict:
     data["weights"] = {"renormalize": renormalize, "reference_k": reference_k}
     planned = sum(layer["planned_k"] for layer in layers)
     original = data["budget"]["original_activations"]
-    total = draw(st.integers(max(1, math.ceil(planned - 1e-9)), original))
-    data["budget"].update(planned_activations=planned, total_activations=total, ratio=None)
     if draw(st.booleans()):
         data["compensation"] = None
+    # Layers keep the base plan's stand-in ranks (the sidecar holds exactly those); without compensation none.
+    # The charge of a rank-r stand-in per dropped candidate of the tiny olmoe: (2 r H + H) / M, H 32, M 6144.
+    stand_in = 0.0
+    for layer in layers:
+        if data["compensation"] is None:
+            layer["stand_in_rank"] = None
+        elif layer["stand_in_rank"] is not None:
+            stand_in += (layer["original_k"] - layer["planned_k"]) * (2 * layer["stand_in_rank"] + 1) * 32 / 6144
+    charged = float(f"{planned + stand_in:.9g}")
+    total = draw(st.integers(max(1, math.ceil(charged - 1e-9)), original))
+    data["budget"].update(planned_activations=planned, total_activations=total, ratio=None,
+                          stand_in_work=float(f"{stand_in:.9g}"), charged_work=charged,
+                          sidecar_bytes=data["budget"]["sidecar_bytes"] if data["compensation"] else 0,
+                          sidecar_share=data["budget"]["sidecar_share"] if data["compensation"] else 0.0)
     return data
 
 
@@ -289,7 +304,7 @@ def apply_and_check(plan: Plan, model: Any, ids: Any, sidecar: bytes | None) -> 
         after = model(input_ids=ids).logits
     tokens = ids.numel()
     slack = len(plan.layers) * 0.5 / tokens
-    measured = counts.total_per_token()
+    measured = counts.total_per_token() + counts.stand_in_work_per_token()  # charged: experts and stand-ins
     assert measured <= plan.budget.total_activations + slack + 1e-9, (measured, plan.budget.total_activations)
     assert bool(torch.isfinite(planned).all())
     assert torch.equal(before, after)

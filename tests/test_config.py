@@ -45,6 +45,7 @@ profile:
   compensation: auto
   compensation_rank: null
   compensation_share: 0.1
+  stand_in_choice: true
   drop_order: true
 routing:
   token_level: true

@@ -130,7 +130,7 @@ def test_full_budget_plan_is_bit_identical(family, compiled):
             **{f: getattr(plan, f) for f in plan.__dataclass_fields__},
             "layers": tuple(LayerAllocation(e.path, e.index, e.original_k, e.original_k) for e in plan.layers),
             "budget": Budget(1.0, plan.budget.original_activations, plan.budget.original_activations,
-                             plan.budget.original_activations),
+                             plan.budget.original_activations, None, None, None, None),
         }
     )
     model, _ = load_model(str(ckpt))

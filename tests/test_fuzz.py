@@ -120,7 +120,7 @@ def compiled_tiny(tmp_path_factory):
     calib.write_text(DEFAULT_CALIBRATION.read_text(encoding="utf-8")[:20000], encoding="utf-8")
     model = build_tiny_model("olmoe")
     plan = allocplan.compile_plan(model, 0.5, tokenizer=tiny_tokenizer(), profile=allocplan.ProfileConfig(
-        calib=str(calib), calib_tokens=256, seq_len=64, compensation="linear"))
+        calib=str(calib), calib_tokens=256, seq_len=64, compensation="linear", stand_in_choice=False))
     ids = torch.randint(5, 100, (2, 16), generator=torch.Generator().manual_seed(0))
     return to_data(plan), plan.compensation_data, model, ids
 

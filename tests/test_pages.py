@@ -26,10 +26,28 @@ def test_target_verdict_by_hand():
     assert target_verdict(0.65, 0.70) == "0.65 (missed by 0.05)"
     assert target_verdict(-0.1, 0.50) == "-0.10 (missed by 0.60)"
     assert target_verdict(None, 0.70) == "— (missed)"  # uniform lost nothing: no gap to close
+    # With an interval, the lower end is judged: a point estimate above the goal is not enough.
+    assert target_verdict(0.74, 0.70, 0.65, 0.84) == "0.74 [0.65, 0.84] (missed by 0.05)"
+    assert target_verdict(0.80, 0.70, 0.70, 0.90) == "0.80 [0.70, 0.90] (met)"
     assert fmt(-0.00001, 2) == "0.00" and fmt(None) == "—"
     # "beats" needs the whole interval below zero.
     assert beats({"mean": -0.02, "low": -0.03, "high": -0.001})
     assert not beats({"mean": -0.02, "low": -0.03, "high": 0.0})
+
+
+def test_same_work_uniform_by_hand():
+    from allocplan.evaluation.study import same_work_uniform
+
+    # Two layers; uniform k = 1, 2, 3 of K = 4; windows' summed NLL 10, 8, 7 and full 6.
+    rows = {str(k): {"modes": {"decode-b1": {"window_nll": [v, v]}}} for k, v in ((1, 10.0), (2, 8.0), (3, 7.0))}
+    full = {"modes": {"decode-b1": {"window_nll": [6.0, 6.0]}}}
+    # 5 expert-equivalents over 2 layers: 2.5 per layer, half the text at k = 2 and half at k = 3.
+    same = same_work_uniform(rows, full, "decode-b1", 5.0, 2, 2)
+    assert (same["k_low"], same["k_high"], same["share_high"]) == (2, 3, 0.5) and same["window_nll"] == [7.5, 7.5]
+    # 7 per layer: between k = 3 and the full model (k = 4).
+    assert same_work_uniform(rows, full, "decode-b1", 7.0, 2, 1)["window_nll"] == [6.5]
+    # Below one expert per layer: uniform at k = 1 (the cheapest uniform there is).
+    assert same_work_uniform(rows, full, "decode-b1", 1.5, 2, 1)["window_nll"] == [10.0]
 
 
 @needs_docs
@@ -40,18 +58,18 @@ def test_results_targets_follow_the_numbers():
     changed = copy.deepcopy(results)
     dsv2 = next(res for res in changed if res["model"] == "ref-dsv2")
     main = dsv2["budgets"]["0.5"]
-    main["rows"]["allocplan"]["modes"]["prefill"]["gap_closed"] = 0.65
-    main["rows"]["allocplan"]["modes"]["decode-b1"]["gap_closed"] = 0.50
+    main["same_work"]["decode-b1"].update(gap_closed=0.75, low=0.65, high=0.85)
+    main["same_work"]["decode-b8"].update(gap_closed=0.80, low=0.70, high=0.90)
     # The default no longer beats uniform in decode-b8: its interval now reaches zero.
     main["bootstrap"]["uniform"]["decode-b8"] = {"mean": -0.01, "low": -0.02, "high": 0.001}
-    main["bootstrap"]["naee"]["prefill"]["high"] = 0.0  # and no longer beats NAEE in prefill
+    main["bootstrap"]["naee"]["decode-b1"]["high"] = 0.0  # and no longer beats NAEE in decode-b1
     main["rows"]["allocplan"]["arith_accuracy"], main["rows"]["uniform"]["arith_accuracy"] = 0.25, 0.5
     row = next(line for line in target_lines(changed) if line.startswith("| ref-dsv2 |"))
     cells = [cell.strip() for cell in row.strip("|").split("|")]
-    assert cells[1] == "0.65 (missed by 0.05)"
-    assert cells[3] == "0.50 (met)"
-    assert cells[4] == "no" and cells[5] == "no: not naee"
-    assert cells[6] == "0.250 vs 0.500 (below)"
+    assert cells[1] == "0.75 [0.65, 0.85] (missed by 0.05)"
+    assert cells[2] == "0.80 [0.70, 0.90] (met)"
+    assert cells[5] == "no" and cells[6] == "no: not naee"
+    assert cells[7] == "0.250 vs 0.500 (below)"
     # The models not touched keep the rows the committed page shows.
     committed = (DOCS / "results.md").read_text(encoding="utf-8").splitlines()
     for line in target_lines(results):

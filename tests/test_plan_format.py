@@ -40,7 +40,7 @@ def make_profile(rows=((0.9, 0.4, 0.1, 0.0), (0.05, 0.02, 0.01, 0.0), (2.0, 0.7,
         for i, row in enumerate(rows)
     )
     return SensitivityProfile(
-        schema_version=2,
+        schema_version=3,
         kind="allocplan-profile",
         model=ModelIdentity("test/model", None, "olmoe", "sha256:0123456789abcdef", len(rows), 8),
         measurement=Measurement(
@@ -145,7 +145,7 @@ def mutated(plan: Plan, edit) -> dict:
         (lambda d: d["provenance"]["calibration"].update(source="jsonl"), "calibration.text_field: must name"),
         (lambda d: d["layers"][0].update(experts=[1, 2]), "unknown key"),
         (lambda d: d["model"].pop("fingerprint"), "missing key"),
-        (lambda d: d.update(schema_version=3), "schema_version 3 is not supported"),
+        (lambda d: d.update(schema_version=4), "schema_version 4 is not supported"),
         (lambda d: d.update(schema_version="1"), "schema_version '1' is not supported"),
         (lambda d: d.update(kind="allocplan-profile"), "is this an allocplan plan"),
         (lambda d: d["layers"][0].update(planned_k="2"), "expected a number"),
@@ -302,13 +302,13 @@ def test_version_1_files_are_read_as_version_2():
     # field takes the value that means "as version 1 did".
     data_dir = Path(__file__).resolve().parent / "data"
     plan = load_plan(data_dir / "plan-v1.yaml")
-    assert plan.schema_version == 2 and plan.compensation is None and plan.solver.refinement is None
+    assert plan.schema_version == 3 and plan.compensation is None and plan.solver.refinement is None
     assert (plan.token_level.scope, plan.token_level.prefer) == ("batch", "score")
     assert [(e.planned_k, e.normalizer_k, e.gain) for e in plan.layers] == [
         (3, None, 1.0), (2, None, 1.0), (1, None, 1.0), (2, None, 1.0), (2, None, 1.0), (2, None, 1.0)]
     assert plan.solver.dp_objective == 0.07736845477
     profile = load_profile(data_dir / "profile-v1.yaml")
-    assert profile.schema_version == 2 and profile.compensation is None
+    assert profile.schema_version == 3 and profile.compensation is None
     assert (profile.measurement.weight_fit, profile.measurement.compensation) == ("off", "off")
     assert all(row.normalizer_k is None and row.gain is None for row in profile.layers)
     # The upgraded profile still solves to the version-1 plan's allocation.

@@ -43,7 +43,7 @@ def test_readme_training_commands_are_the_recorded_ones():
     # Each reference's training command in README is the one its training.json records.
     text = README.read_text(encoding="utf-8")
     commands = re.findall(r"^(python scripts/train_reference\.py --name (\S+) .*?)\s+#", text, re.MULTILINE)
-    assert {name for _, name in commands} == {"ref-dsv2", "ref-olmoe", "ref-qwen3"}
+    assert {name for _, name in commands} == {"ref-dsv2", "ref-olmoe", "ref-qwen3", "ref-deep"}
     for command, name in commands:
         recorded = json.loads((ROOT / "allocplan" / "data" / "models" / name / "training.json").read_text())
         assert " ".join(command.split()) == recorded["command"], name

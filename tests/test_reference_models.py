@@ -13,7 +13,7 @@ from allocplan.loading import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "results.json"
-REFERENCES = ["ref-dsv2", "ref-olmoe", "ref-qwen3"]
+REFERENCES = ["ref-dsv2", "ref-olmoe", "ref-qwen3", "ref-deep"]
 
 
 def documented() -> dict[str, dict]:

@@ -48,7 +48,8 @@ def test_a_toy_kind_compiles_applies_and_reports(toy_kind, calib_file, tmp_path)
     from allocplan.planner.treatments import compensation_tables
 
     model, tokenizer = build_tiny_model("olmoe"), tiny_tokenizer()
-    profile = allocplan.ProfileConfig(calib=str(calib_file), calib_tokens=256, seq_len=64, compensation="half-mean")
+    profile = allocplan.ProfileConfig(calib=str(calib_file), calib_tokens=256, seq_len=64, compensation="half-mean",
+                                      stand_in_choice=False)  # every layer that drops candidates runs the toy
     plan = allocplan.compile_plan(model, 0.5, profile=profile, tokenizer=tokenizer)
     assert plan.compensation.kind == "half-mean"
     allocplan.save_plan(plan, tmp_path / "plan.yaml")

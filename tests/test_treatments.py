@@ -511,7 +511,13 @@ def test_profile_with_treatments_round_trips_and_solves_to_its_treatments(tmp_pa
     plan = allocplan.solve_profile(loaded, 0.5)
     for entry, row in zip(plan.layers, loaded.layers):
         assert entry.gain == row.gain[entry.planned_k]
-    assert plan.compensation == profile.compensation
+    # The plan's sidecar is cut from the profile's: each layer's stand-ins at the rank the solver chose.
+    from allocplan.formats.sidecar import sidecar_raw
+
+    cut, whole = sidecar_raw(plan.compensation_data), sidecar_raw(loaded.compensation_data)
+    for entry in plan.layers:
+        if entry.stand_in_rank is not None:
+            assert (cut[entry.path][1] == whole[f"{entry.path}.r{entry.stand_in_rank}"][1]).all()
     # At full k, a layer keeps no treatment: a full-budget plan changes nothing.
     assert all(row.gain[row.original_k] == 1.0 for row in loaded.layers)
 
@@ -533,15 +539,16 @@ def test_drop_order_is_measured_into_the_sidecar_and_routes_the_plan(calib_file)
     for layer in layers:
         order = tensors[f"{layer.path}.order"]
         assert order.shape == (8,) and bool((order > 0).all()) and not torch.equal(order, torch.ones(8))
-        torch.testing.assert_close(tensors[layer.path], plain_tensors[layer.path])  # the same stand-ins
+        torch.testing.assert_close(tensors[f"{layer.path}.r9"], plain_tensors[f"{layer.path}.r9"])  # same stand-ins
     ks = [2] * len(layers)
     # The factors are within a few percent of one, so a candidate pair changes places only where its
     # scores are close: 128 tokens have such pairs (24 need not).
     ids = torch.randint(1, 100, (4, 32), generator=torch.Generator().manual_seed(4))
     logits = []
+    from allocplan.planner.solve import allocation_from_profile
+
     for profile in (ordered[0], plain):
-        allocation = allocation_for(model, ks, RoutingConfig(token_level=False),
-                                    compensation=(profile.compensation, profile.compensation_data))
+        allocation = allocation_from_profile(profile, ks, RoutingConfig(token_level=False), [9] * len(layers))
         with allocplan.apply_plan(model, allocation), torch.inference_mode():
             logits.append(model(input_ids=ids).logits)
     assert not torch.equal(logits[0], logits[1])
@@ -557,7 +564,7 @@ def test_validate_and_apply_refuse_a_changed_or_missing_sidecar(tmp_path, calib_
     model.save_pretrained(checkpoint)
     tiny_tokenizer().save_pretrained(checkpoint)
     plan = allocplan.compile_plan(str(checkpoint), 0.5, profile=allocplan.ProfileConfig(
-        calib=str(calib_file), calib_tokens=256, seq_len=64, compensation="expert"),
+        calib=str(calib_file), calib_tokens=256, seq_len=64, compensation="expert", stand_in_choice=False),
         refine=allocplan.RefineConfig(refine=False))
     allocplan.save_plan(plan, tmp_path / "plan.yaml")
     sidecar = tmp_path / plan.compensation.file
@@ -628,11 +635,13 @@ def test_batch1_decode_fast_path_matches_the_general_rewrite(family, windows, mo
         kind = allocation.compensation and allocation.compensation.kind
         runs[fast_routing, fast_stand_ins, linear_form, kind] = (logits, counts)
     # Each short form ran in every layer at each of the five single-token steps, and only where switched
-    # on (the stand-ins' form only where there are stand-ins).
-    assert taken == {"keep": 4 * 3 * 5 * len(layers), "stand-ins": 3 * 2 * 5 * len(layers)}
+    # on (the stand-ins' form only where there are stand-ins: not in a layer left at its own k, which drops
+    # nothing).
+    dropping = sum(k < layer.top_k for k, layer in zip(ks, layers))
+    assert taken == {"keep": 4 * 3 * 5 * len(layers), "stand-ins": 3 * 2 * 5 * dropping}
     # The fitted linear stand-ins are on the half grid, so where the kernel can run it served every layer
     # at every step of the native form (and was asked nowhere else).
-    assert native_used == [standins_kernel() is not None] * (5 * len(layers))
+    assert native_used == [standins_kernel() is not None] * (5 * dropping)
     for compensation in (*compensations, None):
         general = runs[False, False, "batched", compensation]
         # The routing's short form decides exactly as the general rewrite: same logits bit for bit.

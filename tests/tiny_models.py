@@ -168,7 +168,7 @@ def plan_of(allocation):
     from allocplan.formats.provenance import CalibrationRecord
 
     budget = Budget(None, int(allocation.planned_activations + 0.999), allocation.original_activations,
-                    allocation.planned_activations)
+                    allocation.planned_activations, None, None, None, None)
     provenance = PlanProvenance("0.1.0", "2.13.0", "5.24.0", "isolated", 1, "sha256:" + "0" * 64,
                                 CalibrationRecord("text", "calib.txt", None, "sha256:" + "0" * 64, 64, 64, 1))
     return Plan.build(allocation, budget, SolverRecord("kl", 0.0, 0.0, "OPTIMAL", True), provenance)

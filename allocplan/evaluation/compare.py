@@ -36,6 +36,8 @@ def mean_over_seeds(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "nll": statistics.mean(r["nll"] for r in runs),
             "window_nll": [statistics.mean(values) for values in zip(*(r["window_nll"] for r in runs))],
             "activations_per_token": statistics.mean(r["activations_per_token"] for r in runs),
+            **{key: statistics.mean(r[key] for r in runs) for key in ("stand_in_work_per_token",
+                                                                       "charged_work_per_token") if key in runs[0]},
             "activations_per_layer": runs[0]["activations_per_layer"],
         }
     if "arith_accuracy" in rows[0]:

@@ -44,6 +44,9 @@ class LayerAllocation:
             flat in the entry, in registration order: ``normalizer_k`` (k2 of decoupled
             renormalisation; null leaves the plan's weight mode in charge) and ``gain`` (on the
             kept routed weights; 1.0 leaves them as they are).
+        stand_in_rank: the rank of the stand-ins that serve this layer's dropped candidates (0:
+            the constant alone), or None: none serve them. In a plan written before version 3
+            every entry is None and the sidecar serves every layer at the rank it holds.
     """
 
     path: str
@@ -51,8 +54,12 @@ class LayerAllocation:
     original_k: int
     planned_k: int | float
     treatments: tuple[tuple[str, Any], ...] = ()
+    stand_in_rank: int | None = None
 
     def __post_init__(self) -> None:
+        if self.stand_in_rank is not None and not 0 <= self.stand_in_rank <= 1_000_000:
+            raise AllocplanError(f"layer {self.path}: stand_in_rank {self.stand_in_rank} is negative or absurd;"
+                                 " recompile the plan")
         # One form for one meaning: neutral values left out, the rest in registration order.
         given = dict(self.treatments)
         by_field = {treatment.field: treatment for treatment in WEIGHT_TREATMENTS.values()}
@@ -88,6 +95,7 @@ class LayerAllocation:
     def to_record(self) -> dict[str, Any]:
         """The entry as files hold it: the four keys, then every registered treatment field."""
         return {"path": self.path, "index": self.index, "original_k": self.original_k, "planned_k": self.planned_k,
+                "stand_in_rank": self.stand_in_rank,
                 **{t.field: self.treatment(t.field) for t in WEIGHT_TREATMENTS.values()}}
 
     @classmethod
@@ -95,9 +103,10 @@ class LayerAllocation:
         """An entry from a file's mapping: the four keys, and any registered treatment field (one left out,
         as in plans written before it was registered, keeps its neutral value)."""
         base = {"path": str, "index": int, "original_k": int, "planned_k": int | float}
-        extra = {t.field: t.file_type for t in WEIGHT_TREATMENTS.values()}
+        extra = {"stand_in_rank": int | None, **{t.field: t.file_type for t in WEIGHT_TREATMENTS.values()}}
         values, treatments = read_flat_record(value, where, base, extra, convert)
-        return cls(**values, treatments=tuple(treatments.items()))
+        rank = treatments.pop("stand_in_rank", None)
+        return cls(**values, treatments=tuple(treatments.items()), stand_in_rank=rank)
 
 
 @dataclass(frozen=True)
@@ -169,6 +178,12 @@ class Allocation:
         validate_allocation(self)
 
     @property
+    def ranked_stand_ins(self) -> bool:
+        """Whether each layer's entry says which stand-ins serve it (``stand_in_rank``; plans from version 3),
+        rather than the sidecar serving every layer (earlier plans)."""
+        return any(layer.stand_in_rank is not None for layer in self.layers)
+
+    @property
     def uses_routing_hooks(self) -> bool:
         """True when the runtime must rewrite routing (Alloc-T, a weight mode or treatment, compensation)."""
         return (self.token_level.enabled or self.weights.renormalize != "model" or self.compensation is not None
@@ -228,6 +243,8 @@ def validate_allocation(allocation: "Allocation | Any", where: str = "allocation
             problem = treatment.check(layer.treatment(treatment.field), width)
             if problem is not None:
                 _fail(f"{at}.{treatment.field}", problem)
+    if allocation.compensation is None and any(layer.stand_in_rank is not None for layer in allocation.layers):
+        _fail(f"{where}.compensation", "is null but a layer names a stand_in_rank; recompile the plan")
     smallest_k = min(layer.original_k for layer in allocation.layers)
     token_level = allocation.token_level
     if not (0 <= token_level.k_base <= smallest_k):

@@ -167,6 +167,10 @@ class ProfileConfig:
         compensation_share: the cost cap that chooses that rank. At budget 0.5 the stand-ins
             then cost about this share of the kept experts' work (twice it at 0.33); lower it
             where batch-1 latency matters more than quality (docs/benchmarks.md).
+        stand_in_choice: with compensation, measure S[l, k, r] for every stand-in option of
+            each layer (none, the constant, the rank within ``compensation_share`` and the one
+            within twice it), so that the solver chooses per layer between experts and
+            stand-ins under the charged budget; off: the one rank, on every layer.
         drop_order: with compensation, rank each token's candidates by selection score times
             a per-expert factor that grows with how far the expert's stand-in misses its
             output, so the candidates dropped are those whose stand-ins serve best.
@@ -200,6 +204,11 @@ class ProfileConfig:
     compensation_share: float = setting(STAND_IN_SHARE, "Without --compensation-rank, each layer's linear stand-ins"
                                                         " take the largest rank costing at most this share of one"
                                                         " expert's multiply-adds.", minimum=0.01, maximum=1.0)
+    stand_in_choice: bool = setting(True, "Profile each layer without stand-ins and with every stand-in rank"
+                                          " offered (the constant, the rank within --compensation-share and"
+                                          " twice it), and let the solver choose per layer where the charged"
+                                          " work goes; --fixed-stand-ins: the one rank on every layer.",
+                                    flag="--stand-in-choice/--fixed-stand-ins")
     drop_order: bool = setting(True, "With compensation, drop first the candidates whose stand-ins miss their"
                                      " expert's output least (a per-expert factor on the selection score).",
                                flag="--drop-order/--no-drop-order")
@@ -227,6 +236,9 @@ class ProfileConfig:
                                      f" not fit; leave it out or use --compensation linear")
             if not self.drop_order and self.compensation == "off":
                 raise AllocplanError("--no-drop-order changes the order of stand-ins, which --compensation off does"
+                                     " not fit; leave it out")
+            if not self.stand_in_choice and self.compensation == "off":
+                raise AllocplanError("--fixed-stand-ins fixes the rank of stand-ins, which --compensation off does"
                                      " not fit; leave it out")
         elif self.compensation_rank is not None and self.compensation_share != STAND_IN_SHARE:
             raise AllocplanError("--compensation-share chooses the rank that --compensation-rank gives; give one")

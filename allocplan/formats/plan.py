@@ -32,9 +32,12 @@ PLAN_KIND = "allocplan-plan"
 AGREEMENT_TOLERANCE = 1e-9
 STRATEGIES = ("isolated", "paper", "data-free")
 METRICS = ("nll", "kl", "output-change")
-PLAN_SCHEMA_VERSION = 2
+PLAN_SCHEMA_VERSION = 3
 # Earlier versions this allocplan still reads (and upgrades; see upgrade_plan_data).
-READABLE_PLAN_VERSIONS = (1, 2)
+READABLE_PLAN_VERSIONS = (1, 2, 3)
+# Charged work is stored to 9 significant digits, so a plan that spends its whole budget may read above it
+# by that rounding.
+WORK_TOLERANCE = 1e-6
 
 
 @dataclass(frozen=True)
@@ -46,12 +49,25 @@ class Budget:
         total_activations: B, the allowed routed activations per token over all MoE layers.
         original_activations: sum of the original top-k, K_l, over MoE layers.
         planned_activations: sum of the planned k_l; never above ``total_activations``.
+        stand_in_work: the work of the stand-ins that serve dropped candidates, in
+            expert-equivalents per token (one routed expert's multiply-adds is 1; each dropped
+            candidate charges its stand-in's multiply-adds over the expert's).
+        charged_work: planned_activations plus stand_in_work: what the budget counts, never
+            above ``total_activations``.
+        sidecar_bytes: the stand-ins' sidecar file, in bytes (0 without one).
+        sidecar_share: those bytes over the routed experts' weights (in the dtype profiled).
+
+    The last four are null in a plan written before version 3, which charged experts only.
     """
 
     ratio: float | None
     total_activations: int
     original_activations: int
     planned_activations: int | float
+    stand_in_work: float | None = None
+    charged_work: float | None = None
+    sidecar_bytes: int | None = None
+    sidecar_share: float | None = None
 
 
 @dataclass(frozen=True)
@@ -217,6 +233,27 @@ def validate_plan(plan: Plan, where: str = "plan") -> None:
         _fail(f"{where}.budget.total_activations", f"{budget.total_activations} is outside (0, {original}]")
     if planned > budget.total_activations + 1e-9:
         _fail(f"{where}.budget", f"planned activations {planned} exceed total_activations {budget.total_activations}")
+    charged = (budget.stand_in_work, budget.charged_work, budget.sidecar_bytes, budget.sidecar_share)
+    if any(value is None for value in charged) and any(value is not None for value in charged):
+        _fail(f"{where}.budget", "stand_in_work, charged_work, sidecar_bytes and sidecar_share are all given or all"
+                                 " null (a plan before version 3)")
+    if budget.charged_work is not None:
+        if budget.stand_in_work < 0 or budget.sidecar_bytes < 0 or budget.sidecar_share < 0:
+            _fail(f"{where}.budget", "stand_in_work, sidecar_bytes and sidecar_share cannot be negative")
+        if not math.isclose(budget.charged_work, planned + budget.stand_in_work, rel_tol=0, abs_tol=WORK_TOLERANCE):
+            _fail(f"{where}.budget.charged_work", f"is {budget.charged_work} but planned activations {planned} plus"
+                                                  f" stand_in_work {budget.stand_in_work} make"
+                                                  f" {planned + budget.stand_in_work:.9g}")
+        if budget.charged_work > budget.total_activations + WORK_TOLERANCE:
+            _fail(f"{where}.budget.charged_work", f"{budget.charged_work} exceeds total_activations"
+                                                  f" {budget.total_activations}: the plan spends more than its budget")
+        if (budget.stand_in_work > 0) != (plan.compensation is not None):
+            _fail(f"{where}.budget.stand_in_work", f"is {budget.stand_in_work} but the plan"
+                                                   f" {'names' if plan.compensation else 'has no'} stand-ins")
+        if budget.sidecar_bytes != (0 if plan.compensation_data is None else len(plan.compensation_data)) and (
+                plan.compensation_data is not None or plan.compensation is None):
+            _fail(f"{where}.budget.sidecar_bytes", f"is {budget.sidecar_bytes} but the sidecar holds"
+                                                   f" {0 if plan.compensation_data is None else len(plan.compensation_data)}")
     if budget.ratio is not None:
         if not (0 < budget.ratio <= 1):
             _fail(f"{where}.budget.ratio", f"{budget.ratio} is outside (0, 1]")
@@ -288,6 +325,16 @@ def upgrade_plan_data(data: dict) -> dict:
     return ordered
 
 
+def upgrade_plan_data_v2(data: dict) -> dict:
+    """A version-2 plan's data as version 3: its budget charged experts only (the charged fields null), and
+    its sidecar serves every layer (no layer names a stand-in rank)."""
+    upgraded = {**data, "schema_version": PLAN_SCHEMA_VERSION}
+    if isinstance(data.get("budget"), dict):
+        upgraded["budget"] = {**data["budget"], "stand_in_work": None, "charged_work": None, "sidecar_bytes": None,
+                              "sidecar_share": None}
+    return upgraded
+
+
 def plan_from_data(data: object, where: str = "plan") -> Plan:
     """Strictly build a plan from parsed YAML data (version checked first; version 1 is upgraded)."""
     if isinstance(data, dict):
@@ -302,6 +349,8 @@ def plan_from_data(data: object, where: str = "plan") -> Plan:
             )
         if version == 1:
             data = upgrade_plan_data(data)
+        if version in (1, 2):
+            data = upgrade_plan_data_v2(data)
     return from_data(Plan, data, where)
 
 

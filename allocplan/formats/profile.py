@@ -27,8 +27,8 @@ from .sidecar import CompensationRecord, read_sidecar, write_sidecar
 PROFILE_KIND = "allocplan-profile"
 # |S| above this is not a loss increase in nats per token (or an output change) but a broken file.
 MAX_SENSITIVITY = 1000.0
-PROFILE_SCHEMA_VERSION = 2
-READABLE_PROFILE_VERSIONS = (1, 2)
+PROFILE_SCHEMA_VERSION = 3
+READABLE_PROFILE_VERSIONS = (1, 2, 3)
 METRICS = ("nll", "kl", "output-change")
 STRATEGIES = ("isolated", "paper", "data-free")
 WEIGHT_FIT_RECORDS = ("fitted", "off")
@@ -43,7 +43,13 @@ class LayerSensitivity:
         index: decoder layer index.
         original_k: the layer's original top-k K_l.
         sensitivity: k -> S[l, k] for every k in the grid k_min, k_min + k_step, ..., K_l, in
-            the profile's metric (nats per token). S[l, K_l] is 0 under the isolated strategy.
+            the profile's metric (nats per token), without stand-ins for the dropped candidates.
+            S[l, K_l] is 0 under the isolated strategy.
+        expert_multiply_adds: one routed expert's multiply-adds per token (the unit a charged
+            budget counts work in); None in a profile written before version 3.
+        stand_in_sensitivity: stand-in rank r -> k -> S[l, k, r], measured with every dropped
+            candidate served by the rank-r stand-in (r = 0: the constant alone), for the
+            solver to choose from; None without compensation.
         treatments: per weight treatment field (allocplan/weight_treatments/), k -> the value
             fitted for (l, k) and in place while S[l, k] was measured; a field left out was not
             fitted for this row. Files write every registered field flat in the row, in
@@ -57,6 +63,8 @@ class LayerSensitivity:
     original_k: int
     sensitivity: dict[int | float, float]
     treatments: tuple[tuple[str, dict], ...] = ()
+    expert_multiply_adds: int | None = None
+    stand_in_sensitivity: dict[int, dict[int | float, float]] | None = None
 
     def __getattr__(self, name: str) -> Any:
         # A registered treatment's field reads as an attribute (row.gain, row.normalizer_k: k -> value, or None).
@@ -71,13 +79,16 @@ class LayerSensitivity:
     def to_record(self) -> dict[str, Any]:
         """The row as files hold it: the four keys, then every registered treatment field."""
         return {"path": self.path, "index": self.index, "original_k": self.original_k,
-                "sensitivity": self.sensitivity, **{field_name: self.treatment_row(field_name)
-                                                    for field_name in treatment_fields()}}
+                "expert_multiply_adds": self.expert_multiply_adds, "sensitivity": self.sensitivity,
+                "stand_in_sensitivity": self.stand_in_sensitivity,
+                **{field_name: self.treatment_row(field_name) for field_name in treatment_fields()}}
 
     @classmethod
     def from_record(cls, value: Any, where: str, convert: Any) -> "LayerSensitivity":
         """A row from a file's mapping; a registered treatment field left out was not fitted."""
-        base = {"path": str, "index": int, "original_k": int, "sensitivity": dict[int | float, float]}
+        base = {"path": str, "index": int, "original_k": int, "expert_multiply_adds": int | None,
+                "sensitivity": dict[int | float, float],
+                "stand_in_sensitivity": dict[int, dict[int | float, float]] | None}
         extra = {t.field: dict[int | float, t.file_type] | None for t in WEIGHT_TREATMENTS.values()}
         values, rows = read_flat_record(value, where, base, extra, convert)
         return cls(**values, treatments=tuple((name, row) for name, row in rows.items() if row is not None))
@@ -104,6 +115,11 @@ class Measurement:
         compensation: ``expert`` or ``layer`` (dropped candidates compensated by the
             sidecar's vectors while measuring) or ``off``.
         reference_nll: mean NLL of the untouched model on the calibration tokens.
+        hidden_size: the width H of the experts' input and output (a rank-r stand-in costs
+            2 r H + H multiply-adds per dropped candidate); None before version 3.
+        stand_in_choice: with compensation, whether a layer that drops candidates may also run
+            without stand-ins (``--stand-in-choice``); false: it runs one of the profiled ranks
+            (``--fixed-stand-ins``). True before version 3.
         calibration: the text it was measured on.
         device: torch device used.
         dtype: torch dtype the model ran in.
@@ -120,6 +136,8 @@ class Measurement:
     calibration: CalibrationRecord
     device: str
     dtype: str
+    hidden_size: int | None = None
+    stand_in_choice: bool = True
 
 
 @dataclass(frozen=True)
@@ -234,6 +252,24 @@ def _validate_profile(profile: SensitivityProfile) -> None:
                                      f" {MAX_SENSITIVITY:g}] nats per token")
         expected = k_grid(k_min, layer.original_k, k_step)
         rows = {"sensitivity": layer.sensitivity, **dict(layer.treatments)}
+        charged = profile.measurement.hidden_size is not None
+        if charged != (layer.expert_multiply_adds is not None) or (charged and not (
+                1 <= profile.measurement.hidden_size <= layer.expert_multiply_adds)):
+            raise AllocplanError(f"{at}.expert_multiply_adds: must be given, with measurement.hidden_size, as a"
+                                 " positive count at least the hidden size, or neither (a profile before version 3)")
+        if (layer.stand_in_sensitivity is not None) != (profile.compensation is not None and charged):
+            raise AllocplanError(f"{at}.stand_in_sensitivity: must be given exactly when the profile has"
+                                 " compensation (version 3)")
+        for rank, row in sorted((layer.stand_in_sensitivity or {}).items()):
+            if not 0 <= rank <= profile.measurement.hidden_size:
+                raise AllocplanError(f"{at}.stand_in_sensitivity: rank {rank} is outside [0, hidden_size]")
+            rows[f"stand_in_sensitivity[{rank}]"] = row
+            for k, value in row.items():
+                if not -MAX_SENSITIVITY <= value <= MAX_SENSITIVITY:
+                    raise AllocplanError(f"{at}.stand_in_sensitivity: {value!r} at rank {rank}, k={k} is outside"
+                                         f" [-{MAX_SENSITIVITY:g}, {MAX_SENSITIVITY:g}] nats per token")
+        if layer.stand_in_sensitivity == {}:
+            raise AllocplanError(f"{at}.stand_in_sensitivity: names no rank")
         for name, row in rows.items():
             if sorted(row) != expected:
                 raise AllocplanError(
@@ -269,6 +305,22 @@ def upgrade_profile_data(data: dict) -> dict:
     return upgraded
 
 
+def upgrade_profile_data_v2(data: dict) -> dict:
+    """A version-2 profile's data as version 3: no hidden size or expert cost recorded, and no per-rank
+    stand-in sensitivities. Such a profile solves only without compensation (the solver cannot charge
+    stand-ins whose cost it was not told); one with compensation is refused there, naming the fix."""
+    upgraded = {**data, "schema_version": PROFILE_SCHEMA_VERSION}
+    if isinstance(data.get("measurement"), dict):
+        upgraded["measurement"] = {**data["measurement"], "hidden_size": None, "stand_in_choice": True}
+    if isinstance(data.get("layers"), list):
+        upgraded["layers"] = [
+            {**{key: value for key, value in row.items() if key in ("path", "index", "original_k")},
+             "expert_multiply_adds": None, "sensitivity": row.get("sensitivity"), "stand_in_sensitivity": None,
+             **{key: value for key, value in row.items() if key not in ("path", "index", "original_k", "sensitivity")}}
+            if isinstance(row, dict) else row for row in data["layers"]]
+    return upgraded
+
+
 def profile_from_data(data: object, where: str = "profile") -> SensitivityProfile:
     """Strictly build a profile from parsed YAML data (version 1 is upgraded)."""
     if isinstance(data, dict):
@@ -284,6 +336,8 @@ def profile_from_data(data: object, where: str = "profile") -> SensitivityProfil
             )
         if version == 1:
             data = upgrade_profile_data(data)
+        if version in (1, 2):
+            data = upgrade_profile_data_v2(data)
     return from_data(SensitivityProfile, data, where)
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AllocplanError
-from .profile import SensitivityProfile, k_grid, profile_from_data
+from .profile import LayerSensitivity, SensitivityProfile, k_grid, profile_from_data
 from .records import atomic_write_text, dump_yaml, from_data, load_yaml_file, to_data
 from .sidecar import read_sidecar, write_sidecar
 
@@ -161,6 +161,8 @@ def _without_sensitivities(profile: SensitivityProfile) -> dict:
     data = to_data(profile)
     for layer in data["layers"]:
         layer["sensitivity"] = sorted(layer["sensitivity"])  # the grid, not the values
+        if layer.get("stand_in_sensitivity") is not None:
+            layer["stand_in_sensitivity"] = {rank: sorted(row) for rank, row in layer["stand_in_sensitivity"].items()}
     return data
 
 
@@ -199,14 +201,20 @@ def merge_parts(parts: list[ProfilePart], names: list[str] | None = None) -> Sen
                                  " calibration text, settings and software; re-run the shards alike")
         if part.profile.compensation_data != parts[0].profile.compensation_data:
             raise AllocplanError(f"{name} and {names[0]} hold different compensation vectors; re-run the shards alike")
-    values: dict[tuple[int, int | float], float] = {}
+    # A cell (layer, k) holds S[l, k] and, with compensation, S[l, k, r] for every stand-in rank r: its owner
+    # measured them all.
+    owner: dict[tuple[int, int | float], LayerSensitivity] = {}
     for part in parts:
         rows = part.profile.layers
         for position, k in part.cells():
-            values[position, k] = rows[position].sensitivity[k]
+            owner[position, k] = rows[position]
     base = parts[0].profile
     layers = tuple(
-        dataclasses.replace(layer, sensitivity={k: values[position, k] for k in layer.sensitivity})
+        dataclasses.replace(
+            layer, sensitivity={k: owner[position, k].sensitivity[k] for k in layer.sensitivity},
+            stand_in_sensitivity=None if layer.stand_in_sensitivity is None else {
+                rank: {k: owner[position, k].stand_in_sensitivity[rank][k] for k in row}
+                for rank, row in layer.stand_in_sensitivity.items()})
         for position, layer in enumerate(base.layers)
     )
     return dataclasses.replace(base, layers=layers)

@@ -111,6 +111,96 @@ def sidecar_arrays(data: bytes) -> dict[str, Any]:
     return arrays
 
 
+# safetensors dtype names and the numpy types that hold their bits (bfloat16 as its raw 16 bits).
+_RAW_TYPES = {"F32": "<f4", "F16": "<f2", "BF16": "<u2", "F64": "<f8"}
+
+
+def sidecar_raw(data: bytes) -> dict[str, tuple[str, Any]]:
+    """A sidecar's tensors as (safetensors dtype, numpy array of the stored bits), read without torch.
+
+    Raises:
+        AllocplanError: not a safetensors file, or a tensor of another dtype or outside the data.
+    """
+    import numpy as np
+
+    header, start = _header(data)
+    tensors = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], [int(n) for n in entry["shape"]], entry["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            raise AllocplanError(f"the compensation sidecar's entry {name!r} is malformed; recompile") from None
+        stored = _RAW_TYPES.get(dtype)
+        raw = data[start + begin:start + end] if 0 <= begin <= end <= len(data) - start else None
+        if stored is None or raw is None or len(raw) != np.dtype(stored).itemsize * int(np.prod(shape)):
+            raise AllocplanError(f"the compensation sidecar's tensor {name!r} ({dtype}) is not a float tensor"
+                                 " within the file; recompile")
+        tensors[name] = (dtype, np.frombuffer(raw, dtype=np.dtype(stored)).reshape(shape))
+    return tensors
+
+
+def encode_raw(tensors: dict[str, tuple[str, Any]]) -> bytes:
+    """safetensors bytes of (dtype, array of the stored bits) tensors: names sorted, data in that order, the
+    header padded with spaces to 8 bytes, as the safetensors library writes it. The same tensors give the
+    same bytes on every machine."""
+    import json
+
+    import numpy as np
+
+    header, chunks, offset = {}, [], 0
+    for name in sorted(tensors):
+        dtype, array = tensors[name]
+        raw = np.ascontiguousarray(array, dtype=np.dtype(_RAW_TYPES[dtype])).tobytes()
+        header[name] = {"dtype": dtype, "shape": list(array.shape), "data_offsets": [offset, offset + len(raw)]}
+        chunks.append(raw)
+        offset += len(raw)
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + b"".join(chunks)
+
+
+def rank_bias_name(path: str, rank: int) -> str:
+    """A profile sidecar's name for layer ``path``'s stand-in constant at rank ``rank`` (refitted per rank)."""
+    return f"{path}.r{rank}"
+
+
+def plan_sidecar(profile_data: bytes, ranks: dict[str, int | None]) -> bytes | None:
+    """The plan's sidecar cut from a profile's: per layer path, the stand-ins at its chosen rank (None: none).
+
+    A profile's sidecar holds each layer's factors at its largest rank (``<path>.down`` [E, H, R],
+    ``<path>.up`` [E, R, H], directions most explained first), one constant per rank
+    (:func:`rank_bias_name`) and the drop order. A plan's holds, for each layer that runs stand-ins,
+    the constant of its rank as ``<path>``, the first r columns of the factors (none at rank 0) and
+    the drop order: exactly what the runtime serves (runtime/apply.load_compensation). None when no
+    layer runs stand-ins. Pure bytes (no torch).
+
+    Raises:
+        AllocplanError: the profile's sidecar lacks a layer's tensors at the chosen rank.
+    """
+    source = sidecar_raw(profile_data)
+    tensors = {}
+    for path, rank in sorted(ranks.items()):
+        if rank is None:
+            continue
+        bias = source.get(rank_bias_name(path, rank))
+        if bias is None:
+            raise AllocplanError(f"the profile's compensation sidecar has no stand-ins of rank {rank} for {path};"
+                                 " re-profile with this allocplan")
+        tensors[path] = bias
+        if rank > 0:
+            (down_type, down), (up_type, up) = source[f"{path}.down"], source[f"{path}.up"]
+            if down.shape[-1] < rank:
+                raise AllocplanError(f"the profile's stand-ins for {path} have rank {down.shape[-1]}, below {rank};"
+                                     " re-profile with this allocplan")
+            tensors[f"{path}.down"] = (down_type, down[..., :rank])
+            tensors[f"{path}.up"] = (up_type, up[:, :rank])
+        if f"{path}.order" in source:
+            tensors[f"{path}.order"] = source[f"{path}.order"]
+    return encode_raw(tensors) if tensors else None
+
+
 def record_for(data: bytes, kind: str) -> CompensationRecord:
     """The record naming ``data``: file name and hash both follow from the content."""
     digest = sha256_bytes(data)

@@ -46,7 +46,9 @@ def fit(moments: Any, rank: int) -> dict[str, Any]:
         # Reduced-rank regression: keep the r output directions the fitted map explains most of
         # (top eigenvectors of the fitted outputs' covariance W^T C_xx W), the least-squares rank-r map.
         fitted = weight.T @ cov_xx @ weight  # [H, H]
-        directions = torch.linalg.eigh((fitted + fitted.T) / 2).eigenvectors[:, -rank:]  # [H, r]
+        # Most explained first, so the first r' columns of a rank-r fit are the rank-r' fit (the planner
+        # offers every rank of its grid from one fit: planner/treatments.truncated).
+        directions = torch.linalg.eigh((fitted + fitted.T) / 2).eigenvectors[:, -rank:].flip(-1)  # [H, r]
         down[e], up[e] = on_half_grid(weight @ directions, directions.T)  # [H, r], [r, H]
         bias[e] = mean_y[e] - mean_x[e] @ down[e] @ up[e]
     return {"bias": bias.float(), "down": down.float(), "up": up.float()}
