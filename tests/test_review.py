@@ -195,7 +195,8 @@ def test_report_names_the_drop_order_of_a_plan_that_has_one():
     assert "model.layers.0.mlp.order" in names and "model.layers.0.mlp.down" in names
     assert "with a drop order" in report_markdown(plan)
     without = save({"model.layers.0.mlp": torch.zeros(16, 128)})  # a sidecar of stand-ins alone
-    assert "drop order" not in report_markdown(dataclasses.replace(plan, compensation_data=without))
+    assert "drop order" not in report_markdown(dataclasses.replace(
+        plan, compensation_data=without, budget=dataclasses.replace(plan.budget, sidecar_bytes=len(without))))
     with pytest.raises(AllocplanError, match="not a safetensors file"):
         sidecar_tensor_names(b"\x05\x00\x00\x00\x00\x00\x00\x00[1, 2")
 

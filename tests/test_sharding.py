@@ -141,3 +141,24 @@ def test_torchrun_two_ranks_profile_and_rank_0_merges(checkpoints, calib_file, t
     assert launched.returncode == 0, launched.stderr[-3000:]
     assert (tmp_path / "two" / "profile.yaml").read_bytes() == (tmp_path / "one" / "profile.yaml").read_bytes()
     assert sorted(p.name for p in (tmp_path / "two").iterdir() if p.suffix == ".yaml") == ["profile.yaml"]
+
+
+@pytest.mark.slow  # the 16-layer reference profiled four times (whole, then three parts)
+def test_deep_reference_shards_merge_byte_identical(tmp_path):
+    from allocplan.bundled import bundled_model_names
+
+    if "ref-deep" not in bundled_model_names():
+        pytest.skip("bundled:ref-deep is not installed")
+    model, tokenizer = allocplan.load_model("bundled:ref-deep")
+    config = ProfileConfig(calib_tokens=512, seq_len=128)
+    whole = allocplan.profile_model(model, tokenizer, config)
+    assert len(whole.layers) == 16
+    paths = []
+    for index in range(3):
+        path = tmp_path / f"part-{index}.yaml"
+        save_part(profile_part(model, tokenizer, Shard(index, 3), config), path)
+        paths.append(path)
+    merged = allocplan.merge_profile_parts(paths, tmp_path / "merged.yaml")
+    allocplan.save_profile(whole, tmp_path / "whole.yaml")
+    assert (tmp_path / "merged.yaml").read_bytes() == (tmp_path / "whole.yaml").read_bytes()
+    assert merged.compensation_data == whole.compensation_data

@@ -325,20 +325,27 @@ def findings_lines(all_results: list[dict]) -> list[str]:
 def frontier_points(res: dict, mode: str) -> dict[str, list[tuple[float, float, str]]]:
     """Per curve, its (charged work, NLL, label) points in ``mode``, by increasing work: uniform at every whole k
     (and full), and each budget's row of every frontier curve and peer."""
-    layers = res["moe_layers"]
+    windows = common_windows(res)
+
+    def nll(row: dict) -> float:
+        # Over the eval windows every point was scored on (budgets score different amounts of text).
+        return sum(row["modes"][mode]["window_nll"][:windows]) / (windows * (SEQ_LEN - 1))
+
     first = next(iter(res["budgets"].values()))
     curves = {"uniform top-k (whole k)": sorted(
-        [(row["modes"][mode]["charged_work_per_token"], row["modes"][mode]["nll"], f"k={k}")
-         for k, row in res["uniform_k"].items()]
-        + [(first["rows"]["full"]["modes"][mode]["charged_work_per_token"], first["rows"]["full"]["modes"][mode]["nll"],
-            "full")])}
+        [(row["modes"][mode]["charged_work_per_token"], nll(row), f"k={k}") for k, row in res["uniform_k"].items()]
+        + [(first["rows"]["full"]["modes"][mode]["charged_work_per_token"], nll(first["rows"]["full"]), "full")])}
     for label, key in [*FRONTIER_CURVES, *((peer, peer) for peer in FRONTIER_PEERS)]:
-        points = [(data["rows"][key]["modes"][mode]["charged_work_per_token"], data["rows"][key]["modes"][mode]["nll"],
+        points = [(data["rows"][key]["modes"][mode]["charged_work_per_token"], nll(data["rows"][key]),
                    f"b={budget}") for budget, data in res["budgets"].items() if key in data["rows"]]
         if points:
             curves[label] = sorted(points)
-    del layers
     return curves
+
+
+def common_windows(res: dict) -> int:
+    """How many eval windows (the first ones) every budget's rows were scored on."""
+    return min(len(data["rows"]["full"]["modes"]["prefill"]["window_nll"]) for data in res["budgets"].values())
 
 
 def interpolated(points: list[tuple[float, float, str]], work: float) -> float | None:
@@ -355,9 +362,13 @@ def frontier_lines(all_results: list[dict], plot: str | None) -> list[str]:
              "Every point is one plan or method on one model, measured in this run: its charged work per token",
              "(expert-equivalents, counted while scoring) and its eval NLL. Uniform top-k at whole k, Alloc-T alone",
              "at each budget (fractional uniform k through token-level allocation), the paper's Alloc-L+T, the",
-             "default at each budget, and the peers. Time per token of each point is not measured in this run.", ""]
+             "default at each budget, and the peers. NLL is over the eval windows every point was scored on (the",
+             "first ones: budgets other than 0.5 score less text), so points of one model compare on one text.",
+             "Time per token of each point is not measured in this run.", ""]
     for res in all_results:
-        lines += [f"### {res['model']}", "", "| point | charged work (decode-b1) | decode-b1 NLL | decode-b8 NLL |"
+        windows = common_windows(res)
+        lines += [f"### {res['model']}", "", f"NLL over the first {windows} eval windows ({windows * (SEQ_LEN - 1)}"
+                  " tokens).", "", "| point | charged work (decode-b1) | decode-b1 NLL | decode-b8 NLL |"
                   " prefill (pooled) NLL |", "| --- | --- | --- | --- | --- |"]
         by_mode = {mode: frontier_points(res, mode) for mode in MODES}
         for label, points in by_mode["decode-b1"].items():
