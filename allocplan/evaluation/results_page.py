@@ -273,6 +273,12 @@ def missed_lines(all_results: list[dict]) -> list[str]:
                     f" {fmt(same['high'], 2)}] of the same-work uniform's gap; the lower end is"
                     f" {goal - low:.2f} short of {goal:.2f}: {left:.4f} of that uniform's {uniform - full:.4f}"
                     " nats/token remain.")
+            if value is not None and value >= goal:
+                line += (f" The point estimate clears the target: what misses is the interval's width over"
+                         f" {same['windows']} windows, on a gap of only {uniform - full:.4f} nats/token, which more"
+                         " held-out eval text would narrow.")
+            elif value is not None:
+                line += f" The point estimate is short too, by {goal - value:.2f}."
             if mode == "prefill":  # the ablation rows are scored in prefill mode
                 deltas = {label: value - rows[label]["modes"][mode]["gap_closed"] for label in ABLATIONS}
                 line += (" What each element adds there (the default's gap closed minus the ablation row's): "
