@@ -70,7 +70,7 @@ from .losses import Scratch, kl_sum, next_token_logprobs, token_nll
 from .replay import Replay, ReplayLayerAtK, block_change_is_additive, record_outputs, replayed
 from .determinism import fixed_threads
 from allocplan.standins import get_stand_in_kind
-from .treatments import (encode_options, fit_treatments, sidecar_dtype, stand_in_options, stand_in_rank,
+from .treatments import (base_stand_in_rank, encode_options, fit_treatments, sidecar_dtype, stand_in_options,
                          stand_in_ranks)
 from .windows import calibration_source, check_token_ids, check_window_length, pack_windows
 
@@ -412,8 +412,9 @@ def _profile_model(model: Any, tokenizer: Any, config: ProfileConfig | None, rou
         ranks = {layer.path: stand_in_ranks(layer, hidden_size, compensation, config.compensation_share,
                                             config.compensation_rank, config.stand_in_choice) for layer in layers}
         # The treatments and the drop order are fitted with the stand-ins of the rank within the share.
-        base_rank = {layer.path: min(ranks[layer.path][-1], config.compensation_rank or stand_in_rank(
-                         layer, hidden_size, config.compensation_share)) if kind.low_rank else 0 for layer in layers}
+        base_rank = {layer.path: base_stand_in_rank(layer, hidden_size, config.compensation_share,
+                                                    config.compensation_rank) if kind.low_rank else 0
+                     for layer in layers}
         options = stand_in_options(model, windows, compensation, config.batch_size, ranks, base_rank,
                                    config.drop_order)
         tables = {path: options[path][base_rank[path]] for path in options}

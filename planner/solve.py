@@ -48,19 +48,24 @@ def stand_ins_ranked(profile: SensitivityProfile) -> bool:
     return profile.compensation is not None and profile.layers[0].stand_in_sensitivity is not None
 
 
+def stand_in_multiply_adds(profile: SensitivityProfile, position: int, k: int | float, rank: int | None) -> int | float:
+    """Multiply-adds per token of the stand-ins of layer ``position`` at (k, rank): a rank-``rank`` stand-in
+    (None: none) for each of the K - k candidates it drops."""
+    if rank is None:
+        return 0
+    return (profile.layers[position].original_k - k) * multiply_adds(profile.measurement.hidden_size, rank)
+
+
 def charged_multiply_adds(profile: SensitivityProfile, position: int, k: int | float, rank: int | None) -> int | float:
-    """Multiply-adds per token of layer ``position`` at (k, rank): k experts, and a rank-``rank`` stand-in (None:
-    none) for each of the K - k candidates it drops."""
-    layer = profile.layers[position]
-    stand_in = 0 if rank is None else multiply_adds(profile.measurement.hidden_size, rank)
-    return k * layer.expert_multiply_adds + (layer.original_k - k) * stand_in
+    """Multiply-adds per token of layer ``position`` at (k, rank): k experts, and its stand-ins."""
+    return k * profile.layers[position].expert_multiply_adds + stand_in_multiply_adds(profile, position, k, rank)
 
 
 def charged_work(profile: SensitivityProfile, ks: list[int | float], ranks: list[int | None]) -> tuple[float, float]:
     """(expert work, stand-in work) of an allocation in expert-equivalents per token (module docstring)."""
     if profile.measurement.hidden_size is None:  # a profile before version 3 records no costs: experts only
         return float(sum(ks)), 0.0
-    stand_in = sum((charged_multiply_adds(profile, i, k, r) - k * layer.expert_multiply_adds) / layer.expert_multiply_adds
+    stand_in = sum(stand_in_multiply_adds(profile, i, k, r) / layer.expert_multiply_adds
                    for i, (layer, k, r) in enumerate(zip(profile.layers, ks, ranks)))
     return float(sum(ks)), float(stand_in)
 

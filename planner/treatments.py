@@ -192,11 +192,18 @@ def stand_in_ranks(layer: MoELayer, hidden_size: int, kind: str, share: float = 
     """
     if not get_stand_in_kind(kind).low_rank:
         return (0,)
-    base = min(rank, hidden_size) if rank else stand_in_rank(layer, hidden_size, share)
+    base = base_stand_in_rank(layer, hidden_size, share, rank)
     if not choose:
         return (base,)
     wider = min(2 * rank, hidden_size) if rank else stand_in_rank(layer, hidden_size, min(1.0, 2 * share))
     return tuple(sorted({0, base, wider}))
+
+
+def base_stand_in_rank(layer: MoELayer, hidden_size: int, share: float = STAND_IN_SHARE,
+                       rank: int | None = None) -> int:
+    """The rank of ``linear`` stand-ins a layer's weight treatments and drop order are fitted with: ``rank``, or
+    the largest within ``share`` (:func:`stand_in_rank`), at most the hidden size."""
+    return min(rank, hidden_size) if rank else stand_in_rank(layer, hidden_size, share)
 
 
 def truncated(table: StandIns, moments: "_ExpertMoments", rank: int) -> StandIns:

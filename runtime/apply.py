@@ -197,10 +197,11 @@ def load_compensation(allocation: Allocation, layers: list[MoELayer], model: Any
     kind = get_stand_in_kind(record.kind)
     stand_ins = {}
     ranked = allocation.ranked_stand_ins
-    expected = {f"{entry.path}{suffix}" for entry in allocation.layers
-                if entry.stand_in_rank is not None or not ranked for suffix in ("", ".down", ".up", ".order")}
-    extra = sorted(name for name in tensors if name not in expected)
-    if ranked and extra:
+    # A ranked sidecar holds the layers that name a rank and nothing else (an earlier plan's serves every layer).
+    expected = {f"{entry.path}{suffix}" for entry in allocation.layers if entry.stand_in_rank is not None
+                for suffix in ("", ".down", ".up", ".order")}
+    extra = sorted(name for name in tensors if name not in expected) if ranked else []
+    if extra:
         raise AllocplanError(f"compensation file {record.file!r} holds {extra[0]}, which no layer of the plan runs"
                              " (its stand_in_rank is null); the sidecar belongs to another plan: recompile")
     for layer, entry in zip(layers, allocation.layers):

@@ -250,10 +250,11 @@ def validate_plan(plan: Plan, where: str = "plan") -> None:
         if (budget.stand_in_work > 0) != (plan.compensation is not None):
             _fail(f"{where}.budget.stand_in_work", f"is {budget.stand_in_work} but the plan"
                                                    f" {'names' if plan.compensation else 'has no'} stand-ins")
-        if budget.sidecar_bytes != (0 if plan.compensation_data is None else len(plan.compensation_data)) and (
-                plan.compensation_data is not None or plan.compensation is None):
-            _fail(f"{where}.budget.sidecar_bytes", f"is {budget.sidecar_bytes} but the sidecar holds"
-                                                   f" {0 if plan.compensation_data is None else len(plan.compensation_data)}")
+        # The sidecar's size is known once its bytes are held (load_plan reads them just after the YAML).
+        held = (len(plan.compensation_data) if plan.compensation_data is not None
+                else 0 if plan.compensation is None else None)
+        if held is not None and budget.sidecar_bytes != held:
+            _fail(f"{where}.budget.sidecar_bytes", f"is {budget.sidecar_bytes} but the sidecar holds {held}")
     if budget.ratio is not None:
         if not (0 < budget.ratio <= 1):
             _fail(f"{where}.budget.ratio", f"{budget.ratio} is outside (0, 1]")

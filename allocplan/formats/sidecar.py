@@ -91,21 +91,9 @@ def sidecar_arrays(data: bytes) -> dict[str, Any]:
     """
     import numpy as np
 
-    header, start = _header(data)
     arrays = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (begin, end) = entry["dtype"], [int(n) for n in entry["shape"]], entry["data_offsets"]
-        except (TypeError, KeyError, ValueError):
-            raise AllocplanError(f"the compensation sidecar's entry {name!r} is malformed; recompile the plan") from None
-        stored = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}.get(dtype)
-        raw = data[start + begin:start + end] if 0 <= begin <= end <= len(data) - start else None
-        if stored is None or raw is None or len(raw) != np.dtype(stored).itemsize * int(np.prod(shape)):
-            raise AllocplanError(f"the compensation sidecar's tensor {name!r} ({dtype}) cannot be read as"
-                                 " float32, float16 or bfloat16; recompile the plan")
-        values = np.frombuffer(raw, dtype=np.dtype(stored).newbyteorder("<")).reshape(shape)
+    for name, (dtype, values) in _read_tensors(data, ("F32", "F16", "BF16"),
+                                               "cannot be read as float32, float16 or bfloat16").items():
         # bfloat16 is the top half of a float32: shifted back, the same value exactly.
         arrays[name] = (values.astype(np.uint32) << 16).view(np.float32) if dtype == "BF16" else values
     return arrays
@@ -121,6 +109,16 @@ def sidecar_raw(data: bytes) -> dict[str, tuple[str, Any]]:
     Raises:
         AllocplanError: not a safetensors file, or a tensor of another dtype or outside the data.
     """
+    return _read_tensors(data, tuple(_RAW_TYPES), "is not a float tensor within the file")
+
+
+def _read_tensors(data: bytes, dtypes: tuple[str, ...], unreadable: str) -> dict[str, tuple[str, Any]]:
+    """Each tensor of a safetensors file as (dtype, numpy array of its stored bits), for the dtypes in ``dtypes``.
+
+    Raises:
+        AllocplanError: not a safetensors file, a malformed entry, or a tensor of another dtype or outside the
+            data (``unreadable`` says which, after the tensor's name and dtype).
+    """
     import numpy as np
 
     header, start = _header(data)
@@ -131,12 +129,12 @@ def sidecar_raw(data: bytes) -> dict[str, tuple[str, Any]]:
         try:
             dtype, shape, (begin, end) = entry["dtype"], [int(n) for n in entry["shape"]], entry["data_offsets"]
         except (TypeError, KeyError, ValueError):
-            raise AllocplanError(f"the compensation sidecar's entry {name!r} is malformed; recompile") from None
-        stored = _RAW_TYPES.get(dtype)
+            raise AllocplanError(f"the compensation sidecar's entry {name!r} is malformed; recompile the plan") from None
+        stored = _RAW_TYPES.get(dtype) if dtype in dtypes else None
         raw = data[start + begin:start + end] if 0 <= begin <= end <= len(data) - start else None
         if stored is None or raw is None or len(raw) != np.dtype(stored).itemsize * int(np.prod(shape)):
-            raise AllocplanError(f"the compensation sidecar's tensor {name!r} ({dtype}) is not a float tensor"
-                                 " within the file; recompile")
+            raise AllocplanError(f"the compensation sidecar's tensor {name!r} ({dtype}) {unreadable}; recompile"
+                                 " the plan")
         tensors[name] = (dtype, np.frombuffer(raw, dtype=np.dtype(stored)).reshape(shape))
     return tensors
 
