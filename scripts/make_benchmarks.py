@@ -4,12 +4,14 @@ Every figure is produced by allocplan.bench in this run (JSON beside the page): 
 allocplan/bench/study.py, the page and its target judging allocplan/bench/page.py; this script
 parses arguments and writes the files.
 
-Run:  python scripts/make_benchmarks.py        (about 12 minutes on 2 CPU cores, about 30 with --llama-cpp; run it on an idle machine)
+Run:  python scripts/make_benchmarks.py        (about 45 minutes on 2 CPU cores, more with --llama-cpp; run it on an idle machine)
       python scripts/make_benchmarks.py --render-only   (rewrite the page from the last run's JSON)
       python scripts/make_benchmarks.py --profile-cost-only   (re-measure only the profiling cost)
       python scripts/make_benchmarks.py --breakdown-only      (re-measure only the time breakdowns)
       python scripts/make_benchmarks.py --batch-aware-only    (re-measure only batched decode, prefer: active)
       python scripts/make_benchmarks.py --solver-cost-only    (re-measure only the DP and ILP times)
+      python scripts/make_benchmarks.py --compiled-only       (re-measure only the compiled default plans: presets, references)
+      python scripts/make_benchmarks.py --depth-only          (re-measure only profiling time against depth, ref-deep)
       python scripts/make_benchmarks.py --llama-cpp DIR       (also llama.cpp beside allocplan; DIR: a llama.cpp
                                                                source tree, needs the `llama` extra)
       python scripts/make_benchmarks.py --llama-cpp-only DIR  (re-measure only the llama.cpp comparison)
@@ -24,9 +26,10 @@ from pathlib import Path
 import torch
 
 from allocplan.bench.breakdown import time_breakdown
+from allocplan.bench.depth import depth_scaling
 from allocplan.bench.page import render
 from allocplan.bench.presets import PRESETS, build_preset
-from allocplan.bench.study import batch_aware_run, llama_cpp_run, run_all
+from allocplan.bench.study import batch_aware_run, compiled_runs, llama_cpp_run, run_all
 from allocplan.bench.timing import profile_cost, solver_cost
 from allocplan.bundled import DEFAULT_CALIBRATION
 from allocplan.evaluation.methods import uniform_allocation
@@ -80,6 +83,18 @@ def main() -> None:
         data = json.loads(out.read_text())
         data["solver"] = solver_cost()
         out.write_text(json.dumps(data, indent=2) + "\n")
+    elif "--compiled-only" in sys.argv:
+        # Re-measure only the compiled default plans at 0.5 (presets compiled here, the references' committed
+        # plans) and keep the other timings.
+        data = json.loads(out.read_text())
+        data["runs"] = [run for run in data["runs"] if "compiled" not in run or "profile_cost" in run]
+        data["runs"] += compiled_runs(GOLDEN_PLAN.parent)
+        out.write_text(json.dumps(data, indent=2) + "\n")
+    elif "--depth-only" in sys.argv:
+        # Re-measure only profiling time against depth (about three minutes) and keep the other timings.
+        data = json.loads(out.read_text())
+        data["depth"] = depth_scaling()
+        out.write_text(json.dumps(data, indent=2) + "\n")
     elif "--llama-cpp-only" in sys.argv:
         # Re-measure only llama.cpp beside allocplan and keep the last run's other timings.
         data = json.loads(out.read_text())
@@ -92,6 +107,7 @@ def main() -> None:
         out.write_text(json.dumps(data, indent=2) + "\n")
     else:
         data = run_all(GOLDEN_PLAN, EVAL_TEXT)
+        data["depth"] = depth_scaling()
         if "--llama-cpp" in sys.argv:
             data["llama_cpp"] = llama_cpp_run(flag_value("--llama-cpp"), GOLDEN_PLAN, EVAL_TEXT)
         out.write_text(json.dumps(data, indent=2) + "\n")

@@ -54,6 +54,20 @@ def test_compiling_bundled_model_reproduces_golden_files(tmp_path):
     assert refinement_steps(plan) == refinement_steps(compiled)
 
 
+@pytest.mark.slow  # a full default compile of each reference (2 to 4 minutes each)
+@pytest.mark.parametrize("name", ["ref-dsv2", "ref-qwen3", "ref-deep"])
+def test_compiling_each_reference_reproduces_its_committed_plan(name):
+    """plans/<reference>-compiled-budget-0.5.yaml (timed by docs/benchmarks.md) is what its documented command
+    gives: the same per-layer k and stand-in ranks, and the same charge to 1e-6 (the stand-ins' values may
+    differ between CPUs in their 8th digit, so their hash is not compared)."""
+    plan = allocplan.compile_plan(f"bundled:{name}", 0.5)
+    committed = allocplan.load_plan(ROOT / "plans" / f"{name}-compiled-budget-0.5.yaml")
+    assert [(e.planned_k, e.stand_in_rank) for e in plan.layers] == [
+        (e.planned_k, e.stand_in_rank) for e in committed.layers]
+    assert plan.budget.charged_work == pytest.approx(committed.budget.charged_work, abs=1e-6)
+    assert plan.budget.sidecar_bytes == committed.budget.sidecar_bytes
+
+
 def refinement_steps(plan) -> list[tuple[int, int]] | None:
     """The exchanges the refinement took, or None where the compile did not refine (the default)."""
     refinement = plan.solver.refinement

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from allocplan import apply_plan, load_plan, save_plan
+from allocplan.bench.cost_model import charged_budget
 from allocplan.errors import AllocplanError
 from allocplan.formats.config import ProfileConfig
 from allocplan.formats.plan import plan_from_data
@@ -106,6 +107,9 @@ def test_recorded_charged_work_is_what_runs(compiled):
     measured = counts.total_per_token() + counts.stand_in_work_per_token()
     assert counts.total_per_token() == pytest.approx(plan.budget.planned_activations, abs=1e-12)
     assert measured == pytest.approx(plan.budget.charged_work, abs=1e-8)
+    # The speed-up bound's b (allocplan bench) reads the same charge off the applied plan.
+    original = sum(layer.original_k for layer in plan.layers)
+    assert charged_budget(model, plan.allocation) == pytest.approx(by_hand / original, abs=1e-10)
 
 
 def test_plan_sidecar_holds_each_layer_at_its_rank(compiled, tmp_path):

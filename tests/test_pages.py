@@ -109,6 +109,35 @@ def test_benchmark_targets_follow_the_numbers():
 
 
 @needs_docs
+def test_compiled_plan_targets_follow_the_numbers():
+    from allocplan.bench.page import compiled_lines, target_lines
+
+    data = json.loads((DOCS / "benchmarks.json").read_text(encoding="utf-8"))
+    base = next(run for run in data["runs"] if run["label"] == "dsv2-lite-small, uniform 0.5, Alloc-T off")
+    compiled = {**copy.deepcopy(base), "label": "dsv2-lite-small, compiled default 0.5", "budget": 0.55,
+                "compiled": {"ks": [3, 2], "ranks": [None, 0], "charged_work": 6.6, "stand_in_work": 1.6,
+                             "original_activations": 12, "sidecar_share": 0.0123}}
+    compiled["decode_b1_s_per_token"]["speedup"] = {"median": 1.30, "min": 1.2, "max": 1.4}
+    compiled["achieved_fraction"] = {"decode_b1_s_per_token": 0.8999, "prefill_s": 0.85, "decode_b8_s_per_step": 1.0}
+    compiled["prefill_s"]["speedup"] = {"median": 0.999, "min": 0.9, "max": 1.1}
+    compiled["decode_b8_s_per_step"]["speedup"] = {"median": 1.0, "min": 0.9, "max": 1.1}
+    rows = [line for line in target_lines([*data["runs"], compiled], data["solver"])
+            if line.startswith("| ") and "---" not in line]
+    judged = {cells[0]: (cells[1], cells[2]) for cells in
+              ([cell.strip() for cell in line.strip("|").split("|")] for line in rows[1:])}
+    assert judged["DeepSeek-V2-Lite-shaped compiled default decode b1 ≥ 1.30× untouched"] == ("1.3000", "yes")
+    assert judged["DeepSeek-V2-Lite-shaped compiled default decode b1 ≥ 90% of its charged bound"][1] == "no"
+    assert judged["DeepSeek-V2-Lite-shaped compiled default prefill ≥ 85% of its charged bound"][1] == "yes"
+    where = "dsv2-lite-small, compiled default 0.5"
+    assert judged[f"{where}: prefill not slower than untouched"] == ("0.999× [0.900, 1.100]", "no")
+    assert judged[f"{where}: decode b8 not slower than untouched"][1] == "yes"
+    # The plan line states the charge the bound was computed from: 6.6 of 12 is b = 0.55.
+    text = compiled_lines(compiled)[0]
+    assert "k per layer [3, 2]" in text and "rank per layer [—, 0]" in text
+    assert "charged work 6.60 of 12" in text and "b is 0.550" in text and "1.2%" in text
+
+
+@needs_docs
 def test_scale_page_renders_from_its_json():
     from allocplan.bench.scale import render
 

@@ -331,15 +331,19 @@ def test_one_token_linear_rows_and_sum_by_hand(form, model_dtype):
     assert (stand_ins._native is not None) == (standins_kernel() is not None)
 
 
+@pytest.mark.parametrize("grouping", [True, False], ids=["grouped", "copied"])
 @pytest.mark.parametrize("one_token", [False, True], ids=["batch", "one-token"])
 @pytest.mark.parametrize("kind", ["expert", "layer", "linear"])
-def test_compensation_adds_weighted_stand_ins_by_hand(kind, one_token, monkeypatch):
-    """Both forms of the stand-ins (one token; many tokens, where linear ones are grouped by expert once
-    there are as many dropped pairs as experts) against a per-pair sum in float64."""
+def test_compensation_adds_weighted_stand_ins_by_hand(kind, one_token, grouping, monkeypatch):
+    """Every form of the stand-ins (one token; many tokens, where linear ones are grouped by expert or
+    their factors copied per pair) against a per-pair sum in float64."""
     from allocplan.runtime import experts as experts_module
 
     grouped, original = [], experts_module._grouped_linear_rows
     monkeypatch.setattr(experts_module, "_grouped_linear_rows", lambda *args: grouped.append(1) or original(*args))
+    # The copy limit decides the form of many pairs: 0 groups them (there are as many as experts), a
+    # limit above anything here copies.
+    monkeypatch.setattr(experts_module, "_STAND_IN_COPY_BYTES", 0 if grouping else 1 << 40)
     model = build_tiny_model("olmoe")
     layers = find_moe_layers(model)
     generator = torch.Generator().manual_seed(2)
@@ -372,8 +376,22 @@ def test_compensation_adds_weighted_stand_ins_by_hand(kind, one_token, monkeypat
                 expected[t] += weights[t, s].double() * value
                 dropped += 1
     assert dropped == 2 * index.shape[0]  # top-4 candidates, 2 kept
-    assert bool(grouped) == (kind == "linear" and not one_token)
+    assert bool(grouped) == (kind == "linear" and not one_token and grouping)
     torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_stand_ins_are_grouped_once_their_copy_passes_two_mib():
+    from allocplan.runtime.experts import _group_the_stand_ins
+
+    # ref-olmoe's shape: 16 experts, [128, 28] and [28, 128] float32 factors, 28,672 bytes a pair, so
+    # the copy passes 2 MiB (2,097,152 bytes) at 74 pairs (73 x 28,672 = 2,093,056).
+    stand_ins = StandIns(torch.zeros(16, 128), torch.zeros(16, 128, 28), torch.zeros(16, 28, 128))
+    assert not _group_the_stand_ins(stand_ins, 73, 16)
+    assert _group_the_stand_ins(stand_ins, 74, 16)
+    # Below one pair per expert the copy runs however large: 8 experts of [512, 100] (409,600 bytes a pair).
+    big = StandIns(torch.zeros(8, 512), torch.zeros(8, 512, 100), torch.zeros(8, 100, 512))
+    assert not _group_the_stand_ins(big, 7, 8)
+    assert _group_the_stand_ins(big, 8, 8)  # 3.3 MB
 
 
 def test_sidecar_mismatch_missing_and_wrong_shape(tmp_path):

@@ -27,6 +27,33 @@ def ideal_speedup(f: float, budget: float) -> float:
     return 1 / (1 - f * (1 - budget))
 
 
+def charged_budget(model: Any, allocation: Any) -> float:
+    """The allocation's charged work over the model's original routed work, both in expert-equivalents
+    per token: its routed experts plus, on each layer that runs stand-ins, the K_l - k_l dropped
+    candidates' stand-ins at their own multiply-adds over one routed expert's (the cost ``eval`` and
+    ``bench`` count as they run). This is the b of the speed-up bound: a plan that spends on stand-ins
+    is promised less."""
+    from allocplan.runtime.apply import apply_plan
+    from allocplan.runtime.experts import COMPENSATION_ATTR
+    from allocplan.runtime.layers import expert_multiply_adds
+    from allocplan.standins import multiply_adds
+
+    if allocation is None:
+        return 1.0
+    entries = {entry.path: entry for entry in allocation.layers}
+    stand_in = 0.0
+    with apply_plan(model, allocation):
+        for layer in find_moe_layers(model):
+            table = getattr(layer.experts, COMPENSATION_ATTR, None)
+            if table is None or layer.path not in entries:
+                continue
+            rank = table.down.shape[-1] if table.down is not None else 0
+            per_candidate = multiply_adds(table.bias.shape[-1], rank) / expert_multiply_adds(layer)
+            entry = entries[layer.path]
+            stand_in += (entry.original_k - entry.planned_k) * per_candidate
+    return (allocation.planned_activations + stand_in) / allocation.original_activations
+
+
 def routed_weight_share(model: Any) -> float:
     """f: routed experts' share of the weights one token uses at full k (decode's cost model).
 
@@ -132,7 +159,26 @@ def layer_costs(model: Any, seq_len: int) -> dict:
                      "block": 2 * block, "params": params})
     head = 2 * model.get_output_embeddings().weight.numel()
     return {"layers": rows, "head": head, "vocab": model.get_output_embeddings().weight.shape[0],
-            "hidden": config.hidden_size, "params": sum(p.numel() for p in model.parameters())}
+            "hidden": config.hidden_size, "params": sum(p.numel() for p in model.parameters()),
+            "options": probe_options(model)}
+
+
+def probe_options(model: Any) -> int:
+    """Probes per (layer, k < K) under the default profiling config: the layer without stand-ins, and with
+    each stand-in rank the solver may choose (the constant, the rank within the share and within twice
+    it) where the family compensates. Each probe re-runs the same later layers, so the probes' cost
+    scales with this count. The first MoE layer's count stands for all (same shapes)."""
+    from allocplan.planner.profiling import resolve_treatments
+    from allocplan.planner.treatments import stand_in_ranks
+
+    config = ProfileConfig()
+    _, compensation = resolve_treatments(model, config)
+    if compensation == "off":
+        return 1
+    layer = find_moe_layers(model)[0]
+    hidden = model.config.get_text_config().hidden_size
+    return 1 + len(stand_in_ranks(layer, hidden, compensation, config.compensation_share, config.compensation_rank,
+                                  config.stand_in_choice))
 
 
 def forward_flops(costs: dict) -> float:
@@ -141,14 +187,16 @@ def forward_flops(costs: dict) -> float:
 
 
 def probe_flops(costs: dict, k_min: int = 1) -> float:
-    """FLOPs per token of every probe of one batch (isolated strategy, prefix reuse)."""
+    """FLOPs per token of every probe of one batch (isolated strategy, prefix reuse): ``costs["options"]``
+    probes per (layer, k < K), each the block at k and every later layer (the stand-ins' own
+    multiply-adds, a few percent of one expert's per dropped candidate, are left out)."""
     rows, total = costs["layers"], 0.0
     for position, row in enumerate(rows):
         if not row["moe"]:
             continue
         after = sum(r["base"] + r["k"] * r["expert"] for r in rows[position + 1 :]) + costs["head"]
         for k in range(k_min, row["k"]):
-            total += row["block"] + k * row["expert"] + after
+            total += costs.get("options", 1) * (row["block"] + k * row["expert"] + after)
     return total
 
 

@@ -168,7 +168,7 @@ def batch_aware_lines(runs: list[dict]) -> list[str]:
     return lines
 
 
-def target_lines(runs: list[dict], solver: dict) -> list[str]:
+def target_lines(runs: list[dict], solver: dict, depth: dict | None = None) -> list[str]:
     """The roadmap's CPU targets at budget 0.5, checked against this run."""
     by_label = {run["label"]: run for run in runs}
 
@@ -216,11 +216,37 @@ def target_lines(runs: list[dict], solver: dict) -> list[str]:
                 added = ratio["median"] - 1
                 lines.append(f"| {where}: {kind} compensation adds ≤ 3% to {over} | {added:+.1%}"
                              f"{interval_note(interval)} | {'yes' if added <= 0.03 else 'no'} |")
+    compiled_dsv2 = by_label.get("dsv2-lite-small, compiled default 0.5")
+    if compiled_dsv2:
+        label = "dsv2-lite-small, compiled default 0.5"
+        for name, value, goal in (
+                ("DeepSeek-V2-Lite-shaped compiled default decode b1 ≥ 1.30× untouched",
+                 speedup(label, "decode_b1_s_per_token"), 1.30),
+                ("DeepSeek-V2-Lite-shaped compiled default decode b1 ≥ 90% of its charged bound",
+                 frac(label, "decode_b1_s_per_token"), 0.90),
+                ("DeepSeek-V2-Lite-shaped compiled default prefill ≥ 85% of its charged bound",
+                 frac(label, "prefill_s"), 0.85)):
+            lines.append(f"| {name} | {value:.4f} | {'yes' if value >= goal else 'no'} |")
+    for run in runs:
+        if "compiled" not in run:
+            continue
+        measures = [(name, label) for name, label in (("decode_b1_s_per_token", "decode b1"),
+                                                      ("decode_b8_s_per_step", "decode b8"), ("prefill_s", "prefill"))
+                    if name in run]
+        for name, label in measures:
+            ratio = run[name]["speedup"]
+            lines.append(f"| {run['label']}: {label} not slower than untouched | {ratio['median']:.3f}× [{ratio['min']:.3f},"
+                         f" {ratio['max']:.3f}] | {'yes' if ratio['median'] >= 1.0 else 'no'} |")
     profiled = [run["profile_cost"]["ratio"] for run in runs if "profile_cost" in run]
     if profiled:
         lines.append(f"| profiling ≤ 0.5× naive | {profiled[0]:.3f} | {'yes' if profiled[0] <= 0.5 else 'no'} |")
     lines.append(f"| DP ≤ 50 ms | {solver['dp_s'] * 1e3:.1f} ms | {'yes' if solver['dp_s'] <= 0.05 else 'no'} |")
     lines.append(f"| ILP ≤ 5 s | {solver['ilp_s'] * 1e3:.1f} ms | {'yes' if solver['ilp_s'] <= 5 else 'no'} |")
+    if depth:
+        exponent = depth["exponent"]
+        lines.append(f"| profiling time no faster than linear in depth ({depth['rows'][0]['moe_layers']} to"
+                     f" {depth['rows'][-1]['moe_layers']} MoE layers) | depth^{exponent['median']:.2f}"
+                     f" [{exponent['min']:.2f}, {exponent['max']:.2f}] | {'yes' if exponent['max'] <= 1.0 else 'no'} |")
     return lines + [""] + [line for line in EXPLANATION.strip().splitlines()] + [""] + breakdown_findings(runs)
 
 
@@ -279,6 +305,58 @@ distinguishable from it on this machine.
 """ 
 
 
+def compiled_lines(run: dict) -> list[str]:
+    """What a compiled plan spends (its per-layer choice and its charge), above its timings."""
+    plan = run.get("compiled")
+    if not plan:
+        return []
+    ranks = ["—" if rank is None else str(rank) for rank in plan["ranks"]]
+    charged = plan["charged_work"]
+    text = (f"Compiled plan: k per layer [{', '.join(f'{k:g}' for k in plan['ks'])}], stand-in rank per layer"
+            f" [{', '.join(ranks)}] (— none, 0 the constant)")
+    if charged is not None:
+        text += (f"; charged work {charged:.2f} of {plan['original_activations']} expert-equivalents per token"
+                 f" (stand-ins {plan['stand_in_work']:.2f}), so the bound's b is {run['budget']:.3f};"
+                 f" stand-in weights {plan['sidecar_share']:.1%} of the routed experts'")
+    if run.get("calibration"):
+        text += f". Calibration: {run['calibration']} (random weights: the plan's shape, not its quality, is what is timed)"
+    return [text + ".", ""]
+
+
+def depth_lines(depth: dict | None) -> list[str]:
+    """The profiling-time-against-depth section (:mod:`allocplan.bench.depth`), with its verdict."""
+    if not depth:
+        return []
+    rows = depth["rows"]
+    exponent = depth["exponent"]
+    lines = ["## Profiling time against depth", "",
+             f"`{depth['model']}` cut to its first n decoder layers (head and embeddings kept) and profiled with"
+             f" the default profiling settings on {depth['calib_tokens']} calibration tokens; median of"
+             f" {depth['rounds']} rounds interleaved over the cuts, [min, max]. *probe layer-forwards* counts the"
+             " decoder layers the probes of one batch re-run: each probe of layer l re-runs l's block and every"
+             " layer after it (the exact end-to-end S needs them), so L (L + 1) / 2 per probe per layer.", "",
+             "| MoE layers | profiling s | s per MoE layer | probes per layer | probe layer-forwards |",
+             "| --- | --- | --- | --- | --- |"]
+    for row in rows:
+        seconds = row["seconds"]
+        lines.append(f"| {row['moe_layers']} | {seconds['median']:.1f} [{seconds['min']:.1f}, {seconds['max']:.1f}]"
+                     f" | {row['seconds_per_moe_layer']:.2f} | {row['probes_per_layer']} |"
+                     f" {row['probe_layer_forwards']} |")
+    first, last = rows[0], rows[-1]
+    linear = exponent["max"] <= 1.0
+    lines += ["", f"From {first['moe_layers']} to {last['moe_layers']} MoE layers profiling time grows as depth^"
+                  f"{exponent['median']:.2f} (per-round [{exponent['min']:.2f}, {exponent['max']:.2f}]); the probes'"
+                  f" layer-forwards alone grow as depth^{depth['layer_forward_exponent']:.2f}. "
+              + ("Time grows no faster than linearly here: the per-probe head and the per-layer fitting outweigh"
+                 " the later layers' re-runs at this depth." if linear else
+                 "**Faster than linear** (target: no faster than linearly), by the later layers every probe"
+                 " re-runs: the head, the metric and the per-layer fitting are linear in depth and hide part of"
+                 " it, the rest is the quadratic term of an exact end-to-end S. Cutting it needs a probe that"
+                 " stops short of the head (an approximate S), which allocplan does not offer; on a model this"
+                 " deep, `profile --shard` spreads the probes instead (docs/scale.md)."), ""]
+    return lines
+
+
 def render(data: dict) -> str:
     """docs/benchmarks.md for ``data`` (the JSON of one run of :mod:`allocplan.bench.study`); the header
     names this machine, its torch threads and torch version."""
@@ -315,6 +393,9 @@ def render(data: dict) -> str:
             f"budget {run['budget']:.3f}, f_weights {run['f_routed_weights']:.2f}, f_flops"
             f" {run['f_routed_flops']:.2f}, f_moe (time) {run['f_moe_time']:.2f}",
             "",
+        ]
+        lines += compiled_lines(run)
+        lines += [
             "| measure | untouched ms | full k, lean ms | planned ms | speed-up | same path | bound | of the bound |",
             "| --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
@@ -355,7 +436,8 @@ def render(data: dict) -> str:
         f" {solver['dp_s'] * 1e3:.1f} ms (target ≤ 50 ms), ILP {solver['ilp_s'] * 1e3:.1f} ms (target ≤ 5 s).",
         "",
     ]
+    lines += depth_lines(data.get("depth"))
     lines += batch_aware_lines(data.get("batch_aware", []))
     lines += llama_cpp_lines(data.get("llama_cpp"))
-    lines += target_lines(runs, solver)
+    lines += target_lines(runs, solver, data.get("depth"))
     return "\n".join(lines)

@@ -94,7 +94,8 @@ def measure_preset(name: str) -> dict:
         "forward_s": forward_s, "probes_s": probes_s, "fitting_s": fitting_s,
         # forward-equivalents: measured time over one reference forward's time, against the model's FLOP ratio
         "probes_fe_measured": probes_s / forward_s - 1,  # measure_sensitivity also runs the reference forward
-        "probes_fe_model": probe_flops(costs) / per_forward,
+        # The probes measured here run without stand-ins: one probe per (layer, k), as the model must count.
+        "probes_fe_model": probe_flops({**costs, "options": 1}) / per_forward,
         "fitting_fe_measured": fitting_s / forward_s, "fitting_fe_model": fitting_flops(costs) / per_forward,
     }
 
@@ -223,7 +224,9 @@ def render(data: dict) -> str:
               "DeepSeek-V3) from disk, and each shard loading its copy, come on top and often dominate the smaller",
               "models' rows.", "",
               "Probe cost is per calibration batch, in full forwards: profiling re-runs the layers after each",
-              "probed layer, so it grows with depth × k-grid size (DeepSeek-V3: 58 MoE layers × 7 smaller k each).",
+              "probed layer, once per stand-in option (none, the constant and two ranks: 4 per (layer, k) by",
+              "default), so it grows with depth² × k-grid size × options (DeepSeek-V3: 58 MoE layers × 7 smaller",
+              "k each × 4); `--fixed-stand-ins` measures 2 options, `--compensation off` 1.",
               "`--k-min` above 1 and `--strategy isolated` (the default) keep it down; `--calib-tokens` scales",
               "everything linearly."]
     return "\n".join(lines) + "\n"

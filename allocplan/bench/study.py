@@ -76,6 +76,66 @@ def over_gains_interval(variants: dict, kind: str) -> dict:
     return ratio_interval(variants[f"{GAINS} + {kind} compensation"]["rounds"], variants[GAINS]["rounds"])
 
 
+# Calibration of the presets' compiled plans: random token ids (a preset has random weights and no
+# tokenizer), 8 windows of 256 (one batch at the default batch size) to keep dsv2-lite-small's
+# profiling within minutes; every other setting is the default recipe's.
+PRESET_CALIB_TOKENS = 2048
+# The bundled references whose compiled default plan at 0.5 is committed beside ref-olmoe's golden one
+# (plans/<name>-compiled-budget-0.5.yaml, by `allocplan compile --model bundled:<name> --budget 0.5`).
+REFERENCE_PLANS = ("ref-olmoe", "ref-dsv2", "ref-qwen3", "ref-deep")
+
+
+def compiled_preset_plan(model: Any, preset: str) -> Any:
+    """The default recipe's plan at budget 0.5 for a preset model, profiled on PRESET_CALIB_TOKENS random
+    token ids (seeded: the same plan every run)."""
+    import torch
+
+    from allocplan.formats.config import ProfileConfig
+    from allocplan.formats.provenance import CalibrationRecord
+    from allocplan.planner.compile import compile_model
+
+    seq_len = ProfileConfig().seq_len
+    count = PRESET_CALIB_TOKENS // seq_len
+    windows = torch.randint(0, model.config.vocab_size, (count, seq_len), generator=torch.Generator().manual_seed(0))
+    record = CalibrationRecord("text", "random token ids (seed 0)", None, "sha256:" + "0" * 64,
+                               PRESET_CALIB_TOKENS, seq_len, count)
+    plan, _ = compile_model(model, None, 0.5, profile=ProfileConfig(calib_tokens=PRESET_CALIB_TOKENS),
+                            model_name=f"preset:{preset}", windows=(windows, record))
+    return plan
+
+
+def plan_summary(plan: Any) -> dict:
+    """What a timed compiled plan spends: per-layer k and stand-in rank, and its budget block's charges."""
+    return {"ks": [layer.planned_k for layer in plan.layers],
+            "ranks": [layer.stand_in_rank for layer in plan.layers],
+            "charged_work": plan.budget.charged_work, "stand_in_work": plan.budget.stand_in_work,
+            "original_activations": plan.budget.original_activations,
+            "sidecar_share": plan.budget.sidecar_share}
+
+
+def compiled_runs(plans_dir: Path) -> list[dict]:
+    """The default plan at 0.5 on each preset (compiled here) and on each bundled reference (its committed
+    plan), timed against the untouched model: the speed-up a compiled plan gives, and whether it is ever
+    slower than the model it came from."""
+    runs = []
+    for preset in ("dsv2-lite-small", "mixtral-small"):
+        model = build_preset(preset)
+        plan = compiled_preset_plan(model, preset)
+        result = bench(model, plan.allocation, batch=1, prompt_len=256, new_tokens=NEW_TOKENS, repeat=REPEAT)
+        runs.append({"label": f"{preset}, compiled default 0.5", "compiled": plan_summary(plan),
+                     "calibration": f"{PRESET_CALIB_TOKENS} random token ids", **result})
+        del model
+    for name in REFERENCE_PLANS:
+        path = plans_dir / f"{name}-compiled-budget-0.5.yaml"
+        if name == "ref-olmoe" or not path.exists():  # ref-olmoe's is the golden plan, timed in run_all
+            continue
+        plan = load_plan(path)
+        model, _ = load_model(plan.model.name)
+        result = bench(model, plan.allocation, batch=1, prompt_len=256, new_tokens=NEW_TOKENS, repeat=REPEAT)
+        runs.append({"label": f"{plan.model.name} with plans/{path.name}", "compiled": plan_summary(plan), **result})
+    return runs
+
+
 def run_all(golden_plan: Path, eval_text: Path) -> dict:
     """Every timing of docs/benchmarks.md but llama.cpp's: the presets' uniform plans with their variants and
     breakdowns, the golden plan on its bundled model with the profiling cost, the solver cost, batched decode."""
@@ -99,7 +159,9 @@ def run_all(golden_plan: Path, eval_text: Path) -> dict:
         result = bench(model, plan.allocation, batch=1, prompt_len=256, new_tokens=NEW_TOKENS, repeat=REPEAT)
         windows, _ = pack_windows(tokenizer, DEFAULT_CALIBRATION, max_tokens=4096, seq_len=256)
         result["profile_cost"] = profile_cost(model, windows)
-        runs.append({"label": f"{plan.model.name} with plans/{golden_plan.name}", **result})
+        runs.append({"label": f"{plan.model.name} with plans/{golden_plan.name}", "compiled": plan_summary(plan),
+                     **result})
+    runs += compiled_runs(golden_plan.parent)
     return {"runs": runs, "solver": solver_cost(), "batch_aware": batch_aware_run(golden_plan, eval_text)}
 
 

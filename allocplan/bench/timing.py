@@ -41,7 +41,7 @@ from ..progress import progress
 from allocplan.runtime.apply import apply_plan
 from allocplan.runtime.measure import count_activations
 from allocplan.runtime.layers import find_moe_layers, model_family
-from .cost_model import ideal_speedup, profiling_flop_floor, routed_flop_share, routed_weight_share
+from .cost_model import charged_budget, ideal_speedup, profiling_flop_floor, routed_flop_share, routed_weight_share
 
 
 def median_spread(values: list[float]) -> dict[str, float]:
@@ -161,7 +161,8 @@ def bench(
     prefill_ids = torch.randint(0, vocab, (batch, prompt_len), generator=generator).to(device)
     decode_prompt = torch.randint(0, vocab, (1, 16), generator=generator).to(device)
     decode_batch = torch.randint(0, vocab, (decode_batch_size, 16), generator=generator).to(device)
-    budget = plan.planned_activations / plan.original_activations
+    # The bound's b is the plan's charged work (experts and stand-ins) over the original routed work.
+    budget = charged_budget(model, plan)
     f_moe = expert_time_share(model, prefill_ids)
     f_flops = routed_flop_share(model, prefill_ids)
     f_weights = routed_weight_share(model)

@@ -1,0 +1,113 @@
+"""Profiling time against depth: the same model cut to its first n decoder layers, profiled alike.
+
+Each probe of S[l, k] re-runs the decoder layers after l and the head (planner/replay.py), so per
+calibration batch a model of L MoE layers runs about sum_l (L - l) = L (L + 1) / 2 layer-forwards
+of probes, one head per probe, and the per-layer fitting passes (linear in L). Time then grows
+linearly in depth while the head and the fitting dominate, and quadratically once the later layers
+do. This module measures where a model sits: it profiles the first n decoder layers of one model
+(the head and embeddings kept, the rest dropped) with one profiling config, for several n, in
+interleaved rounds, and fits the growth exponent between the shallowest and the deepest cut.
+
+``scripts/make_benchmarks.py --depth-only`` runs it on ``bundled:ref-deep`` and
+:mod:`allocplan.bench.page` renders it.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from ..errors import AllocplanError
+from .timing import median_spread
+
+# The cuts measured: a quarter, half and all of ref-deep's 16 MoE layers.
+DEPTHS = (4, 8, 16)
+# Calibration tokens per cut: 8 windows of 256, one batch at the default batch size; time is linear
+# in tokens, so the growth with depth does not depend on it.
+DEPTH_CALIB_TOKENS = 2048
+DEPTH_ROUNDS = 3
+
+
+def first_layers(model: Any, count: int) -> Any:
+    """Cut ``model`` (a freshly loaded instance, edited in place) to its first ``count`` decoder layers.
+
+    The embeddings, final norm and head stay; ``config.num_hidden_layers`` (and ``layer_types``
+    where the config has it) follow the cut so caches and masks are sized for the layers left.
+
+    Raises:
+        AllocplanError: ``count`` outside 1..the model's decoder layers.
+    """
+    layers = model.model.layers  # every registered family keeps its decoder layers here
+    if not 1 <= count <= len(layers):
+        raise AllocplanError(f"cannot cut the model to {count} decoder layers: it has {len(layers)};"
+                             f" give a depth from 1 to {len(layers)}")
+    model.model.layers = torch.nn.ModuleList(list(layers)[:count])
+    model.config.num_hidden_layers = count
+    if isinstance(getattr(model.config, "layer_types", None), list):
+        model.config.layer_types = model.config.layer_types[:count]
+    return model
+
+
+def probes_per_layer(profile: Any) -> int:
+    """Probes one MoE layer of ``profile`` ran per batch: each k below K_l without a stand-in and with each
+    stand-in rank measured (the first layer's count; every layer of a uniform-shaped model has it)."""
+    row = profile.layers[0]
+    below = [k for k in row.sensitivity if k < row.original_k]
+    return len(below) * (1 + len(row.stand_in_sensitivity or {}))
+
+
+def probe_layer_forwards(moe_layers: int, probes: int) -> int:
+    """Decoder-layer forwards the probes of one batch run in a model whose every decoder layer is an MoE
+    layer: each of the ``probes`` probes of layer l (0-based) re-runs l's block and the
+    ``moe_layers - 1 - l`` layers after it, so sum_l (moe_layers - l) = L (L + 1) / 2 per probe count."""
+    return probes * moe_layers * (moe_layers + 1) // 2
+
+
+def growth_exponent(depths: list[int], seconds: list[float]) -> float:
+    """The exponent p of time ~ depth^p between the shallowest and the deepest cut (1: linear)."""
+    return math.log(seconds[-1] / seconds[0]) / math.log(depths[-1] / depths[0])
+
+
+def depth_scaling(model_name: str = "bundled:ref-deep", depths: tuple[int, ...] = DEPTHS,
+                  calib_tokens: int = DEPTH_CALIB_TOKENS, rounds: int = DEPTH_ROUNDS,
+                  seq_len: int | None = None) -> dict:
+    """Profile the first n decoder layers of ``model_name`` for each n in ``depths``, with the default
+    profiling config at ``calib_tokens`` tokens (and ``seq_len`` tokens per window, default the config's),
+    rounds interleaved over the depths.
+
+    Returns the per-depth median seconds with [min, max], seconds per MoE layer, probes and the
+    probes' layer-forwards, and the growth exponent (median over rounds, with its [min, max]).
+    """
+    from allocplan.formats.config import ProfileConfig
+    from allocplan.loading import load_model
+    from allocplan.planner.profiling import profile_model
+    from allocplan.runtime.layers import find_moe_layers
+
+    config = ProfileConfig(calib_tokens=calib_tokens, **({"seq_len": seq_len} if seq_len else {}))
+    models = {}
+    for depth in depths:
+        model, tokenizer = load_model(model_name)
+        models[depth] = (first_layers(model, depth), tokenizer)
+    times: dict[int, list[float]] = {depth: [] for depth in depths}
+    profiles: dict[int, Any] = {}
+    for _ in range(rounds):
+        for depth in depths:
+            model, tokenizer = models[depth]
+            start = time.perf_counter()
+            profiles[depth] = profile_model(model, tokenizer, config, model_name=model_name)
+            times[depth].append(time.perf_counter() - start)
+    rows = []
+    for depth in depths:
+        moe_layers = len(find_moe_layers(models[depth][0]))
+        probes = probes_per_layer(profiles[depth])
+        rows.append({"depth": depth, "moe_layers": moe_layers, "seconds": median_spread(times[depth]),
+                     "seconds_per_moe_layer": statistics.median(times[depth]) / moe_layers,
+                     "probes_per_layer": probes, "probe_layer_forwards": probe_layer_forwards(moe_layers, probes)})
+    exponents = [growth_exponent(list(depths), [times[depth][i] for depth in depths]) for i in range(rounds)]
+    return {"model": model_name, "calib_tokens": calib_tokens, "rounds": rounds, "rows": rows,
+            "exponent": median_spread(exponents),
+            "layer_forward_exponent": growth_exponent(list(depths), [row["probe_layer_forwards"] for row in rows])}
