@@ -54,6 +54,16 @@ class ActivationCounts:
         return sum(self.distinct[p] / self.forwards[p] for p in layers) / len(layers) if layers else 0.0
 
 
+def stand_in_cost(layer: Any) -> float | None:
+    """What one stand-in of ``layer``'s applied plan costs, in expert-equivalents: its multiply-adds over one
+    routed expert's (None where the layer runs no stand-ins)."""
+    stand_ins = getattr(layer.experts, COMPENSATION_ATTR, None)
+    if stand_ins is None:
+        return None
+    rank = stand_ins.down.shape[-1] if stand_ins.down is not None else 0
+    return multiply_adds(stand_ins.bias.shape[-1], rank) / expert_multiply_adds(layer)
+
+
 @contextmanager
 def count_activations(model: Any) -> Iterator[ActivationCounts]:
     """Count executed pairs and stand-ins while the block runs (enter it after ``apply_plan``).
@@ -74,8 +84,7 @@ def count_activations(model: Any) -> Iterator[ActivationCounts]:
         counts.stand_in_pairs[layer.path] = 0
         stand_ins = getattr(layer.experts, COMPENSATION_ATTR, None)
         if stand_ins is not None:
-            rank = stand_ins.down.shape[-1] if stand_ins.down is not None else 0
-            counts.stand_in_cost[layer.path] = multiply_adds(stand_ins.bias.shape[-1], rank) / expert_multiply_adds(layer)
+            counts.stand_in_cost[layer.path] = stand_in_cost(layer)
 
         def record(index: torch.Tensor, num_experts: int, path: str = layer.path,
                    compensated: bool = stand_ins is not None) -> None:

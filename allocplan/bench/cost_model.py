@@ -34,9 +34,7 @@ def charged_budget(model: Any, allocation: Any) -> float:
     ``bench`` count as they run). This is the b of the speed-up bound: a plan that spends on stand-ins
     is promised less."""
     from allocplan.runtime.apply import apply_plan
-    from allocplan.runtime.experts import COMPENSATION_ATTR
-    from allocplan.runtime.layers import expert_multiply_adds
-    from allocplan.standins import multiply_adds
+    from allocplan.runtime.measure import stand_in_cost
 
     if allocation is None:
         return 1.0
@@ -44,11 +42,9 @@ def charged_budget(model: Any, allocation: Any) -> float:
     stand_in = 0.0
     with apply_plan(model, allocation):
         for layer in find_moe_layers(model):
-            table = getattr(layer.experts, COMPENSATION_ATTR, None)
-            if table is None or layer.path not in entries:
+            per_candidate = stand_in_cost(layer)
+            if per_candidate is None or layer.path not in entries:
                 continue
-            rank = table.down.shape[-1] if table.down is not None else 0
-            per_candidate = multiply_adds(table.bias.shape[-1], rank) / expert_multiply_adds(layer)
             entry = entries[layer.path]
             stand_in += (entry.original_k - entry.planned_k) * per_candidate
     return (allocation.planned_activations + stand_in) / allocation.original_activations

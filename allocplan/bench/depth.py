@@ -41,11 +41,15 @@ def first_layers(model: Any, count: int) -> Any:
     Raises:
         AllocplanError: ``count`` outside 1..the model's decoder layers.
     """
-    layers = model.model.layers  # every registered family keeps its decoder layers here
+    from allocplan.runtime.layers import model_family
+
+    parent, name = model_family(model).layers_path.rsplit(".", 1)  # the family registry's decoder-layer list
+    holder = model.get_submodule(parent)
+    layers = getattr(holder, name)
     if not 1 <= count <= len(layers):
         raise AllocplanError(f"cannot cut the model to {count} decoder layers: it has {len(layers)};"
                              f" give a depth from 1 to {len(layers)}")
-    model.model.layers = torch.nn.ModuleList(list(layers)[:count])
+    setattr(holder, name, torch.nn.ModuleList(list(layers)[:count]))
     model.config.num_hidden_layers = count
     if isinstance(getattr(model.config, "layer_types", None), list):
         model.config.layer_types = model.config.layer_types[:count]
