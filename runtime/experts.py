@@ -192,6 +192,49 @@ class StandIns:
             raise MemoryError("native stand-in kernel: no memory for its scratch")
         return True
 
+    def add_dropped_native_rows(self, result: torch.Tensor, hidden: torch.Tensor, slots: torch.Tensor,
+                                weights: torch.Tensor, num_experts: int) -> bool:
+        """``add_dropped_native`` for each of a few tokens (small-batch decode), one kernel call per token;
+        False, with ``result`` untouched, where the kernel cannot serve this call.
+
+        At batch 8 the general form's copies of every dropped pair's factors (``rows``) cost more than the
+        kernel reading them in half precision, token by token: on ref-olmoe's shapes about 0.2 ms a layer
+        against a few tens of microseconds. Each token's sum differs from the general form's only in float
+        order, as at batch 1.
+
+        Args:
+            result: [T, H] the kept experts' sums, added to in place.
+            hidden: [T, H] the tokens' inputs.
+            slots: [T, K] int64 slot indices (kept e, dropped E + e).
+            weights: [T, K] their float32 weights.
+        """
+        tables = self._native
+        if tables is None:
+            return False
+        kernel, down, up, bias = tables  # [E, H, r] and [E, r, H] half, [E, H] float32
+        float32 = torch.float32
+        tokens, width = slots.shape
+        if (result.dtype != float32 or hidden.dtype != float32 or weights.dtype != float32
+                or slots.dtype != torch.int64 or result.requires_grad or hidden.requires_grad
+                or result.shape != (tokens, down.shape[1]) or hidden.shape != result.shape
+                or weights.shape != slots.shape or not (result.is_contiguous() and hidden.is_contiguous()
+                                                        and slots.is_contiguous() and weights.is_contiguous())):
+            return False
+        shape = down.shape
+        tables_at = (down.data_ptr(), up.data_ptr(), bias.data_ptr())
+        row_bytes, slot_bytes, weight_bytes = result.shape[1] * 4, width * 8, width * 4
+        result_at, hidden_at, slots_at, weights_at = (result.data_ptr(), hidden.data_ptr(), slots.data_ptr(),
+                                                      weights.data_ptr())
+        for t in range(tokens):
+            added = kernel(width, slots_at + t * slot_bytes, weights_at + t * weight_bytes, num_experts,
+                           hidden_at + t * row_bytes, result_at + t * row_bytes, *tables_at, *shape)
+            if added == -1:
+                raise RuntimeError(f"native stand-in kernel: a dropped slot in {slots[t].tolist()} names no expert"
+                                   f" of {shape[0]} (slots {num_experts}.. are dropped experts 0..)")
+            if added < 0:
+                raise MemoryError("native stand-in kernel: no memory for its scratch")
+        return True
+
     def _native_tables(self) -> tuple | None:
         """(kernel, down [E, H, r] half, up [E, r, H] half, bias [E, H] float32), or None where the kernel
         is unavailable or the stand-ins are not float32 CPU factors exactly on the half grid. Built with
@@ -324,6 +367,10 @@ def add_compensation(result: torch.Tensor, module: torch.nn.Module, hidden_state
         return result
     if top_k_index.shape[0] == 1 and fast_paths().one_token_stand_ins:
         return _add_compensation_one_token(result, stand_ins, hidden_states, top_k_index, top_k_weights, num_experts)
+    if (top_k_index.shape[0] <= _NATIVE_ROWS_UP_TO and stand_ins.down is not None and result.device.type == "cpu"
+            and fast_paths().native_kernel
+            and stand_ins.add_dropped_native_rows(result, hidden_states, top_k_index, top_k_weights, num_experts)):
+        return result
     tokens, slots = (top_k_index >= num_experts).nonzero(as_tuple=True)  # [D] each
     if tokens.numel():
         experts = top_k_index[tokens, slots] - num_experts  # [D]
@@ -337,6 +384,9 @@ def add_compensation(result: torch.Tensor, module: torch.nn.Module, hidden_state
     return result
 
 
+# Up to this many tokens in a forward, linear stand-ins on CPU go through the native kernel token by token
+# (``StandIns.add_dropped_native_rows``) where it can serve them.
+_NATIVE_ROWS_UP_TO = 16
 # The most bytes of factors ``StandIns.rows`` copies before grouping wins regardless (see below).
 _STAND_IN_COPY_BYTES = 2 << 20
 

@@ -1,4 +1,4 @@
-"""The short forms of batch-1 decoding, and the one switch that turns each off (for comparisons).
+"""The short forms of batch-1 and small-batch decoding, and the one switch that turns each off (for comparisons).
 
 Every short form gives the general form's result (bit for bit, or up to float order where its
 docstring says so); they exist because at batch 1 each op's fixed cost outweighs its arithmetic.
@@ -21,7 +21,7 @@ from collections.abc import Iterator
 
 @dataclasses.dataclass(frozen=True)
 class FastPaths:
-    """Which batch-1 short forms run (all of them unless a test switches one off).
+    """Which short forms run (all of them unless a test switches one off).
 
     Attributes:
         native_top_n: Alloc-T at batch 1 (plain weights, no selector) sets the router's own top-k
@@ -35,7 +35,10 @@ class FastPaths:
         stand_in_loop: on CPU, linear stand-ins slot by slot rather than batched over copies of all
             K slots' factors.
         native_kernel: that slot-by-slot form through the native C kernel where it can run
-            (runtime/native.py; ``ALLOCPLAN_NATIVE=0`` switches it off for a whole process).
+            (runtime/native.py; ``ALLOCPLAN_NATIVE=0`` switches it off for a whole process), and a few
+            tokens' linear stand-ins through it token by token (small-batch decode).
+        few_tokens_keep: on CPU, Alloc-T's selection over a few tokens (batched decode) in Python on
+            the scores read back, instead of the general form's small tensor ops.
     """
 
     native_top_n: bool = True
@@ -44,6 +47,7 @@ class FastPaths:
     one_token_stand_ins: bool = True
     stand_in_loop: bool = True
     native_kernel: bool = True
+    few_tokens_keep: bool = True
 
 
 _CURRENT: contextvars.ContextVar[FastPaths] = contextvars.ContextVar("allocplan_fast_paths", default=FastPaths())

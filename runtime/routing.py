@@ -197,8 +197,12 @@ class LayerRouting:
             scores = ranked.gather(-1, indices)  # [T, k_max]
         else:
             scores = selection.gather(-1, indices)  # [T, k_max]
+        few = None  # a few tokens' sorted scores as lists, where their selection runs in Python
         if single and indices.device.type == "cpu":
             weights, indices = rules.sort_one_token(scores, weights, indices)  # the short form needs no scores
+        elif self._few_tokens(num_tokens, indices.device) and (
+                sorted_few := rules.sort_few_tokens(scores, weights, indices)) is not None:
+            few, weights, indices = sorted_few
         else:
             scores, weights, indices = rules.sort_candidates(scores, weights, indices)
         # Decoupled renormalisation divides by the mass of the router's own top candidates, which a
@@ -210,11 +214,17 @@ class LayerRouting:
             # Per-expert multipliers are applied after normalisation: undo them, reweight, redo.
             expert_scale = getattr(router, self.expert_scale_attr)[indices].float()  # [T, k_max]
             weights = weights.float() / torch.where(expert_scale == 0, 1.0, expert_scale)
-        real_tokens = 1 if single else int(real.sum())
+        real_list = real.tolist() if few is not None else None
+        real_tokens = 1 if single else sum(real_list) if real_list is not None else int(real.sum())
         # prefer: active: the remaining pairs go first to experts already running in the pool.
         prefer = {"indices": indices, "num_experts": self.num_experts} if self.prefer_active else {}
         if single:
             keep, kept_pairs = self._single_token_keep(indices, count)  # [1, k_max], n
+        elif few is not None:
+            pairs = rules.pairs_for(self.k, real_tokens, self.ledger if count else None)
+            pairs = max(self.k_base * real_tokens, min(pairs, self.k_max * real_tokens))
+            rows, kept_pairs = rules.alloc_t_keep_few(few, real_list, pairs, self.k_base)
+            keep = torch.tensor(rows, device=indices.device)  # [T, k_max]
         elif self.token_selector is not None:
             keep = self.token_selector(scores, weights.float(), real) & real[:, None]  # [T, k_max]
         elif self.token_level and self.pooling == "position" and self.context.shape is not None:
@@ -236,10 +246,19 @@ class LayerRouting:
         if expert_scale is not None:
             normalized = normalized * expert_scale
         if count:
-            self.counter.pairs += kept_pairs if single else int(keep.sum())
+            self.counter.pairs += kept_pairs if single or few is not None else int(keep.sum())
             self.counter.tokens += real_tokens
         return RoutingDecision(keep=keep, weights=normalized, indices=indices, real=real,
                                first=kept_pairs if single else None)
+
+    def _few_tokens(self, num_tokens: int, device: torch.device) -> bool:
+        """Whether this forward's Alloc-T selection can run in Python (``rules.alloc_t_keep_few``): a few
+        tokens on CPU pooling one budget by score (no selector, no ``prefer: active``, no per-row or
+        per-position pools), as in batched decode."""
+        return (fast_paths().few_tokens_keep and device.type == "cpu" and 1 < num_tokens <= rules.FEW_TOKENS
+                and self.token_level and self.token_selector is None and not self.prefer_active
+                and self.pooling == "forward"
+                and not (self.scope == "sequence" and self.context.shape is not None and self.context.shape[0] > 1))
 
     def _cached(self, name: str, device: torch.device, make: Callable[[], torch.Tensor]) -> torch.Tensor:
         """A small constant tensor, built once per device (batch-1 decode asks for the same ones every step)."""

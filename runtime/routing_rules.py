@@ -139,6 +139,50 @@ def alloc_t_keep(scores: torch.Tensor, real: torch.Tensor, total_pairs: int, k_b
     return keep
 
 
+# Up to this many tokens in a forward on CPU, Alloc-T's selection runs in Python on the scores read back
+# (``sort_few_tokens``, ``alloc_t_keep_few``): batched decode's 8 tokens pay the general form's dozen small
+# ops, each its fixed dispatch cost, for a decision over a few dozen numbers.
+FEW_TOKENS = 16
+
+
+def sort_few_tokens(scores: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor
+                    ) -> tuple[list[list[float]], torch.Tensor, torch.Tensor] | None:
+    """``sort_candidates`` for a few tokens on CPU, ordered in Python: (each token's scores in decreasing
+    order, weights [T, K], indices [T, K]), or None where a score is not finite (the general form's
+    order of NaN and infinities is torch's to define).
+
+    Python's sort is stable with ``reverse``, so ties keep their slot order as in the stable descending
+    ``torch.sort``. Candidates already in order (routers return their top-k sorted) cost no gather.
+    """
+    values = scores.tolist()  # [T][K]
+    if not all(math.isfinite(v) for row in values for v in row):
+        return None
+    orders = [sorted(range(len(row)), key=row.__getitem__, reverse=True) for row in values]
+    identity = list(range(scores.shape[1]))
+    if all(order == identity for order in orders):
+        return values, weights, indices
+    permutation = torch.tensor(orders, device=indices.device)  # [T, K]
+    return ([[row[j] for j in order] for row, order in zip(values, orders)],
+            weights.gather(-1, permutation), indices.gather(-1, permutation))
+
+
+def alloc_t_keep_few(values: list[list[float]], real: list[bool], total_pairs: int, k_base: int
+                     ) -> tuple[list[list[bool]], int]:
+    """:func:`alloc_t_keep` on a few tokens' sorted scores read back as lists: (the keep mask as rows of
+    bools, the pairs it keeps). Every real token keeps its first ``k_base``; the rest of ``total_pairs``
+    go to the highest-scoring remaining candidates of real tokens, ties to the earlier token and slot
+    (as :func:`alloc_t_keep_grouped` breaks them)."""
+    keep = [[bool(r) and j < k_base for j in range(len(row))] for row, r in zip(values, real)]
+    extra = total_pairs - k_base * sum(map(bool, real))
+    if extra > 0:
+        pool = sorted(((-v, t, j) for t, (row, r) in enumerate(zip(values, real)) if r
+                       for j, v in enumerate(row) if j >= k_base))
+        for _, t, j in pool[:extra]:
+            keep[t][j] = True
+        return keep, k_base * sum(map(bool, real)) + min(extra, len(pool))
+    return keep, sum(sum(row) for row in keep)
+
+
 def alloc_t_keep_grouped(scores: torch.Tensor, real: torch.Tensor, groups: torch.Tensor, pairs: torch.Tensor,
                          k_base: int, indices: torch.Tensor | None = None, num_experts: int = 0) -> torch.Tensor:
     """[T, K] mask of the pairs Alloc-T runs when tokens pool their budget only within groups.

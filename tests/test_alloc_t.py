@@ -237,6 +237,69 @@ def test_one_token_sort_by_hand():
     assert same_weights is first_weights and same_indices is first_indices
 
 
+def test_few_tokens_sort_and_keep_by_hand():
+    """A few tokens' selection in Python: each token sorted by score with ties in slot order, first k_base
+    kept by every real token, the rest of the pairs to the best remaining scores of real tokens, ties to the
+    earlier token; the same mask as the general form's (torch) where no scores tie."""
+    from allocplan.runtime.routing_rules import alloc_t_keep, alloc_t_keep_few, sort_candidates, sort_few_tokens
+
+    scores = torch.tensor([[0.1, 0.6, 0.3], [0.5, 0.5, 0.2], [0.9, 0.8, 0.7]])  # token 1 ties slots 0 and 1
+    weights = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]])
+    indices = torch.tensor([[0, 1, 2], [3, 4, 5], [6, 7, 8]])
+    values, new_weights, new_indices = sort_few_tokens(scores, weights, indices)
+    assert values == [[0.6, 0.3, 0.1], [0.5, 0.5, 0.2], [0.9, 0.8, 0.7]] or torch.allclose(
+        torch.tensor(values), torch.tensor([[0.6, 0.3, 0.1], [0.5, 0.5, 0.2], [0.9, 0.8, 0.7]]))
+    assert new_indices.tolist() == [[1, 2, 0], [3, 4, 5], [6, 7, 8]]
+    assert new_weights.tolist() == [[2.0, 3.0, 1.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]]
+    _, general_weights, general_indices = sort_candidates(scores, weights, indices)
+    assert torch.equal(new_indices, general_indices) and torch.equal(new_weights, general_weights)
+    # Token 2 is padding. 2 real tokens at k_base 1 keep slot 0; 2 more pairs go to the best of
+    # token 0's 0.3, 0.1 and token 1's 0.5, 0.2: token 1's slot 1 (0.5), then token 0's slot 1 (0.3).
+    keep, kept = alloc_t_keep_few(values, [True, True, False], 4, 1)
+    assert keep == [[True, True, False], [True, True, False], [False, False, False]] and kept == 4
+    # Equal remaining scores go to the earlier token: one extra pair, 0.5 against 0.5.
+    assert alloc_t_keep_few([[0.9, 0.5], [0.9, 0.5]], [True, True], 3, 1) == ([[True, True], [True, False]], 3)
+    # Not finite: left to the general form.
+    assert sort_few_tokens(torch.tensor([[float("nan"), 0.1]]), weights[:1, :2], indices[:1, :2]) is None
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(50):
+        tokens, width, k_base = 8, 6, int(torch.randint(0, 3, (1,), generator=generator))
+        real = torch.rand(tokens, generator=generator) > 0.2
+        sorted_scores = torch.sort(torch.rand(tokens, width, generator=generator), descending=True).values
+        n = int(real.sum())
+        total = int(torch.randint(k_base * n, width * n + 1, (1,), generator=generator))
+        few, kept = alloc_t_keep_few(sorted_scores.tolist(), real.tolist(), total, k_base)
+        general = alloc_t_keep(sorted_scores, real, total, k_base)
+        assert torch.equal(torch.tensor(few), general) and kept == int(general.sum()) == total
+
+
+# Four distinct prompts: identical rows would tie in score, where torch's topk and the few-token form may
+# break the tie differently (both run the same number of pairs).
+FOUR_PROMPTS = torch.randint(1, 128, (4, 5), generator=torch.Generator().manual_seed(7))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_few_tokens_decode_equals_the_general_rewrite(family, monkeypatch):
+    """Batch-4 decode with Alloc-T: the few-token selection in Python gives the general rewrite's logits bit
+    for bit and the same counted pairs, and it ran at every step of every layer."""
+    import allocplan.runtime.routing_rules as rules
+
+    model = build_tiny_model(family)
+    layers = find_moe_layers(model)
+    plan = plan_for(model, [max(1.5, layer.top_k / 2) if layer.top_k > 1 else 1 for layer in layers],
+                    token_level=True)
+    taken = []
+    few = rules.alloc_t_keep_few
+    monkeypatch.setattr(rules, "alloc_t_keep_few", lambda *args: taken.append(1) or few(*args))
+    runs = {}
+    for fast in (False, True):
+        with using_fast_paths(few_tokens_keep=fast), apply_plan(model, plan) as handle:
+            logits = greedy_step_logits(model, FOUR_PROMPTS, 3)
+            runs[fast] = (logits, {p: (c.pairs, c.tokens) for p, c in handle.counters().items()})
+    assert torch.equal(runs[True][0], runs[False][0]) and runs[True][1] == runs[False][1]
+    assert len(taken) == 3 * len(layers)  # 3 steps of 4 tokens, every layer; the 20-token prefill is not few
+
+
 def test_decode_ledger_alternates():
     ledger = DecodeLedger()
     assert [pairs_for(2.5, 1, ledger) for _ in range(6)] == [3, 2, 3, 2, 3, 2]

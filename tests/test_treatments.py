@@ -332,15 +332,20 @@ def test_one_token_linear_rows_and_sum_by_hand(form, model_dtype):
 
 
 @pytest.mark.parametrize("grouping", [True, False], ids=["grouped", "copied"])
-@pytest.mark.parametrize("one_token", [False, True], ids=["batch", "one-token"])
+@pytest.mark.parametrize("tokens", ["batch", "one-token", "few"])
 @pytest.mark.parametrize("kind", ["expert", "layer", "linear"])
-def test_compensation_adds_weighted_stand_ins_by_hand(kind, one_token, grouping, monkeypatch):
-    """Every form of the stand-ins (one token; many tokens, where linear ones are grouped by expert or
-    their factors copied per pair) against a per-pair sum in float64."""
+def test_compensation_adds_weighted_stand_ins_by_hand(kind, tokens, grouping, monkeypatch):
+    """Every form of the stand-ins (one token; a few tokens, where linear ones on the half grid go through
+    the native kernel token by token where it can run; many tokens, where linear ones are grouped by expert
+    or their factors copied per pair) against a per-pair sum in float64."""
     from allocplan.runtime import experts as experts_module
 
+    one_token = tokens == "one-token"
     grouped, original = [], experts_module._grouped_linear_rows
     monkeypatch.setattr(experts_module, "_grouped_linear_rows", lambda *args: grouped.append(1) or original(*args))
+    native_rows, native_add = [], StandIns.add_dropped_native_rows
+    monkeypatch.setattr(StandIns, "add_dropped_native_rows",
+                        lambda *args: native_rows.append(native_add(*args)) or native_rows[-1])
     # The copy limit decides the form of many pairs: 0 groups them (there are as many as experts), a
     # limit above anything here copies.
     monkeypatch.setattr(experts_module, "_STAND_IN_COPY_BYTES", 0 if grouping else 1 << 40)
@@ -348,14 +353,17 @@ def test_compensation_adds_weighted_stand_ins_by_hand(kind, one_token, grouping,
     layers = find_moe_layers(model)
     generator = torch.Generator().manual_seed(2)
     rows = 1 if kind == "layer" else 8
+    # On the half grid, as the planner fits them, so the native kernel can serve them.
     stand_ins = {layer.path: StandIns(torch.randn(rows, 32, generator=generator),
-                                      *((torch.randn(8, 32, 3, generator=generator),
-                                         torch.randn(8, 3, 32, generator=generator)) if kind == "linear" else ()))
+                                      *((torch.randn(8, 32, 3, generator=generator).half().float(),
+                                         torch.randn(8, 3, 32, generator=generator).half().float())
+                                        if kind == "linear" else ()))
                  for layer in layers}
     record, data = encode_tables(stand_ins, kind)
     allocation = allocation_for(model, 2, RoutingConfig(token_level=False), compensation=(record, data))
     with allocplan.apply_plan(model, allocation):
-        ids = IDS[:1, :1] if one_token else IDS  # one token: batch-1 decode's form of the stand-ins
+        # One token: batch-1 decode's form of the stand-ins; 8 tokens: a few (small-batch decode's).
+        ids = {"one-token": IDS[:1, :1], "few": IDS[:, :4], "batch": IDS}[tokens]
         (hidden, index, weights), out = experts_io(model, 0, lambda: model(input_ids=ids))
         experts = layers[0].experts
         table = getattr(experts, COMPENSATION_ATTR)
@@ -376,7 +384,11 @@ def test_compensation_adds_weighted_stand_ins_by_hand(kind, one_token, grouping,
                 expected[t] += weights[t, s].double() * value
                 dropped += 1
     assert dropped == 2 * index.shape[0]  # top-4 candidates, 2 kept
-    assert bool(grouped) == (kind == "linear" and not one_token and grouping)
+    native = kind == "linear" and tokens == "few" and standins_kernel() is not None
+    # Asked once per layer, only of a few tokens' linear stand-ins; served wherever the kernel can run.
+    asked = kind == "linear" and tokens == "few"
+    assert native_rows == [native] * (len(layers) if asked else 0)
+    assert bool(grouped) == (kind == "linear" and not one_token and grouping and not native)
     torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-5)
 
 
