@@ -94,6 +94,18 @@ class PlanHandle:
         """Pairs and tokens routed per layer path since the last reset (rewritten routing only)."""
         return {r.layer.path: r.counter for r in self._routings}
 
+    def added_bytes(self) -> int:
+        """Bytes of memory the applied plan holds beyond the model's own weights: its stand-ins' tensors (the
+        float32 factors and, where the native kernel serves them, its half-precision copy), each storage counted
+        once. Routing keeps only a few small constants, which are not counted."""
+        storages: dict[int, int] = {}
+        for module, name in self._attributes:
+            held = getattr(getattr(module, name, None), "held_tensors", None)
+            for tensor in held() if held is not None else ():
+                storage = tensor.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+        return sum(storages.values())
+
     def reset(self) -> None:
         """Zero the counters and the batch-1 decode ledgers (e.g. between generations)."""
         for r in self._routings:

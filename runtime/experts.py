@@ -252,6 +252,16 @@ class StandIns:
             return None
         return kernel, down, up, self.bias.contiguous()
 
+    def held_tensors(self) -> list[torch.Tensor]:
+        """Every tensor these stand-ins keep in memory: the constants, the padded factors (``down`` and ``up``
+        are views of them), the native kernel's half-precision tables, the one-token tables and the drop order."""
+        held = [self.bias, *(self._padded or ()), *self._tables.values()]
+        if self._native is not None:
+            held += list(self._native[1:])
+        if self.order is not None:
+            held.append(self.order)
+        return held
+
     def rows(self, inputs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Stand-in outputs [D, H] for inputs [D, H] of experts [D]."""
         # index_select rather than advanced indexing: the same copy at about half the cost, which

@@ -11,6 +11,9 @@ Run:  python scripts/make_results.py --jobs 3     (24 to 88 minutes on 2 CPU cor
       python scripts/make_results.py --render-only  (rewrite the page from docs/results.json)
       python scripts/make_results.py --models ref-qwen3 --update   (evaluate one model, keep the others'
                                                                      results from docs/results.json)
+      python scripts/make_results.py --times   (time every frontier point of each model in docs/results.json,
+                                                in one process on one thread, about 30 minutes; store it in
+                                                the JSON and rewrite the page)
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from allocplan.evaluation.frontier_time import time_model
 from allocplan.evaluation.results_page import write_markdown, write_plot
 from allocplan.evaluation.study import BUDGETS, MODELS, evaluate_model
 
@@ -71,6 +75,10 @@ def main() -> None:
     parser.add_argument("--part-out", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--render-only", action="store_true",
                         help="rewrite the page and plot from the JSON of the last run, evaluating nothing")
+    parser.add_argument("--times", action="store_true",
+                        help="time every frontier point of --models (default: every model in the JSON of the last"
+                             " run) on its reference, sequentially in this process, and store it in that JSON; the"
+                             " code must not have changed since that run")
     parser.add_argument("--update", action="store_true",
                         help="evaluate only --models and keep every other model's results from the JSON of the"
                              " last run (the code must not have changed in between)")
@@ -80,8 +88,18 @@ def main() -> None:
         Path(args.part_out).write_text(json.dumps(evaluate_model(args.models[0], args.budgets, args.quick, EVAL_TEXT, ARITH)))
         return
     out = Path(args.out)
-    if args.render_only:
+    if args.render_only or args.times:
         all_results = json.loads(out.with_suffix(".json").read_text())
+        if args.times:
+            # Timed one model after another in one process, so that no two timings share the machine.
+            for res in all_results:
+                if res["model"] in args.models:
+                    budgets = [float(b) for b in res["budgets"]]
+                    # Outside a smoke run, the rebuilt default plans must be the ones the quality run scored.
+                    scored = None if args.quick else {b: data["plan"] for b, data in res["budgets"].items()}
+                    res["frontier_time"] = time_model(res["model"], budgets, args.quick, scored_plans=scored)
+                    print(f"[{res['model']}] frontier timed in {res['frontier_time']['seconds']}s", flush=True)
+            out.with_suffix(".json").write_text(json.dumps(all_results, indent=1) + "\n")
     else:
         if args.jobs > 1 and len(args.models) > 1:
             all_results = run_parts(args.models, args)
@@ -96,7 +114,7 @@ def main() -> None:
     plot = out.with_name(out.stem + "-nll.png")
     # The page names the one command that gives it: over every model it holds (with --update or
     # --render-only, those may differ from this invocation's --models).
-    kept = [a for a in sys.argv[1:] if a not in ("--render-only", "--update", "--models", *args.models)]
+    kept = [a for a in sys.argv[1:] if a not in ("--render-only", "--update", "--times", "--models", *args.models)]
     names = [res["model"] for res in all_results]
     kept = ([] if names == MODELS else ["--models", *names]) + kept
     command = ("python scripts/make_results.py " + " ".join(kept)).strip()

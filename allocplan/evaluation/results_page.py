@@ -10,13 +10,9 @@ import statistics
 from pathlib import Path
 
 from .compare import paired_bootstrap
-from .study import (ABLATIONS, BASELINES, COMPARED, DEFAULT, MAIN_BUDGET, MATCHED, MODES, QUALITY_TARGETS,
-                    REFINE_DEFAULT, REFINE_LABEL, SEQ_LEN, SEQUENCE_SCOPE, SINGLE_OPTION)
-
-# The frontier's curves: (label, row key); uniform's whole-k points come from the run's uniform k rows.
-FRONTIER_CURVES = (("Alloc-T alone (fractional uniform)", "alloc-t"), ("paper's Alloc-L+T", "alloc-lt"),
-                   ("allocplan default", DEFAULT))
-FRONTIER_PEERS = ("naee", "top-p", "k2-peer", "lexi")
+from .study import (ABLATIONS, BASELINES, COMPARED, DEFAULT, FRONTIER_CURVES, FRONTIER_PEERS, MAIN_BUDGET, MATCHED,
+                    MODES, QUALITY_TARGETS, REFINE_DEFAULT, REFINE_LABEL, SEQ_LEN, SEQUENCE_SCOPE, SINGLE_OPTION,
+                    UNIFORM_CURVE)
 
 
 def fmt(value: float | None, digits: int = 4) -> str:
@@ -338,7 +334,7 @@ def frontier_points(res: dict, mode: str) -> dict[str, list[tuple[float, float, 
         return sum(row["modes"][mode]["window_nll"][:windows]) / (windows * (SEQ_LEN - 1))
 
     first = next(iter(res["budgets"].values()))
-    curves = {"uniform top-k (whole k)": sorted(
+    curves = {UNIFORM_CURVE: sorted(
         [(row["modes"][mode]["charged_work_per_token"], nll(row), f"k={k}") for k, row in res["uniform_k"].items()]
         + [(first["rows"]["full"]["modes"][mode]["charged_work_per_token"], nll(first["rows"]["full"]), "full")])}
     for label, key in [*FRONTIER_CURVES, *((peer, peer) for peer in FRONTIER_PEERS)]:
@@ -362,39 +358,149 @@ def interpolated(points: list[tuple[float, float, str]], work: float) -> float |
     return None
 
 
+# Each quality mode beside the time measure that serves it (frontier_time.TIME_MEASURES).
+TIME_OF_MODE = {"decode-b1": "decode-b1", "decode-b8": "decode-b8", "prefill": "prefill"}
+
+
+def timed(res: dict, label: str, name: str) -> dict | None:
+    """The frontier point's timing and memory (``frontier_time``), or None where it was not timed."""
+    return res.get("frontier_time", {}).get("points", {}).get(label, {}).get(name)
+
+
+def envelope(points: list[tuple[float, float]], seconds: float) -> float | None:
+    """The best NLL a curve's points reach within ``seconds`` per token: running a faster point, or time-sharing
+    two points (a share of the tokens at each, so time and NLL interpolate theirs); None where every point is
+    slower than ``seconds``."""
+    faster = [nll for t, nll in points if t <= seconds]
+    if not faster:
+        return None
+    best = min(faster)
+    for i, (t0, y0) in enumerate(points):
+        for t1, y1 in points[i + 1 :]:
+            (a, ya), (b, yb) = sorted(((t0, y0), (t1, y1)))
+            if a < seconds < b:
+                best = min(best, ya + (yb - ya) * (seconds - a) / (b - a))
+    return best
+
+
+def time_curves(res: dict, mode: str) -> dict[str, list[tuple[float, float, str]]]:
+    """Per curve, its (seconds per token in ``mode``'s time measure, NLL in ``mode``, point name) points that
+    were timed."""
+    measure = TIME_OF_MODE[mode]
+    by_work = frontier_points(res, mode)
+    names = {label: [name for *_, name in points] for label, points in by_work.items()}
+    curves = {}
+    for label, points in by_work.items():
+        timed_points = [(timed(res, label, name)[measure]["s_per_token"]["median"], nll, name)
+                        for (_, nll, name) in points if timed(res, label, name) is not None]
+        if timed_points and len(timed_points) == len(names[label]):
+            curves[label] = sorted(timed_points)
+    return curves
+
+
+def time_verdicts(res: dict, mode: str) -> str:
+    """Whether each default point lies below uniform's and the paper's envelopes at its own time per token."""
+    curves = time_curves(res, mode)
+    ours = curves.get("allocplan default", [])
+    verdicts = []
+    for label in (UNIFORM_CURVE, "paper's Alloc-L+T"):
+        baseline = [(t, nll) for t, nll, _ in curves.get(label, [])]
+        compared = [(name, nll, envelope(baseline, t)) for t, nll, name in ours]
+        faster = [name for name, _, other in compared if other is None]
+        judged = [(name, nll, other) for name, nll, other in compared if other is not None]
+        above = [f"{name} (+{nll - other:.4f})" for name, nll, other in judged if nll >= other]
+        verdict = f"below {label} at {len(judged) - len(above)} of {len(judged)} points"
+        if above:
+            verdict += " (not at " + ", ".join(above) + ")"
+        if faster:
+            verdict += f"; faster than all of its points at {', '.join(faster)}"
+        verdicts.append(verdict)
+    return f"{mode} against {TIME_OF_MODE[mode]} time: the default lies " + "; ".join(verdicts) + "."
+
+
+def megabytes(count: int) -> str:
+    return f"{count / 1e6:.2f} MB"
+
+
 def frontier_lines(all_results: list[dict], plot: str | None) -> list[str]:
-    """Quality against charged work for every reference: the table, and whether allocplan's curve lies below."""
-    lines = ["## Frontier: quality against charged work", "",
+    """Quality against charged work and against measured time for every reference: the table, and whether
+    allocplan's curve lies below."""
+    timing = next((res["frontier_time"] for res in all_results if "frontier_time" in res), None)
+    lines = ["## Frontier: quality against charged work, time and memory", "",
              "Every point is one plan or method on one model, measured in this run: its charged work per token",
              "(expert-equivalents, counted while scoring) and its eval NLL. Uniform top-k at whole k, Alloc-T alone",
              "at each budget (fractional uniform k through token-level allocation), the paper's Alloc-L+T, the",
              "default at each budget, and the peers. NLL is over the eval windows every point was scored on (the",
-             "first ones: budgets other than 0.5 score less text), so points of one model compare on one text.",
-             "Time per token of each point is not measured in this run.", ""]
+             "first ones: budgets other than 0.5 score less text), so points of one model compare on one text.", ""]
+    if timing is None:
+        lines += ["Time per token of each point is not measured in this run.", ""]
+    else:
+        lines += [
+            "**Time and memory** (`python scripts/make_results.py --times`, after the quality run, on the same",
+            "code): each point's plan or policy is rebuilt as above and timed on its reference in one process on"
+            f" {timing['threads']} thread(s),",
+            f"beside the untouched model, in {timing['rounds']} interleaved rounds after a warm-up: ms per token of"
+            f" decode-b1 ({timing['new_tokens']}",
+            f"cached greedy steps after a {timing['prompt_len']}-token prompt), of decode-b{timing['decode_batch']}"
+            " (a step's time over its",
+            f"{timing['decode_batch']} tokens) and of prefill (one forward over {timing['prefill_len']} tokens),"
+            " each the median over rounds, with the",
+            "speed-up over the untouched model (geometric mean of the per-round ratios; > 1 is faster). *Added*",
+            "is the memory the applied plan holds beyond the model's weights (its stand-ins' tensors, in every",
+            "precision kept), with its share of the routed experts' weights. Each time verdict compares a default",
+            "point with the best a baseline curve reaches in the same time per token: a faster point of it, or",
+            "time-sharing two of its points. Random token ids drive the timings; routing on them differs from",
+            "text, so decode times here do not depend on what is decoded.", ""]
     for res in all_results:
         windows = common_windows(res)
+        has_time = "frontier_time" in res
+        header = "| point | charged work (decode-b1) | decode-b1 NLL | decode-b8 NLL | prefill (pooled) NLL |"
+        rule = "| --- | --- | --- | --- | --- |"
+        if has_time:
+            header += " added memory | decode-b1 ms/token | decode-b8 ms/token | prefill ms/token |"
+            rule += " --- | --- | --- | --- |"
         lines += [f"### {res['model']}", "", f"NLL over the first {windows} eval windows ({windows * (SEQ_LEN - 1)}"
-                  " tokens).", "", "| point | charged work (decode-b1) | decode-b1 NLL | decode-b8 NLL |"
-                  " prefill (pooled) NLL |", "| --- | --- | --- | --- | --- |"]
+                  " tokens).", "", header, rule]
         by_mode = {mode: frontier_points(res, mode) for mode in MODES}
+        experts = res.get("frontier_time", {}).get("expert_bytes")
         for label, points in by_mode["decode-b1"].items():
             for i, (work, nll, name) in enumerate(points):
                 others = [by_mode[mode][label][i][1] for mode in ("decode-b8", "prefill")]
-                lines.append(f"| {label}, {name} | {work:.3f} | {fmt(nll)} | {fmt(others[0])} | {fmt(others[1])} |")
+                row = f"| {label}, {name} | {work:.3f} | {fmt(nll)} | {fmt(others[0])} | {fmt(others[1])} |"
+                if has_time:
+                    point = timed(res, label, name)
+                    if point is None:
+                        row += " — | — | — | — |"
+                    else:
+                        row += f" {megabytes(point['added_bytes'])} ({point['added_bytes'] / experts:.1%}) |"
+                        for measure in ("decode-b1", "decode-b8", "prefill"):
+                            value, speedup = point[measure]["s_per_token"]["median"], point[measure]["speedup"]
+                            row += f" {value * 1e3:.3f}" + (f" ({speedup['geomean']:.2f}×)" if speedup else "") + " |"
+                lines.append(row)
+        if has_time:
+            untouched = res["frontier_time"]["untouched"]
+            lines += ["", "Untouched model: " + ", ".join(f"{m} {untouched[m]['median'] * 1e3:.3f} ms/token"
+                                                         for m in ("decode-b1", "decode-b8", "prefill"))
+                      + f"; routed experts' weights {megabytes(experts)}."]
         for mode in ("decode-b1", "decode-b8"):
             curves = by_mode[mode]
             ours = curves.get("allocplan default", [])
             verdicts = []
-            for label in ("uniform top-k (whole k)", "paper's Alloc-L+T"):
+            for label in (UNIFORM_CURVE, "paper's Alloc-L+T"):
                 compared = [(work, nll, interpolated(curves.get(label, []), work)) for work, nll, _ in ours]
                 compared = [c for c in compared if c[2] is not None]
                 below = sum(nll < other for _, nll, other in compared)
                 verdicts.append(f"below {label} at {below} of {len(compared)} points within its range")
-            lines.append(f"")
-            lines.append(f"{mode}: the default's curve lies " + "; ".join(verdicts) + ".")
+            lines.append("")
+            lines.append(f"{mode} against charged work: the default's curve lies " + "; ".join(verdicts) + ".")
+        if has_time:
+            for mode in MODES:
+                lines += ["", time_verdicts(res, mode)]
         lines.append("")
     if plot:
         lines += [f"![eval NLL against charged work]({plot})", ""]
+        if timing is not None:
+            lines += [f"![eval NLL against time per token]({time_plot_name(Path(plot)).name})", ""]
     return lines
 
 
@@ -496,7 +602,31 @@ def write_plot(all_results: list[dict], path: Path) -> bool:
     fig.tight_layout()
     fig.savefig(layers_plot_name(path), dpi=110)
     plt.close(fig)
+    timed_results = [res for res in all_results if "frontier_time" in res]
+    if timed_results:
+        fig, axes = plt.subplots(len(MODES), len(timed_results), figsize=(5.5 * len(timed_results), 4 * len(MODES)),
+                                 squeeze=False)
+        for column, res in enumerate(timed_results):
+            for row, mode in enumerate(MODES):
+                ax = axes[row][column]
+                for label, points in time_curves(res, mode).items():
+                    peer = label in FRONTIER_PEERS
+                    ax.plot([p[0] * 1e3 for p in points], [p[1] for p in points], marker="o" if not peer else "x",
+                            linestyle="" if peer else "-", linewidth=2.5 if label == "allocplan default" else 1,
+                            label=label)
+                ax.set_title(f"{res['model']}: {mode}")
+                ax.set_xlabel(f"ms per token, {TIME_OF_MODE[mode]}")
+                ax.set_ylabel(f"eval NLL, {mode} (nats/token)")
+        axes[0][-1].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(time_plot_name(path), dpi=90)
+        plt.close(fig)
     return True
+
+
+def time_plot_name(path: Path) -> Path:
+    """The frontier against time's picture, beside the frontier's."""
+    return path.with_name(path.stem.removesuffix("-nll") + "-time.png")
 
 
 def layers_plot_name(path: Path) -> Path:

@@ -77,9 +77,24 @@ QUALITY_TARGETS = ((MAIN_BUDGET, "decode-b1", 0.70), (MAIN_BUDGET, "decode-b8", 
 # The single (k, stand-in rank) for every layer, the best the profile finds within the charged budget: what the
 # DP's per-layer choice is measured against.
 SINGLE_OPTION = "allocplan single (k, r)"
+# The frontier's curves beside uniform top-k at whole k: (label, row key) at each budget, then the peers.
+FRONTIER_CURVES = (("Alloc-T alone (fractional uniform)", "alloc-t"), ("paper's Alloc-L+T", "alloc-lt"),
+                   ("allocplan default", DEFAULT))
+FRONTIER_PEERS = ("naee", "top-p", "k2-peer", "lexi")
+UNIFORM_CURVE = "uniform top-k (whole k)"
 # Methods that only apply to some families: name -> (test on the model, why not where it fails).
 APPLICABLE = {"k2-peer": ("renormalising", "the family does not renormalise its top-k weights, so there is no"
                                            " normaliser width to change")}
+
+
+def study_calib_tokens(quick: bool) -> int:
+    """Calibration tokens the study's profiles use (fewer in a smoke run)."""
+    return 2048 if quick else ProfileConfig().calib_tokens
+
+
+def study_refine(quick: bool) -> RefineConfig:
+    """The refinement settings of the study's plans (fewer tokens in a smoke run)."""
+    return RefineConfig(refine_tokens=1024) if quick else RefineConfig()
 
 
 def eval_tokens(budget: float, quick: bool) -> int:
@@ -189,6 +204,48 @@ def single_option_allocation(profile: Any, budget: float, routing: RoutingConfig
     return allocation_from_profile(profile, best[1], routing, best[2])
 
 
+def calibration_windows(tokenizer: Any, calib_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the calibration holdout: the calibration windows right after the ones profiles use, the windows that
+    set the threshold methods' thresholds: the first 4,096 tokens)."""
+    all_calib, _ = pack_windows(tokenizer, DEFAULT_CALIBRATION, max_tokens=calib_tokens + 8192, seq_len=SEQ_LEN)
+    return all_calib[calib_tokens // SEQ_LEN :], all_calib[: 4096 // SEQ_LEN]
+
+
+def study_profile(model: Any, tokenizer: Any, name: str, config: ProfileConfig, calib_tokens: int,
+                  routing: RoutingConfig) -> Any:
+    """A profile of bundled model ``name`` with ``config`` on ``calib_tokens`` calibration tokens, probing with
+    ``routing``."""
+    return profile_model(model, tokenizer, dataclasses.replace(config, calib_tokens=calib_tokens), routing,
+                         model_name=f"bundled:{name}")
+
+
+def method_policy(model: Any, method: str, budget: float, plain_profile: Any, threshold_windows: torch.Tensor,
+                  seed: int | None = None) -> Any:
+    """Registered method ``method`` at ``budget``, given the paper's plain profile or the calibration windows
+    where it needs them (``seed``: the random method's)."""
+    registered = METHODS[method]
+    return build_policy(model, method, budget, sensitivity=plain_profile if registered.needs_profile else None,
+                        calib_windows=threshold_windows if registered.needs_calibration else None,
+                        **({} if seed is None else {"seed": seed}))
+
+
+def variant_plan(model: Any, tokenizer: Any, profiles: dict, budget: float, routing: RoutingConfig,
+                 refine: RefineConfig, calib_tokens: int, variant: dict) -> tuple[Any, Any]:
+    """(allocation, plan) of allocplan's default with one element changed by ``variant`` (``ABLATIONS``'
+    values, or ``{}`` for the default itself; the plan is None for the uniform-k variant)."""
+    profile = profiles[variant.get("profile", "default")]
+    plan_routing = dataclasses.replace(routing, token_level=variant.get("token_level", routing.token_level),
+                                       scope=variant.get("scope", routing.scope))
+    plan = solve_profile(profile, budget, plan_routing)
+    if variant.get("uniform"):
+        uniform_ks = build_policy(model, "alloc-t", budget).allocation
+        return allocation_from_profile(profile, [e.planned_k for e in uniform_ks.layers], plan_routing), None
+    if variant.get("refine", refine.refine):
+        plan = refined(model, tokenizer, plan, profile, dataclasses.replace(
+            PROFILE_VARIANTS["default"], calib_tokens=calib_tokens), plan_routing, refine)
+    return plan.allocation, plan
+
+
 def evaluate_model(name: str, budgets: list[float], quick: bool, eval_text: Path, arith: Path) -> dict:
     """Every method, allocplan's default and its ablations on bundled model ``name`` at each budget, scored
     on ``eval_text`` (NLL, three modes) and ``arith`` (exact match, at the main budget): the JSON of
@@ -197,17 +254,13 @@ def evaluate_model(name: str, budgets: list[float], quick: bool, eval_text: Path
     started = time.time()
     model, tokenizer = load_model(f"bundled:{name}")
     problems = read_arithmetic(arith)
-    calib_tokens = 2048 if quick else ProfileConfig().calib_tokens
-    # The calibration holdout: the calibration windows right after the ones profiles use.
-    all_calib, _ = pack_windows(tokenizer, DEFAULT_CALIBRATION, max_tokens=calib_tokens + 8192, seq_len=SEQ_LEN)
-    holdout = all_calib[calib_tokens // SEQ_LEN :]
-    threshold_windows = all_calib[: 4096 // SEQ_LEN]
+    calib_tokens = study_calib_tokens(quick)
+    holdout, threshold_windows = calibration_windows(tokenizer, calib_tokens)
     routing = RoutingConfig()
-    refine = RefineConfig(refine_tokens=1024) if quick else RefineConfig()
+    refine = study_refine(quick)
 
     def profiled(config: ProfileConfig, probe_routing: RoutingConfig = routing):
-        return profile_model(model, tokenizer, dataclasses.replace(config, calib_tokens=calib_tokens),
-                             probe_routing, model_name=f"bundled:{name}")
+        return study_profile(model, tokenizer, name, config, calib_tokens, probe_routing)
 
     profiles = {key: profiled(config) for key, config in PROFILE_VARIANTS.items()}
     # The paper's Alloc-L profile: plain top-k probes, no treatment, no compensation.
@@ -248,13 +301,11 @@ def evaluate_model(name: str, budgets: list[float], quick: bool, eval_text: Path
         for method in BASELINES:
             if method in not_applicable:
                 continue
-            registered = METHODS[method]
             if method == "random":
                 rows[method] = mean_over_seeds([evaluate_row(model, tokenizer, build_policy(model, method, budget, seed=s),
                                                        windows, MODES, arith) for s in range(1 if quick else 3)])
                 continue
-            policy = build_policy(model, method, budget, sensitivity=profiles["plain"] if registered.needs_profile else None,
-                                  calib_windows=threshold_windows if registered.needs_calibration else None)
+            policy = method_policy(model, method, budget, profiles["plain"], threshold_windows)
             rows[method] = evaluate_row(model, tokenizer, policy, windows, MODES, arith)
             rows[method]["parameter"] = policy.parameter
         for matched, method in MATCHED.items():
@@ -263,17 +314,7 @@ def evaluate_model(name: str, budgets: list[float], quick: bool, eval_text: Path
             rows[matched]["parameter"] = policy.parameter
 
         def plan_for(variant: dict):
-            profile = profiles[variant.get("profile", "default")]
-            plan_routing = dataclasses.replace(routing, token_level=variant.get("token_level", routing.token_level),
-                                               scope=variant.get("scope", routing.scope))
-            plan = solve_profile(profile, budget, plan_routing)
-            if variant.get("uniform"):
-                uniform_ks = build_policy(model, "alloc-t", budget).allocation
-                return allocation_from_profile(profile, [e.planned_k for e in uniform_ks.layers], plan_routing), None
-            if variant.get("refine", refine.refine):
-                plan = refined(model, tokenizer, plan, profile, dataclasses.replace(
-                    PROFILE_VARIANTS["default"], calib_tokens=calib_tokens), plan_routing, refine)
-            return plan.allocation, plan
+            return variant_plan(model, tokenizer, profiles, budget, routing, refine, calib_tokens, variant)
 
         allocation, plan = plan_for({})
         rows[DEFAULT] = evaluate_row(model, tokenizer, allocation, windows, MODES, arith)
