@@ -234,9 +234,11 @@ def target_lines(runs: list[dict], solver: dict, depth: dict | None = None) -> l
                                                       ("decode_b8_s_per_step", "decode b8"), ("prefill_s", "prefill"))
                     if name in run]
         for name, label in measures:
-            ratio = run[name]["speedup"]
-            lines.append(f"| {run['label']}: {label} not slower than untouched | {ratio['median']:.3f}× [{ratio['min']:.3f},"
-                         f" {ratio['max']:.3f}] | {'yes' if ratio['median'] >= 1.0 else 'no'} |")
+            ratio, interval = run[name]["speedup"], run[name].get("speedup_interval")
+            spread = (f"geometric mean {interval['geomean']:.3f}×, 95% interval [{interval['low']:.3f},"
+                      f" {interval['high']:.3f}]" if interval else f"[{ratio['min']:.3f}, {ratio['max']:.3f}]")
+            lines.append(f"| {run['label']}: {label} not slower than untouched | {ratio['median']:.3f}× ({spread}) |"
+                         f" {'yes' if ratio['median'] >= 1.0 else 'no'} |")
     profiled = [run["profile_cost"]["ratio"] for run in runs if "profile_cost" in run]
     if profiled:
         lines.append(f"| profiling ≤ 0.5× naive | {profiled[0]:.3f} | {'yes' if profiled[0] <= 0.5 else 'no'} |")

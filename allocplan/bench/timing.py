@@ -200,7 +200,8 @@ def bench(
             for label, other in others.items():
                 varied[label].append(other(measure))
         results[name] = {"untouched": median_spread(base), "planned": median_spread(fast),
-                         "speedup": median_spread([b / f for b, f in zip(base, fast)])}
+                         "speedup": median_spread([b / f for b, f in zip(base, fast)]),
+                         "speedup_interval": ratio_interval(base, fast) if repeat > 1 else None}
         if others:
             results[name]["variants"] = {
                 label: {"time": median_spread(times), "over_planned": median_spread(
