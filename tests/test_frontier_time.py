@@ -8,7 +8,7 @@ from tiny_models import build_tiny_model
 
 from allocplan import RoutingConfig
 from allocplan.evaluation.frontier_time import TIME_MEASURES, time_points
-from allocplan.evaluation.results_page import envelope, time_verdicts
+from allocplan.evaluation.results_page import envelope, time_target_lines, time_verdicts
 from allocplan.evaluation.study import MODES, UNIFORM_CURVE
 from allocplan.planner.treatments import encode_tables
 from allocplan.runtime.allocation_builder import allocation_for
@@ -67,7 +67,7 @@ def _timed(seconds: float) -> dict:
 def test_time_verdicts_by_hand():
     """The default at 2.0 ms and NLL 3.9 lies below uniform's time-shared 4.0 (k=1 at 1 ms and 5.0, full at 3 ms
     and 3.0); at 0.5 ms it is faster than any uniform point; the paper's point at 2.0 ms (3.8) beats it."""
-    res = {"uniform_k": {"1": _row(1.0, 5.0)},
+    res = {"model": "m", "uniform_k": {"1": _row(1.0, 5.0)},
            "budgets": {"0.25": {"rows": {"full": _row(2.0, 3.0), "allocplan": _row(0.5, 6.0),
                                          "alloc-lt": _row(0.5, 6.5)}},
                        "0.5": {"rows": {"full": _row(2.0, 3.0), "allocplan": _row(1.0, 3.9),
@@ -79,3 +79,5 @@ def test_time_verdicts_by_hand():
     assert line == ("decode-b1 against decode-b1 time: the default lies below uniform top-k (whole k) at 1 of 1"
                     " points; faster than all of its points at b=0.25; below paper's Alloc-L+T at 1 of 2 points"
                     " (not at b=0.5 (+0.1000)).")
+    # The target table: the same counts in every mode (the made-up timings serve all three), not met.
+    assert time_target_lines([res])[-2] == "| m | 1/1, 1/2 | 1/1, 1/2 | 1/1, 1/2 | no |"
