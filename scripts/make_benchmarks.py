@@ -4,7 +4,7 @@ Every figure is produced by allocplan.bench in this run (JSON beside the page): 
 allocplan/bench/study.py, the page and its target judging allocplan/bench/page.py; this script
 parses arguments and writes the files.
 
-Run:  python scripts/make_benchmarks.py        (about 45 minutes on 2 CPU cores, more with --llama-cpp; run it on an idle machine)
+Run:  python scripts/make_benchmarks.py        (about 65 minutes on 2 CPU cores, more with --llama-cpp; run it on an idle machine)
       python scripts/make_benchmarks.py --render-only   (rewrite the page from the last run's JSON)
       python scripts/make_benchmarks.py --profile-cost-only   (re-measure only the profiling cost)
       python scripts/make_benchmarks.py --breakdown-only      (re-measure only the time breakdowns)
