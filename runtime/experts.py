@@ -172,25 +172,7 @@ class StandIns:
             slots: [1, K] int64 slot indices (kept e, dropped E + e).
             weights: [1, K] their float32 weights.
         """
-        tables = self._native
-        if tables is None:
-            return False
-        kernel, down, up, bias = tables  # [E, H, r] and [E, r, H] half, [E, H] float32
-        float32 = torch.float32
-        if (result.dtype != float32 or hidden.dtype != float32 or weights.dtype != float32
-                or slots.dtype != torch.int64 or result.requires_grad or hidden.requires_grad
-                or result.numel() != down.shape[1] or hidden.numel() != down.shape[1]
-                or slots.numel() != weights.numel() or not (result.is_contiguous() and hidden.is_contiguous()
-                                                            and slots.is_contiguous() and weights.is_contiguous())):
-            return False
-        added = kernel(slots.numel(), slots.data_ptr(), weights.data_ptr(), num_experts, hidden.data_ptr(),
-                       result.data_ptr(), down.data_ptr(), up.data_ptr(), bias.data_ptr(), *down.shape)
-        if added == -1:
-            raise RuntimeError(f"native stand-in kernel: a dropped slot in {slots.tolist()} names no expert of"
-                               f" {down.shape[0]} (slots {num_experts}.. are dropped experts 0..)")
-        if added < 0:
-            raise MemoryError("native stand-in kernel: no memory for its scratch")
-        return True
+        return self._add_native(result, hidden, slots, weights, num_experts)
 
     def add_dropped_native_rows(self, result: torch.Tensor, hidden: torch.Tensor, slots: torch.Tensor,
                                 weights: torch.Tensor, num_experts: int) -> bool:
@@ -208,8 +190,14 @@ class StandIns:
             slots: [T, K] int64 slot indices (kept e, dropped E + e).
             weights: [T, K] their float32 weights.
         """
+        return self._add_native(result, hidden, slots, weights, num_experts)
+
+    def _add_native(self, result: torch.Tensor, hidden: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor,
+                    num_experts: int) -> bool:
+        """The native kernel over each row of [T, H] ``result`` and ``hidden`` with its [T, K] ``slots`` and
+        ``weights``, one call per row; False, with ``result`` untouched, where the kernel cannot serve them."""
         tables = self._native
-        if tables is None:
+        if tables is None or slots.dim() != 2:
             return False
         kernel, down, up, bias = tables  # [E, H, r] and [E, r, H] half, [E, H] float32
         float32 = torch.float32
@@ -220,17 +208,16 @@ class StandIns:
                 or weights.shape != slots.shape or not (result.is_contiguous() and hidden.is_contiguous()
                                                         and slots.is_contiguous() and weights.is_contiguous())):
             return False
-        shape = down.shape
         tables_at = (down.data_ptr(), up.data_ptr(), bias.data_ptr())
         row_bytes, slot_bytes, weight_bytes = result.shape[1] * 4, width * 8, width * 4
         result_at, hidden_at, slots_at, weights_at = (result.data_ptr(), hidden.data_ptr(), slots.data_ptr(),
                                                       weights.data_ptr())
         for t in range(tokens):
             added = kernel(width, slots_at + t * slot_bytes, weights_at + t * weight_bytes, num_experts,
-                           hidden_at + t * row_bytes, result_at + t * row_bytes, *tables_at, *shape)
+                           hidden_at + t * row_bytes, result_at + t * row_bytes, *tables_at, *down.shape)
             if added == -1:
                 raise RuntimeError(f"native stand-in kernel: a dropped slot in {slots[t].tolist()} names no expert"
-                                   f" of {shape[0]} (slots {num_experts}.. are dropped experts 0..)")
+                                   f" of {down.shape[0]} (slots {num_experts}.. are dropped experts 0..)")
             if added < 0:
                 raise MemoryError("native stand-in kernel: no memory for its scratch")
         return True

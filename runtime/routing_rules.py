@@ -173,13 +173,14 @@ def alloc_t_keep_few(values: list[list[float]], real: list[bool], total_pairs: i
     go to the highest-scoring remaining candidates of real tokens, ties to the earlier token and slot
     (as :func:`alloc_t_keep_grouped` breaks them)."""
     keep = [[bool(r) and j < k_base for j in range(len(row))] for row, r in zip(values, real)]
-    extra = total_pairs - k_base * sum(map(bool, real))
+    base = k_base * sum(map(bool, real))
+    extra = total_pairs - base
     if extra > 0:
         pool = sorted(((-v, t, j) for t, (row, r) in enumerate(zip(values, real)) if r
                        for j, v in enumerate(row) if j >= k_base))
         for _, t, j in pool[:extra]:
             keep[t][j] = True
-        return keep, k_base * sum(map(bool, real)) + min(extra, len(pool))
+        return keep, base + min(extra, len(pool))
     return keep, sum(sum(row) for row in keep)
 
 

@@ -388,14 +388,11 @@ def time_curves(res: dict, mode: str) -> dict[str, list[tuple[float, float, str]
     """Per curve, its (seconds per token in ``mode``'s time measure, NLL in ``mode``, point name) points that
     were timed."""
     measure = TIME_OF_MODE[mode]
-    by_work = frontier_points(res, mode)
-    names = {label: [name for *_, name in points] for label, points in by_work.items()}
     curves = {}
-    for label, points in by_work.items():
-        timed_points = [(timed(res, label, name)[measure]["s_per_token"]["median"], nll, name)
-                        for (_, nll, name) in points if timed(res, label, name) is not None]
-        if timed_points and len(timed_points) == len(names[label]):
-            curves[label] = sorted(timed_points)
+    for label, points in frontier_points(res, mode).items():
+        found = [(timed(res, label, name), nll, name) for _, nll, name in points]
+        if all(point is not None for point, _, _ in found):  # a curve is drawn whole or not at all
+            curves[label] = sorted((point[measure]["s_per_token"]["median"], nll, name) for point, nll, name in found)
     return curves
 
 

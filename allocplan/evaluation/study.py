@@ -219,14 +219,12 @@ def study_profile(model: Any, tokenizer: Any, name: str, config: ProfileConfig, 
                          model_name=f"bundled:{name}")
 
 
-def method_policy(model: Any, method: str, budget: float, plain_profile: Any, threshold_windows: torch.Tensor,
-                  seed: int | None = None) -> Any:
+def method_policy(model: Any, method: str, budget: float, plain_profile: Any, threshold_windows: torch.Tensor) -> Any:
     """Registered method ``method`` at ``budget``, given the paper's plain profile or the calibration windows
-    where it needs them (``seed``: the random method's)."""
+    where it needs them."""
     registered = METHODS[method]
     return build_policy(model, method, budget, sensitivity=plain_profile if registered.needs_profile else None,
-                        calib_windows=threshold_windows if registered.needs_calibration else None,
-                        **({} if seed is None else {"seed": seed}))
+                        calib_windows=threshold_windows if registered.needs_calibration else None)
 
 
 def variant_plan(model: Any, tokenizer: Any, profiles: dict, budget: float, routing: RoutingConfig,
