@@ -12,7 +12,8 @@ from allocplan.formats.profile import SensitivityProfile
 from allocplan.formats.provenance import CalibrationRecord
 from ..runtime.allocation_builder import allocation_for
 from ..runtime.layers import find_moe_layers
-from .determinism import fixed_threads
+from ..runtime.fast_paths import using_fast_paths
+from .determinism import planner_numerics
 from .losses import Reference
 from .profiling import check_k_max_for_profiling, check_k_min, profile_model
 from .refine import refine_by_exchange
@@ -55,7 +56,7 @@ def compile_model(
     measured = profile_model(model, tokenizer, profile, routing, model_name=model_name, windows=windows)
     plan = solve_profile(measured, request, routing)
     if refine.refine:
-        with fixed_threads(model):  # measured on the same numerics as the profile (planner/determinism.py)
+        with planner_numerics(model):  # measured on the same numerics as the profile (planner/determinism.py)
             plan = refined(model, tokenizer, plan, measured, profile, routing, refine,
                            windows=None if windows is None else windows[0])
     return plan, measured
@@ -82,12 +83,14 @@ def refined(model: Any, tokenizer: Any, plan: Plan, measured: SensitivityProfile
                                                                for k, rank, layer in zip(ks, ranks, plan.layers)])
         return experts + stand_in <= plan.budget.total_activations + 1e-9
 
-    search = refine_by_exchange(
-        model, [layer.planned_k for layer in plan.layers],
-        lambda ks: allocation_from_profile(measured, ks, routing, ranks),
-        Reference(model, windows, profile.batch_size),
-        k_min=profile.k_min, unit=unit, max_steps=refine.refine_steps, allowed=within_budget,
-    )
+    # The general stand-in form, as the profile was measured (planner/determinism.py), whoever calls.
+    with using_fast_paths(many_token_stand_ins=False):
+        search = refine_by_exchange(
+            model, [layer.planned_k for layer in plan.layers],
+            lambda ks: allocation_from_profile(measured, ks, routing, ranks),
+            Reference(model, windows, profile.batch_size),
+            k_min=profile.k_min, unit=unit, max_steps=refine.refine_steps, allowed=within_budget,
+        )
     steps, previous = [], search.start[0]
     for ks, objective in search.steps:
         giver = next(i for i, (a, b) in enumerate(zip(previous, ks)) if b < a)

@@ -9,6 +9,10 @@ the process was started with, and put the count back afterwards: the same inputs
 versions give the same plan, profile and sidecar bytes under any thread count (tests/test_threads.py).
 The cost is time: on 2 cores a compile takes about 1.5 times as long. ``ALLOCPLAN_PLANNER_THREADS=N``
 trades that back (plans then match only plans made with the same N).
+
+The planner also measures through the runtime's general stand-in form (``planner_numerics``): the native
+form that prefill uses where it costs less (``FastPaths.many_token_stand_ins``) gives the same sums in
+another float order, and a profile's bytes should not move when the runtime gains a faster form.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+
+from ..runtime.fast_paths import using_fast_paths
 
 ENV_THREADS = "ALLOCPLAN_PLANNER_THREADS"
 PLANNER_THREADS = 1
@@ -53,3 +59,11 @@ def fixed_threads(model: Any = None) -> Iterator[None]:
     finally:
         if on_cpu:
             torch.set_num_threads(saved)
+
+
+@contextlib.contextmanager
+def planner_numerics(model: Any = None) -> Iterator[None]:
+    """:func:`fixed_threads`, with the runtime's general stand-in form rather than its native one (module
+    docstring): the numerics every profile, fit and refinement measures on."""
+    with fixed_threads(model), using_fast_paths(many_token_stand_ins=False):
+        yield

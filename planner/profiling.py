@@ -68,7 +68,7 @@ from ..runtime.layers import (MoELayer, expert_multiply_adds, find_moe_layers, i
                               model_identity)
 from .losses import Scratch, kl_sum, next_token_logprobs, token_nll
 from .replay import Replay, ReplayLayerAtK, block_change_is_additive, record_outputs, replayed
-from .determinism import fixed_threads
+from .determinism import planner_numerics
 from allocplan.standins import get_stand_in_kind
 from .treatments import (base_stand_in_rank, encode_options, fit_treatments, sidecar_dtype, stand_in_options,
                          stand_in_ranks)
@@ -374,7 +374,7 @@ def profile_model(
     Raises:
         AllocplanError: a treatment or compensation asked for that the family cannot run.
     """
-    with fixed_threads(model):  # the same plan under any thread count (planner/determinism.py)
+    with planner_numerics(model):  # the same plan under any thread count (planner/determinism.py)
         return _profile_model(model, tokenizer, config, routing, model_name=model_name, shard=shard, windows=windows)
 
 

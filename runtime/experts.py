@@ -195,7 +195,7 @@ class StandIns:
     def _add_native(self, result: torch.Tensor, hidden: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor,
                     num_experts: int) -> bool:
         """The native kernel over each row of [T, H] ``result`` and ``hidden`` with its [T, K] ``slots`` and
-        ``weights``, one call per row; False, with ``result`` untouched, where the kernel cannot serve them."""
+        ``weights``, in one call; False, with ``result`` untouched, where the kernel cannot serve them."""
         tables = self._native
         if tables is None or slots.dim() != 2:
             return False
@@ -208,18 +208,14 @@ class StandIns:
                 or weights.shape != slots.shape or not (result.is_contiguous() and hidden.is_contiguous()
                                                         and slots.is_contiguous() and weights.is_contiguous())):
             return False
-        tables_at = (down.data_ptr(), up.data_ptr(), bias.data_ptr())
-        row_bytes, slot_bytes, weight_bytes = result.shape[1] * 4, width * 8, width * 4
-        result_at, hidden_at, slots_at, weights_at = (result.data_ptr(), hidden.data_ptr(), slots.data_ptr(),
-                                                      weights.data_ptr())
-        for t in range(tokens):
-            added = kernel(width, slots_at + t * slot_bytes, weights_at + t * weight_bytes, num_experts,
-                           hidden_at + t * row_bytes, result_at + t * row_bytes, *tables_at, *down.shape)
-            if added == -1:
-                raise RuntimeError(f"native stand-in kernel: a dropped slot in {slots[t].tolist()} names no expert"
-                                   f" of {down.shape[0]} (slots {num_experts}.. are dropped experts 0..)")
-            if added < 0:
-                raise MemoryError("native stand-in kernel: no memory for its scratch")
+        arguments = (width, slots.data_ptr(), weights.data_ptr(), num_experts, hidden.data_ptr(), result.data_ptr(),
+                     down.data_ptr(), up.data_ptr(), bias.data_ptr(), *down.shape)
+        added = kernel(*arguments) if tokens == 1 else kernel.rows(tokens, *arguments)
+        if added == -1:
+            raise RuntimeError(f"native stand-in kernel: a dropped slot in {slots.tolist()} names no expert"
+                               f" of {down.shape[0]} (slots {num_experts}.. are dropped experts 0..)")
+        if added < 0:
+            raise MemoryError("native stand-in kernel: no memory for its scratch")
         return True
 
     def _native_tables(self) -> tuple | None:
@@ -233,7 +229,10 @@ class StandIns:
         kernel = standins_kernel()
         if kernel is None:
             return None
-        down, up = self.down.half().contiguous(), self.up.half().contiguous()
+        # down in a buffer with 8 halves of slack after it: the kernel reads each row of r in whole vectors of 8.
+        storage = torch.zeros(self.down.numel() + 8, dtype=torch.float16)
+        down = storage[: self.down.numel()].view(self.down.shape).copy_(self.down)  # [E, H, r]
+        up = self.up.half().contiguous()  # [E, r, H]
         # Exactly on the half grid (a value beyond half's range would come back infinite).
         if not (torch.equal(down.float(), self.down) and torch.equal(up.float(), self.up)):
             return None
@@ -364,11 +363,16 @@ def add_compensation(result: torch.Tensor, module: torch.nn.Module, hidden_state
         return result
     if top_k_index.shape[0] == 1 and fast_paths().one_token_stand_ins:
         return _add_compensation_one_token(result, stand_ins, hidden_states, top_k_index, top_k_weights, num_experts)
-    if (top_k_index.shape[0] <= _NATIVE_ROWS_UP_TO and stand_ins.down is not None and result.device.type == "cpu"
-            and fast_paths().native_kernel
+    switches, linear_on_cpu = fast_paths(), stand_ins.down is not None and result.device.type == "cpu"
+    if (linear_on_cpu and top_k_index.shape[0] <= _NATIVE_ROWS_UP_TO and switches.native_kernel
             and stand_ins.add_dropped_native_rows(result, hidden_states, top_k_index, top_k_weights, num_experts)):
         return result
-    tokens, slots = (top_k_index >= num_experts).nonzero(as_tuple=True)  # [D] each
+    dropped = top_k_index >= num_experts  # [T, K]
+    if (linear_on_cpu and switches.many_token_stand_ins and switches.native_kernel
+            and _native_is_cheaper(stand_ins, int(dropped.sum()), num_experts)
+            and stand_ins.add_dropped_native_rows(result, hidden_states, top_k_index, top_k_weights, num_experts)):
+        return result
+    tokens, slots = dropped.nonzero(as_tuple=True)  # [D] each
     if tokens.numel():
         experts = top_k_index[tokens, slots] - num_experts  # [D]
         weights = top_k_weights[tokens, slots]  # [D]
@@ -386,6 +390,27 @@ def add_compensation(result: torch.Tensor, module: torch.nn.Module, hidden_state
 _NATIVE_ROWS_UP_TO = 16
 # The most bytes of factors ``StandIns.rows`` copies before grouping wins regardless (see below).
 _STAND_IN_COPY_BYTES = 2 << 20
+
+
+# Many tokens' linear stand-ins go through the native kernel while the dropped pairs' multiply-adds stay at
+# most this many per expert of the layer (see _native_is_cheaper).
+_NATIVE_MACS_PER_EXPERT = 400_000
+
+
+def _native_is_cheaper(stand_ins: StandIns, dropped: int, num_experts: int) -> bool:
+    """Whether ``dropped`` linear stand-in pairs cost less through the native kernel (one call, token by token,
+    one thread) than grouped by expert (``StandIns.grouped_rows`` or ``rows``), on CPU.
+
+    The kernel's time follows the pairs' multiply-adds; the grouped form's has a fixed part that grows with
+    the experts (a dozen ops, two matrix calls per expert) and multiplies faster on two threads. Measured on
+    2 CPU threads (native / grouped time), T = 256 tokens unless said: H = 64, E = 16, r = 9 (ref-deep,
+    0.4 M multiply-adds): 0.44; H = 128, E = 16, r = 14 (ref-olmoe, 1.3 M): 0.54, r = 28 (4.1 M): 0.84,
+    r = 28 at T = 1024 (16 M): 1.74; H = 128, E = 64, r = 20 (4.4 M): 0.50; H = 512, E = 64, r = 52
+    (dsv2-lite-small): 0.45 at T = 64 (9.2 M), 1.01 at T = 256 (33 M); H = 512, E = 8, r = 100 (11 M):
+    1.74. So native up to 0.4 M multiply-adds per expert.
+    """
+    macs = 2 * dropped * stand_ins.down.shape[-1] * stand_ins.down.shape[1]
+    return 0 < macs <= _NATIVE_MACS_PER_EXPERT * num_experts
 
 
 def _group_the_stand_ins(stand_ins: StandIns, dropped: int, num_experts: int) -> bool:

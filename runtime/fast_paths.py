@@ -39,6 +39,10 @@ class FastPaths:
             tokens' linear stand-ins through it token by token (small-batch decode).
         few_tokens_keep: on CPU, Alloc-T's selection over a few tokens (batched decode) in Python on
             the scores read back, instead of the general form's small tensor ops.
+        many_token_stand_ins: on CPU, more than a few tokens' linear stand-ins through the native kernel
+            in one call where their work is small enough that it costs less than grouping the dropped pairs
+            by expert (prefill of small experts; runtime/experts.py). The planner switches it off: profiles
+            and stand-ins keep the bytes the general form gives.
     """
 
     native_top_n: bool = True
@@ -48,6 +52,7 @@ class FastPaths:
     stand_in_loop: bool = True
     native_kernel: bool = True
     few_tokens_keep: bool = True
+    many_token_stand_ins: bool = True
 
 
 _CURRENT: contextvars.ContextVar[FastPaths] = contextvars.ContextVar("allocplan_fast_paths", default=FastPaths())

@@ -103,8 +103,9 @@ def _build(compiler: str, folder: Path) -> Path:
 
 @functools.lru_cache(maxsize=None)
 def standins_kernel() -> Callable[..., int] | None:
-    """The kernel's entry point (``allocplan_add_dropped_f16``, arguments as in the C source), or None
-    where it cannot run here (module docstring). Built and loaded once per process."""
+    """The kernel's entry point (``allocplan_add_dropped_f16``, arguments as in the C source; its ``rows``
+    attribute the many-token form), or None where it cannot run here (module docstring). Built and loaded
+    once per process."""
     if os.environ.get(ENV_SWITCH, "1") == "0" or not SOURCE.exists() or not _cpu_supported():
         return None
     compiler = _compiler()
@@ -128,4 +129,11 @@ def standins_kernel() -> Callable[..., int] | None:
     i64, pointer = ctypes.c_int64, ctypes.c_void_p
     function.argtypes = [i64, pointer, pointer, i64, pointer, pointer, pointer, pointer, pointer, i64, i64, i64]
     function.restype = i64
+    # The same over T rows in one call (``allocplan_add_dropped_f16_rows``: T first, then the arguments above
+    # with every row's slots, weights, inputs and outputs one after another), where one call per row would pay
+    # the foreign call's own cost T times.
+    rows = library.allocplan_add_dropped_f16_rows
+    rows.argtypes = [i64, *function.argtypes]
+    rows.restype = i64
+    function.rows = rows
     return function

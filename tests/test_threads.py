@@ -81,3 +81,37 @@ def test_diff_judges_stand_ins_within_the_documented_tolerance():
     assert not far.equivalent and any(d.field == f"compensation[{name}]" and d.kind == "behaviour"
                                       for d in far.differences)
     assert torch.equal(load(plan.compensation_data)[name], tensors[name])
+
+
+def test_the_planner_measures_through_the_general_stand_in_form(monkeypatch):
+    """Profiling, fitting and refinement run every stand-in through the general form, never the native
+    many-token form that prefill uses where it costs less (planner/determinism.py): a profile's bytes do not
+    move with the runtime's speed forms. This tiny model's stand-ins are little enough work that, outside
+    the planner, the many-token form would serve each forward of more than 16 tokens."""
+    import torch
+    from tiny_models import build_tiny_model, tiny_tokenizer
+
+    import allocplan
+    from allocplan.bundled import DEFAULT_CALIBRATION
+    from allocplan.runtime import experts as experts_module
+    from allocplan.runtime.fast_paths import fast_paths
+
+    switches, original = [], experts_module.add_compensation
+
+    def recording(result, module, hidden_states, *args):
+        if getattr(module, experts_module.COMPENSATION_ATTR, None) is not None and hidden_states.shape[0] > 16:
+            switches.append(fast_paths().many_token_stand_ins)
+        return original(result, module, hidden_states, *args)
+
+    monkeypatch.setattr(experts_module, "add_compensation", recording)
+    model = build_tiny_model("olmoe")
+    plan = allocplan.compile_plan(model, 0.5, tokenizer=tiny_tokenizer(), refine=allocplan.RefineConfig(refine=True),
+                                  profile=allocplan.ProfileConfig(calib=str(DEFAULT_CALIBRATION), calib_tokens=512,
+                                                                  seq_len=64))
+    assert switches and not any(switches)  # stand-ins ran, all through the general form
+    assert plan.solver.refinement is not None and plan.solver.refinement.measured > 0  # refinement measured too
+    # Outside the planner the same layer's forward of 24 tokens takes the many-token form.
+    switches.clear()
+    with allocplan.apply_plan(model, plan):
+        model(input_ids=torch.randint(1, 90, (2, 12), generator=torch.Generator().manual_seed(0)))
+    assert switches and all(switches)

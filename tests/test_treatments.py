@@ -332,12 +332,14 @@ def test_one_token_linear_rows_and_sum_by_hand(form, model_dtype):
 
 
 @pytest.mark.parametrize("grouping", [True, False], ids=["grouped", "copied"])
-@pytest.mark.parametrize("tokens", ["batch", "one-token", "few"])
+@pytest.mark.parametrize("tokens", ["batch", "many", "one-token", "few"])
 @pytest.mark.parametrize("kind", ["expert", "layer", "linear"])
 def test_compensation_adds_weighted_stand_ins_by_hand(kind, tokens, grouping, monkeypatch):
     """Every form of the stand-ins (one token; a few tokens, where linear ones on the half grid go through
     the native kernel token by token where it can run; many tokens, where linear ones are grouped by expert
-    or their factors copied per pair) against a per-pair sum in float64."""
+    or their factors copied per pair (``batch``: the general forms the planner measures with), or, this
+    little work (``many``), go through the native kernel in one call where it can run) against a per-pair
+    sum in float64."""
     from allocplan.runtime import experts as experts_module
 
     one_token = tokens == "one-token"
@@ -361,9 +363,9 @@ def test_compensation_adds_weighted_stand_ins_by_hand(kind, tokens, grouping, mo
                  for layer in layers}
     record, data = encode_tables(stand_ins, kind)
     allocation = allocation_for(model, 2, RoutingConfig(token_level=False), compensation=(record, data))
-    with allocplan.apply_plan(model, allocation):
-        # One token: batch-1 decode's form of the stand-ins; 8 tokens: a few (small-batch decode's).
-        ids = {"one-token": IDS[:1, :1], "few": IDS[:, :4], "batch": IDS}[tokens]
+    with allocplan.apply_plan(model, allocation), using_fast_paths(many_token_stand_ins=tokens != "batch"):
+        # One token: batch-1 decode's form of the stand-ins; 8 tokens: a few (small-batch decode's); 24: many.
+        ids = {"one-token": IDS[:1, :1], "few": IDS[:, :4], "batch": IDS, "many": IDS}[tokens]
         (hidden, index, weights), out = experts_io(model, 0, lambda: model(input_ids=ids))
         experts = layers[0].experts
         table = getattr(experts, COMPENSATION_ATTR)
@@ -384,9 +386,10 @@ def test_compensation_adds_weighted_stand_ins_by_hand(kind, tokens, grouping, mo
                 expected[t] += weights[t, s].double() * value
                 dropped += 1
     assert dropped == 2 * index.shape[0]  # top-4 candidates, 2 kept
-    native = kind == "linear" and tokens == "few" and standins_kernel() is not None
-    # Asked once per layer, only of a few tokens' linear stand-ins; served wherever the kernel can run.
-    asked = kind == "linear" and tokens == "few"
+    native = kind == "linear" and tokens in ("few", "many") and standins_kernel() is not None
+    # Asked once per layer, only of more than one token's linear stand-ins outside the general forms (24 tokens
+    # of 8 experts of rank 3 are far below the many-token limit); served wherever the kernel can run.
+    asked = kind == "linear" and tokens in ("few", "many")
     assert native_rows == [native] * (len(layers) if asked else 0)
     assert bool(grouped) == (kind == "linear" and not one_token and grouping and not native)
     torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-5)
