@@ -13,7 +13,7 @@ from allocplan.formats.provenance import CalibrationRecord
 from ..runtime.allocation_builder import allocation_for
 from ..runtime.layers import find_moe_layers
 from ..runtime.fast_paths import using_fast_paths
-from .determinism import planner_numerics
+from .determinism import fixed_threads
 from .losses import Reference
 from .profiling import check_k_max_for_profiling, check_k_min, profile_model
 from .refine import refine_by_exchange
@@ -56,7 +56,8 @@ def compile_model(
     measured = profile_model(model, tokenizer, profile, routing, model_name=model_name, windows=windows)
     plan = solve_profile(measured, request, routing)
     if refine.refine:
-        with planner_numerics(model):  # measured on the same numerics as the profile (planner/determinism.py)
+        # The profile's thread count (planner/determinism.py); ``refined`` pins the stand-in form itself.
+        with fixed_threads(model):
             plan = refined(model, tokenizer, plan, measured, profile, routing, refine,
                            windows=None if windows is None else windows[0])
     return plan, measured
