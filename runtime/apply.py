@@ -48,6 +48,7 @@ from allocplan.errors import AllocplanError
 from allocplan.formats.allocation import Allocation, LayerAllocation
 from allocplan.formats.plan import Plan, load_plan
 from allocplan.standins import get_stand_in_kind, sidecar_shapes
+from .fast_paths import fast_paths
 from .layers import MoELayer, find_moe_layers, identity_mismatch, model_family, module_device
 from .routing import POOLINGS, ForwardContext, LayerCounter, LayerRouting, TokenSelector, record_padding
 
@@ -95,9 +96,9 @@ class PlanHandle:
         return {r.layer.path: r.counter for r in self._routings}
 
     def added_bytes(self) -> int:
-        """Bytes of memory the applied plan holds beyond the model's own weights: its stand-ins' tensors (the
-        float32 factors and, where the native kernel serves them, its half-precision copy), each storage counted
-        once. Routing keeps only a few small constants, which are not counted."""
+        """Bytes of memory the applied plan holds beyond the model's own weights: its stand-ins' tensors (their
+        constants and factors: the factors once, in the native kernel's half-precision tables where it serves
+        them, else in the sidecar's dtype), each storage counted once. Routing keeps only a few small constants, which are not counted."""
         storages: dict[int, int] = {}
         for module, name in self._attributes:
             held = getattr(getattr(module, name, None), "held_tensors", None)
@@ -240,7 +241,7 @@ def load_compensation(allocation: Allocation, layers: list[MoELayer], model: Any
             if not bool(torch.isfinite(order).all()) or bool((order <= 0).any()):
                 raise AllocplanError(f"compensation file {record.file!r} holds a drop order for {layer.path} that"
                                      " is not positive and finite everywhere; recompile the plan")
-        stand_ins[layer.path] = StandIns(bias, down, up, order)
+        stand_ins[layer.path] = StandIns(bias, down, up, order, one_copy=fast_paths().one_copy_stand_ins)
     return stand_ins
 
 

@@ -56,12 +56,18 @@ class StandIns:
         order: [E] drop order, or None: the routing ranks a token's candidates by selection
             score times ``order[e]``, a power of how far expert e's stand-in misses its output,
             so the candidates that are dropped are those whose stand-ins serve best.
+        one_copy: hold the factors once, in the native kernel's half-precision tables, where that
+            kernel serves them (``down`` and ``up`` are then half views of those tables); the torch
+            forms widen them to float32 on each call. Exact either way: the kernel serves only
+            factors that lie on the half grid. apply_plan sets it (``FastPaths.one_copy_stand_ins``);
+            the planner's stand-ins keep their float32 factors, which it measures through.
     """
 
     bias: torch.Tensor
     down: torch.Tensor | None = None
     up: torch.Tensor | None = None
     order: torch.Tensor | None = None
+    one_copy: bool = field(default=False, compare=False)
 
     _tables: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     # Each expert's (bias [H], down [H, r'], up [r', H]) as views of the padded factors, built once with
@@ -87,11 +93,41 @@ class StandIns:
         object.__setattr__(self, "_padded", (down, up))
         object.__setattr__(self, "down", down[1:, :, :rank])
         object.__setattr__(self, "up", up[1:, :rank])
+        object.__setattr__(self, "_native", self._native_tables())
+        if self.one_copy and self._native is not None:
+            # The float32 factors go; the torch forms widen the half tables when they run (_padded_factors).
+            object.__setattr__(self, "_padded", None)
+            object.__setattr__(self, "down", self._native[1])
+            object.__setattr__(self, "up", self._native[2])
+            return
         # Built here rather than on the first decode step, which would otherwise pay for them (about
         # 0.13 ms per layer of 64 experts on CPU).
-        self._views.extend((self.bias[e if self.bias.shape[0] > 1 else 0], down[1 + e], up[1 + e])
-                           for e in range(experts))
-        object.__setattr__(self, "_native", self._native_tables())
+        self._views.extend(self._views_of(down, up))
+
+    def _views_of(self, down: torch.Tensor, up: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+        """Each expert's (bias [H], down [H, r'], up [r', H]) as views of padded factors [1 + E, H, r'] and
+        [1 + E, r', H]."""
+        return [(self.bias[e if self.bias.shape[0] > 1 else 0], down[1 + e], up[1 + e])
+                for e in range(down.shape[0] - 1)]
+
+    def _padded_factors(self, zero_row: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """The padded factors (``_padded``'s layout and dtype), or without their zero row 0 for
+        ``zero_row=False``: held, or, for one copy, widened from the half tables for this call (exact, as they
+        lie on the half grid). Widening costs a pass over the tables; it serves only calls the native kernel
+        declines."""
+        if self._padded is not None:
+            return self._padded if zero_row else (self._padded[0][1:], self._padded[1][1:])
+        down, up = self.down, self.up  # [E, H, r] and [E, r, H] half
+        experts, hidden, rank = down.shape
+        padded_rank = -(-rank // 4) * 4  # 16-byte float32 rows, as __post_init__ pads them
+        if not zero_row and padded_rank == rank:  # nothing to pad: one pass each
+            return down.float(), up.float()
+        first = 1 if zero_row else 0
+        wide_down = torch.zeros(experts + first, hidden, padded_rank, dtype=torch.float32)  # [(1 +) E, H, r']
+        wide_down[first:, :, :rank] = down
+        wide_up = torch.zeros(experts + first, padded_rank, up.shape[-1], dtype=torch.float32)  # [(1 +) E, r', H]
+        wide_up[first:, :rank] = up
+        return wide_down, wide_up
 
     def one_token_table(self, num_experts: int) -> torch.Tensor:
         """[2E, H] for a layer of E experts: zeros for indices below E (kept slots), then the constant
@@ -120,7 +156,7 @@ class StandIns:
         if self.down is None:
             return bias
         rows = (slots - (num_experts - 1)).clamp_min_(0)  # [K] 0 for kept slots, 1 + e for dropped ones
-        down, up = self._padded  # [1 + E, H, r'] and [1 + E, r', H]
+        down, up = self._padded_factors()  # [1 + E, H, r'] and [1 + E, r', H]
         count = slots.shape[0]
         inner = torch.bmm(as_dtype(hidden, down.dtype).expand(count, 1, -1), down.index_select(0, rows))  # [K, 1, r']
         return torch.baddbmm(bias.unsqueeze(1), inner, up.index_select(0, rows)).squeeze(1)  # [K, H]
@@ -143,8 +179,8 @@ class StandIns:
             slots: its K slot indices (kept e, dropped E + e).
             weights: their K weights.
         """
-        views = self._views
-        x = as_dtype(hidden, self._padded[0].dtype)  # [1, H]
+        views = self._views or self._views_of(*self._padded_factors())
+        x = as_dtype(hidden, views[0][1].dtype)  # [1, H]
         # A model in another dtype than the sidecar's gets the sum once, as the batched form adds it.
         acc = result if result.dtype == x.dtype else torch.zeros_like(result, dtype=x.dtype)  # [1, H]
         for slot, weight in zip(slots, weights):
@@ -193,9 +229,10 @@ class StandIns:
         return self._add_native(result, hidden, slots, weights, num_experts)
 
     def _add_native(self, result: torch.Tensor, hidden: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor,
-                    num_experts: int) -> bool:
+                    num_experts: int, grouped: bool = False) -> bool:
         """The native kernel over each row of [T, H] ``result`` and ``hidden`` with its [T, K] ``slots`` and
-        ``weights``, in one call; False, with ``result`` untouched, where the kernel cannot serve them."""
+        ``weights``, in one call (token by token, or ``grouped`` by expert); False, with ``result`` untouched,
+        where the kernel cannot serve them."""
         tables = self._native
         if tables is None or slots.dim() != 2:
             return False
@@ -210,13 +247,34 @@ class StandIns:
             return False
         arguments = (width, slots.data_ptr(), weights.data_ptr(), num_experts, hidden.data_ptr(), result.data_ptr(),
                      down.data_ptr(), up.data_ptr(), bias.data_ptr(), *down.shape)
-        added = kernel(*arguments) if tokens == 1 else kernel.rows(tokens, *arguments)
+        if grouped:
+            added = kernel.grouped(tokens, *arguments)
+        else:
+            added = kernel(*arguments) if tokens == 1 else kernel.rows(tokens, *arguments)
         if added == -1:
             raise RuntimeError(f"native stand-in kernel: a dropped slot in {slots.tolist()} names no expert"
                                f" of {down.shape[0]} (slots {num_experts}.. are dropped experts 0..)")
         if added < 0:
             raise MemoryError("native stand-in kernel: no memory for its scratch")
         return True
+
+    def add_dropped_native_grouped(self, result: torch.Tensor, hidden: torch.Tensor, slots: torch.Tensor,
+                                   weights: torch.Tensor, num_experts: int) -> bool:
+        """``add_dropped_native_rows`` with the dropped pairs grouped by expert (prefill), in one call; False, with
+        ``result`` untouched, where the kernel cannot serve this call.
+
+        The kernel sorts the pairs by expert itself and reads each row of an expert's half-precision factors
+        once per block of 4 of its pairs, where the token-by-token form reads every pair's factors again and
+        ``grouped_rows`` needs float32 factors and a dozen ops per expert. The sum differs from the general
+        form's only in float order.
+
+        Args:
+            result: [T, H] the kept experts' sums, added to in place.
+            hidden: [T, H] the tokens' inputs.
+            slots: [T, K] int64 slot indices (kept e, dropped E + e).
+            weights: [T, K] their float32 weights.
+        """
+        return self._add_native(result, hidden, slots, weights, num_experts, grouped=True)
 
     def _native_tables(self) -> tuple | None:
         """(kernel, down [E, H, r] half, up [E, r, H] half, bias [E, H] float32), or None where the kernel
@@ -240,7 +298,8 @@ class StandIns:
 
     def held_tensors(self) -> list[torch.Tensor]:
         """Every tensor these stand-ins keep in memory: the constants, the padded factors (``down`` and ``up``
-        are views of them), the native kernel's half-precision tables, the one-token tables and the drop order."""
+        are views of them) unless they are held once, the native kernel's half-precision tables, the one-token
+        tables and the drop order."""
         held = [self.bias, *(self._padded or ()), *self._tables.values()]
         if self._native is not None:
             held += list(self._native[1:])
@@ -257,16 +316,18 @@ class StandIns:
         else:
             out = self.bias.index_select(0, experts)  # [D, H]
         if self.down is not None:
-            inner = torch.bmm(as_dtype(inputs[:, None, :], self.down.dtype),
-                              self.down.index_select(0, experts))  # [D, 1, r]
-            out = out + torch.bmm(inner, self.up.index_select(0, experts)).squeeze(1)  # [D, H]
+            # One copy: the gathered half factors widened, which is exact (float32 is the compute dtype).
+            dtype = self.bias.dtype if self._padded is None else self.down.dtype
+            inner = torch.bmm(as_dtype(inputs[:, None, :], dtype),
+                              self.down.index_select(0, experts).to(dtype))  # [D, 1, r]
+            out = out + torch.bmm(inner, self.up.index_select(0, experts).to(dtype)).squeeze(1)  # [D, H]
         return out
 
     def grouped_rows(self, inputs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """``rows`` of linear stand-ins for inputs [D, H] of experts [D] in non-decreasing order, with one
         ``grouped_mm`` per factor: each expert's [H, r] and [r, H] are read once, not copied per row."""
         offsets = torch.cumsum(torch.bincount(experts, minlength=self.down.shape[0]), 0, dtype=torch.int32)  # [E]
-        down, up = (factor[1:] for factor in self._padded)  # [E, H, r'], [E, r', H]: the extra rank is zeros
+        down, up = self._padded_factors(zero_row=False)  # [E, H, r'], [E, r', H]: the extra rank is zeros
         inner = grouped_matmul(inputs, down, offsets, transposed=True)  # [D, r']
         return self.bias.index_select(0, experts) + grouped_matmul(inner, up, offsets, transposed=True)  # [D, H]
 
@@ -367,11 +428,10 @@ def add_compensation(result: torch.Tensor, module: torch.nn.Module, hidden_state
     if (linear_on_cpu and top_k_index.shape[0] <= _NATIVE_ROWS_UP_TO and switches.native_kernel
             and stand_ins.add_dropped_native_rows(result, hidden_states, top_k_index, top_k_weights, num_experts)):
         return result
-    dropped = top_k_index >= num_experts  # [T, K]
     if (linear_on_cpu and switches.many_token_stand_ins and switches.native_kernel
-            and _native_is_cheaper(stand_ins, int(dropped.sum()), num_experts)
-            and stand_ins.add_dropped_native_rows(result, hidden_states, top_k_index, top_k_weights, num_experts)):
+            and stand_ins.add_dropped_native_grouped(result, hidden_states, top_k_index, top_k_weights, num_experts)):
         return result
+    dropped = top_k_index >= num_experts  # [T, K]
     tokens, slots = dropped.nonzero(as_tuple=True)  # [D] each
     if tokens.numel():
         experts = top_k_index[tokens, slots] - num_experts  # [D]
@@ -386,31 +446,11 @@ def add_compensation(result: torch.Tensor, module: torch.nn.Module, hidden_state
 
 
 # Up to this many tokens in a forward, linear stand-ins on CPU go through the native kernel token by token
-# (``StandIns.add_dropped_native_rows``) where it can serve them.
+# (``StandIns.add_dropped_native_rows``) where it can serve them; more through its grouped form
+# (``StandIns.add_dropped_native_grouped``), whose sort by expert and blocks pay off over many tokens.
 _NATIVE_ROWS_UP_TO = 16
 # The most bytes of factors ``StandIns.rows`` copies before grouping wins regardless (see below).
 _STAND_IN_COPY_BYTES = 2 << 20
-
-
-# Many tokens' linear stand-ins go through the native kernel while the dropped pairs' multiply-adds stay at
-# most this many per expert of the layer (see _native_is_cheaper).
-_NATIVE_MACS_PER_EXPERT = 400_000
-
-
-def _native_is_cheaper(stand_ins: StandIns, dropped: int, num_experts: int) -> bool:
-    """Whether ``dropped`` linear stand-in pairs cost less through the native kernel (one call, token by token,
-    one thread) than grouped by expert (``StandIns.grouped_rows`` or ``rows``), on CPU.
-
-    The kernel's time follows the pairs' multiply-adds; the grouped form's has a fixed part that grows with
-    the experts (a dozen ops, two matrix calls per expert) and multiplies faster on two threads. Measured on
-    2 CPU threads (native / grouped time), T = 256 tokens unless said: H = 64, E = 16, r = 9 (ref-deep,
-    0.4 M multiply-adds): 0.44; H = 128, E = 16, r = 14 (ref-olmoe, 1.3 M): 0.54, r = 28 (4.1 M): 0.84,
-    r = 28 at T = 1024 (16 M): 1.74; H = 128, E = 64, r = 20 (4.4 M): 0.50; H = 512, E = 64, r = 52
-    (dsv2-lite-small): 0.45 at T = 64 (9.2 M), 1.01 at T = 256 (33 M); H = 512, E = 8, r = 100 (11 M):
-    1.74. So native up to 0.4 M multiply-adds per expert.
-    """
-    macs = 2 * dropped * stand_ins.down.shape[-1] * stand_ins.down.shape[1]
-    return 0 < macs <= _NATIVE_MACS_PER_EXPERT * num_experts
 
 
 def _group_the_stand_ins(stand_ins: StandIns, dropped: int, num_experts: int) -> bool:

@@ -39,10 +39,13 @@ class FastPaths:
             tokens' linear stand-ins through it token by token (small-batch decode).
         few_tokens_keep: on CPU, Alloc-T's selection over a few tokens (batched decode) in Python on
             the scores read back, instead of the general form's small tensor ops.
-        many_token_stand_ins: on CPU, more than a few tokens' linear stand-ins through the native kernel
-            in one call where their work is small enough that it costs less than grouping the dropped pairs
-            by expert (prefill of small experts; runtime/experts.py). The planner switches it off: profiles
-            and stand-ins keep the bytes the general form gives.
+        many_token_stand_ins: on CPU, more than a few tokens' linear stand-ins through the native kernel's
+            grouped form (prefill; runtime/experts.py), which reads each row of an expert's half-precision
+            factors once per block of its pairs. The planner switches it off: profiles and stand-ins keep the
+            bytes the general form gives.
+        one_copy_stand_ins: stand-ins that the native kernel serves are held once, in its half-precision
+            tables, with the torch forms widening them per call (``StandIns.one_copy``); read when
+            apply_plan builds them. Not a short form but a memory form: the same sums either way.
     """
 
     native_top_n: bool = True
@@ -53,6 +56,7 @@ class FastPaths:
     native_kernel: bool = True
     few_tokens_keep: bool = True
     many_token_stand_ins: bool = True
+    one_copy_stand_ins: bool = True
 
 
 _CURRENT: contextvars.ContextVar[FastPaths] = contextvars.ContextVar("allocplan_fast_paths", default=FastPaths())

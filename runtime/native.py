@@ -1,11 +1,14 @@
-"""A small C kernel for batch-1 decode's linear stand-ins, compiled on first use.
+"""A small C kernel for the linear stand-ins on CPU, compiled on first use.
 
 At batch 1 on CPU, a layer's linear stand-ins cost what reading each dropped slot's two low-rank
 factors from memory costs (about 20 us per slot of [512, 56] and [56, 512] float32 factors), and
 stock torch has no op that reads fewer bytes at the same rate: its half-precision matrix-vector
 forms are slower than float32 for one of the two shapes, and its gathers stream at a fraction of
 the rate. ``native/standins_f16.c`` reads the factors in half precision, every dropped slot's
-together, and adds the weighted stand-ins in one call (``StandIns.add_dropped_native``).
+together, and adds the weighted stand-ins in one call (``StandIns.add_dropped_native``). A few tokens
+(batched decode) go through it token by token in one call; more (prefill) through its grouped form,
+which takes the dropped pairs sorted by expert and reads each row of an expert's factors once for a
+block of 4 of its pairs, with their accumulators in registers (``StandIns.add_dropped_native_grouped``).
 
 The kernel is an optimisation, never a requirement. It is built with the system C compiler into a
 per-user cache, once per source and compiler, and used only on x86-64 Linux CPUs with AVX2, FMA and
@@ -104,7 +107,7 @@ def _build(compiler: str, folder: Path) -> Path:
 @functools.lru_cache(maxsize=None)
 def standins_kernel() -> Callable[..., int] | None:
     """The kernel's entry point (``allocplan_add_dropped_f16``, arguments as in the C source; its ``rows``
-    attribute the many-token form), or None where it cannot run here (module docstring). Built and loaded
+    attribute the few-token form, its ``grouped`` attribute the grouped form), or None where it cannot run here (module docstring). Built and loaded
     once per process."""
     if os.environ.get(ENV_SWITCH, "1") == "0" or not SOURCE.exists() or not _cpu_supported():
         return None
@@ -136,4 +139,10 @@ def standins_kernel() -> Callable[..., int] | None:
     rows.argtypes = [i64, *function.argtypes]
     rows.restype = i64
     function.rows = rows
+    # The same rows with their dropped pairs grouped by expert (``allocplan_add_dropped_f16_grouped``, arguments
+    # as the rows form's), each factor row read once per block of pairs of one expert (prefill).
+    grouped = library.allocplan_add_dropped_f16_grouped
+    grouped.argtypes = rows.argtypes
+    grouped.restype = i64
+    function.grouped = grouped
     return function

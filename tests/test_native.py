@@ -87,6 +87,58 @@ def test_many_rows_in_one_call_add_what_one_call_per_row_adds(hidden, rank):
 
 
 @needs_kernel
+@pytest.mark.parametrize("hidden,rank", [(64, 52), (40, 9), (37, 5), (16, 16), (24, 17), (3, 1)])
+def test_grouped_form_adds_each_pairs_weighted_stand_in(hidden, rank):
+    """The grouped form (prefill) against a float64 per-pair sum: blocks of 1 to 4 pairs of one expert and
+    longer runs, hidden sizes with 16-, 8- and scalar-wide tails, ranks in whole pairs of vectors, one vector
+    and a tail (read into the padding: the last expert's last row into the table's slack), kept slots and the
+    plain sentinel (weight 0: nothing added), and one token's slot listed twice (both added, in separate
+    blocks)."""
+    experts, tokens = 5, 12
+    stand_ins = half_grid_stand_ins(experts, hidden, rank, seed=5)
+    generator = torch.Generator().manual_seed(6)
+    # Every token drops expert 0 (12 pairs: three full blocks) and one of the others (about 3 pairs each), and
+    # keeps expert (t % 5); token 0 lists its second dropped slot twice; token 3's second slot is the sentinel.
+    others = 1 + torch.arange(tokens) % (experts - 1)
+    slots = torch.stack([torch.arange(tokens) % experts, torch.full((tokens,), experts + 0), experts + others,
+                         experts + others], dim=1)
+    slots[1:, 3] = torch.arange(1, tokens) % experts  # kept, but for token 0
+    slots[3, 2] = experts
+    weights = torch.rand(tokens, 4, generator=generator)
+    weights[3, 2] = 0.0
+    hidden_states = torch.randn(tokens, hidden, generator=generator)
+    start = torch.randn(tokens, hidden, generator=generator)
+    result = start.clone()
+    assert stand_ins.add_dropped_native_grouped(result, hidden_states, slots, weights, experts)
+    expected = start.double()
+    for t in range(tokens):
+        for slot, w in zip(slots[t].tolist(), weights[t].double().tolist()):
+            if slot >= experts and w != 0.0:
+                e = slot - experts
+                expected[t] += w * (stand_ins.bias[e].double()
+                                    + hidden_states[t].double() @ stand_ins.down[e].double() @ stand_ins.up[e].double())
+    torch.testing.assert_close(result.double(), expected, rtol=1e-5, atol=1e-5)
+    token_by_token = start.clone()
+    assert stand_ins.add_dropped_native_rows(token_by_token, hidden_states, slots, weights, experts)
+    torch.testing.assert_close(result, token_by_token, rtol=1e-5, atol=1e-5)
+    nothing = start.clone()  # kept slots and the plain sentinel (index E, weight 0) alone
+    kept_and_sentinel = torch.stack([slots[:, 0], torch.full((tokens,), experts)], dim=1)
+    assert stand_ins.add_dropped_native_grouped(nothing, hidden_states, kept_and_sentinel,
+                                                torch.stack([weights[:, 0], torch.zeros(tokens)], dim=1), experts)
+    assert torch.equal(nothing, start)
+
+
+@needs_kernel
+def test_grouped_form_refuses_a_bad_slot_before_adding_any():
+    stand_ins = half_grid_stand_ins(4, 16, 4)
+    slots = torch.tensor([[4 + 1, 0]] * 5 + [[4 + 4, 0]])  # [6, 2]: row 5 names expert 4 of 4
+    result = torch.zeros(6, 16)
+    with pytest.raises(RuntimeError, match="names no expert of 4"):
+        stand_ins.add_dropped_native_grouped(result, torch.ones(6, 16), slots, torch.full((6, 2), 0.5), 4)
+    assert not result.any()
+
+
+@needs_kernel
 def test_many_rows_refuse_a_bad_slot_in_any_row_before_adding_to_any():
     """A dropped slot beyond the tables in the last row: an error, and no row has been added to."""
     stand_ins = half_grid_stand_ins(4, 16, 4)

@@ -348,6 +348,9 @@ def test_compensation_adds_weighted_stand_ins_by_hand(kind, tokens, grouping, mo
     native_rows, native_add = [], StandIns.add_dropped_native_rows
     monkeypatch.setattr(StandIns, "add_dropped_native_rows",
                         lambda *args: native_rows.append(native_add(*args)) or native_rows[-1])
+    native_grouped, grouped_add = [], StandIns.add_dropped_native_grouped
+    monkeypatch.setattr(StandIns, "add_dropped_native_grouped",
+                        lambda *args: native_grouped.append(grouped_add(*args)) or native_grouped[-1])
     # The copy limit decides the form of many pairs: 0 groups them (there are as many as experts), a
     # limit above anything here copies.
     monkeypatch.setattr(experts_module, "_STAND_IN_COPY_BYTES", 0 if grouping else 1 << 40)
@@ -387,10 +390,10 @@ def test_compensation_adds_weighted_stand_ins_by_hand(kind, tokens, grouping, mo
                 dropped += 1
     assert dropped == 2 * index.shape[0]  # top-4 candidates, 2 kept
     native = kind == "linear" and tokens in ("few", "many") and standins_kernel() is not None
-    # Asked once per layer, only of more than one token's linear stand-ins outside the general forms (24 tokens
-    # of 8 experts of rank 3 are far below the many-token limit); served wherever the kernel can run.
-    asked = kind == "linear" and tokens in ("few", "many")
-    assert native_rows == [native] * (len(layers) if asked else 0)
+    # Token by token for a few tokens (8), grouped by expert for more (24), once per layer, only of linear stand-ins
+    # outside the general forms; asked only where the kernel can run, and then served.
+    assert native_rows == [native] * (len(layers) if kind == "linear" and tokens == "few" else 0)
+    assert native_grouped == [True] * (len(layers) if native and tokens == "many" else 0)
     assert bool(grouped) == (kind == "linear" and not one_token and grouping and not native)
     torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-5)
 

@@ -477,9 +477,9 @@ def frontier_lines(all_results: list[dict], plot: str | None) -> list[str]:
             f"{timing['decode_batch']} tokens) and of prefill (one forward over {timing['prefill_len']} tokens),"
             " each the median over rounds, with the",
             "speed-up over the untouched model (geometric mean of the per-round ratios; > 1 is faster). *Added*",
-            "is the memory the applied plan holds beyond the model's weights (its stand-ins' tensors, in every",
-            "precision kept), with its share of the routed experts' weights. Each time verdict compares a default",
-            "point with the best a baseline curve reaches in the same time per token: a faster point of it, or",
+            "is the memory the applied plan holds beyond the model's weights (its stand-ins' tensors: the factors",
+            "once, in half precision where the native kernel serves them), with its share of the routed experts'",
+            "weights. Each time verdict compares a default point with the best a baseline curve reaches in the same time per token: a faster point of it, or",
             "time-sharing two of its points. Random token ids drive the timings; routing on them differs from",
             "text, so decode times here do not depend on what is decoded.", ""]
     for res in all_results:
