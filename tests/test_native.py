@@ -129,23 +129,15 @@ def test_grouped_form_adds_each_pairs_weighted_stand_in(hidden, rank):
 
 
 @needs_kernel
-def test_grouped_form_refuses_a_bad_slot_before_adding_any():
+@pytest.mark.parametrize("form", ["add_dropped_native_rows", "add_dropped_native_grouped"])
+def test_many_rows_refuse_a_bad_slot_in_any_row_before_adding_to_any(form):
+    """A dropped slot beyond the tables in the last row: an error, and no row has been added to (token by token
+    and grouped by expert)."""
     stand_ins = half_grid_stand_ins(4, 16, 4)
     slots = torch.tensor([[4 + 1, 0]] * 5 + [[4 + 4, 0]])  # [6, 2]: row 5 names expert 4 of 4
     result = torch.zeros(6, 16)
     with pytest.raises(RuntimeError, match="names no expert of 4"):
-        stand_ins.add_dropped_native_grouped(result, torch.ones(6, 16), slots, torch.full((6, 2), 0.5), 4)
-    assert not result.any()
-
-
-@needs_kernel
-def test_many_rows_refuse_a_bad_slot_in_any_row_before_adding_to_any():
-    """A dropped slot beyond the tables in the last row: an error, and no row has been added to."""
-    stand_ins = half_grid_stand_ins(4, 16, 4)
-    slots = torch.tensor([[4 + 1, 0]] * 5 + [[4 + 4, 0]])  # [6, 2]: row 5 names expert 4 of 4
-    result = torch.zeros(6, 16)
-    with pytest.raises(RuntimeError, match="names no expert of 4"):
-        stand_ins.add_dropped_native_rows(result, torch.ones(6, 16), slots, torch.full((6, 2), 0.5), 4)
+        getattr(stand_ins, form)(result, torch.ones(6, 16), slots, torch.full((6, 2), 0.5), 4)
     assert not result.any()
 
 
