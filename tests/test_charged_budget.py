@@ -204,3 +204,35 @@ def plan_profile_without_costs(profile):
                                layers=tuple(dataclasses.replace(layer, expert_multiply_adds=None,
                                                                 stand_in_sensitivity=None)
                                             for layer in profile.layers))
+
+
+def test_the_alloc_l_ablation_keeps_stand_ins_and_changes_only_the_per_layer_choice(compiled):
+    """docs/results.md's "−Alloc-L" row: the default with one (k, stand-in rank) for every layer, at the same charged
+    budget, so it measures the per-layer choice alone (it once dropped the stand-ins too)."""
+    from allocplan.evaluation.study import ABLATIONS, variant_plan
+    from allocplan.formats.config import RefineConfig, RoutingConfig
+    from allocplan.planner.solve import charged_work
+
+    model, plan, profile = compiled
+    allocation, no_plan = variant_plan(model, None, {"default": profile}, 0.5, RoutingConfig(), RefineConfig(),
+                                       256, ABLATIONS["allocplan −Alloc-L"])
+    assert no_plan is None
+    ks = [entry.planned_k for entry in allocation.layers]
+    ranks = [entry.stand_in_rank for entry in allocation.layers]
+    assert len(set(ks)) == 1 and len(set(ranks)) == 1
+    budget = plan.budget.total_activations  # B = round(0.5 * 4 layers * top-4) = 8
+    assert sum(charged_work(profile, ks, ranks)) <= budget + 1e-9
+    # No other single option within the budget has a smaller summed S.
+    chosen = sum(layer.sensitivity[ks[0]] if ranks[0] is None else layer.stand_in_sensitivity[ranks[0]][ks[0]]
+                 for layer in profile.layers)
+    searched = 0
+    for k in range(1, 5):
+        for rank in (None, 0, 9, 19):
+            option_ranks = [None if k == 4 else rank] * len(ks)
+            if sum(charged_work(profile, [k] * len(ks), option_ranks)) > budget + 1e-9:
+                continue
+            cost = sum(layer.sensitivity[k] if r is None else layer.stand_in_sensitivity[r][k]
+                       for layer, r in zip(profile.layers, option_ranks))
+            assert chosen <= cost + 1e-12
+            searched += 1
+    assert searched >= 3  # k = 1 with each rank, k = 2 without: more than the chosen one was in reach

@@ -232,7 +232,9 @@ def defaults_lines(all_results: list[dict]) -> list[str]:
                 "allocplan −drop order": ("drop order", "on", "off (drop by router score alone)"),
                 REFINE_LABEL: ("refinement", "on" if REFINE_DEFAULT else "off", "off" if REFINE_DEFAULT else "on"),
                 "allocplan −Alloc-T": ("token-level allocation", "on", "off"),
-                "allocplan −Alloc-L": ("layer allocation", "DP + refinement" if REFINE_DEFAULT else "DP", "uniform k"),
+                "allocplan −Alloc-L": ("layer allocation", "DP over (k, r) per layer" + (" + refinement" if REFINE_DEFAULT
+                                                                                       else ""),
+                                       "one (k, r) for every layer, same charged budget"),
                 "allocplan −deploy profiling": ("profiling", "with treatments in place", "plain, treatments added after")}
     rejected = []
     for label, (element, ours, other) in settings.items():
@@ -479,8 +481,9 @@ def frontier_lines(all_results: list[dict], plot: str | None) -> list[str]:
             "speed-up over the untouched model (geometric mean of the per-round ratios; > 1 is faster). *Added*",
             "is the memory the applied plan holds beyond the model's weights (its stand-ins' tensors: the factors",
             "once, in half precision where the native kernel serves them), with its share of the routed experts'",
-            "weights. Each time verdict compares a default point with the best a baseline curve reaches in the same time per token: a faster point of it, or",
-            "time-sharing two of its points. Random token ids drive the timings; routing on them differs from",
+            "weights. Each time verdict compares a default point with the best a baseline curve reaches in the",
+            "same time per token: a faster point of it, or time-sharing two of its points. Random token ids drive",
+            "the timings; routing on them differs from",
             "text, so decode times here do not depend on what is decoded.", ""]
     for res in all_results:
         windows = common_windows(res)

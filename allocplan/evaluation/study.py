@@ -55,7 +55,7 @@ ABLATIONS = {
     "allocplan −drop order": {"profile": "no-order"},
     REFINE_LABEL: {"refine": not REFINE_DEFAULT},
     "allocplan −Alloc-T": {"token_level": False},
-    "allocplan −Alloc-L": {"uniform": True},
+    "allocplan −Alloc-L": {"single_option": True},
     "allocplan −deploy profiling": {"profile": "deploy-less"},
 }
 # allocplan's default with each sequence its own Alloc-T budget (batch-invariant outputs), in every mode.
@@ -230,14 +230,15 @@ def method_policy(model: Any, method: str, budget: float, plain_profile: Any, th
 def variant_plan(model: Any, tokenizer: Any, profiles: dict, budget: float, routing: RoutingConfig,
                  refine: RefineConfig, calib_tokens: int, variant: dict) -> tuple[Any, Any]:
     """(allocation, plan) of allocplan's default with one element changed by ``variant`` (``ABLATIONS``'
-    values, or ``{}`` for the default itself; the plan is None for the uniform-k variant)."""
+    values, or ``{}`` for the default itself; the plan is None for the single-option variant)."""
     profile = profiles[variant.get("profile", "default")]
     plan_routing = dataclasses.replace(routing, token_level=variant.get("token_level", routing.token_level),
                                        scope=variant.get("scope", routing.scope))
+    if variant.get("single_option"):
+        # Every element of the default but the per-layer choice: one (k, stand-in rank) for every layer, the
+        # best the profile finds within the same charged budget (stand-ins and treatments included).
+        return single_option_allocation(profile, budget, plan_routing), None
     plan = solve_profile(profile, budget, plan_routing)
-    if variant.get("uniform"):
-        uniform_ks = build_policy(model, "alloc-t", budget).allocation
-        return allocation_from_profile(profile, [e.planned_k for e in uniform_ks.layers], plan_routing), None
     if variant.get("refine", refine.refine):
         plan = refined(model, tokenizer, plan, profile, dataclasses.replace(
             PROFILE_VARIANTS["default"], calib_tokens=calib_tokens), plan_routing, refine)
