@@ -24,6 +24,7 @@ Registered under the name ``allocplan_ragged``; ``apply_plan`` selects it with
 
 from __future__ import annotations
 
+import itertools
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -365,6 +366,8 @@ class ActivePairs:
     expert_ids: torch.Tensor
     offsets: torch.Tensor
     counts: torch.Tensor
+    # The experts that have rows, where the grouping already counted them in Python (few_active_pairs).
+    active_experts: int | None = None
 
     def groups(self) -> list[tuple[int, int, int]]:
         """(expert, first row, end row) of every expert that has rows, in row order."""
@@ -384,7 +387,8 @@ class ActivePairs:
         """
         if self.tokens.device.type != "cpu":
             return False
-        return int((self.counts > 0).sum()) * _LOOP_WHEN_ACTIVE_FRACTION_BELOW <= self.counts.numel()
+        active = self.active_experts if self.active_experts is not None else int((self.counts > 0).sum())
+        return active * _LOOP_WHEN_ACTIVE_FRACTION_BELOW <= self.counts.numel()
 
 
 def active_pairs(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int) -> ActivePairs:
@@ -401,6 +405,47 @@ def active_pairs(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_exp
         expert_ids=expert_ids,
         offsets=torch.cumsum(counts, 0, dtype=torch.int32),
         counts=counts,
+    )
+
+
+# Up to this many tokens in a forward on CPU, ``active_pairs`` groups the pairs in Python on the slots read back
+# (batched decode): a few dozen slots, where the general form's nine small ops each pay their fixed cost.
+_FEW_TOKENS = 16
+
+
+def grouped_pairs(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int) -> ActivePairs:
+    """``active_pairs``, through its short form for a few tokens on CPU where that may run."""
+    if (1 < top_k_index.shape[0] <= _FEW_TOKENS and top_k_index.device.type == "cpu"
+            and fast_paths().few_token_pairs and not top_k_weights.requires_grad):
+        return few_active_pairs(top_k_index, top_k_weights, num_experts)
+    return active_pairs(top_k_index, top_k_weights, num_experts)
+
+
+def few_active_pairs(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int) -> ActivePairs:
+    """``active_pairs`` for a few tokens on CPU, grouped in Python on the slots read back: the same tensors.
+
+    Python's sort is stable, as the general form's ``torch.sort(stable=True)``, so the pairs of one expert
+    keep their slot order; the weights come back through their Python values, exact for every float dtype.
+    """
+    num_slots = top_k_index.shape[1]
+    flat = top_k_index.reshape(-1).tolist()  # [T*K]
+    slots = sorted((slot for slot, expert in enumerate(flat) if expert < num_experts), key=flat.__getitem__)
+    counts = [0] * num_experts
+    for slot in slots:
+        counts[flat[slot]] += 1
+    weights = top_k_weights.reshape(-1).tolist()  # [T*K]
+    device = top_k_index.device
+    # tokens and expert ids in one tensor, viewed apart: one construction instead of two.
+    both = torch.tensor([slot // num_slots for slot in slots] + [flat[slot] for slot in slots] + counts,
+                        dtype=torch.int64, device=device)  # [P + P + E]
+    size = len(slots)
+    return ActivePairs(
+        tokens=both[:size],
+        weights=torch.tensor([weights[slot] for slot in slots], dtype=top_k_weights.dtype, device=device),
+        expert_ids=both[size : 2 * size],
+        offsets=torch.tensor(list(itertools.accumulate(counts)), dtype=torch.int32, device=device),
+        counts=both[2 * size :],
+        active_experts=sum(count > 0 for count in counts),
     )
 
 
@@ -466,7 +511,9 @@ def _group_the_stand_ins(stand_ins: StandIns, dropped: int, num_experts: int) ->
     """
     if dropped < num_experts:
         return False
-    pair_bytes = (stand_ins.down[0].numel() + stand_ins.up[0].numel()) * stand_ins.down.element_size()
+    # In the precision ``rows`` copies them: one copy's half tables are widened to the stand-ins' compute dtype.
+    copied = stand_ins.bias if stand_ins._padded is None else stand_ins.down
+    pair_bytes = (stand_ins.down[0].numel() + stand_ins.up[0].numel()) * copied.element_size()
     return dropped * pair_bytes > _STAND_IN_COPY_BYTES
 
 
@@ -519,7 +566,7 @@ def ragged_experts_forward(
     if (hidden_states.shape[0] == 1 and hidden_states.device.type == "cpu" and not torch.is_grad_enabled()
             and fast_paths().one_token_experts):
         return _one_token_experts(self, hidden_states, top_k_index, top_k_weights)
-    pairs = active_pairs(top_k_index, top_k_weights, self.num_experts)
+    pairs = grouped_pairs(top_k_index, top_k_weights, self.num_experts)
     rows = hidden_states[pairs.tokens]  # [P, H]
     if pairs.use_loop():
         out = _looped_experts(self, rows, pairs)  # [P, H]
@@ -638,7 +685,7 @@ class RaggedDbrxExperts(torch.nn.Module):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         shape = hidden_states.shape
         flat = hidden_states.reshape(-1, self.hidden_size)  # [T, H]
-        pairs = active_pairs(top_k_index, top_k_weights, self.num_experts)
+        pairs = grouped_pairs(top_k_index, top_k_weights, self.num_experts)
         split = (self.num_experts, self.ffn_hidden_size, self.hidden_size)
         rows = flat[pairs.tokens]  # [P, H]
         w1, v1, w2 = self.mlp.w1.view(split), self.mlp.v1.view(split), self.mlp.w2.view(split)

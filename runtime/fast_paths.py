@@ -39,6 +39,10 @@ class FastPaths:
             tokens' linear stand-ins through it token by token (small-batch decode).
         few_tokens_keep: on CPU, Alloc-T's selection over a few tokens (batched decode) in Python on
             the scores read back, instead of the general form's small tensor ops.
+        native_few_tokens_keep: that selection in one call of the native kernel (runtime/native.py) where it
+            can run, with the same decisions as the Python form.
+        few_token_pairs: on CPU, a few tokens' pairs grouped by expert in Python on the slots read back
+            (runtime/experts.py, ``few_active_pairs``), instead of the general form's small tensor ops.
         many_token_stand_ins: on CPU, more than a few tokens' linear stand-ins through the native kernel's
             grouped form (prefill; runtime/experts.py), which reads each row of an expert's half-precision
             factors once per block of its pairs. The planner switches it off: profiles and stand-ins keep the
@@ -55,6 +59,8 @@ class FastPaths:
     stand_in_loop: bool = True
     native_kernel: bool = True
     few_tokens_keep: bool = True
+    native_few_tokens_keep: bool = True
+    few_token_pairs: bool = True
     many_token_stand_ins: bool = True
     one_copy_stand_ins: bool = True
 

@@ -10,6 +10,11 @@ together, and adds the weighted stand-ins in one call (``StandIns.add_dropped_na
 which takes the dropped pairs sorted by expert and reads each row of an expert's factors once for a
 block of 4 of its pairs, with their accumulators in registers (``StandIns.add_dropped_native_grouped``).
 
+The same library holds batched decode's routing step (``native/alloc_t_few.c``): Alloc-T's selection over a few
+tokens and the rewrite of their routing, each one call where the Python and torch forms pay a fixed cost per
+number or per op (``routing_rules.alloc_t_keep_few_native``, ``routing_rules.rewrite_few_native``). They only
+compare, copy and multiply by the gain, so their results are those forms' bit for bit.
+
 The kernel is an optimisation, never a requirement. It is built with the system C compiler into a
 per-user cache, once per source and compiler, and used only on x86-64 Linux CPUs with AVX2, FMA and
 F16C. Anywhere else, or when the build fails, or with ``ALLOCPLAN_NATIVE=0``, the torch loop
@@ -31,6 +36,9 @@ from pathlib import Path
 from typing import Callable
 
 SOURCE = Path(__file__).with_name("native") / "standins_f16.c"
+# Compiled into the same library: Alloc-T's selection over a few tokens (``alloc_t_few``, batched decode).
+ROUTING_SOURCE = Path(__file__).with_name("native") / "alloc_t_few.c"
+SOURCES = (SOURCE, ROUTING_SOURCE)
 # Only the instruction sets the kernel uses, not -march=native: the cached library must run on any CPU
 # that passes _cpu_supported, whichever machine built it.
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-shared")
@@ -85,7 +93,8 @@ def _writable_cache() -> Path | None:
 def _build(compiler: str, folder: Path) -> Path:
     """The compiled library in ``folder``, from there when this source was built with this compiler before."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256(SOURCE.read_bytes() + "\0".join((compiler, version, *FLAGS)).encode()).hexdigest()[:16]
+    sources = b"\0".join(source.read_bytes() for source in SOURCES)
+    key = hashlib.sha256(sources + "\0".join((compiler, version, *FLAGS)).encode()).hexdigest()[:16]
     library = folder / f"standins_f16-{key}.so"
     if library.exists():
         return library
@@ -93,8 +102,8 @@ def _build(compiler: str, folder: Path) -> Path:
     handle, partial = tempfile.mkstemp(dir=folder, prefix=".building-", suffix=".so")
     os.close(handle)
     try:
-        done = subprocess.run([compiler, *FLAGS, "-o", partial, str(SOURCE)], capture_output=True, text=True,
-                              timeout=_BUILD_TIMEOUT_S)
+        done = subprocess.run([compiler, *FLAGS, "-o", partial, *map(str, SOURCES)], capture_output=True,
+                              text=True, timeout=_BUILD_TIMEOUT_S)
         if done.returncode != 0:
             raise OSError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "compiler failed")
         os.replace(partial, library)
@@ -107,9 +116,10 @@ def _build(compiler: str, folder: Path) -> Path:
 @functools.lru_cache(maxsize=None)
 def standins_kernel() -> Callable[..., int] | None:
     """The kernel's entry point (``allocplan_add_dropped_f16``, arguments as in the C source; its ``rows``
-    attribute the few-token form, its ``grouped`` attribute the grouped form), or None where it cannot run here (module docstring). Built and loaded
-    once per process."""
-    if os.environ.get(ENV_SWITCH, "1") == "0" or not SOURCE.exists() or not _cpu_supported():
+    attribute the few-token form, its ``grouped`` attribute the grouped form, its ``alloc_t_few`` attribute
+    Alloc-T's selection over a few tokens), or None where it cannot run here (module docstring). Built and
+    loaded once per process."""
+    if os.environ.get(ENV_SWITCH, "1") == "0" or not all(map(Path.exists, SOURCES)) or not _cpu_supported():
         return None
     compiler = _compiler()
     if compiler is None:
@@ -145,4 +155,15 @@ def standins_kernel() -> Callable[..., int] | None:
     grouped.argtypes = rows.argtypes
     grouped.restype = i64
     function.grouped = grouped
+    # Alloc-T's selection over a few tokens (``allocplan_alloc_t_few``: tokens, k, scores, weights, indices, real,
+    # total pairs, k_base, sorted weights out, sorted indices out, keep out), decision for decision routing_rules'
+    # Python form, and the routing rewrite that follows it (``allocplan_rewrite_few``).
+    alloc_t_few = library.allocplan_alloc_t_few
+    alloc_t_few.argtypes = [i64, i64, pointer, pointer, pointer, pointer, i64, i64, pointer, pointer, pointer]
+    alloc_t_few.restype = i64
+    function.alloc_t_few = alloc_t_few
+    rewrite_few = library.allocplan_rewrite_few
+    rewrite_few.argtypes = [i64, i64, pointer, pointer, pointer, pointer, ctypes.c_float, i64, i64, pointer, pointer]
+    rewrite_few.restype = None
+    function.rewrite_few = rewrite_few
     return function

@@ -66,6 +66,7 @@ class RoutingDecision:
         indices: [T, k_max] the candidates' experts, sorted by selection score per token.
         real: [T] the tokens that are not padding.
         first: n where ``keep`` is known to hold each token's first n candidates (one token alone), else None.
+        native: whether the native kernel made the selection (a few tokens), so that it may also rewrite.
     """
 
     keep: torch.Tensor
@@ -73,6 +74,7 @@ class RoutingDecision:
     indices: torch.Tensor
     real: torch.Tensor
     first: int | None = None
+    native: bool = False
 
 
 class LayerRouting:
@@ -190,7 +192,9 @@ class LayerRouting:
         if single:
             real = self._cached("real", indices.device, lambda: torch.ones(1, dtype=torch.bool, device=indices.device))
         elif real is None or real.numel() != num_tokens:
-            real = torch.ones(num_tokens, dtype=torch.bool, device=indices.device)  # [T]
+            # Shared and never written, like the batch-1 one: batched decode asks for it in every layer and step.
+            real = self._cached(f"real-{num_tokens}", indices.device,
+                                lambda: torch.ones(num_tokens, dtype=torch.bool, device=indices.device))  # [T]
         selection = self.selection(router, logits)  # [T, E]
         if self.drop_order is not None:
             ranked = rules.rank_by_drop_order(selection, self.drop_order, self.signed_selection)  # [T, E]
@@ -198,8 +202,13 @@ class LayerRouting:
         else:
             scores = selection.gather(-1, indices)  # [T, k_max]
         few = None  # a few tokens' sorted scores as lists, where their selection runs in Python
+        native_few = None  # (keep [T, k_max], pairs kept), where the native kernel made that selection
+        real_list = None
         if single and indices.device.type == "cpu":
             weights, indices = rules.sort_one_token(scores, weights, indices)  # the short form needs no scores
+        elif self._few_tokens(num_tokens, indices.device) and fast_paths().native_few_tokens_keep and (
+                selected := self._native_few(scores, weights, indices, real, count)) is not None:
+            weights, indices, native_few, real_list = selected
         elif self._few_tokens(num_tokens, indices.device) and (
                 sorted_few := rules.sort_few_tokens(scores, weights, indices)) is not None:
             few, weights, indices = sorted_few
@@ -214,12 +223,15 @@ class LayerRouting:
             # Per-expert multipliers are applied after normalisation: undo them, reweight, redo.
             expert_scale = getattr(router, self.expert_scale_attr)[indices].float()  # [T, k_max]
             weights = weights.float() / torch.where(expert_scale == 0, 1.0, expert_scale)
-        real_list = real.tolist() if few is not None else None
+        if few is not None:
+            real_list = real.tolist()
         real_tokens = 1 if single else sum(real_list) if real_list is not None else int(real.sum())
         # prefer: active: the remaining pairs go first to experts already running in the pool.
         prefer = {"indices": indices, "num_experts": self.num_experts} if self.prefer_active else {}
         if single:
             keep, kept_pairs = self._single_token_keep(indices, count)  # [1, k_max], n
+        elif native_few is not None:
+            keep, kept_pairs = native_few
         elif few is not None:
             pairs = rules.pairs_for(self.k, real_tokens, self.ledger if count else None)
             pairs = max(self.k_base * real_tokens, min(pairs, self.k_max * real_tokens))
@@ -246,10 +258,29 @@ class LayerRouting:
         if expert_scale is not None:
             normalized = normalized * expert_scale
         if count:
-            self.counter.pairs += kept_pairs if single or few is not None else int(keep.sum())
+            counted_already = single or few is not None or native_few is not None
+            self.counter.pairs += kept_pairs if counted_already else int(keep.sum())
             self.counter.tokens += real_tokens
         return RoutingDecision(keep=keep, weights=normalized, indices=indices, real=real,
-                               first=kept_pairs if single else None)
+                               first=kept_pairs if single else None, native=native_few is not None)
+
+    def _native_few(self, scores: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, real: torch.Tensor,
+                    count: bool) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, int], list[bool]] | None:
+        """The few-token selection through the native kernel (``rules.alloc_t_keep_few_native``): (weights,
+        indices sorted by score, (keep [T, k_max], pairs kept), the real tokens as a list), or None where it
+        cannot serve the call, with the decode ledger as it was."""
+        real_list = real.tolist()
+        real_tokens = sum(real_list)
+        ledger = self.ledger if count else None
+        before = (self.ledger.forwards, self.ledger.pairs)
+        pairs = rules.pairs_for(self.k, real_tokens, ledger)
+        pairs = max(self.k_base * real_tokens, min(pairs, self.k_max * real_tokens))
+        selected = rules.alloc_t_keep_few_native(scores, weights, indices, real, pairs, self.k_base)
+        if selected is None:
+            self.ledger.forwards, self.ledger.pairs = before  # the fallback counts this forward itself
+            return None
+        new_weights, new_indices, keep, kept = selected
+        return new_weights, new_indices, (keep, kept), real_list
 
     def _few_tokens(self, num_tokens: int, device: torch.device) -> bool:
         """Whether this forward's Alloc-T selection can run in Python (``rules.alloc_t_keep_few``): a few
@@ -345,6 +376,10 @@ class LayerRouting:
         decision = self.decide(router, logits, weights, indices)
         if decision.first is not None:
             new_weights, new_indices = self._rewrite_first(decision)
+        elif decision.native and (rewritten := rules.rewrite_few_native(
+                decision.keep, decision.weights, decision.indices, decision.real, self.gain, self.compensated,
+                self.num_experts)) is not None:
+            new_weights, new_indices = rewritten
         else:
             keep, normalized = decision.keep, decision.weights
             kept = normalized * self.gain if self.gain != 1.0 else normalized

@@ -25,6 +25,8 @@ import torch
 
 from allocplan.formats.budget import round_half_up
 
+from .native import standins_kernel
+
 
 def as_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``tensor.to(dtype)``, skipping the dispatch when it already is (batch-1 decode pays for every op)."""
@@ -184,6 +186,62 @@ def alloc_t_keep_few(values: list[list[float]], real: list[bool], total_pairs: i
     return keep, sum(sum(row) for row in keep)
 
 
+def alloc_t_keep_few_native(scores: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, real: torch.Tensor,
+                            total_pairs: int, k_base: int
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
+    """:func:`sort_few_tokens` and :func:`alloc_t_keep_few` in one call of the native kernel (runtime/native.py,
+    ``alloc_t_few``): (weights [T, K], indices [T, K] sorted by score, the keep mask [T, K], the pairs kept), the
+    same decisions; None where the kernel cannot serve the call (not built, not float32, a score not finite).
+
+    At batch 8 the Python form's lists and the tensors built from them cost more than a bundled reference's
+    layer saves on its experts; the kernel only compares, orders and copies the same numbers, so what follows
+    from its decision is the Python form's result bit for bit.
+
+    Args:
+        scores: [T, K] float32 selection scores of each token's candidates, in the router's slot order.
+        weights: [T, K] float32 router weights; indices: [T, K] int64 experts, in the same order.
+        real: [T] bool, the tokens that are not padding.
+    """
+    kernel = standins_kernel()
+    if (kernel is None or scores.dtype != torch.float32 or weights.dtype != torch.float32
+            or indices.dtype != torch.int64 or real.dtype != torch.bool or scores.device.type != "cpu"
+            or scores.dim() != 2 or weights.shape != scores.shape or indices.shape != scores.shape):
+        return None
+    scores, weights, indices, real = scores.contiguous(), weights.contiguous(), indices.contiguous(), real.contiguous()
+    tokens, width = scores.shape
+    sorted_weights = torch.empty(tokens, width, dtype=torch.float32)  # [T, K]
+    sorted_indices = torch.empty(tokens, width, dtype=torch.int64)  # [T, K]
+    keep = torch.empty(tokens, width, dtype=torch.bool)  # [T, K], written as bytes 0 and 1
+    kept = kernel.alloc_t_few(tokens, width, scores.data_ptr(), weights.data_ptr(), indices.data_ptr(),
+                              real.data_ptr(), total_pairs, k_base, sorted_weights.data_ptr(),
+                              sorted_indices.data_ptr(), keep.data_ptr())
+    if kept == -1:
+        return None
+    if kept < 0:
+        raise MemoryError("native Alloc-T selection: no memory for its scratch")
+    return sorted_weights, sorted_indices, keep, kept
+
+
+def rewrite_few_native(keep: torch.Tensor, normalized: torch.Tensor, indices: torch.Tensor, real: torch.Tensor,
+                       gain: float, compensated: bool, num_experts: int
+                       ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The rewritten routing (weights [T, K] float32, indices [T, K]) of a few tokens in one call of the native
+    kernel (``rewrite_few``), bit for bit ``LayerRouting.rewrite``'s torch form; None where it cannot serve."""
+    kernel = standins_kernel()
+    if (kernel is None or normalized.dtype != torch.float32 or keep.dtype != torch.bool
+            or indices.dtype != torch.int64 or real.dtype != torch.bool or normalized.device.type != "cpu"
+            or normalized.shape != keep.shape or indices.shape != keep.shape):
+        return None
+    keep, normalized = keep.contiguous(), normalized.contiguous()
+    indices, real = indices.contiguous(), real.contiguous()
+    new_weights = torch.empty(keep.shape, dtype=torch.float32)  # [T, K]
+    new_indices = torch.empty(keep.shape, dtype=torch.int64)  # [T, K]
+    kernel.rewrite_few(keep.shape[0], keep.shape[1], keep.data_ptr(), normalized.data_ptr(), indices.data_ptr(),
+                       real.data_ptr(), gain, int(compensated), num_experts, new_weights.data_ptr(),
+                       new_indices.data_ptr())
+    return new_weights, new_indices
+
+
 def alloc_t_keep_grouped(scores: torch.Tensor, real: torch.Tensor, groups: torch.Tensor, pairs: torch.Tensor,
                          k_base: int, indices: torch.Tensor | None = None, num_experts: int = 0) -> torch.Tensor:
     """[T, K] mask of the pairs Alloc-T runs when tokens pool their budget only within groups.
@@ -260,6 +318,12 @@ def normalize_weights(
     w = as_dtype(weights, torch.float32)  # [T, K]
     if mode == "none" or (mode == "model" and norm_order is None):
         return w
+    if mode == "decoupled":
+        top = w[:, :reference_k] if reference_scores is None else w.gather(
+            -1, torch.topk(reference_scores, reference_k, dim=-1).indices)  # [T, reference_k]
+        reference = top.sum(-1, keepdim=True).clamp_min(1e-30)  # [T, 1]
+        # x * 1.0 is x in IEEE arithmetic: the common scale of 1 costs no op (one per layer and step in decode).
+        return w / reference * scale if scale != 1.0 else w / reference
     kept = torch.where(keep, w, 0.0)  # [T, K]
     if mode == "model":
         full_norm = torch.linalg.vector_norm(w, ord=norm_order, dim=-1, keepdim=True)  # [T, 1]
@@ -267,11 +331,6 @@ def normalize_weights(
         return w * (full_norm / kept_norm)
     if mode == "renorm":
         return w / kept.sum(-1, keepdim=True).clamp_min(1e-30) * scale
-    if mode == "decoupled":
-        top = w[:, :reference_k] if reference_scores is None else w.gather(
-            -1, torch.topk(reference_scores, reference_k, dim=-1).indices)  # [T, reference_k]
-        reference = top.sum(-1, keepdim=True).clamp_min(1e-30)  # [T, 1]
-        return w / reference * scale
     raise ValueError(f"unknown renormalisation mode {mode!r}")
 
 

@@ -281,7 +281,8 @@ FOUR_PROMPTS = torch.randint(1, 128, (4, 5), generator=torch.Generator().manual_
 @pytest.mark.parametrize("family", FAMILIES)
 def test_few_tokens_decode_equals_the_general_rewrite(family, monkeypatch):
     """Batch-4 decode with Alloc-T: the few-token selection in Python gives the general rewrite's logits bit
-    for bit and the same counted pairs, and it ran at every step of every layer."""
+    for bit and the same counted pairs, and it ran at every step of every layer (the native kernel's form, which
+    would otherwise take its place, is switched off; tests/test_few_token_native.py compares it with this one)."""
     import allocplan.runtime.routing_rules as rules
 
     model = build_tiny_model(family)
@@ -293,7 +294,7 @@ def test_few_tokens_decode_equals_the_general_rewrite(family, monkeypatch):
     monkeypatch.setattr(rules, "alloc_t_keep_few", lambda *args: taken.append(1) or few(*args))
     runs = {}
     for fast in (False, True):
-        with using_fast_paths(few_tokens_keep=fast), apply_plan(model, plan) as handle:
+        with using_fast_paths(few_tokens_keep=fast, native_few_tokens_keep=False), apply_plan(model, plan) as handle:
             logits = greedy_step_logits(model, FOUR_PROMPTS, 3)
             runs[fast] = (logits, {p: (c.pairs, c.tokens) for p, c in handle.counters().items()})
     assert torch.equal(runs[True][0], runs[False][0]) and runs[True][1] == runs[False][1]

@@ -214,6 +214,8 @@ def test_installed_package_ships_the_kernel_source():
     data), or the kernel silently never runs for pip users."""
     source = native.SOURCE.read_text() if native.SOURCE.is_file() else ""
     assert "int64_t allocplan_add_dropped_f16(" in source and "int64_t allocplan_add_dropped_f16_rows(" in source
+    routing = native.ROUTING_SOURCE.read_text() if native.ROUTING_SOURCE.is_file() else ""
+    assert "int64_t allocplan_alloc_t_few(" in routing and "void allocplan_rewrite_few(" in routing
     if CAN_BUILD:
         assert standins_kernel() is not None
 

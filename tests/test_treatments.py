@@ -410,6 +410,13 @@ def test_stand_ins_are_grouped_once_their_copy_passes_two_mib():
     big = StandIns(torch.zeros(8, 512), torch.zeros(8, 512, 100), torch.zeros(8, 100, 512))
     assert not _group_the_stand_ins(big, 7, 8)
     assert _group_the_stand_ins(big, 8, 8)  # 3.3 MB
+    # Held once in half precision (where the kernel serves them), the copy is still made in float32: the same
+    # 74 pairs, not twice as many.
+    once = StandIns(torch.zeros(16, 128), torch.zeros(16, 128, 28), torch.zeros(16, 28, 128), one_copy=True)
+    if once._padded is None:  # the kernel built its half tables
+        assert once.down.dtype == torch.float16
+        assert not _group_the_stand_ins(once, 73, 16)
+        assert _group_the_stand_ins(once, 74, 16)
 
 
 def test_sidecar_mismatch_missing_and_wrong_shape(tmp_path):
