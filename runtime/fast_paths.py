@@ -39,8 +39,8 @@ class FastPaths:
             tokens' linear stand-ins through it token by token (small-batch decode).
         few_tokens_keep: on CPU, Alloc-T's selection over a few tokens (batched decode) in Python on
             the scores read back, instead of the general form's small tensor ops.
-        native_few_tokens_keep: that selection in one call of the native kernel (runtime/native.py) where it
-            can run, with the same decisions as the Python form.
+        native_few_tokens_keep: that selection, and the rewrite of a few tokens' routing, each in one call of
+            the native kernel (runtime/native.py) where it can run, with the Python and torch forms' results.
         few_token_pairs: on CPU, a few tokens' pairs grouped by expert in Python on the slots read back
             (runtime/experts.py, ``few_active_pairs``), instead of the general form's small tensor ops.
         many_token_stand_ins: on CPU, more than a few tokens' linear stand-ins through the native kernel's

@@ -66,7 +66,6 @@ class RoutingDecision:
         indices: [T, k_max] the candidates' experts, sorted by selection score per token.
         real: [T] the tokens that are not padding.
         first: n where ``keep`` is known to hold each token's first n candidates (one token alone), else None.
-        native: whether the native kernel made the selection (a few tokens), so that it may also rewrite.
     """
 
     keep: torch.Tensor
@@ -74,7 +73,6 @@ class RoutingDecision:
     indices: torch.Tensor
     real: torch.Tensor
     first: int | None = None
-    native: bool = False
 
 
 class LayerRouting:
@@ -233,8 +231,7 @@ class LayerRouting:
         elif native_few is not None:
             keep, kept_pairs = native_few
         elif few is not None:
-            pairs = rules.pairs_for(self.k, real_tokens, self.ledger if count else None)
-            pairs = max(self.k_base * real_tokens, min(pairs, self.k_max * real_tokens))
+            pairs = self._forward_pairs(real_tokens, count)
             rows, kept_pairs = rules.alloc_t_keep_few(few, real_list, pairs, self.k_base)
             keep = torch.tensor(rows, device=indices.device)  # [T, k_max]
         elif self.token_selector is not None:
@@ -245,9 +242,7 @@ class LayerRouting:
                 and self.context.shape[0] > 1:
             keep = self._keep_by_sequence(scores, real, count, prefer)  # [T, k_max]
         elif self.token_level:
-            ledger = self.ledger if count else None
-            pairs = rules.pairs_for(self.k, real_tokens, ledger)
-            pairs = max(self.k_base * real_tokens, min(pairs, self.k_max * real_tokens))
+            pairs = self._forward_pairs(real_tokens, count)
             keep = rules.alloc_t_keep(scores, real, pairs, self.k_base, **prefer)  # [T, k_max]
         else:
             keep = rules.uniform_keep(real, indices.shape[1], int(self.k))  # [T, k_max]
@@ -262,7 +257,7 @@ class LayerRouting:
             self.counter.pairs += kept_pairs if counted_already else int(keep.sum())
             self.counter.tokens += real_tokens
         return RoutingDecision(keep=keep, weights=normalized, indices=indices, real=real,
-                               first=kept_pairs if single else None, native=native_few is not None)
+                               first=kept_pairs if single else None)
 
     def _native_few(self, scores: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, real: torch.Tensor,
                     count: bool) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, int], list[bool]] | None:
@@ -271,16 +266,20 @@ class LayerRouting:
         cannot serve the call, with the decode ledger as it was."""
         real_list = real.tolist()
         real_tokens = sum(real_list)
-        ledger = self.ledger if count else None
         before = (self.ledger.forwards, self.ledger.pairs)
-        pairs = rules.pairs_for(self.k, real_tokens, ledger)
-        pairs = max(self.k_base * real_tokens, min(pairs, self.k_max * real_tokens))
+        pairs = self._forward_pairs(real_tokens, count)
         selected = rules.alloc_t_keep_few_native(scores, weights, indices, real, pairs, self.k_base)
         if selected is None:
             self.ledger.forwards, self.ledger.pairs = before  # the fallback counts this forward itself
             return None
         new_weights, new_indices, keep, kept = selected
         return new_weights, new_indices, (keep, kept), real_list
+
+    def _forward_pairs(self, real_tokens: int, count: bool) -> int:
+        """Pairs this forward's pool runs: round(k T) (the ledger's count for one real token, when counting),
+        at least k_base and at most k_max for each real token."""
+        pairs = rules.pairs_for(self.k, real_tokens, self.ledger if count else None)
+        return max(self.k_base * real_tokens, min(pairs, self.k_max * real_tokens))
 
     def _few_tokens(self, num_tokens: int, device: torch.device) -> bool:
         """Whether this forward's Alloc-T selection can run in Python (``rules.alloc_t_keep_few``): a few
@@ -376,9 +375,11 @@ class LayerRouting:
         decision = self.decide(router, logits, weights, indices)
         if decision.first is not None:
             new_weights, new_indices = self._rewrite_first(decision)
-        elif decision.native and (rewritten := rules.rewrite_few_native(
+        elif (fast_paths().native_few_tokens_keep and 1 < decision.keep.shape[0] <= rules.FEW_TOKENS
+              and (rewritten := rules.rewrite_few_native(
                 decision.keep, decision.weights, decision.indices, decision.real, self.gain, self.compensated,
-                self.num_experts)) is not None:
+                self.num_experts)) is not None):
+            # A few tokens' rewrite in one native call: the torch form's result for any mask and weights.
             new_weights, new_indices = rewritten
         else:
             keep, normalized = decision.keep, decision.weights
