@@ -9,6 +9,16 @@ Strategies fix what the other layers do meanwhile:
 * ``paper``: layers before l keep K, layers after l drop to k_min, and layers are
   profiled from the deepest to the shallowest, as described for Alloc-MoE (later
   layers cannot compensate for the loss introduced at l).
+* ``anchored``: every other layer keeps K, as in ``isolated``, but S is approximate. Each
+  probe of layer l runs l's block and the head only: the layers after l are replaced by
+  the residual updates they made in the reference pass (:class:`~.replay.Carried`), so
+  l's change reaches the head without the later layers' reaction to it. Two anchor probes
+  per layer, on the first calibration batch of every ``ANCHOR_EVERY``, are also measured
+  exactly, and their exact-to-carried ratios correct the layer's cells
+  (:mod:`~allocplan.planner.anchoring`). A probe costs one block and the head instead of
+  every later layer, so time grows linearly in depth but for the anchors; what the
+  approximation costs a plan is measured in docs/benchmarks.md (the regret of its plans,
+  judged by the exact S).
 
 Profile what you deploy: each probe routes as the plan will (through the runtime,
 with Alloc-T when the routing config has it), with each layer's fitted weight
@@ -67,7 +77,9 @@ from ..runtime.apply import apply_plan
 from ..runtime.layers import (MoELayer, expert_multiply_adds, find_moe_layers, input_device, model_family,
                               model_identity)
 from .losses import Scratch, kl_sum, next_token_logprobs, token_nll
-from .replay import Replay, ReplayLayerAtK, block_change_is_additive, record_outputs, replayed
+from .replay import (Carried, Passthrough, Replay, ReplayLayerAtK, block_change_is_additive, hidden_of,
+                     record_outputs, replayed)
+from .anchoring import Anchor, correction
 from .determinism import planner_numerics
 from allocplan.standins import get_stand_in_kind
 from .treatments import (base_stand_in_rank, encode_options, fit_treatments, sidecar_dtype, stand_in_options,
@@ -88,7 +100,7 @@ def rounded(value: float) -> float:
 
 def layer_ks(strategy: str, originals: list[int], position: int, k: float, k_min: int) -> list[float]:
     """Top-k of every MoE layer while the layer at ``position`` is measured at ``k``."""
-    if strategy == "isolated":
+    if strategy != "paper":  # isolated, anchored
         later = originals[position + 1 :]
     else:  # paper
         later = [k_min] * (len(originals) - position - 1)
@@ -139,6 +151,20 @@ class Deployment:
 
 # The stand-in option of a probe that measures without stand-ins at the measured layer.
 NO_STAND_INS = None
+# The anchored strategy measures each layer's anchors exactly on every ANCHOR_EVERY-th calibration batch
+# (the first, then every fourth): a ratio of two sums over the same tokens, steadier than the cells it corrects.
+ANCHOR_EVERY = 4
+
+
+def anchor_options(row: dict[int | float, float], original: int, layer_ranks: list[int | None]
+                   ) -> dict[tuple[int | float, int | None], None]:
+    """The anchored strategy's anchor probes (k, stand-in rank) of one layer (planner/anchoring.py): k_min
+    without stand-ins, and the largest k below K with the highest rank offered (one anchor where they
+    coincide, none where the layer has no k below K). An ordered dict, used as a set."""
+    below = [k for k in row if k < original]
+    if not below:
+        return {}
+    return dict.fromkeys([(min(below), NO_STAND_INS), (max(below), layer_ranks[-1])])
 
 
 @contextmanager
@@ -195,9 +221,9 @@ class _LayerReplay:
             for hook in hooks:
                 hook.remove()
 
-    def probe(self, batch: torch.Tensor, position: int, scratch: Scratch) -> torch.Tensor:
-        """Log-probabilities with the probe's k set, re-running only what layer ``position``'s k changes
-        (in ``scratch``'s buffer)."""
+    def _replacements(self, batch: torch.Tensor, position: int) -> dict[int, torch.nn.Module]:
+        """The layers before layer ``position`` replayed, and the layer itself as its block's change where
+        that is additive (checked once per layer)."""
         index = self.layers[position].index
         replacements: dict[int, torch.nn.Module] = {j: Replay(self.outputs[j]) for j in range(index)}
         block_input, block_output = self.block_io[position]
@@ -209,6 +235,23 @@ class _LayerReplay:
                 logger.info("layer %d: output is not additive in its block; re-running it", index)
         if self.additive[position]:
             replacements[index] = shortcut
+        return replacements
+
+    def probe(self, batch: torch.Tensor, position: int, scratch: Scratch) -> torch.Tensor:
+        """Log-probabilities with the probe's k set, re-running only what layer ``position``'s k changes
+        (in ``scratch``'s buffer)."""
+        with replayed(self.decoder_layers, self._replacements(batch, position)):
+            return next_token_logprobs(self.model, batch, scratch)
+
+    def carried(self, batch: torch.Tensor, position: int, scratch: Scratch) -> torch.Tensor:
+        """Log-probabilities with layer ``position``'s change carried straight to the head: the layers
+        after it replaced by the residual updates they recorded (the anchored strategy's probe)."""
+        index = self.layers[position].index
+        replacements = self._replacements(batch, position)
+        # What the later layers added to the residual stream in the reference pass: [B, S, H].
+        carry = hidden_of(self.outputs[-1]) - hidden_of(self.outputs[index])
+        replacements[index] = Carried(replacements.get(index, self.decoder_layers[index]), carry)
+        replacements.update({j: Passthrough(self.outputs[j]) for j in range(index + 1, len(self.decoder_layers))})
         with replayed(self.decoder_layers, replacements):
             return next_token_logprobs(self.model, batch, scratch)
 
@@ -295,6 +338,12 @@ def measure_sensitivities(
     check_k_min(config.k_min, originals)
     device = input_device(model)
 
+    anchored = config.strategy == "anchored"
+    if anchored and not reuse_prefix:
+        raise ValueError("the anchored strategy's probes replay the reference pass; its naive reference is"
+                         " the isolated strategy's")
+    if anchored and config.metric != "kl":
+        raise AllocplanError("--strategy anchored needs --metric kl (ProfileConfig)")
     # float64 accumulators: sums over up to millions of token-level differences.
     increase = [{k: 0.0 for k in k_grid(config.k_min, original, config.k_step)} for original in originals]
     options = deployment.stand_ins
@@ -302,30 +351,54 @@ def measure_sensitivities(
     ranks = [[NO_STAND_INS, *sorted(options[layer.path])] if options is not None else [NO_STAND_INS]
              for layer in layers]
     served = [{rank: {k: 0.0 for k in row} for rank in layer_ranks[1:]} for row, layer_ranks in zip(increase, ranks)]
+    # Anchored: each layer's anchor probes (planner/anchoring.py), [carried, exact] summed over the anchor batches.
+    anchors = [anchor_options(row, original, layer_ranks)
+               for row, original, layer_ranks in zip(increase, originals, ranks)]
+    anchor_sums = [{option: [0.0, 0.0] for option in options_} for options_ in anchors]
+    anchor_tokens = 0
     reference_sum, scored = 0.0, 0
     replay = _LayerReplay(model, decoder_layers, layers)
     scratch = Scratch()  # every probe's log-probabilities and KL terms, in the same memory
     batches = windows.to(device).split(config.batch_size)
     with torch.inference_mode(), top_ks(layers, originals):
-        for batch in progress(batches, desc="profiling S[l, k]"):
+        for number, batch in enumerate(progress(batches, desc="profiling S[l, k]")):
             reference = replay.reference(batch) if reuse_prefix else next_token_logprobs(model, batch)
             reference_nll = token_nll(reference, batch)  # [B, S-1]
             reference_sum += reference_nll.double().sum().item()
             scored += reference_nll.numel()
             score = _scorer(config.metric, reference, batch, scratch)
+            anchor_batch = anchored and number % ANCHOR_EVERY == 0
+            anchor_tokens += reference_nll.numel() if anchor_batch else 0
             for position in reversed(range(len(layers))):  # deepest first, as the paper profiles
+                # A shard measures a layer's anchors wherever it owns any of the layer's cells (which they correct).
+                layer_anchors = anchors[position] if anchor_batch and (
+                    cells is None or any((position, k) in cells for k in increase[position])) else {}
                 for k in sorted(increase[position], reverse=True):
-                    if cells is not None and (position, k) not in cells:
+                    owned = cells is None or (position, k) in cells
+                    if not owned and not any(anchor_k == k for anchor_k, _ in layer_anchors):
                         continue  # another shard's cell
-                    if config.strategy == "isolated" and k == originals[position]:
+                    if config.strategy != "paper" and k == originals[position]:
                         continue  # identical to the reference configuration: S = 0 exactly
                     ks = layer_ks(config.strategy, originals, position, k, config.k_min)
                     # At the layer's own k nothing is dropped there, so every stand-in option measures the same.
-                    for rank in ranks[position] if k != originals[position] else [NO_STAND_INS]:
+                    layer_ranks = ranks[position] if k != originals[position] else [NO_STAND_INS]
+                    for rank in layer_ranks:
+                        is_anchor = (k, rank) in layer_anchors
+                        if not owned and not is_anchor:
+                            continue
                         with _probe(model, layers, ks, deployment, position, rank):
-                            logprobs = (replay.probe(batch, position, scratch) if reuse_prefix
-                                        else next_token_logprobs(model, batch, scratch))
-                        value = score(logprobs)
+                            if anchored:
+                                value = score(replay.carried(batch, position, scratch))
+                            else:
+                                value = score(replay.probe(batch, position, scratch) if reuse_prefix
+                                              else next_token_logprobs(model, batch, scratch))
+                        if is_anchor:
+                            # Each probe in a fresh plan, as every other probe is (no routing state carried over).
+                            with _probe(model, layers, ks, deployment, position, rank):
+                                anchor_sums[position][k, rank][1] += score(replay.probe(batch, position, scratch))
+                            anchor_sums[position][k, rank][0] += value
+                        if not owned:
+                            continue
                         if rank is NO_STAND_INS:
                             increase[position][k] += value
                             if k == originals[position]:
@@ -335,10 +408,20 @@ def measure_sensitivities(
                             served[position][rank][k] += value
             logger.info("profiled batch of %d windows", batch.shape[0])
 
-    rows = [{k: rounded(total / scored) for k, total in sorted(row.items())} for row in increase]
+    found = [[Anchor(carried, exact, anchor_tokens) for carried, exact in sums.values()] for sums in anchor_sums]
+
+    def cell(position: int, k: float, total: float) -> float:
+        """A cell's mean S (the anchored strategy's: its carried sum, corrected by the layer's anchors)."""
+        if cells is not None and (position, k) not in cells:
+            return 0.0  # another shard's cell
+        if anchored:
+            total *= correction(found[position], total / scored)
+        return rounded(total / scored)
+
+    rows = [{k: cell(position, k, total) for k, total in sorted(row.items())} for position, row in enumerate(increase)]
     stand_in_rows = None if options is None else [
-        {rank: {k: rounded(total / scored) for k, total in sorted(row.items())} for rank, row in layer_rows.items()}
-        for layer_rows in served]
+        {rank: {k: cell(position, k, total) for k, total in sorted(row.items())} for rank, row in layer_rows.items()}
+        for position, layer_rows in enumerate(served)]
     return rows, stand_in_rows, reference_sum / scored
 
 

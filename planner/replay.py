@@ -8,6 +8,8 @@ own forward still builds masks, rotary embeddings, the final norm and head, so
 no family-specific forward code is copied. Within layer l, :class:`ReplayLayerAtK`
 runs only the MoE block on its recorded input, where
 :func:`block_change_is_additive` confirms that this equals a real re-run.
+:class:`Carried` and :class:`Passthrough` skip the layers after l as well (the
+anchored strategy's approximate probe).
 """
 
 from __future__ import annotations
@@ -56,6 +58,37 @@ class ReplayLayerAtK(torch.nn.Module):
         hidden = hidden_of(self.layer_output)
         # Some blocks return their tokens flattened ([B*S, H], llama4) and the layer restores the shape.
         return _with_hidden(self.layer_output, hidden + change.view(hidden.shape))
+
+
+class Carried(torch.nn.Module):
+    """Runs decoder layer l (or its :class:`ReplayLayerAtK`) and adds what the recorded later layers added to
+    the residual stream, so that l's change reaches the final norm and head as if no later layer reacted to it.
+
+    With :class:`Passthrough` in every later layer's place, a probe of layer l runs l's block and the head
+    only: the anchored strategy's carried probe (:mod:`~allocplan.planner.profiling`).
+    """
+
+    def __init__(self, layer: torch.nn.Module, carry: torch.Tensor) -> None:
+        super().__init__()
+        self.layer, self.carry = layer, carry  # carry: [B, S, H], final layer's output - layer l's output
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        output = self.layer(*args, **kwargs)
+        hidden = hidden_of(output)
+        return _with_hidden(output, hidden + self.carry.view(hidden.shape))
+
+
+class Passthrough(torch.nn.Module):
+    """Stands in for a decoder layer after a :class:`Carried` one: hands its input on unchanged, in the
+    structure of that layer's recorded output (a tensor, or a tuple led by one)."""
+
+    def __init__(self, recorded_output: Any) -> None:
+        super().__init__()
+        self.recorded_output = recorded_output
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return _with_hidden(self.recorded_output, hidden)
 
 
 @contextmanager

@@ -11,7 +11,7 @@ Run:  python scripts/make_benchmarks.py        (about 65 minutes on 2 CPU cores,
       python scripts/make_benchmarks.py --batch-aware-only    (re-measure only batched decode, prefer: active)
       python scripts/make_benchmarks.py --solver-cost-only    (re-measure only the DP and ILP times)
       python scripts/make_benchmarks.py --compiled-only       (re-measure only the compiled default plans: presets, references)
-      python scripts/make_benchmarks.py --depth-only          (re-measure only profiling time against depth, ref-deep)
+      python scripts/make_benchmarks.py --depth-only          (re-measure only profiling time against depth, ref-deep, both strategies)
       python scripts/make_benchmarks.py --llama-cpp DIR       (also llama.cpp beside allocplan; DIR: a llama.cpp
                                                                source tree, needs the `llama` extra)
       python scripts/make_benchmarks.py --llama-cpp-only DIR  (re-measure only the llama.cpp comparison)
@@ -30,7 +30,7 @@ from allocplan.bench.depth import depth_scaling
 from allocplan.bench.page import render
 from allocplan.bench.presets import PRESETS, build_preset
 from allocplan.bench.study import batch_aware_run, compiled_runs, llama_cpp_run, run_all
-from allocplan.bench.timing import profile_cost, solver_cost
+from allocplan.bench.timing import PROFILE_COST_CALIB_TOKENS, profile_cost, solver_cost
 from allocplan.bundled import DEFAULT_CALIBRATION
 from allocplan.evaluation.methods import uniform_allocation
 from allocplan.formats.config import RoutingConfig
@@ -69,11 +69,11 @@ def main() -> None:
                     run["breakdown"] = time_breakdown(model, plan)
         out.write_text(json.dumps(data, indent=2) + "\n")
     elif "--profile-cost-only" in sys.argv:
-        # Re-measure only the profiling cost (about a minute) and keep the last run's timings.
+        # Re-measure only the profiling cost (about five minutes) and keep the last run's timings.
         data = json.loads(out.read_text())
         plan = load_plan(GOLDEN_PLAN)
         model, tokenizer = load_model(plan.model.name)
-        windows, _ = pack_windows(tokenizer, DEFAULT_CALIBRATION, max_tokens=4096, seq_len=256)
+        windows, _ = pack_windows(tokenizer, DEFAULT_CALIBRATION, max_tokens=PROFILE_COST_CALIB_TOKENS, seq_len=256)
         for run in data["runs"]:
             if "profile_cost" in run:
                 run["profile_cost"] = profile_cost(model, windows)
@@ -91,7 +91,7 @@ def main() -> None:
         data["runs"] += compiled_runs(GOLDEN_PLAN.parent)
         out.write_text(json.dumps(data, indent=2) + "\n")
     elif "--depth-only" in sys.argv:
-        # Re-measure only profiling time against depth (about three minutes) and keep the other timings.
+        # Re-measure only profiling time against depth (about twelve minutes) and keep the other timings.
         data = json.loads(out.read_text())
         data["depth"] = depth_scaling()
         out.write_text(json.dumps(data, indent=2) + "\n")

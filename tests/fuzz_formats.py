@@ -201,7 +201,7 @@ def plan_invariants(plan: Plan) -> None:
         assert all(b < a for a, b in zip(values, values[1:])) and solver.refinement.objective_after == values[-1]
     calibration = plan.provenance.calibration
     assert calibration.tokens == calibration.windows * calibration.seq_len >= 1
-    assert plan.provenance.strategy in ("isolated", "paper", "data-free")
+    assert plan.provenance.strategy in ("isolated", "paper", "anchored", "data-free")
     assert re.fullmatch(r"sha256:[0-9a-f]{64}", plan.provenance.profile_sha256)
     assert plan.compensation is None or re.fullmatch(r"[^/\\]+\.safetensors", plan.compensation.file)
 
@@ -211,7 +211,7 @@ def profile_invariants(profile: SensitivityProfile) -> None:
     measurement = profile.measurement
     assert profile.schema_version == 3 and profile.kind == "allocplan-profile"
     assert measurement.metric in ("nll", "kl", "output-change")
-    assert measurement.strategy in ("isolated", "paper", "data-free")
+    assert measurement.strategy in ("isolated", "paper", "anchored", "data-free")
     assert measurement.k_step in (1.0, 0.5) and measurement.k_min >= 1
     assert measurement.k_step == 1.0 or measurement.token_level
     assert len(profile.layers) == profile.model.num_moe_layers >= 1

@@ -120,8 +120,10 @@ def test_profile_and_solver_cost_structure():
     finally:
         for hook in hooks:
             hook.remove()
-    cost = timing.profile_cost(model, windows)
-    assert cost["reuse_s"] > 0 and cost["naive_s"] > 0
+    cost = timing.profile_cost(model, windows, repeat=2)
+    assert cost["reuse_s"] > 0 and cost["naive_s"] > 0 and cost["anchored"]["seconds"] > 0
+    assert [entry["ratio"] for entry in cost["anchored"]["regret"]] == [0.33, 0.5, 0.67]
+    assert cost["tokens"] == 64
     floor = cost["flop_floor"]
     # Reuse skips work, so its FLOP count lies strictly between none and the naive count.
     assert 0.0 < floor["ratio"] < 1.0 and 0.0 < floor["lm_head_share"] < 1.0

@@ -26,15 +26,16 @@ from allocplan.bundled import DEFAULT_CALIBRATION
 model = build_tiny_model("deepseek_v2")
 plan = allocplan.compile_plan(model, 0.5, tokenizer=tiny_tokenizer(), profile_out={out!r},
                               profile=allocplan.ProfileConfig(calib=str(DEFAULT_CALIBRATION), calib_tokens=4096,
-                                                              seq_len=128))
+                                                              seq_len=128, strategy={strategy!r}))
 assert torch.get_num_threads() == {threads}  # the process's own count is put back
 print(hashlib.sha256(plan.to_yaml().encode()).hexdigest(), hashlib.sha256(plan.compensation_data).hexdigest())
 """
 
 
-def compile_under(threads: int, tmp_path: Path) -> tuple[str, bytes]:
-    out = tmp_path / f"profile-{threads}.yaml"
-    proc = subprocess.run([sys.executable, "-c", CODE.format(threads=threads, tests=str(TESTS), out=str(out))],
+def compile_under(threads: int, tmp_path: Path, strategy: str = "isolated") -> tuple[str, bytes]:
+    out = tmp_path / f"profile-{strategy}-{threads}.yaml"
+    code = CODE.format(threads=threads, tests=str(TESTS), out=str(out), strategy=strategy)
+    proc = subprocess.run([sys.executable, "-c", code],
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout.split()[0] + proc.stdout.split()[1], out.read_bytes()
@@ -45,6 +46,13 @@ def test_plan_profile_and_sidecar_do_not_depend_on_the_thread_count(tmp_path):
     assert runs[1][0] == runs[2][0] == runs[4][0]  # plan and sidecar
     assert runs[1][1] == runs[2][1] == runs[4][1]  # profile
     assert hashlib.sha256(runs[1][1]).hexdigest()  # (a real profile was written)
+
+
+def test_anchored_profiles_do_not_depend_on_the_thread_count(tmp_path):
+    """The anchored strategy's carried probes and anchors run on the planner's fixed thread count too."""
+    runs = {threads: compile_under(threads, tmp_path, "anchored") for threads in (1, 4)}
+    assert runs[1] == runs[4]
+    assert b"strategy: anchored" in runs[1][1]
 
 
 def test_diff_judges_stand_ins_within_the_documented_tolerance():

@@ -8,6 +8,10 @@ do. This module measures where a model sits: it profiles the first n decoder lay
 (the head and embeddings kept, the rest dropped) with one profiling config, for several n, in
 interleaved rounds, and fits the growth exponent between the shallowest and the deepest cut.
 
+The anchored strategy (``--strategy anchored``) runs each probe's block and the head only, and two
+exact probes per layer on every fourth batch to correct them: linear in depth but for those anchors.
+Both strategies are measured here, with the anchored plans' regret against the exact ones.
+
 ``scripts/make_benchmarks.py --depth-only`` runs it on ``bundled:ref-deep`` and
 :mod:`allocplan.bench.page` renders it.
 """
@@ -26,10 +30,13 @@ from .timing import median_spread
 
 # The cuts measured: a quarter, half and all of ref-deep's 16 MoE layers.
 DEPTHS = (4, 8, 16)
-# Calibration tokens per cut: 8 windows of 256, one batch at the default batch size; time is linear
-# in tokens, so the growth with depth does not depend on it.
-DEPTH_CALIB_TOKENS = 2048
-DEPTH_ROUNDS = 3
+# Calibration tokens per cut: 32 windows of 256, four batches at the default batch size. The exact
+# strategy's time is linear in tokens; the anchored one's anchors run on the first batch of every
+# four (planner/profiling.py), so fewer tokens than this would overstate their share.
+DEPTH_CALIB_TOKENS = 8192
+DEPTH_ROUNDS = 2
+# The exact strategy (the default) and the approximate one that skips the later layers.
+STRATEGIES = ("isolated", "anchored")
 
 
 def first_layers(model: Any, count: int) -> Any:
@@ -71,6 +78,16 @@ def probe_layer_forwards(moe_layers: int, probes: int) -> int:
     return probes * moe_layers * (moe_layers + 1) // 2
 
 
+def anchored_layer_forwards(moe_layers: int, probes: int, batches: int) -> float:
+    """Decoder-layer forwards per batch of the anchored strategy's probes, on average over ``batches``: each
+    of the ``probes`` carried probes of a layer runs that layer's block only, and the layer's two anchors
+    re-run it and every layer after it, on the first batch of every ``ANCHOR_EVERY``."""
+    from allocplan.planner.profiling import ANCHOR_EVERY
+
+    anchor_batches = -(-batches // ANCHOR_EVERY)
+    return probes * moe_layers + 2 * moe_layers * (moe_layers + 1) // 2 * anchor_batches / batches
+
+
 def growth_exponent(depths: list[int], seconds: list[float]) -> float:
     """The exponent p of time ~ depth^p between the shallowest and the deepest cut (1: linear)."""
     return math.log(seconds[-1] / seconds[0]) / math.log(depths[-1] / depths[0])
@@ -78,40 +95,67 @@ def growth_exponent(depths: list[int], seconds: list[float]) -> float:
 
 def depth_scaling(model_name: str = "bundled:ref-deep", depths: tuple[int, ...] = DEPTHS,
                   calib_tokens: int = DEPTH_CALIB_TOKENS, rounds: int = DEPTH_ROUNDS,
-                  seq_len: int | None = None) -> dict:
-    """Profile the first n decoder layers of ``model_name`` for each n in ``depths``, with the default
-    profiling config at ``calib_tokens`` tokens (and ``seq_len`` tokens per window, default the config's),
-    rounds interleaved over the depths.
+                  seq_len: int | None = None, strategies: tuple[str, ...] = STRATEGIES) -> dict:
+    """Profile the first n decoder layers of ``model_name`` for each n in ``depths`` and each strategy, with
+    the default profiling config otherwise at ``calib_tokens`` tokens (and ``seq_len`` tokens per window,
+    default the config's), rounds interleaved over the depths and strategies.
 
-    Returns the per-depth median seconds with [min, max], seconds per MoE layer, probes and the
-    probes' layer-forwards, and the growth exponent (median over rounds, with its [min, max]).
+    Returns, per strategy, the per-depth median seconds with [min, max], seconds per MoE layer, probes and
+    the probes' layer-forwards, and the growth exponent (median over rounds, with its [min, max]); with two
+    strategies, the second's plans' regret against the first's at every depth (:mod:`.fidelity`), and at
+    the full depth the yardstick: the first strategy's regret on the next ``calib_tokens`` of the text.
     """
     from allocplan.formats.config import ProfileConfig
     from allocplan.loading import load_model
     from allocplan.planner.profiling import profile_model
+    from allocplan.planner.windows import calibration_source, pack_windows
     from allocplan.runtime.layers import find_moe_layers
+    from .fidelity import profile_regrets
 
-    config = ProfileConfig(calib_tokens=calib_tokens, **({"seq_len": seq_len} if seq_len else {}))
+    settings = {"calib_tokens": calib_tokens, **({"seq_len": seq_len} if seq_len else {})}
     models = {}
     for depth in depths:
         model, tokenizer = load_model(model_name)
         models[depth] = (first_layers(model, depth), tokenizer)
-    times: dict[int, list[float]] = {depth: [] for depth in depths}
-    profiles: dict[int, Any] = {}
+    times: dict[tuple[str, int], list[float]] = {(strategy, depth): [] for strategy in strategies for depth in depths}
+    profiles: dict[tuple[str, int], Any] = {}
     for _ in range(rounds):
         for depth in depths:
             model, tokenizer = models[depth]
-            start = time.perf_counter()
-            profiles[depth] = profile_model(model, tokenizer, config, model_name=model_name)
-            times[depth].append(time.perf_counter() - start)
-    rows = []
-    for depth in depths:
-        moe_layers = len(find_moe_layers(models[depth][0]))
-        probes = probes_per_layer(profiles[depth])
-        rows.append({"depth": depth, "moe_layers": moe_layers, "seconds": median_spread(times[depth]),
-                     "seconds_per_moe_layer": statistics.median(times[depth]) / moe_layers,
-                     "probes_per_layer": probes, "probe_layer_forwards": probe_layer_forwards(moe_layers, probes)})
-    exponents = [growth_exponent(list(depths), [times[depth][i] for depth in depths]) for i in range(rounds)]
-    return {"model": model_name, "calib_tokens": calib_tokens, "rounds": rounds, "rows": rows,
-            "exponent": median_spread(exponents),
+            for strategy in strategies:
+                start = time.perf_counter()
+                profiles[strategy, depth] = profile_model(model, tokenizer, ProfileConfig(strategy=strategy, **settings),
+                                                          model_name=model_name)
+                times[strategy, depth].append(time.perf_counter() - start)
+    result: dict[str, Any] = {"model": model_name, "calib_tokens": calib_tokens, "rounds": rounds,
+                              "strategies": {}}
+    for strategy in strategies:
+        rows = []
+        for depth in depths:
+            moe_layers = len(find_moe_layers(models[depth][0]))
+            profile = profiles[strategy, depth]
+            probes = probes_per_layer(profile)
+            batches = -(-profile.measurement.calibration.windows // ProfileConfig().batch_size)
+            forwards = (anchored_layer_forwards(moe_layers, probes, batches) if strategy == "anchored"
+                        else probe_layer_forwards(moe_layers, probes))
+            rows.append({"depth": depth, "moe_layers": moe_layers, "seconds": median_spread(times[strategy, depth]),
+                         "seconds_per_moe_layer": statistics.median(times[strategy, depth]) / moe_layers,
+                         "probes_per_layer": probes, "probe_layer_forwards": forwards})
+        exponents = [growth_exponent(list(depths), [times[strategy, depth][i] for depth in depths])
+                     for i in range(rounds)]
+        result["strategies"][strategy] = {
+            "rows": rows, "exponent": median_spread(exponents),
             "layer_forward_exponent": growth_exponent(list(depths), [row["probe_layer_forwards"] for row in rows])}
+    if len(strategies) > 1:
+        truth, approximate = strategies[0], strategies[1]
+        result["regret"] = {depth: profile_regrets(profiles[truth, depth], profiles[approximate, depth])
+                            for depth in depths}
+        # The yardstick: the exact strategy on the next calib_tokens of the same text, at the full depth.
+        model, tokenizer = models[depths[-1]]
+        config = ProfileConfig(strategy=truth, **settings)
+        windows, record = pack_windows(tokenizer, calibration_source(config, 2 * calib_tokens),
+                                       max_tokens=2 * calib_tokens, seq_len=config.seq_len)
+        other = profile_model(model, tokenizer, config, model_name=model_name,
+                              windows=(windows[len(windows) // 2:], record))
+        result["yardstick"] = profile_regrets(profiles[truth, depths[-1]], other)
+    return result

@@ -168,6 +168,10 @@ def batch_aware_lines(runs: list[dict]) -> list[str]:
     return lines
 
 
+# How the targets' rows name the profiling strategies.
+STRATEGY_NOTES = {"isolated": "exact S (the default strategy)", "anchored": "`--strategy anchored` (approximate S)"}
+
+
 def target_lines(runs: list[dict], solver: dict, depth: dict | None = None) -> list[str]:
     """The roadmap's CPU targets at budget 0.5, checked against this run."""
     by_label = {run["label"]: run for run in runs}
@@ -239,16 +243,22 @@ def target_lines(runs: list[dict], solver: dict, depth: dict | None = None) -> l
                       f" {interval['high']:.3f}]" if interval else f"[{ratio['min']:.3f}, {ratio['max']:.3f}]")
             lines.append(f"| {run['label']}: {label} not slower than untouched | {ratio['median']:.3f}× ({spread}) |"
                          f" {'yes' if ratio['median'] >= 1.0 else 'no'} |")
-    profiled = [run["profile_cost"]["ratio"] for run in runs if "profile_cost" in run]
+    profiled = [run["profile_cost"] for run in runs if "profile_cost" in run]
     if profiled:
-        lines.append(f"| profiling ≤ 0.5× naive | {profiled[0]:.3f} | {'yes' if profiled[0] <= 0.5 else 'no'} |")
+        cost = profiled[0]
+        for note, ratio in ((STRATEGY_NOTES["isolated"], cost["ratio"]),
+                            (STRATEGY_NOTES["anchored"], cost.get("anchored", {}).get("ratio"))):
+            if ratio is not None:
+                lines.append(f"| profiling ≤ 0.5× naive, {note} | {ratio:.3f} | {'yes' if ratio <= 0.5 else 'no'} |")
     lines.append(f"| DP ≤ 50 ms | {solver['dp_s'] * 1e3:.1f} ms | {'yes' if solver['dp_s'] <= 0.05 else 'no'} |")
     lines.append(f"| ILP ≤ 5 s | {solver['ilp_s'] * 1e3:.1f} ms | {'yes' if solver['ilp_s'] <= 5 else 'no'} |")
     if depth:
-        exponent = depth["exponent"]
-        lines.append(f"| profiling time no faster than linear in depth ({depth['rows'][0]['moe_layers']} to"
-                     f" {depth['rows'][-1]['moe_layers']} MoE layers) | depth^{exponent['median']:.2f}"
-                     f" [{exponent['min']:.2f}, {exponent['max']:.2f}] | {'yes' if exponent['max'] <= 1.0 else 'no'} |")
+        for strategy, measured in depth["strategies"].items():
+            rows, exponent = measured["rows"], measured["exponent"]
+            lines.append(f"| profiling time no faster than linear in depth ({rows[0]['moe_layers']} to"
+                         f" {rows[-1]['moe_layers']} MoE layers), {STRATEGY_NOTES[strategy]} |"
+                         f" depth^{exponent['median']:.2f} [{exponent['min']:.2f}, {exponent['max']:.2f}] |"
+                         f" {'yes' if exponent['max'] <= 1.0 else 'no'} |")
     return lines + [""] + [line for line in EXPLANATION.strip().splitlines()] + [""] + breakdown_findings(runs)
 
 
@@ -326,37 +336,71 @@ def compiled_lines(run: dict) -> list[str]:
 
 
 def depth_lines(depth: dict | None) -> list[str]:
-    """The profiling-time-against-depth section (:mod:`allocplan.bench.depth`), with its verdict."""
+    """The profiling-time-against-depth section (:mod:`allocplan.bench.depth`), with its verdicts."""
     if not depth:
         return []
-    rows = depth["rows"]
-    exponent = depth["exponent"]
+    strategies = depth["strategies"]
     lines = ["## Profiling time against depth", "",
              f"`{depth['model']}` cut to its first n decoder layers (head and embeddings kept) and profiled with"
-             f" the default profiling settings on {depth['calib_tokens']} calibration tokens; median of"
-             f" {depth['rounds']} rounds interleaved over the cuts, [min, max]. *probe layer-forwards* counts the"
-             " decoder layers the probes of one batch re-run: each probe of layer l re-runs l's block and every"
-             " layer after it (the exact end-to-end S needs them), so L (L + 1) / 2 per probe per layer.", "",
-             "| MoE layers | profiling s | s per MoE layer | probes per layer | probe layer-forwards |",
-             "| --- | --- | --- | --- | --- |"]
-    for row in rows:
-        seconds = row["seconds"]
-        lines.append(f"| {row['moe_layers']} | {seconds['median']:.1f} [{seconds['min']:.1f}, {seconds['max']:.1f}]"
-                     f" | {row['seconds_per_moe_layer']:.2f} | {row['probes_per_layer']} |"
-                     f" {row['probe_layer_forwards']} |")
-    first, last = rows[0], rows[-1]
-    linear = exponent["max"] <= 1.0
-    lines += ["", f"From {first['moe_layers']} to {last['moe_layers']} MoE layers profiling time grows as depth^"
-                  f"{exponent['median']:.2f} (per-round [{exponent['min']:.2f}, {exponent['max']:.2f}]); the probes'"
-                  f" layer-forwards alone grow as depth^{depth['layer_forward_exponent']:.2f}. "
-              + ("Time grows no faster than linearly here: the per-probe head and the per-layer fitting outweigh"
-                 " the later layers' re-runs at this depth." if linear else
-                 "**Faster than linear** (target: no faster than linearly), by the later layers every probe"
-                 " re-runs: the head, the metric and the per-layer fitting are linear in depth and hide part of"
-                 " it, the rest is the quadratic term of an exact end-to-end S. Cutting it needs a probe that"
-                 " stops short of the head (an approximate S), which allocplan does not offer; on a model this"
-                 " deep, `profile --shard` spreads the probes instead (docs/scale.md)."), ""]
+             f" the default profiling settings on {depth['calib_tokens']} calibration tokens, under the default"
+             " strategy (`isolated`, exact S) and under `--strategy anchored` (approximate S); median of"
+             f" {depth['rounds']} rounds interleaved over the cuts and strategies, [min, max]. *probe"
+             " layer-forwards* counts the decoder layers the probes of one batch re-run. Exact: each probe of"
+             " layer l re-runs l's block and every layer after it, so L (L + 1) / 2 per probe per layer."
+             " Anchored: each probe runs l's block and the head only, the later layers' recorded updates"
+             " carried to the head, and each layer's two anchors re-run the later layers exactly on the first"
+             " of every four batches (planner/anchoring.py; averaged over the batches here).", "",
+             "| strategy | MoE layers | profiling s | s per MoE layer | probes per layer | probe layer-forwards |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for strategy, measured in strategies.items():
+        for row in measured["rows"]:
+            seconds = row["seconds"]
+            lines.append(f"| {strategy} | {row['moe_layers']} | {seconds['median']:.1f} [{seconds['min']:.1f},"
+                         f" {seconds['max']:.1f}] | {row['seconds_per_moe_layer']:.2f} | {row['probes_per_layer']} |"
+                         f" {row['probe_layer_forwards']:g} |")
+    lines.append("")
+    for strategy, measured in strategies.items():
+        rows, exponent = measured["rows"], measured["exponent"]
+        first, last = rows[0], rows[-1]
+        linear = exponent["max"] <= 1.0
+        lines += [f"{strategy}: from {first['moe_layers']} to {last['moe_layers']} MoE layers profiling time grows"
+                  f" as depth^{exponent['median']:.2f} (per-round [{exponent['min']:.2f}, {exponent['max']:.2f}]);"
+                  f" the probes' layer-forwards alone grow as depth^{measured['layer_forward_exponent']:.2f}. "
+                  + ("No faster than linear in every round." if linear else
+                     "**Not linear in every round** (target: no faster than linearly in every round): the median"
+                     " round is at most linear, another is above it; seconds per MoE layer: "
+                     + ", ".join(f"{row['seconds_per_moe_layer']:.2f}" for row in rows)
+                     + ". The only term that grows faster is the anchors' exact re-runs of the later layers."
+                     if exponent["median"] <= 1.0 else
+                     "**Faster than linear** (target: no faster than linearly)" + (
+                         ", by the later layers every exact probe re-runs: the head, the metric and the per-layer"
+                         " fitting are linear in depth and hide part of it, the rest is the quadratic term of an"
+                         " exact end-to-end S." if strategy == "isolated" else
+                         ", by the anchors' exact re-runs of the later layers.")), ""]
+    if "regret" in depth:
+        lines += ["What the anchored strategy's approximation costs a plan: at each budget (a share of the model's"
+                  " total original k), the exact objective sum_l S[l, k_l, r_l] of the plan solved from the"
+                  " anchored profile, over the exact profile's own optimum (judged by the exact S; 0 where both"
+                  " plans are the same). The yardstick below it: the exact strategy's plan from the next"
+                  f" {depth['calib_tokens']} tokens of the calibration text, judged the same way, at the full"
+                  " depth: how far plans move with the text alone.", "",
+                  "| profile | MoE layers | " + " | ".join(f"regret at {entry['ratio']:g}"
+                                                            for entry in next(iter(depth["regret"].values())))
+                  + " |", "| --- | --- |" + " --- |" * len(next(iter(depth["regret"].values())))]
+        layers = {str(row["depth"]): row["moe_layers"] for row in strategies["isolated"]["rows"]}
+        for cut, entries in depth["regret"].items():
+            lines.append(f"| anchored | {layers[str(cut)]} | " + " | ".join(regret_cell(entry) for entry in entries)
+                         + " |")
+        lines.append(f"| exact, other text | {layers[str(list(depth['regret'])[-1])]} | "
+                     + " | ".join(regret_cell(entry) for entry in depth["yardstick"]) + " |")
+        lines.append("")
     return lines
+
+
+def regret_cell(entry: dict) -> str:
+    """A regret in nats per token with its share of the optimum."""
+    return f"{entry['regret']:+.5f} ({entry['relative']:.1%} of {entry['optimum']:.4f})"
+
 
 
 def render(data: dict) -> str:
@@ -409,7 +453,8 @@ def render(data: dict) -> str:
         lines += compensation_lines(run)
         if "profile_cost" in run:
             cost = run["profile_cost"]
-            lines += ["", f"Profiling every (layer, k) on 4096 calibration tokens: {cost['reuse_s']:.1f} s with"
+            lines += ["", f"Profiling every (layer, k) on {cost.get('tokens', 4096)} calibration tokens (plain top-k,"
+                          f" the default metric): {cost['reuse_s']:.1f} s with"
                           f" allocplan's reuse (across layers and across k) vs {cost['naive_s']:.1f} s naive (one"
                           f" full forward per probe the reuse path needs: each (layer, k < K), k = K being S = 0"
                           f" by definition in both), ratio {cost['ratio']:.2f} (target ≤ 0.5)"
@@ -430,6 +475,18 @@ def render(data: dict) -> str:
                               " (layer, k) in both modes (for example the log-softmax over the vocabulary at every"
                               " position and the metric, memory-bound with no matmul FLOPs), and the reuse path"
                               " also skips work that costs time without FLOPs (embedding, masks)."]
+            anchored = cost.get("anchored")
+            if anchored:
+                spread, interval = anchored["ratio_spread"], anchored.get("ratio_interval")
+                lines += ["", f"With `--strategy anchored` (an approximate S: each probe runs the profiled layer's"
+                              " block and the head, and two exact anchors per layer on every fourth batch correct"
+                              f" it; planner/anchoring.py) the same profile takes {anchored['seconds']:.1f} s,"
+                              f" ratio {anchored['ratio']:.2f} of naive, [{spread['min']:.2f}, {spread['max']:.2f}]"
+                              + (f" (geometric mean {interval['geomean']:.2f}, 95% interval {interval['low']:.2f} to"
+                                 f" {interval['high']:.2f})" if interval else "")
+                              + ". Its plans against the exact profile's, judged by the exact S: "
+                              + "; ".join(f"at {entry['ratio']:g} of the original k {regret_cell(entry)}"
+                                          for entry in anchored["regret"]) + " nats per token."]
         lines.append("")
     lines += [
         "## Solver cost",

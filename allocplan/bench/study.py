@@ -27,7 +27,7 @@ from .breakdown import time_breakdown
 from .cost_model import ideal_speedup, routed_weight_share
 from .presets import build_preset
 from .run import with_compensation
-from .timing import bench, median_spread, profile_cost, ratio_interval, solver_cost
+from .timing import PROFILE_COST_CALIB_TOKENS, bench, median_spread, profile_cost, ratio_interval, solver_cost
 
 # Interleaved rounds: the batch-1 ratios sit within a few percent of their targets, and with 5
 # rounds their medians moved by about as much between runs; 11 rounds cut the median's spread by
@@ -158,7 +158,7 @@ def run_all(golden_plan: Path, eval_text: Path) -> dict:
         plan = load_plan(golden_plan)
         model, tokenizer = load_model(plan.model.name)
         result = bench(model, plan.allocation, batch=1, prompt_len=256, new_tokens=NEW_TOKENS, repeat=REPEAT)
-        windows, _ = pack_windows(tokenizer, DEFAULT_CALIBRATION, max_tokens=4096, seq_len=256)
+        windows, _ = pack_windows(tokenizer, DEFAULT_CALIBRATION, max_tokens=PROFILE_COST_CALIB_TOKENS, seq_len=256)
         result["profile_cost"] = profile_cost(model, windows)
         runs.append({"label": f"{plan.model.name} with plans/{golden_plan.name}", "compiled": plan_summary(plan),
                      **result})

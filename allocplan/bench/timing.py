@@ -37,6 +37,7 @@ from typing import Any, Callable
 import torch
 
 from ..formats.allocation import Allocation
+from ..formats.config import ProfileConfig
 from ..progress import progress
 from allocplan.runtime.apply import apply_plan
 from allocplan.runtime.measure import count_activations
@@ -272,23 +273,38 @@ def _lean_full_k(model: Any) -> Callable[[Callable[[], float]], float] | None:
     return run
 
 
-def profile_cost(model: Any, windows: torch.Tensor, repeat: int = 5) -> dict:
-    """Seconds to profile every (layer, k) with allocplan's reuse and naively (one full forward per probe the
-    reuse path needs), alternating in ``repeat`` rounds: the medians, and the per-round ratio's median with its
-    [min, max] and its geometric mean with a 95% interval over rounds."""
-    from allocplan.planner.profiling import measure_sensitivity
+# Calibration tokens the profiling cost is measured on: the default profile's. The exact strategy's ratio
+# to naive does not depend on it; the anchored one's anchors run on every fourth batch, so it does.
+PROFILE_COST_CALIB_TOKENS = ProfileConfig().calib_tokens
 
-    rounds: dict[str, list[float]] = {"reuse": [], "naive": []}
+
+def profile_cost(model: Any, windows: torch.Tensor, repeat: int = 5) -> dict:
+    """Seconds to profile every (layer, k) with allocplan's reuse, naively (one full forward per probe the
+    reuse path needs) and with the anchored strategy's approximate S, alternating in ``repeat`` rounds: the
+    medians, and each per-round ratio to naive with its median, [min, max], and its geometric mean with a 95%
+    interval over rounds; with the anchored plans' regret against the exact ones (:mod:`.fidelity`)."""
+    from allocplan.planner.profiling import measure_sensitivity
+    from .fidelity import rows_regrets
+
+    modes = {"reuse": ({}, True), "naive": ({}, False), "anchored": ({"strategy": "anchored"}, True)}
+    rounds: dict[str, list[float]] = {label: [] for label in modes}
+    rows: dict[str, Any] = {}
     for _ in range(repeat):
-        for label, reuse in (("reuse", True), ("naive", False)):
+        for label, (settings, reuse) in modes.items():
             start = time.perf_counter()
-            measure_sensitivity(model, windows, reuse_prefix=reuse)
+            rows[label], _ = measure_sensitivity(model, windows, ProfileConfig(**settings), reuse_prefix=reuse)
             rounds[label].append(time.perf_counter() - start)
-    ratios = [r / n for r, n in zip(rounds["reuse"], rounds["naive"])]
+
+    def against_naive(label: str) -> dict:
+        ratios = [r / n for r, n in zip(rounds[label], rounds["naive"])]
+        return {"ratio": statistics.median(ratios), "ratio_spread": median_spread(ratios),
+                "ratio_interval": ratio_interval(rounds[label], rounds["naive"]) if repeat > 1 else None}
+
     return {"reuse_s": statistics.median(rounds["reuse"]), "naive_s": statistics.median(rounds["naive"]),
-            "ratio": statistics.median(ratios), "ratio_spread": median_spread(ratios),
-            "ratio_interval": ratio_interval(rounds["reuse"], rounds["naive"]) if repeat > 1 else None,
-            "rounds": repeat, "flop_floor": profiling_flop_floor(model, windows[:1])}
+            **against_naive("reuse"), "rounds": repeat, "tokens": int(windows.numel()),
+            "flop_floor": profiling_flop_floor(model, windows[:1]),
+            "anchored": {"seconds": statistics.median(rounds["anchored"]), **against_naive("anchored"),
+                         "regret": rows_regrets(rows["reuse"], rows["anchored"])}}
 
 
 def solver_cost(num_layers: int = 60, k_max: int = 16, repeat: int = 3, seed: int = 0) -> dict:

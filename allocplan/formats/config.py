@@ -35,7 +35,7 @@ RECIPE_KIND = "allocplan-recipe"
 RECIPE_SCHEMA_VERSION = 1
 
 # Profiling strategies and metrics a user can choose (data-free profiles are a baseline's, not a choice).
-PROFILE_STRATEGIES = ("isolated", "paper")
+PROFILE_STRATEGIES = ("isolated", "paper", "anchored")
 PROFILE_METRICS = ("kl", "nll")
 K_STEPS = (1.0, 0.5)
 # What a user may ask for; a profile records what was done (formats/profile.py, WEIGHT_FIT_RECORDS).
@@ -144,8 +144,11 @@ class ProfileConfig:
         text_field: the field holding the text in a ``.jsonl`` file or a dataset.
         calib_tokens: tokens of calibration text to score (cut into full windows).
         seq_len: tokens per packed window.
-        strategy: ``isolated`` (other layers at their original k) or ``paper`` (later
-            layers at k_min, deepest layer first).
+        strategy: ``isolated`` (other layers at their original k), ``paper`` (later
+            layers at k_min, deepest layer first) or ``anchored`` (other layers at their original k;
+            each layer's probes carry its change straight to the head, scaled by the ratio of the
+            exact to the carried loss of its k_min probe: time linear in depth, S approximate;
+            see :mod:`allocplan.planner.profiling`).
         metric: ``kl`` (KL divergence from the full model) or ``nll`` (NLL increase).
         k_min: smallest top-k a layer may be given.
         k_step: candidate grid: 1.0 (whole experts) or 0.5 (halves, realised by Alloc-T).
@@ -183,7 +186,8 @@ class ProfileConfig:
     text_field: str = setting("text", "Field holding the text in a .jsonl calibration file or a dataset.")
     calib_tokens: int = setting(16384, "Tokens of calibration text to score.", minimum=2)
     seq_len: int = setting(256, "Tokens per packed calibration window.", minimum=2)
-    strategy: str = setting("isolated", "What the other layers do while one layer is profiled.",
+    strategy: str = setting("isolated", "What the other layers do while one layer is profiled (anchored: an"
+                                        " approximate S whose time grows linearly in depth).",
                             choices=PROFILE_STRATEGIES)
     metric: str = setting("kl", "Sensitivity metric: KL divergence from the full model, or NLL increase.",
                           choices=PROFILE_METRICS)
@@ -242,6 +246,10 @@ class ProfileConfig:
                                      " not fit; leave it out")
         elif self.compensation_rank is not None and self.compensation_share != STAND_IN_SHARE:
             raise AllocplanError("--compensation-share chooses the rank that --compensation-rank gives; give one")
+        if self.strategy == "anchored" and self.metric != "kl":
+            # The anchor's scale is a ratio of two losses; an NLL increase can be 0 or negative, a KL cannot.
+            raise AllocplanError(f"--strategy anchored scales each probe by a ratio of KL divergences; --metric"
+                                 f" {self.metric} can be 0 or negative there: use --metric kl")
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ PLAN_KIND = "allocplan-plan"
 # such a tolerance of its optimum, and sensitivities (stored to 9 significant digits) can be tiny and
 # negative, where a relative test alone would flag noise.
 AGREEMENT_TOLERANCE = 1e-9
-STRATEGIES = ("isolated", "paper", "data-free")
+STRATEGIES = ("isolated", "paper", "anchored", "data-free")
 METRICS = ("nll", "kl", "output-change")
 PLAN_SCHEMA_VERSION = 3
 # Earlier versions this allocplan still reads (and upgrades; see upgrade_plan_data).
@@ -135,7 +135,7 @@ class PlanProvenance:
     Attributes:
         allocplan_version: allocplan that solved the plan.
         torch_version / transformers_version: the versions the sensitivities were measured with.
-        strategy: profiling strategy (``isolated`` or ``paper``).
+        strategy: profiling strategy (``isolated``, ``anchored``, ``paper`` or ``data-free``).
         k_min: smallest k a layer could be given.
         profile_sha256: hash of the canonical sensitivity profile the plan was solved from.
         calibration: the calibration text.

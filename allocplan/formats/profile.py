@@ -30,7 +30,7 @@ MAX_SENSITIVITY = 1000.0
 PROFILE_SCHEMA_VERSION = 3
 READABLE_PROFILE_VERSIONS = (1, 2, 3)
 METRICS = ("nll", "kl", "output-change")
-STRATEGIES = ("isolated", "paper", "data-free")
+STRATEGIES = ("isolated", "paper", "anchored", "data-free")
 WEIGHT_FIT_RECORDS = ("fitted", "off")
 
 
@@ -102,9 +102,11 @@ class Measurement:
         metric: ``nll`` (mean next-token NLL increase), ``kl`` (mean KL divergence of
             next-token distributions from the full model's) or ``output-change`` (relative
             squared Frobenius change of the MoE block's output, data-free profiles only).
-        strategy: ``isolated`` (other layers at K), ``paper`` (earlier layers at K,
-            later layers at k_min, profiled deepest first) or ``data-free`` (each block
-            alone on Gaussian inputs, as LExI does; calibration holds the input size).
+        strategy: ``isolated`` (other layers at K), ``anchored`` (other layers at K; every probe
+            but each layer's k_min one carried straight to the head and scaled, an approximate S),
+            ``paper`` (earlier layers at K, later layers at k_min, profiled deepest first) or
+            ``data-free`` (each block alone on Gaussian inputs, as LExI does; calibration holds
+            the input size).
         k_min: smallest candidate k per layer.
         k_step: spacing of the candidate grid: 1 (whole experts) or 0.5 (a half-expert grid,
             whose fractional k are realised by token-level allocation).
