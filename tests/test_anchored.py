@@ -155,3 +155,18 @@ def test_cli_profiles_anchored_and_refuses_it_with_nll(checkpoints, calib_file, 
     assert done.returncode == 2 and not refused.exists()
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "--strategy anchored" in lines[0] and "--metric kl" in lines[0], done.stderr
+
+
+def test_anchored_cost_model_by_hand():
+    """docs/scale.md's anchored estimates: two MoE layers of K = 3, 2 options per (layer, k), anchors on a
+    quarter of the batches."""
+    from allocplan.bench.cost_model import FITTING_PASSES, anchored_probe_flops, anchored_streamed_bytes
+
+    layer = {"moe": True, "k": 3, "block": 10, "expert": 100, "base": 1000, "params": 5}
+    costs = {"layers": [layer, dict(layer)], "head": 50, "options": 2}
+    # Carried, per layer: 2 * (10 + 100 + 50) + 2 * (10 + 200 + 50) = 840. Anchors k = 1 and 2, a quarter:
+    # layer 0 re-runs layer 1 (1000 + 300) and the head: (1460 + 1560) / 4 = 755; layer 1 only the head: 105.
+    assert anchored_probe_flops(costs, anchor_share=0.25) == pytest.approx(840 + 755 + 840 + 105)
+    # Streamed at 2 bytes: each layer 10 bytes, once per pass; per (layer, k) the layer itself (2 * 10), and
+    # per anchor the layer and the later ones: layer 0 2 * 20 / 4, layer 1 2 * 10 / 4.
+    assert anchored_streamed_bytes(costs, 2.0, 0.25) == pytest.approx((1 + FITTING_PASSES) * 20 + 20 + 10 + 20 + 5)

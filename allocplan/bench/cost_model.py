@@ -196,6 +196,22 @@ def probe_flops(costs: dict, k_min: int = 1) -> float:
     return total
 
 
+def anchored_probe_flops(costs: dict, k_min: int = 1, anchor_share: float = 0.25) -> float:
+    """FLOPs per token of every probe of one batch under ``--strategy anchored`` (planner/anchoring.py):
+    ``costs["options"]`` carried probes per (layer, k < K), each the block at k and the head only, and the
+    layer's two anchors (k_min and K - 1) re-run exactly, block and every later layer, on
+    ``anchor_share`` of the batches (the first of every four)."""
+    rows, total = costs["layers"], 0.0
+    for position, row in enumerate(rows):
+        if not row["moe"] or row["k"] <= k_min:
+            continue
+        after = sum(r["base"] + r["k"] * r["expert"] for r in rows[position + 1 :]) + costs["head"]
+        for k in range(k_min, row["k"]):
+            total += costs.get("options", 1) * (row["block"] + k * row["expert"] + costs["head"])
+        total += anchor_share * sum(row["block"] + k * row["expert"] + after for k in {k_min, row["k"] - 1})
+    return total
+
+
 # The fitting passes: stand-ins, the drop order (when on by default) and the treatments.
 FITTING_PASSES = 3 if ProfileConfig().drop_order else 2
 
@@ -216,6 +232,19 @@ def streamed_bytes(costs: dict, weight_bytes: float) -> float:
     for position, row in enumerate(rows):
         if row["moe"]:
             total += (row["k"] - 1) * (size[position] + sum(size[position + 1 :]))
+    return total
+
+
+def anchored_streamed_bytes(costs: dict, weight_bytes: float, anchor_share: float = 0.25) -> float:
+    """:func:`streamed_bytes` under ``--strategy anchored``: per (layer, k) the probed layer only, and per
+    anchor, on ``anchor_share`` of the batches, the probed layer and every later one."""
+    rows = costs["layers"]
+    size = [r["params"] * weight_bytes for r in rows]
+    total = (1 + FITTING_PASSES) * sum(size)
+    for position, row in enumerate(rows):
+        if row["moe"] and row["k"] > 1:
+            anchors = len({1, row["k"] - 1})
+            total += (row["k"] - 1) * size[position] + anchor_share * anchors * sum(size[position:])
     return total
 
 

@@ -20,8 +20,10 @@ from allocplan.planner.profiling import Deployment, measure_sensitivity
 from allocplan.planner.treatments import compensation_tables, encode_tables, fit_treatments, sidecar_dtype
 from allocplan.runtime.layers import find_moe_layers
 
-from .cost_model import (FITTING_PASSES, activation_bytes, fitting_flops, forward_flops, layer_costs, module_flops,
-                         probe_flops, streamed_bytes)
+from allocplan.planner.profiling import ANCHOR_EVERY
+
+from .cost_model import (FITTING_PASSES, activation_bytes, anchored_probe_flops, anchored_streamed_bytes,
+                         fitting_flops, forward_flops, layer_costs, module_flops, probe_flops, streamed_bytes)
 from .presets import build_preset
 
 CALIB_TOKENS, SEQ_LEN, BATCH = 16384, 256, 8  # ProfileConfig's defaults
@@ -116,24 +118,33 @@ def estimate(name: str, config: Any, weight_bytes: float, overhead: dict) -> dic
     weights = costs["params"] * weight_bytes
     activations = activation_bytes(costs, BATCH, SEQ_LEN)
     per_replica = math.ceil((weights * 1.1 + activations) / GPU_MEMORY)
-    rows = {}
-    for gpus in GPU_COUNTS:
-        replicas = gpus // per_replica
-        if replicas:
-            # A replica spread over several GPUs by a device_map runs its layers one GPU at a time.
-            seconds = (shared + probes / replicas) / rate
-            rows[gpus] = {"hours": seconds / 3600, "replicas": replicas, "how": f"{replicas} shard(s)"
-                          + (f" of {per_replica} GPUs each" if per_replica > 1 else "")}
-        else:
-            # Offloaded: a layer's weights cross PCIe each time it runs; GPUs split the probes.
-            seconds = max((shared + probes) / (rate * gpus), batches * streamed_bytes(costs, weight_bytes)
-                          / (PCIE_BYTES_PER_S * gpus))
-            rows[gpus] = {"hours": seconds / 3600, "replicas": 0,
-                          "how": f"offloaded, PCIe-bound: a copy needs {per_replica} GPUs"}
+    # The anchored strategy's anchors run on the first batch of every ANCHOR_EVERY.
+    anchor_share = math.ceil(batches / ANCHOR_EVERY) / batches
+    anchored = anchored_probe_flops(costs, anchor_share=anchor_share) * tokens * overhead["probes"]
+
+    def gpu_rows(probes: float, streamed: float) -> dict:
+        rows = {}
+        for gpus in GPU_COUNTS:
+            replicas = gpus // per_replica
+            if replicas:
+                # A replica spread over several GPUs by a device_map runs its layers one GPU at a time.
+                seconds = (shared + probes / replicas) / rate
+                rows[gpus] = {"hours": seconds / 3600, "replicas": replicas, "how": f"{replicas} shard(s)"
+                              + (f" of {per_replica} GPUs each" if per_replica > 1 else "")}
+            else:
+                # Offloaded: a layer's weights cross PCIe each time it runs; GPUs split the probes.
+                seconds = max((shared + probes) / (rate * gpus), batches * streamed / (PCIE_BYTES_PER_S * gpus))
+                rows[gpus] = {"hours": seconds / 3600, "replicas": 0,
+                              "how": f"offloaded, PCIe-bound: a copy needs {per_replica} GPUs"}
+        return rows
+
     return {"model": name, "params_b": costs["params"] / 1e9, "weight_gb": weights / 1e9,
             "activations_gb": activations / 1e9, "gpus_per_copy": per_replica,
             "forward_tflop": forward / 1e12, "probe_forward_equivalents": probe_flops(costs) / forward_flops(costs),
-            "rows": rows}
+            "rows": gpu_rows(probes, streamed_bytes(costs, weight_bytes)),
+            "anchored": {"probe_forward_equivalents": anchored_probe_flops(costs, anchor_share=anchor_share)
+                         / forward_flops(costs),
+                         "rows": gpu_rows(anchored, anchored_streamed_bytes(costs, weight_bytes, anchor_share))}}
 
 
 def duration(seconds: float) -> str:
@@ -220,6 +231,21 @@ def render(data: dict) -> str:
         lines.append(f"| {row['model']} | {row['params_b']:.1f} B | {row['weight_gb']:.0f} GB |"
                      f" {row['activations_gb']:.1f} GB | {row['gpus_per_copy']} |"
                      f" {row['probe_forward_equivalents']:.0f} | " + " | ".join(cells) + " |")
+    if all("anchored" in row for row in data["models"]):
+        lines += ["", "With `--strategy anchored` (an approximate S, planner/anchoring.py): each probe runs the probed",
+                  "block and the head only, and each layer's two anchors re-run the later layers on the first",
+                  f"batch of every {ANCHOR_EVERY}, so the probe cost grows linearly in depth but for the anchors. The same",
+                  "measured overheads are applied to its FLOPs (an assumption: they were measured on exact probes).",
+                  "What it costs a plan is measured on bundled:ref-deep in docs/benchmarks.md (profiling time",
+                  "against depth).", "",
+                  "| model | probe cost (forwards) | " + " | ".join(f"{g} GPU{'s' if g > 1 else ''}" for g in GPU_COUNTS)
+                  + " |", "| --- | --- | " + " | ".join("---" for _ in GPU_COUNTS) + " |"]
+        for row in data["models"]:
+            anchored = row["anchored"]
+            cells = [anchored["rows"][str(gpus)] if str(gpus) in anchored["rows"] else anchored["rows"][gpus]
+                     for gpus in GPU_COUNTS]
+            lines.append(f"| {row['model']} | {anchored['probe_forward_equivalents']:.0f} | "
+                         + " | ".join(f"{duration(cell['hours'] * 3600)} ({cell['how']})" for cell in cells) + " |")
     lines += ["", "Times are compute only: reading the checkpoint (31 GB for DeepSeek-V2-Lite, 671 GB for",
               "DeepSeek-V3) from disk, and each shard loading its copy, come on top and often dominate the smaller",
               "models' rows.", "",
@@ -227,6 +253,6 @@ def render(data: dict) -> str:
               "probed layer, once per stand-in option (none, the constant and two ranks: 4 per (layer, k) by",
               "default), so it grows with depth² × k-grid size × options (DeepSeek-V3: 58 MoE layers × 7 smaller",
               "k each × 4); `--fixed-stand-ins` measures 2 options, `--compensation off` 1.",
-              "`--k-min` above 1 and `--strategy isolated` (the default) keep it down; `--calib-tokens` scales",
-              "everything linearly."]
+              "`--k-min` above 1 and `--strategy isolated` (the default) keep it down, `--strategy anchored`",
+              "(above) most; `--calib-tokens` scales everything linearly."]
     return "\n".join(lines) + "\n"
