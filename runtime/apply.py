@@ -98,7 +98,8 @@ class PlanHandle:
     def added_bytes(self) -> int:
         """Bytes of memory the applied plan holds beyond the model's own weights: its stand-ins' tensors (their
         constants and factors: the factors once, in the native kernel's half-precision tables where it serves
-        them, else in the sidecar's dtype), each storage counted once. Routing keeps only a few small constants, which are not counted."""
+        them, else in the sidecar's dtype), each storage counted once. Routing keeps only a few small
+        constants, which are not counted."""
         storages: dict[int, int] = {}
         for module, name in self._attributes:
             held = getattr(getattr(module, name, None), "held_tensors", None)
