@@ -146,8 +146,8 @@ class ProfileConfig:
         seq_len: tokens per packed window.
         strategy: ``isolated`` (other layers at their original k), ``paper`` (later
             layers at k_min, deepest layer first) or ``anchored`` (other layers at their original k;
-            each layer's probes carry its change straight to the head, scaled by the ratio of the
-            exact to the carried loss of its k_min probe: time linear in depth, S approximate;
+            each layer's probes carry its change straight to the head, corrected by two anchor
+            probes measured exactly: time linear in depth but for the anchors, S approximate;
             see :mod:`allocplan.planner.profiling`).
         metric: ``kl`` (KL divergence from the full model) or ``nll`` (NLL increase).
         k_min: smallest top-k a layer may be given.
@@ -187,7 +187,7 @@ class ProfileConfig:
     calib_tokens: int = setting(16384, "Tokens of calibration text to score.", minimum=2)
     seq_len: int = setting(256, "Tokens per packed calibration window.", minimum=2)
     strategy: str = setting("isolated", "What the other layers do while one layer is profiled (anchored: an"
-                                        " approximate S whose time grows linearly in depth).",
+                                        " approximate S for deep models: a probe skips the later layers).",
                             choices=PROFILE_STRATEGIES)
     metric: str = setting("kl", "Sensitivity metric: KL divergence from the full model, or NLL increase.",
                           choices=PROFILE_METRICS)
