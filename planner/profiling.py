@@ -415,6 +415,9 @@ def measure_sensitivities(
         if cells is not None and (position, k) not in cells:
             return 0.0  # another shard's cell
         if anchored:
+            # A carried KL sum a hair below 0 is float32 rounding of a KL near 0 (seen on tiny random models):
+            # 0, before a correction of up to 20x could make it a visible negative S.
+            total = max(total, 0.0)
             total *= correction(found[position], total / scored)
         return rounded(total / scored)
 

@@ -170,3 +170,24 @@ def test_anchored_cost_model_by_hand():
     # Streamed at 2 bytes: each layer 10 bytes, once per pass; per (layer, k) the layer itself (2 * 10), and
     # per anchor the layer and the later ones: layer 0 2 * 20 / 4, layer 1 2 * 10 / 4.
     assert anchored_streamed_bytes(costs, 2.0, 0.25) == pytest.approx((1 + FITTING_PASSES) * 20 + 20 + 10 + 20 + 5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", sorted(__import__("tiny_models").FAMILY_CONFIGS))
+def test_anchored_profiles_every_family(family):
+    """Every registered family profiles under the anchored strategy (llama4's dense router with plain top-k,
+    as for any strategy), and where its last MoE layer is its last decoder layer that layer's rows are the
+    isolated strategy's: nothing follows it to carry past."""
+    from allocplan import RoutingConfig
+    from allocplan.runtime.layers import find_moe_layers, model_family
+
+    model, tokenizer = build_tiny_model(family), tiny_tokenizer()
+    routing = RoutingConfig(token_level=False) if family == "llama4_text" else None
+    config = dict(calib_tokens=128, seq_len=32)
+    anchored = allocplan.profile_model(model, tokenizer, ProfileConfig(strategy="anchored", **config), routing)
+    exact = allocplan.profile_model(model, tokenizer, ProfileConfig(**config), routing)
+    assert anchored.measurement.strategy == "anchored" and len(anchored.layers) == len(exact.layers)
+    assert all(math.isfinite(v) and v >= 0 for layer in anchored.layers for v in layer.sensitivity.values())
+    decoder_layers = model.get_submodule(model_family(model).layers_path)
+    if find_moe_layers(model)[-1].index == len(decoder_layers) - 1:
+        assert anchored.layers[-1].sensitivity == exact.layers[-1].sensitivity
