@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 TESTS = Path(__file__).resolve().parent
 
 CODE = """
@@ -48,6 +50,7 @@ def test_plan_profile_and_sidecar_do_not_depend_on_the_thread_count(tmp_path):
     assert hashlib.sha256(runs[1][1]).hexdigest()  # (a real profile was written)
 
 
+@pytest.mark.slow
 def test_anchored_profiles_do_not_depend_on_the_thread_count(tmp_path):
     """The anchored strategy's carried probes and anchors run on the planner's fixed thread count too."""
     runs = {threads: compile_under(threads, tmp_path, "anchored") for threads in (1, 4)}
