@@ -156,6 +156,11 @@ NO_STAND_INS = None
 ANCHOR_EVERY = 4
 
 
+def anchor_share(batches: int) -> float:
+    """The share of ``batches`` calibration batches the anchored strategy measures its anchors on."""
+    return -(-batches // ANCHOR_EVERY) / batches
+
+
 def anchor_options(row: dict[int | float, float], original: int, layer_ranks: list[int | None]
                    ) -> dict[tuple[int | float, int | None], None]:
     """The anchored strategy's anchor probes (k, stand-in rank) of one layer (planner/anchoring.py): k_min
@@ -211,10 +216,13 @@ class _LayerReplay:
         self.additive: list[bool | None] = [None] * len(layers)
         self.outputs: list[Any] = []
         self.block_io: list[Any] = []
+        # Per MoE layer position, what the later layers added to the residual stream in this batch's reference.
+        self.carries: dict[int, torch.Tensor] = {}
 
     def reference(self, batch: torch.Tensor) -> torch.Tensor:
         """The untouched model's log-probabilities, recording every layer's output on the way."""
         self.outputs, self.block_io, hooks = record_outputs(self.decoder_layers, [l.block for l in self.layers])
+        self.carries = {}
         try:
             return next_token_logprobs(self.model, batch)
         finally:
@@ -248,9 +256,9 @@ class _LayerReplay:
         after it replaced by the residual updates they recorded (the anchored strategy's probe)."""
         index = self.layers[position].index
         replacements = self._replacements(batch, position)
-        # What the later layers added to the residual stream in the reference pass: [B, S, H].
-        carry = hidden_of(self.outputs[-1]) - hidden_of(self.outputs[index])
-        replacements[index] = Carried(replacements.get(index, self.decoder_layers[index]), carry)
+        if position not in self.carries:  # once per batch and layer, for all of the layer's probes
+            self.carries[position] = hidden_of(self.outputs[-1]) - hidden_of(self.outputs[index])  # [B, S, H]
+        replacements[index] = Carried(replacements.get(index, self.decoder_layers[index]), self.carries[position])
         replacements.update({j: Passthrough(self.outputs[j]) for j in range(index + 1, len(self.decoder_layers))})
         with replayed(self.decoder_layers, replacements):
             return next_token_logprobs(self.model, batch, scratch)
@@ -342,8 +350,6 @@ def measure_sensitivities(
     if anchored and not reuse_prefix:
         raise ValueError("the anchored strategy's probes replay the reference pass; its naive reference is"
                          " the isolated strategy's")
-    if anchored and config.metric != "kl":
-        raise AllocplanError("--strategy anchored needs --metric kl (ProfileConfig)")
     # float64 accumulators: sums over up to millions of token-level differences.
     increase = [{k: 0.0 for k in k_grid(config.k_min, original, config.k_step)} for original in originals]
     options = deployment.stand_ins

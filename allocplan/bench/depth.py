@@ -82,10 +82,9 @@ def anchored_layer_forwards(moe_layers: int, probes: int, batches: int) -> float
     """Decoder-layer forwards per batch of the anchored strategy's probes, on average over ``batches``: each
     of the ``probes`` carried probes of a layer runs that layer's block only, and the layer's two anchors
     re-run it and every layer after it, on the first batch of every ``ANCHOR_EVERY``."""
-    from allocplan.planner.profiling import ANCHOR_EVERY
+    from allocplan.planner.profiling import anchor_share
 
-    anchor_batches = -(-batches // ANCHOR_EVERY)
-    return probes * moe_layers + 2 * moe_layers * (moe_layers + 1) // 2 * anchor_batches / batches
+    return probes * moe_layers + 2 * moe_layers * (moe_layers + 1) // 2 * anchor_share(batches)
 
 
 def growth_exponent(depths: list[int], seconds: list[float]) -> float:

@@ -20,7 +20,7 @@ from allocplan.planner.profiling import Deployment, measure_sensitivity
 from allocplan.planner.treatments import compensation_tables, encode_tables, fit_treatments, sidecar_dtype
 from allocplan.runtime.layers import find_moe_layers
 
-from allocplan.planner.profiling import ANCHOR_EVERY
+from allocplan.planner.profiling import ANCHOR_EVERY, anchor_share
 
 from .cost_model import (FITTING_PASSES, activation_bytes, anchored_probe_flops, anchored_streamed_bytes,
                          fitting_flops, forward_flops, layer_costs, module_flops, probe_flops, streamed_bytes)
@@ -118,9 +118,8 @@ def estimate(name: str, config: Any, weight_bytes: float, overhead: dict) -> dic
     weights = costs["params"] * weight_bytes
     activations = activation_bytes(costs, BATCH, SEQ_LEN)
     per_replica = math.ceil((weights * 1.1 + activations) / GPU_MEMORY)
-    # The anchored strategy's anchors run on the first batch of every ANCHOR_EVERY.
-    anchor_share = math.ceil(batches / ANCHOR_EVERY) / batches
-    anchored = anchored_probe_flops(costs, anchor_share=anchor_share) * tokens * overhead["probes"]
+    share = anchor_share(batches)  # the batches the anchored strategy's anchors run on
+    anchored = anchored_probe_flops(costs, anchor_share=share) * tokens * overhead["probes"]
 
     def gpu_rows(probes: float, streamed: float) -> dict:
         rows = {}
@@ -142,9 +141,9 @@ def estimate(name: str, config: Any, weight_bytes: float, overhead: dict) -> dic
             "activations_gb": activations / 1e9, "gpus_per_copy": per_replica,
             "forward_tflop": forward / 1e12, "probe_forward_equivalents": probe_flops(costs) / forward_flops(costs),
             "rows": gpu_rows(probes, streamed_bytes(costs, weight_bytes)),
-            "anchored": {"probe_forward_equivalents": anchored_probe_flops(costs, anchor_share=anchor_share)
+            "anchored": {"probe_forward_equivalents": anchored_probe_flops(costs, anchor_share=share)
                          / forward_flops(costs),
-                         "rows": gpu_rows(anchored, anchored_streamed_bytes(costs, weight_bytes, anchor_share))}}
+                         "rows": gpu_rows(anchored, anchored_streamed_bytes(costs, weight_bytes, share))}}
 
 
 def duration(seconds: float) -> str:
