@@ -11,6 +11,9 @@ Run:  python scripts/make_results.py --jobs 3     (24 to 88 minutes on 2 CPU cor
       python scripts/make_results.py --render-only  (rewrite the page from docs/results.json)
       python scripts/make_results.py --models ref-qwen3 --update   (evaluate one model, keep the others'
                                                                      results from docs/results.json)
+      python scripts/make_results.py --jobs 3 --update --budgets 0.33   (evaluate every model at one budget,
+                                                keep the other budgets' results and, where that budget's plans are
+                                                unchanged, the frontier's times)
       python scripts/make_results.py --times   (time every frontier point of each model in docs/results.json,
                                                 in one process on one thread, about 30 minutes; store it in
                                                 the JSON and rewrite the page)
@@ -62,6 +65,41 @@ def run_parts(models: list[str], args: argparse.Namespace) -> list[dict]:
     return [results[name] for name in models]
 
 
+# What a model's quality run derives from calibration text alone: equal in two runs, they built the same policies.
+CALIBRATION_FIELDS = ("sensitivity", "stand_in_sensitivity", "paper_sensitivity", "sensitivity_metric", "compensation",
+                      "moe_layers", "uniform_k")
+# A budget's plans, which its frontier times were measured on.
+PLAN_FIELDS = ("plan", "paper_plan", "single_option")
+
+
+def merge_budgets(previous: dict | None, fresh: dict) -> dict:
+    """``fresh`` (a model evaluated at some budgets, ``--update --budgets ...``) merged into its ``previous``
+    results: the fresh budgets replace theirs, the others are kept, with the frontier's times where every
+    fresh budget's plans are the ones they were measured on. A fresh run of every budget replaces the model.
+
+    Raises:
+        SystemExit: the two runs derived different profiles from the calibration text (the code changed what
+            the kept budgets were built on): evaluate every budget instead.
+    """
+    if previous is None or set(fresh["budgets"]) >= set(previous["budgets"]):
+        return fresh
+    changed = [field for field in CALIBRATION_FIELDS if previous.get(field) != fresh.get(field)]
+    if changed:
+        raise SystemExit(f"[{fresh['model']}] --update --budgets: this run's {', '.join(changed)} differ from the"
+                         " kept budgets'; evaluate every budget (leave out --budgets)")
+    merged = dict(previous, budgets=dict(previous["budgets"]), eval_tokens=dict(previous["eval_tokens"]))
+    for budget, data in fresh["budgets"].items():
+        merged["budgets"][budget] = data
+        merged["eval_tokens"][budget] = fresh["eval_tokens"][budget]
+    moved = [budget for budget, data in fresh["budgets"].items() if budget in previous["budgets"] and any(
+        data.get(field) != previous["budgets"][budget].get(field) for field in PLAN_FIELDS)]
+    if moved and "frontier_time" in merged:
+        del merged["frontier_time"]
+        print(f"[{fresh['model']}] plans at {', '.join(moved)} changed: frontier times dropped (run --times)",
+              flush=True)
+    return merged
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=MODELS)
@@ -80,8 +118,9 @@ def main() -> None:
                              " run) on its reference, sequentially in this process, and store it in that JSON; the"
                              " code must not have changed since that run")
     parser.add_argument("--update", action="store_true",
-                        help="evaluate only --models and keep every other model's results from the JSON of the"
-                             " last run (the code must not have changed in between)")
+                        help="evaluate only --models (at --budgets) and keep every other model's results, and with"
+                             " fewer --budgets every other budget's, from the JSON of the last run (the code must not"
+                             " have changed what they measure in between)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.part_out:
@@ -106,17 +145,26 @@ def main() -> None:
         else:
             all_results = [evaluate_model(name, args.budgets, args.quick, EVAL_TEXT, ARITH) for name in args.models]
         if args.update and out.with_suffix(".json").exists():
+            previous = {res["model"]: res for res in json.loads(out.with_suffix(".json").read_text())}
+            all_results = [merge_budgets(previous.get(res["model"]), res) for res in all_results]
             fresh = {res["model"] for res in all_results}
-            kept_results = [res for res in json.loads(out.with_suffix(".json").read_text()) if res["model"] not in fresh]
+            kept_results = [res for res in previous.values() if res["model"] not in fresh]
             order = {name: i for i, name in enumerate(MODELS)}
             all_results = sorted(kept_results + all_results, key=lambda res: order.get(res["model"], len(order)))
         out.with_suffix(".json").write_text(json.dumps(all_results, indent=1) + "\n")
     plot = out.with_name(out.stem + "-nll.png")
     # The page names the one command that gives it: over every model it holds (with --update or
     # --render-only, those may differ from this invocation's --models).
-    kept = [a for a in sys.argv[1:] if a not in ("--render-only", "--update", "--times", "--models", *args.models)]
+    kept, skipping = [], False
+    for argument in sys.argv[1:]:  # without the options whose values the page's own models and budgets give
+        if argument.startswith("--"):
+            skipping = argument in ("--models", "--budgets")
+        if not skipping and argument not in ("--render-only", "--update", "--times"):
+            kept.append(argument)
     names = [res["model"] for res in all_results]
-    kept = ([] if names == MODELS else ["--models", *names]) + kept
+    held = sorted({float(b) for res in all_results for b in res["budgets"]})
+    kept = ([] if names == MODELS else ["--models", *names]) + ([] if held == sorted(BUDGETS) else
+                                                               ["--budgets", *map(str, held)]) + kept
     command = ("python scripts/make_results.py " + " ".join(kept)).strip()
     write_markdown(all_results, out, plot.name if write_plot(all_results, plot) else None, command)
     print(f"wrote {out}", flush=True)

@@ -15,6 +15,21 @@ from .study import (ABLATIONS, BASELINES, COMPARED, DEFAULT, FRONTIER_CURVES, FR
                     UNIFORM_CURVE)
 
 
+# The eval tokens a budget must have on every model to count as well scored (the quality targets' budgets are).
+WELL_SCORED_TOKENS = 20000
+
+
+def _well_scored(all_results: list[dict]) -> str:
+    """The budgets every model was scored on at least WELL_SCORED_TOKENS eval tokens at, in words ("budgets 0.33
+    and 0.5", "budget 0.5")."""
+    budgets = sorted({b for res in all_results for b in res["eval_tokens"]}, key=float)
+    scored = [b for b in budgets if all(res["eval_tokens"].get(b, 0) >= WELL_SCORED_TOKENS for res in all_results)]
+    if not scored:
+        return "no budget"
+    return ("budget " if len(scored) == 1 else "budgets ") + " and ".join(filter(None, [", ".join(scored[:-1]),
+                                                                                         scored[-1]]))
+
+
 def fmt(value: float | None, digits: int = 4) -> str:
     """A number to ``digits`` decimals, ``—`` for None, never ``-0.00``."""
     if value is None:
@@ -68,8 +83,9 @@ def write_markdown(all_results: list[dict], path: Path, plot: str | None, comman
         "  **lower end** clears it. Tables per budget also give the gap closed against uniform at the budget's",
         "  activations (`uniform` row; experts only). Each comparison of the default with another method is the",
         "  mean per-token NLL difference (default − other) with a 95% paired-bootstrap interval; \"beats\" means",
-        "  the whole interval is below zero. At budget 0.5 each model is scored on at least 20,000 eval tokens;",
-        "  other budgets on fewer (stated per budget); arithmetic is scored at 0.5 only.",
+        f"  the whole interval is below zero. At {_well_scored(all_results)} each model is scored on at least",
+        f"  {WELL_SCORED_TOKENS:,} eval tokens; other budgets on fewer (stated per budget); arithmetic is scored at",
+        "  0.5 only.",
         "",
     ]
     lines += target_lines(all_results)
@@ -464,7 +480,8 @@ def frontier_lines(all_results: list[dict], plot: str | None) -> list[str]:
              "(expert-equivalents, counted while scoring) and its eval NLL. Uniform top-k at whole k, Alloc-T alone",
              "at each budget (fractional uniform k through token-level allocation), the paper's Alloc-L+T, the",
              "default at each budget, and the peers. NLL is over the eval windows every point was scored on (the",
-             "first ones: budgets other than 0.5 score less text), so points of one model compare on one text.", ""]
+             f"first ones: other than {_well_scored(all_results)}, budgets score less text), so points of one",
+             "model compare on one text.", ""]
     if timing is None:
         lines += ["Time per token of each point is not measured in this run.", ""]
     else:

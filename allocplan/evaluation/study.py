@@ -97,11 +97,15 @@ def study_refine(quick: bool) -> RefineConfig:
     return RefineConfig(refine_tokens=1024) if quick else RefineConfig()
 
 
+# The budgets the quality targets are judged at: each scored on at least 20,000 eval tokens, the others on fewer.
+TARGET_BUDGETS = tuple(sorted({budget for budget, _, _ in QUALITY_TARGETS}))
+
+
 def eval_tokens(budget: float, quick: bool) -> int:
-    """Eval tokens scored: at least 20,000 at the main budget, where the targets are judged."""
+    """Eval tokens scored: at least 20,000 at the budgets the quality targets are judged at (TARGET_BUDGETS)."""
     if quick:
         return 2048
-    return 24576 if budget == MAIN_BUDGET else 8192
+    return 24576 if budget in TARGET_BUDGETS else 8192
 
 
 def evaluate_row(model: Any, tokenizer: Any, target: Any, windows: torch.Tensor, modes: list[str],
