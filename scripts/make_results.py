@@ -78,15 +78,16 @@ def merge_budgets(previous: dict | None, fresh: dict) -> dict:
     fresh budget's plans are the ones they were measured on. A fresh run of every budget replaces the model.
 
     Raises:
-        SystemExit: the two runs derived different profiles from the calibration text (the code changed what
-            the kept budgets were built on): evaluate every budget instead.
+        SystemExit: exit code 2, after one line on stderr, where the two runs derived different profiles from the
+            calibration text (the code changed what the kept budgets were built on): evaluate every budget instead.
     """
     if previous is None or set(fresh["budgets"]) >= set(previous["budgets"]):
         return fresh
     changed = [field for field in CALIBRATION_FIELDS if previous.get(field) != fresh.get(field)]
     if changed:
-        raise SystemExit(f"[{fresh['model']}] --update --budgets: this run's {', '.join(changed)} differ from the"
-                         " kept budgets'; evaluate every budget (leave out --budgets)")
+        print(f"[{fresh['model']}] --update --budgets: this run's {', '.join(changed)} differ from the kept"
+              " budgets'; evaluate every budget (leave out --budgets)", file=sys.stderr)
+        raise SystemExit(2)
     merged = dict(previous, budgets=dict(previous["budgets"]), eval_tokens=dict(previous["eval_tokens"]))
     for budget, data in fresh["budgets"].items():
         merged["budgets"][budget] = data

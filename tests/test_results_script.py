@@ -49,11 +49,14 @@ def test_a_changed_plan_drops_the_frontier_times(script):
     assert merged["budgets"]["0.33"]["plan"] == {"k": [2]}
 
 
-def test_other_profiles_refuse_the_merge(script):
+def test_other_profiles_refuse_the_merge(script, capsys):
     previous = model_result({"0.33": budget(4.0), "0.5": budget(3.9)}, {"0.33": 8160, "0.5": 24480})
     fresh = model_result({"0.33": budget(4.1)}, {"0.33": 24480}, sensitivity={"l0": {"1": 0.7}})
-    with pytest.raises(SystemExit, match="sensitivity differ from the kept budgets'"):
+    with pytest.raises(SystemExit) as exit_info:
         script.merge_budgets(previous, fresh)
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err
+    assert "sensitivity differ from the kept budgets'" in message and message.count("\n") == 1
 
 
 def test_every_budget_or_a_new_model_replaces_it_whole(script):

@@ -12,11 +12,7 @@ from pathlib import Path
 from .compare import paired_bootstrap
 from .study import (ABLATIONS, BASELINES, COMPARED, DEFAULT, FRONTIER_CURVES, FRONTIER_PEERS, MAIN_BUDGET, MATCHED,
                     MODES, QUALITY_TARGETS, REFINE_DEFAULT, REFINE_LABEL, SEQ_LEN, SEQUENCE_SCOPE, SINGLE_OPTION,
-                    UNIFORM_CURVE)
-
-
-# The eval tokens a budget must have on every model to count as well scored (the quality targets' budgets are).
-WELL_SCORED_TOKENS = 20000
+                    UNIFORM_CURVE, WELL_SCORED_TOKENS)
 
 
 def _well_scored(all_results: list[dict]) -> str:
@@ -26,8 +22,9 @@ def _well_scored(all_results: list[dict]) -> str:
     scored = [b for b in budgets if all(res["eval_tokens"].get(b, 0) >= WELL_SCORED_TOKENS for res in all_results)]
     if not scored:
         return "no budget"
-    return ("budget " if len(scored) == 1 else "budgets ") + " and ".join(filter(None, [", ".join(scored[:-1]),
-                                                                                         scored[-1]]))
+    if len(scored) == 1:
+        return f"budget {scored[0]}"
+    return f"budgets {', '.join(scored[:-1])} and {scored[-1]}"
 
 
 def fmt(value: float | None, digits: int = 4) -> str:
