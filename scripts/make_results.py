@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from allocplan.evaluation.frontier_time import time_model
+from allocplan.formats.records import atomic_write_text
 from allocplan.evaluation.results_page import write_markdown, write_plot
 from allocplan.evaluation.study import BUDGETS, MODELS, evaluate_model
 
@@ -139,7 +140,7 @@ def main() -> None:
                     scored = None if args.quick else {b: data["plan"] for b, data in res["budgets"].items()}
                     res["frontier_time"] = time_model(res["model"], budgets, args.quick, scored_plans=scored)
                     print(f"[{res['model']}] frontier timed in {res['frontier_time']['seconds']}s", flush=True)
-            out.with_suffix(".json").write_text(json.dumps(all_results, indent=1) + "\n")
+            atomic_write_text(out.with_suffix(".json"), json.dumps(all_results, indent=1) + "\n")
     else:
         if args.jobs > 1 and len(args.models) > 1:
             all_results = run_parts(args.models, args)
@@ -152,7 +153,7 @@ def main() -> None:
             kept_results = [res for res in previous.values() if res["model"] not in fresh]
             order = {name: i for i, name in enumerate(MODELS)}
             all_results = sorted(kept_results + all_results, key=lambda res: order.get(res["model"], len(order)))
-        out.with_suffix(".json").write_text(json.dumps(all_results, indent=1) + "\n")
+        atomic_write_text(out.with_suffix(".json"), json.dumps(all_results, indent=1) + "\n")
     plot = out.with_name(out.stem + "-nll.png")
     # The page names the one command that gives it: over every model it holds (with --update or
     # --render-only, those may differ from this invocation's --models).

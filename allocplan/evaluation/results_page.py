@@ -9,6 +9,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from ..formats.records import atomic_write_text
 from .compare import paired_bootstrap
 from .study import (ABLATIONS, BASELINES, COMPARED, DEFAULT, FRONTIER_CURVES, FRONTIER_PEERS, MAIN_BUDGET, MATCHED,
                     MODES, QUALITY_TARGETS, REFINE_DEFAULT, REFINE_LABEL, SEQ_LEN, SEQUENCE_SCOPE, SINGLE_OPTION,
@@ -94,7 +95,7 @@ def write_markdown(all_results: list[dict], path: Path, plot: str | None, comman
     for res in all_results:
         lines += model_lines(res)
     lines += defaults_lines(all_results) + findings_lines(all_results)
-    path.write_text("\n".join(lines), encoding="utf-8")
+    atomic_write_text(path, "\n".join(lines))
 
 
 def target_verdict(value: float | None, goal: float, low: float | None = None, high: float | None = None) -> str:
