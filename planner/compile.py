@@ -84,8 +84,8 @@ def refined(model: Any, tokenizer: Any, plan: Plan, measured: SensitivityProfile
                                                                for k, rank, layer in zip(ks, ranks, plan.layers)])
         return experts + stand_in <= plan.budget.total_activations + 1e-9
 
-    # The general stand-in form, as the profile was measured (planner/determinism.py), whoever calls.
-    with using_fast_paths(many_token_stand_ins=False):
+    # The general stand-in and experts forms, as the profile was measured (planner/determinism.py), whoever calls.
+    with using_fast_paths(many_token_stand_ins=False, native_few_token_experts=False):
         search = refine_by_exchange(
             model, [layer.planned_k for layer in plan.layers],
             lambda ks: allocation_from_profile(measured, ks, routing, ranks),

@@ -10,9 +10,10 @@ versions give the same plan, profile and sidecar bytes under any thread count (t
 The cost is time: on 2 cores a compile takes about 1.5 times as long. ``ALLOCPLAN_PLANNER_THREADS=N``
 trades that back (plans then match only plans made with the same N).
 
-The planner also measures through the runtime's general stand-in form (``planner_numerics``): the native
-form that prefill uses where it costs less (``FastPaths.many_token_stand_ins``) gives the same sums in
-another float order, and a profile's bytes should not move when the runtime gains a faster form.
+The planner also measures through the runtime's general stand-in and experts forms (``planner_numerics``):
+the native forms that prefill's stand-ins and batched decode's experts use where they cost less
+(``FastPaths.many_token_stand_ins``, ``FastPaths.native_few_token_experts``) give the same sums in another
+float order, and a profile's bytes should not move when the runtime gains a faster form.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def fixed_threads(model: Any = None) -> Iterator[None]:
 
 @contextlib.contextmanager
 def planner_numerics(model: Any = None) -> Iterator[None]:
-    """:func:`fixed_threads`, with the runtime's general stand-in form rather than its native one (module
-    docstring): the numerics every profile, fit and refinement measures on."""
-    with fixed_threads(model), using_fast_paths(many_token_stand_ins=False):
+    """:func:`fixed_threads`, with the runtime's general stand-in and experts forms rather than their native ones
+    (module docstring): the numerics every profile, fit and refinement measures on."""
+    with fixed_threads(model), using_fast_paths(many_token_stand_ins=False, native_few_token_experts=False):
         yield

@@ -18,6 +18,10 @@ Two ways to multiply the grouped rows, chosen per call:
 One token on CPU (batch-1 decode) skips the grouping and the scatter as well
 (``_one_token_experts``): the same loop, the same sums, without their small ops.
 
+Up to 16 tokens on CPU with float32 SwiGLU experts (decoding) go instead through one call of
+a C kernel (``_native_few_experts``, runtime/native/experts_few.c): the same pairs summed in
+the same order, the dot products in another, so the same outputs up to float rounding.
+
 Registered under the name ``allocplan_ragged``; ``apply_plan`` selects it with
 ``model.set_experts_implementation`` and restores the previous choice on remove.
 """
@@ -30,7 +34,8 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
-from transformers.integrations.moe import ExpertsInterface
+from transformers.activations import SiLUActivation
+from transformers.integrations.moe import ExpertsInterface, _default_apply_gate
 
 from .native import standins_kernel
 from .fast_paths import fast_paths
@@ -408,6 +413,11 @@ def active_pairs(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_exp
     )
 
 
+# The profiler range around the native experts kernel's call (its matmuls, gate and combine in one).
+NATIVE_EXPERTS_RANGE = "allocplan::experts_few"
+# The activation modules the native experts kernel's silu stands for.
+_SILU = (SiLUActivation, torch.nn.SiLU)
+
 # Up to this many tokens in a forward on CPU, ``active_pairs`` groups the pairs in Python on the slots read back
 # (batched decode): a few dozen slots, where the general form's nine small ops each pay their fixed cost.
 _FEW_TOKENS = 16
@@ -563,6 +573,11 @@ def ragged_experts_forward(
     """Experts forward over only the non-sentinel pairs (same result as ``eager``)."""
     # (Without autograd: decoding runs under no_grad or inference_mode, and the short form multiplies the
     # input itself where the general form multiplies a gathered copy.)
+    if 0 < hidden_states.shape[0] <= _FEW_TOKENS:
+        result = _native_few_experts(self, hidden_states, top_k_index, top_k_weights)
+        if result is not None:
+            return add_compensation(result, self, hidden_states, top_k_index, top_k_weights,
+                                    self.num_experts).to(hidden_states.dtype)
     if (hidden_states.shape[0] == 1 and hidden_states.device.type == "cpu" and not torch.is_grad_enabled()
             and fast_paths().one_token_experts):
         return _one_token_experts(self, hidden_states, top_k_index, top_k_weights)
@@ -577,6 +592,49 @@ def ragged_experts_forward(
     result = combine(out, pairs, hidden_states.shape[0])
     return add_compensation(result, self, hidden_states, top_k_index, top_k_weights,
                             self.num_experts).to(hidden_states.dtype)
+
+
+def _native_swiglu(self: torch.nn.Module) -> bool:
+    """Whether the native kernel computes these experts as their own forward does: float32 [gate; up] weights,
+    SiLU on the gate (transformers' default gate), no bias, no post-expert norm, not transposed."""
+    gate_up, down = getattr(self, "gate_up_proj", None), getattr(self, "down_proj", None)
+    flags = (getattr(self, name, None) for name in ("has_gate", "has_bias", "has_post_expert_norm", "is_transposed"))
+    return (tuple(flags) == (True, False, False, False) and getattr(self, "is_concatenated", True) and getattr(type(self), "_apply_gate", None) is _default_apply_gate
+            and type(getattr(self, "act_fn", None)) in _SILU and gate_up is not None and down is not None
+            and gate_up.dtype == down.dtype == torch.float32 and gate_up.is_contiguous() and down.is_contiguous()
+            and gate_up.shape[-2] == 2 * down.shape[-1])
+
+
+def _native_few_experts(self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                        top_k_weights: torch.Tensor) -> torch.Tensor | None:
+    """A few tokens' experts [T, H] through the native kernel (decoding on CPU, batch 1 included), or None where
+    it cannot run them: off, not built, autograd on, another device, dtype or expert form (``_native_swiglu``).
+
+    The general form's pairs, in its order, up to float rounding (native/experts_few.c): on CPU its grouped
+    matmuls run one matmul per expert whether the expert has rows or not, and with 8 tokens those calls and the
+    grouping around them cost several times the arithmetic.
+    """
+    if (hidden_states.device.type != "cpu" or torch.is_grad_enabled() or hidden_states.dtype != torch.float32
+            or not fast_paths().native_few_token_experts):
+        return None
+    kernel = standins_kernel()
+    if kernel is None or not _native_swiglu(self):
+        return None
+    x = hidden_states.contiguous()  # [T, H]
+    index = top_k_index.to(torch.int64).contiguous()  # [T, K]
+    weights = as_dtype(top_k_weights, torch.float32).contiguous()  # [T, K]
+    out = torch.empty_like(x)  # [T, H]
+    gate_up, down = self.gate_up_proj, self.down_proj  # [E, 2I, H], [E, H, I]
+    arguments = (index.shape[0], index.shape[1], index.data_ptr(), weights.data_ptr(), self.num_experts, x.shape[1],
+                 down.shape[-1], x.data_ptr(), gate_up.data_ptr(), down.data_ptr(), out.data_ptr())
+    if torch.autograd._profiler_enabled():
+        # A named range, so that a profile (allocplan.bench.breakdown) sees the call's time as the experts' work;
+        # only under the profiler, as opening one costs about a microsecond.
+        with torch.profiler.record_function(NATIVE_EXPERTS_RANGE):
+            kernel.experts_few(*arguments)
+    else:
+        kernel.experts_few(*arguments)
+    return out
 
 
 def _project(rows: torch.Tensor, weight: torch.Tensor, transposed: bool) -> torch.Tensor:

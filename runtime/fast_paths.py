@@ -29,7 +29,7 @@ class FastPaths:
         one_token_keep: a layer that must rewrite at batch 1 builds its keep mask and per-slot
             factors once per n instead of running the general selection (``LayerRouting``).
         one_token_experts: one token's experts on CPU without the general form's grouping
-            (runtime/experts.py).
+            (runtime/experts.py), where the native experts kernel does not serve them.
         one_token_stand_ins: one token's stand-ins over its K slots without ``nonzero`` and scatter
             (runtime/experts.py).
         stand_in_loop: on CPU, linear stand-ins slot by slot rather than batched over copies of all
@@ -43,6 +43,9 @@ class FastPaths:
             the native kernel (runtime/native.py) where it can run, with the Python and torch forms' results.
         few_token_pairs: on CPU, a few tokens' pairs grouped by expert in Python on the slots read back
             (runtime/experts.py, ``few_active_pairs``), instead of the general form's small tensor ops.
+        native_few_token_experts: on CPU, 1 to 16 tokens' float32 SwiGLU experts (decoding) through the native
+            kernel (runtime/native.py, runtime/experts.py's ``_native_few_experts``): each pair's projections in
+            one call, where ``grouped_mm`` runs one matmul per expert; the same sums up to float rounding.
         many_token_stand_ins: on CPU, more than a few tokens' linear stand-ins through the native kernel's
             grouped form (prefill; runtime/experts.py), which reads each row of an expert's half-precision
             factors once per block of its pairs. The planner switches it off: profiles and stand-ins keep the
@@ -61,6 +64,7 @@ class FastPaths:
     few_tokens_keep: bool = True
     native_few_tokens_keep: bool = True
     few_token_pairs: bool = True
+    native_few_token_experts: bool = True
     many_token_stand_ins: bool = True
     one_copy_stand_ins: bool = True
 

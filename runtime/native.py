@@ -13,12 +13,16 @@ block of 4 of its pairs, with their accumulators in registers (``StandIns.add_dr
 The same library holds batched decode's routing step (``native/alloc_t_few.c``): Alloc-T's selection over a few
 tokens and the rewrite of their routing, each one call where the Python and torch forms pay a fixed cost per
 number or per op (``routing_rules.alloc_t_keep_few_native``, ``routing_rules.rewrite_few_native``). They only
-compare, copy and multiply by the gain, so their results are those forms' bit for bit.
+compare, copy and multiply by the gain, so their results are those forms' bit for bit. And decoding's routed
+experts (``native/experts_few.c``, up to 16 tokens of float32 SwiGLU experts): every pair in one call, each
+expert's weights read once for its pairs, where torch's ``grouped_mm`` on CPU runs one matmul per expert, rows
+or none; the same sums up to float rounding.
 
 The kernel is an optimisation, never a requirement. It is built with the system C compiler into a
 per-user cache, once per source and compiler, and used only on x86-64 Linux CPUs with AVX2, FMA and
-F16C. Anywhere else, or when the build fails, or with ``ALLOCPLAN_NATIVE=0``, the torch loop
-(``StandIns.add_dropped_one_token``) runs instead: the same sums up to the order of float additions.
+F16C. Anywhere else, or when the build fails, or with ``ALLOCPLAN_NATIVE=0``, the torch forms run instead
+(for the stand-ins, the torch loop ``StandIns.add_dropped_one_token``): the same sums up to the order of float
+additions.
 """
 
 from __future__ import annotations
@@ -38,7 +42,9 @@ from typing import Callable
 SOURCE = Path(__file__).with_name("native") / "standins_f16.c"
 # Compiled into the same library: Alloc-T's selection over a few tokens (``alloc_t_few``, batched decode).
 ROUTING_SOURCE = Path(__file__).with_name("native") / "alloc_t_few.c"
-SOURCES = (SOURCE, ROUTING_SOURCE)
+# And a few tokens' routed experts (``experts_few``, batched decode; runtime/experts.py's ``_native_few_experts``).
+EXPERTS_SOURCE = Path(__file__).with_name("native") / "experts_few.c"
+SOURCES = (SOURCE, ROUTING_SOURCE, EXPERTS_SOURCE)
 # Only the instruction sets the kernel uses, not -march=native: the cached library must run on any CPU
 # that passes _cpu_supported, whichever machine built it.
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-shared")
@@ -132,8 +138,8 @@ def standins_kernel() -> Callable[..., int] | None:
         folder = cache or Path(tempfile.mkdtemp(prefix="allocplan-native-"))
         library = ctypes.CDLL(str(_build(compiler, folder)))
     except (OSError, subprocess.SubprocessError) as error:
-        warnings.warn(f"the native stand-in kernel did not build ({error}); batch-1 decode uses the"
-                      " torch loop instead", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"the native stand-in kernel did not build ({error}); decoding uses the"
+                      " torch forms instead", RuntimeWarning, stacklevel=2)
         return None
     finally:
         if cache is None and folder is not None:
@@ -166,4 +172,10 @@ def standins_kernel() -> Callable[..., int] | None:
     rewrite_few.argtypes = [i64, i64, pointer, pointer, pointer, pointer, ctypes.c_float, i64, i64, pointer, pointer]
     rewrite_few.restype = None
     function.rewrite_few = rewrite_few
+    # A few tokens' float32 SwiGLU experts (``allocplan_experts_few``: tokens, k, indices, weights, experts, hidden,
+    # inter, x, gate_up, down, out), pairs by expert ascending as the general form's grouping orders them.
+    experts_few = library.allocplan_experts_few
+    experts_few.argtypes = [i64, i64, pointer, pointer, i64, i64, i64, pointer, pointer, pointer, pointer]
+    experts_few.restype = i64
+    function.experts_few = experts_few
     return function

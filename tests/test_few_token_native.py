@@ -157,7 +157,8 @@ def test_batched_decode_short_forms_equal_the_python_and_torch_forms(family, mon
     counted(experts_module, "few_active_pairs", "pairs")
     runs = {}
     for short in (False, True):
-        with using_fast_paths(native_few_tokens_keep=short, few_token_pairs=short), \
+        # The native experts (tested below, equal up to float rounding) off in both: this compares bit for bit.
+        with using_fast_paths(native_few_tokens_keep=short, few_token_pairs=short, native_few_token_experts=False), \
                 allocplan.apply_plan(model, allocation) as handle:
             logits = greedy_step_logits(model, FOUR_PROMPTS, 3)
             runs[short] = (logits, {p: (c.pairs, c.tokens) for p, c in handle.counters().items()})
@@ -184,7 +185,7 @@ def test_padded_few_token_forwards_equal_the_python_and_torch_forms(monkeypatch)
                         or native(scores, weights, indices, real, *rest))
     runs = {}
     for short in (False, True):
-        with using_fast_paths(native_few_tokens_keep=short, few_token_pairs=short), \
+        with using_fast_paths(native_few_tokens_keep=short, few_token_pairs=short, native_few_token_experts=False), \
                 allocplan.apply_plan(model, allocation) as handle, torch.inference_mode():
             out = model(input_ids=prompts, attention_mask=mask, use_cache=True)
             cache, logits, step_mask = out.cache, [out.logits], mask

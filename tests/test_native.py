@@ -190,7 +190,7 @@ def test_build_is_cached_and_atomic(tmp_path, monkeypatch):
     failing.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo failing 1.0 && exit 0\necho 'cc: error: no' >&2\nexit 1\n")
     failing.chmod(0o755)
     monkeypatch.setenv("CC", str(failing))
-    with pytest.warns(RuntimeWarning, match="did not build .cc: error: no.; batch-1 decode uses the torch loop"):
+    with pytest.warns(RuntimeWarning, match="did not build .cc: error: no.; decoding uses the torch forms instead"):
         assert native.standins_kernel.__wrapped__() is None
     assert sorted(path.name for path in (tmp_path / "cache").iterdir()) == [first.name]
 
@@ -216,6 +216,8 @@ def test_installed_package_ships_the_kernel_source():
     assert "int64_t allocplan_add_dropped_f16(" in source and "int64_t allocplan_add_dropped_f16_rows(" in source
     routing = native.ROUTING_SOURCE.read_text() if native.ROUTING_SOURCE.is_file() else ""
     assert "int64_t allocplan_alloc_t_few(" in routing and "void allocplan_rewrite_few(" in routing
+    experts = native.EXPERTS_SOURCE.read_text() if native.EXPERTS_SOURCE.is_file() else ""
+    assert "int64_t allocplan_experts_few(" in experts
     if CAN_BUILD:
         assert standins_kernel() is not None
 
