@@ -599,7 +599,8 @@ def _native_swiglu(self: torch.nn.Module) -> bool:
     SiLU on the gate (transformers' default gate), no bias, no post-expert norm, not transposed."""
     gate_up, down = getattr(self, "gate_up_proj", None), getattr(self, "down_proj", None)
     flags = (getattr(self, name, None) for name in ("has_gate", "has_bias", "has_post_expert_norm", "is_transposed"))
-    return (tuple(flags) == (True, False, False, False) and getattr(self, "is_concatenated", True) and getattr(type(self), "_apply_gate", None) is _default_apply_gate
+    return (tuple(flags) == (True, False, False, False) and getattr(self, "is_concatenated", True)
+            and getattr(type(self), "_apply_gate", None) is _default_apply_gate
             and type(getattr(self, "act_fn", None)) in _SILU and gate_up is not None and down is not None
             and gate_up.dtype == down.dtype == torch.float32 and gate_up.is_contiguous() and down.is_contiguous()
             and gate_up.shape[-2] == 2 * down.shape[-1])

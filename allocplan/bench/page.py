@@ -13,7 +13,8 @@ from .study import ALLOC_T_ON, BENCH_STAND_INS, GAIN, GAINS, LOW_SHARE, over_gai
 
 def breakdown_lines(breakdown: dict) -> list[str]:
     """Where the time goes, untouched vs planned (ms, measured under torch's profiler)."""
-    parts = (("router (with allocplan's routing hooks)", "router"), ("expert matmuls (decode: the native experts kernel's whole call)", "experts_matmul"),
+    parts = (("router (with allocplan's routing hooks)", "router"),
+             ("expert matmuls (decode: the native experts kernel's whole call)", "experts_matmul"),
              ("other expert work (grouping, gathers, activation, combine)", "experts_other"),
              ("rest of the model (attention, shared experts, norms, head)", "rest_of_model"), ("total", "total"))
     lines = ["", "Where the time goes (ms, under torch's profiler; prefill per forward, decode b1 per token):", "",
