@@ -632,9 +632,11 @@ def _native_few_experts(self: torch.nn.Module, hidden_states: torch.Tensor, top_
         # A named range, so that a profile (allocplan.bench.breakdown) sees the call's time as the experts' work;
         # only under the profiler, as opening one costs about a microsecond.
         with torch.profiler.record_function(NATIVE_EXPERTS_RANGE):
-            kernel.experts_few(*arguments)
+            ran = kernel.experts_few(*arguments)
     else:
-        kernel.experts_few(*arguments)
+        ran = kernel.experts_few(*arguments)
+    if ran < 0:  # its scratch could not be had: ``out`` was never written
+        raise MemoryError("native experts kernel: no memory for its scratch")
     return out
 
 
